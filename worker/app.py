@@ -1,0 +1,80 @@
+"""Start-up checks, client lifecycles and graceful shutdown around the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+
+from worker import store
+from worker.config import Settings
+from worker.deadletter import DeadLetterSink
+from worker.embedders import create_embedder
+from worker.embedders.local import LocalEmbedder
+from worker.kafka import make_consumer, make_producer
+from worker.pipeline import Pipeline
+
+log = structlog.get_logger(__name__)
+
+
+class Worker:
+    """``run()`` until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pipeline: Pipeline | None = None
+
+    async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
+        stop = stop or asyncio.Event()
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        s = self.settings
+        dsn = s.postgres.dsn.get_secret_value()
+        # Check the schema before the pool: its connections need the vector type.
+        await (await store.connect(dsn, s.provider.dim)).close()
+        pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
+        embedder = create_embedder(s.provider)
+        producer = make_producer(s.kafka)
+        consumer = make_consumer(s.kafka)
+        try:
+            if isinstance(embedder, LocalEmbedder):
+                await embedder.warm_up()
+            await producer.start()
+            pipeline = Pipeline(
+                s, consumer, DeadLetterSink(producer, s.kafka.dlq_topic), pool, embedder
+            )
+            self.pipeline = pipeline
+            consumer.subscribe([s.kafka.input_topic], listener=pipeline)
+            await consumer.start()
+            log.info(
+                "worker started",
+                topic=s.kafka.input_topic,
+                group=s.kafka.group_id,
+                provider=s.provider.kind.value,
+                model=embedder.model,
+                dimension=embedder.dimension,
+            )
+            await pipeline.run(stop)
+            log.info("worker stopped", **_summary(pipeline))
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await embedder.aclose()
+            await pool.close()
+
+
+def _summary(pipeline: Pipeline) -> dict[str, object]:
+    st = pipeline.stats
+    return {
+        "consumed": st.consumed,
+        "stored": st.stored,
+        "unchanged": st.unchanged,
+        "deleted": st.deleted,
+        "dead_lettered": sum(st.dead_lettered.values()),
+    }

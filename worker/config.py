@@ -1,0 +1,257 @@
+"""One typed settings tree, from environment variables and an optional TOML file.
+
+Environment variables use the prefix ``EMBEDDING_WORKER_`` and ``__`` between levels
+(``EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS``); the API key may also come from the
+provider's conventional ``DASHSCOPE_API_KEY``. A file named by ``EMBEDDING_WORKER_CONFIG``
+(or ``--config``) supplies defaults that the environment overrides.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the worker refuses to start and says why."""
+
+
+class ProviderKind(StrEnum):
+    LOCAL = "local"
+    DASHSCOPE = "dashscope"
+    OPENAI = "openai"
+
+
+class LocalModel(StrEnum):
+    USE = "use-multilingual-v3"
+    E5 = "multilingual-e5-small"
+
+
+class OversizePolicy(StrEnum):
+    TRUNCATE = "truncate"
+    REJECT = "reject"
+
+
+DASHSCOPE_DIMENSIONS = (2048, 1536, 1024, 768, 512, 256, 128, 64)
+LOCAL_DIMENSIONS = {LocalModel.USE: 512, LocalModel.E5: 384}
+DEFAULT_URLS = {
+    ProviderKind.DASHSCOPE: "https://dashscope-intl.aliyuncs.com/api/v1",
+    ProviderKind.OPENAI: "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+}
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "embedding-worker"
+    client_id: str = "embedding-worker"
+    input_topic: str = "content.events"
+    dlq_topic: str = "content.events.dlq"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_records: int = Field(default=500, ge=1)
+    # Passed through to aiokafka for real clusters.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class PostgresSettings(BaseModel):
+    # libpq URI; `sslmode` and the rest of its query string pass through to asyncpg.
+    dsn: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
+    pool_min_size: int = Field(default=1, ge=1)
+    pool_max_size: int = Field(default=4, ge=1)
+
+
+class ProviderSettings(BaseModel):
+    kind: ProviderKind = ProviderKind.LOCAL
+    # Model name sent to HTTP providers; for `local`, which bundled model to run.
+    model: str | None = None
+    dimension: int | None = Field(default=None, ge=1)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    max_texts_per_request: int = Field(default=10, ge=1)
+    max_tokens_per_text: int = Field(default=8192, ge=1)
+    max_tokens_per_request: int = Field(default=80_000, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_concurrency: int = Field(default=4, ge=1)
+    # None: retry transient errors without limit (backpressure holds the rest).
+    max_retries: int | None = Field(default=None, ge=0)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    # DashScope native only.
+    instruct: str | None = None
+    # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
+    encoding_format: Literal["base64", "float"] = "base64"
+    send_dimensions: bool = True
+    # Local model: threads for the numpy forward pass (runs off the event loop).
+    local_threads: int = Field(default=1, ge=1)
+
+    @property
+    def model_name(self) -> str:
+        assert self.model is not None  # filled by Settings validation
+        return self.model
+
+    @property
+    def dim(self) -> int:
+        assert self.dimension is not None  # filled by Settings validation
+        return self.dimension
+
+
+class BatchSettings(BaseModel):
+    linger_ms: int = Field(default=50, ge=0)
+    # Events held by the pipeline (fetched, not yet stored) before partitions are paused.
+    max_in_flight: int = Field(default=2_000, ge=1)
+    # Rows per Postgres transaction (one transaction also stores the offsets).
+    write_max_rows: int = Field(default=500, ge=1)
+    write_linger_ms: int = Field(default=100, ge=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see the README's table for every field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMBEDDING_WORKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    provider: ProviderSettings = ProviderSettings()
+    batch: BatchSettings = BatchSettings()
+    default_namespace: str = Field(default="default", min_length=1, max_length=200)
+    oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
+    max_metadata_bytes: int = Field(default=64_000, ge=1)
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    dashscope_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DASHSCOPE_API_KEY", "EMBEDDING_WORKER_DASHSCOPE_API_KEY"),
+        exclude=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _resolve_provider(self) -> Settings:
+        p = self.provider
+        if p.api_key is None and self.dashscope_api_key is not None:
+            p.api_key = self.dashscope_api_key
+        if p.kind is ProviderKind.LOCAL:
+            try:
+                local = LocalModel(p.model or LocalModel.USE)
+            except ValueError:
+                choices = ", ".join(m.value for m in LocalModel)
+                raise ValueError(
+                    f"provider.model {p.model!r} is not a bundled local model ({choices})"
+                ) from None
+            p.model = local.value
+            native = LOCAL_DIMENSIONS[local]
+            if p.dimension is not None and p.dimension != native:
+                raise ValueError(
+                    f"provider.dimension {p.dimension} does not match the local model "
+                    f"{local.value}, which produces {native}-d vectors"
+                )
+            p.dimension = native
+            if "max_texts_per_request" not in p.model_fields_set:
+                # No per-request limit in-process; larger batches amortise the forward pass.
+                p.max_texts_per_request = 64
+            return self
+        p.model = p.model or "text-embedding-v4"
+        p.dimension = p.dimension or 1024
+        p.base_url = (p.base_url or DEFAULT_URLS[p.kind]).rstrip("/")
+        if p.api_key is None or not p.api_key.get_secret_value():
+            raise ValueError(
+                f"provider {p.kind.value!r} needs an API key: set DASHSCOPE_API_KEY "
+                "or EMBEDDING_WORKER_PROVIDER__API_KEY"
+            )
+        if p.kind is ProviderKind.DASHSCOPE:
+            if p.dimension not in DASHSCOPE_DIMENSIONS:
+                raise ValueError(
+                    f"provider.dimension {p.dimension} is not offered by DashScope "
+                    f"(one of {', '.join(map(str, DASHSCOPE_DIMENSIONS))})"
+                )
+            if p.max_texts_per_request > 10:
+                raise ValueError(
+                    "provider.max_texts_per_request is at most 10 for DashScope "
+                    "(a larger batch is a 400 that no retry fixes)"
+                )
+        return self
+
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("config_file", default=None)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings, turning validation errors into one clear message.
+
+    Precedence: explicit overrides > environment > config file > defaults.
+    """
+    raw = config_file or os.environ.get("EMBEDDING_WORKER_CONFIG")
+    path = Path(raw) if raw else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = "EMBEDDING_WORKER_" + "__".join(str(p) for p in err["loc"]).upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where} ({env}): {msg}" if err["loc"] else f"  - {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Send dead letters and wait for the broker's acknowledgement before the offset moves on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from worker.events import DeadLetter
+
+log = structlog.get_logger(__name__)
+
+
+class DeadLetterSink:
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.counts: Counter[str] = Counter()
+
+    async def send(self, letters: Sequence[tuple[bytes | None, DeadLetter]]) -> None:
+        """Publish ``(original key, envelope)`` pairs; returns once all are acknowledged."""
+        if not letters:
+            return
+        futures = [
+            await self.producer.send(
+                self.topic, key=key, value=letter.model_dump_json().encode("utf-8")
+            )
+            for key, letter in letters
+        ]
+        await asyncio.gather(*futures)
+        for _, letter in letters:
+            self.counts[letter.reason.value] += 1
+            log.warning(
+                "event dead-lettered",
+                reason=letter.reason.value,
+                detail=letter.message,
+                topic=letter.source.topic,
+                partition=letter.source.partition,
+                offset=letter.source.offset,
+            )

@@ -1,0 +1,240 @@
+"""Turn one Kafka record into a change to apply, or a dead letter with its reason.
+
+Every check that depends only on the record happens here, before any API call, so bad input
+never costs a request and never reaches Postgres (which cannot store NUL characters).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ValidationError
+
+from worker.config import OversizePolicy
+from worker.events import ContentEvent, DeadLetter, Reason, SourcePosition, TextType
+from worker.tokens import estimate_tokens, truncate_to_tokens
+
+NAMESPACE_HEADER = "namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The parts of a Kafka record the worker uses (independent of the client library)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(slots=True)
+class Change:
+    """A valid event on its way to Postgres."""
+
+    topic: str
+    partition: int
+    offset: int
+    namespace: str
+    id: str
+    op: Literal["upsert", "delete"]
+    event_time: datetime
+    text: str = ""
+    text_type: TextType = TextType.DOCUMENT
+    metadata_json: str = "{}"
+    content_hash: bytes = b""
+    truncated: bool = False
+    tokens: int = 0
+    # Filled by the embedder; None for deletes and for unchanged content (vector reused).
+    vector: np.ndarray | None = None
+    unchanged: bool = False
+    epoch: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    default_namespace: str
+    max_tokens_per_text: int
+    oversize_policy: OversizePolicy
+    max_metadata_bytes: int
+
+
+class Rejected(Exception):
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def content_hash(text: str, text_type: TextType) -> bytes:
+    """What decides "unchanged": the embedded text and how it is embedded."""
+    return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
+
+
+def dead_letter(
+    record: Record, reason: Reason, message: str, provider_code: str | None = None
+) -> DeadLetter:
+    return DeadLetter(
+        reason=reason,
+        message=message,
+        provider_code=provider_code,
+        key_b64=None if record.key is None else base64.b64encode(record.key).decode(),
+        value_b64=None if record.value is None else base64.b64encode(record.value).decode(),
+        source=SourcePosition(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+        ),
+    )
+
+
+def decode(record: Record, limits: Limits) -> Change | DeadLetter:
+    try:
+        return _decode(record, limits)
+    except Rejected as exc:
+        return dead_letter(record, exc.reason, exc.message)
+
+
+def _record_time(record: Record) -> datetime:
+    if record.timestamp_ms is not None and record.timestamp_ms >= 0:
+        return datetime.fromtimestamp(record.timestamp_ms / 1000, tz=UTC)
+    return datetime.now(UTC)
+
+
+def _key(record: Record) -> str | None:
+    if record.key is None:
+        return None
+    try:
+        return record.key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(Reason.INVALID_UTF8, "the record key is not valid UTF-8") from None
+
+
+def _decode(record: Record, limits: Limits) -> Change:
+    key = _key(record)
+    if record.value is None:
+        return _tombstone(record, key, limits)
+    try:
+        raw = record.value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Rejected(
+            Reason.SCHEMA_VIOLATION, f"the value must be a JSON object, not {type(data).__name__}"
+        )
+    if "\x00" in raw or "\\u0000" in raw:
+        _reject_nul(data)
+    try:
+        event = ContentEvent.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(Reason.SCHEMA_VIOLATION, _describe(exc)) from None
+    if key is not None and key != event.id:
+        raise Rejected(
+            Reason.KEY_MISMATCH,
+            f"the record key {key!r} differs from the event id {event.id!r} "
+            "(the key must be the content id so that one id stays in one partition)",
+        )
+    change = Change(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        namespace=event.namespace or limits.default_namespace,
+        id=event.id,
+        op=event.op,
+        event_time=event.timestamp or _record_time(record),
+    )
+    if event.op == "delete":
+        return change
+    return _with_text(change, event, limits)
+
+
+def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
+    if not key:
+        raise Rejected(Reason.SCHEMA_VIOLATION, "a tombstone (null value) needs the id as key")
+    namespace = limits.default_namespace
+    for name, value in record.headers:
+        if name == NAMESPACE_HEADER:
+            try:
+                namespace = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Rejected(Reason.INVALID_UTF8, "the namespace header is not UTF-8") from None
+    return Change(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        namespace=namespace,
+        id=key,
+        op="delete",
+        event_time=_record_time(record),
+    )
+
+
+def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
+    text = event.text
+    if text is None or not text.strip():
+        raise Rejected(Reason.EMPTY_TEXT, "an upsert needs a non-empty `text`")
+    metadata_json = json.dumps(event.metadata, ensure_ascii=False, separators=(",", ":"))
+    if len(metadata_json.encode("utf-8")) > limits.max_metadata_bytes:
+        raise Rejected(
+            Reason.METADATA_TOO_LARGE,
+            f"metadata is {len(metadata_json)} bytes as JSON; the limit is "
+            f"{limits.max_metadata_bytes}",
+        )
+    tokens = estimate_tokens(text)
+    if tokens > limits.max_tokens_per_text:
+        if limits.oversize_policy is OversizePolicy.REJECT:
+            raise Rejected(
+                Reason.TEXT_TOO_LONG,
+                f"the text is about {tokens} tokens (estimated); the model takes at most "
+                f"{limits.max_tokens_per_text}",
+            )
+        text = truncate_to_tokens(text, limits.max_tokens_per_text)
+        tokens = estimate_tokens(text)
+        change.truncated = True
+    change.text = text
+    change.tokens = tokens
+    change.text_type = event.text_type
+    change.metadata_json = metadata_json
+    change.content_hash = content_hash(text, event.text_type)
+    return change
+
+
+def _reject_nul(value: Any, where: str = "value") -> None:
+    """Postgres text and jsonb cannot hold U+0000; say where it was."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Rejected(Reason.NUL_BYTE, f"{where} contains a NUL character (U+0000)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, f"{where} key")
+            _reject_nul(v, f"{where}.{k}" if where != "value" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{where}[{i}]")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,195 @@
+"""``embedding-worker demo``: the whole pipeline on the embedded stack, in about a minute.
+
+Starts Tansu and PostgreSQL, migrates, produces the bundled sample events (several
+languages, a few deliberately malformed), runs the worker with the local model until every
+event is stored or dead-lettered, then searches and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from worker import logs, store
+from worker.app import Worker
+from worker.config import Settings, load_settings
+from worker.devstack import DevStack
+from worker.embedders import create_embedder
+from worker.kafka import make_producer
+from worker.migrate import migrate
+from worker.produce import produce_values, read_lines
+from worker.search import search
+
+QUERIES = (
+    ("rocket launch to the moon", None),
+    ("wie backt man Brot", None),  # German: how do you bake bread
+    ("interest rates and inflation", "news"),
+)
+
+
+def sample_events() -> list[bytes]:
+    path = resources.files("worker") / "data" / "sample_events.jsonl"
+    return read_lines(Path(str(path)))
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class Progress:
+    """A one-line bar in a terminal; a line per quarter when the output is a file or pipe."""
+
+    def __init__(self, total: int, width: int = 32) -> None:
+        self.total, self.width = total, width
+        self.started = time.monotonic()
+        self.shown = -1
+        self.tty = sys.stdout.isatty()
+
+    def update(self, done: int) -> None:
+        if done == self.shown:
+            return
+        if (
+            not self.tty
+            and done != self.total
+            and done * 4 // self.total == self.shown * 4 // self.total
+        ):
+            return
+        self.shown = done
+        filled = self.width * done // max(1, self.total)
+        rate = done / max(1e-6, time.monotonic() - self.started)
+        line = f"  [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} events"
+        line += f"  {rate:5.0f}/s"
+        sys.stdout.write(f"\r{line}" if self.tty else f"{line}\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
+async def run_demo(verbose: bool = False) -> int:
+    started = time.monotonic()
+    logs.configure("info" if verbose else "error", "console")
+    _say("Starting the embedded stack (Tansu broker + PostgreSQL 18 with pgvector)...")
+    stack = DevStack()
+    try:
+        await stack.start()
+        settings = load_settings(
+            kafka={
+                "bootstrap_servers": stack.bootstrap,
+                "group_id": "demo",
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 500,
+            },
+            postgres={"dsn": stack.dsn()},
+            provider={"kind": "local"},
+        )
+        await stack.create_topics([settings.kafka.input_topic], partitions=4)
+        await stack.create_topics([settings.kafka.dlq_topic], partitions=1)
+        conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
+        try:
+            applied = await migrate(conn, settings.provider.dim)
+        finally:
+            await conn.close()
+        _say(f"  broker {stack.bootstrap}, postgres ready, migrations: {', '.join(applied)}")
+
+        values: list[bytes | None] = list(sample_events())
+        values.append(b'{"id": "bad-utf8", "text": "caf\xe9"}')  # Latin-1, not UTF-8
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            high = await produce_values(producer, settings.kafka.input_topic, values)
+        finally:
+            await producer.stop()
+        _say(f"Produced {len(values)} events to {settings.kafka.input_topic} (4 partitions).")
+
+        _say(f"Running the worker with the local model ({settings.provider.model_name}):")
+        await _run_until_caught_up(settings, high, len(values))
+        await _show_results(settings)
+        letters = await _dead_letters(settings)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(letters.items()))
+        _say(f"\nDead-lettered: {sum(letters.values())} events ({reasons})")
+        _say(f"Done in {time.monotonic() - started:.0f} s; the embedded stack is stopped.")
+        return 0
+    finally:
+        await stack.stop()
+
+
+async def _run_until_caught_up(settings: Settings, high: dict[int, int], total: int) -> None:
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    progress = Progress(total)
+    conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
+    try:
+        while True:
+            if task.done():
+                await task  # raises what stopped the worker
+                raise RuntimeError("the worker stopped before it caught up")
+            stored = await store.load_offsets(
+                conn, settings.kafka.group_id, settings.kafka.input_topic
+            )
+            done = sum(min(stored.get(p, 0), h + 1) for p, h in high.items())
+            progress.update(done)
+            if all(stored.get(p, 0) > h for p, h in high.items()):
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+        progress.close()
+    if worker.pipeline is not None:
+        st = worker.pipeline.stats
+        _say(
+            f"  stored {st.stored}, {st.deleted} deletes, {st.unchanged} unchanged, "
+            f"dead-lettered {sum(st.dead_lettered.values())}, "
+            f"{st.batches} model batches, {st.transactions} Postgres transactions"
+        )
+
+
+async def _show_results(settings: Settings) -> None:
+    embedder = create_embedder(settings.provider)
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        for query, namespace in QUERIES:
+            where = f" (namespace {namespace})" if namespace else ""
+            _say(f'\nSearch: "{query}"{where}')
+            for hit in await search(conn, embedder, query, k=3, namespace=namespace):
+                text = " ".join((hit.content or "").split())
+                text = text if len(text) <= 80 else text[:79] + "…"
+                lang = hit.metadata.get("lang", "?")
+                _say(f"  {hit.score:.3f}  {hit.id:<16} [{lang}] {text}")
+    finally:
+        await conn.close()
+        await embedder.aclose()
+
+
+async def _dead_letters(settings: Settings) -> Counter[str]:
+    """Read the dead-letter topic back, as an operator would."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    reasons: Counter[str] = Counter()
+    try:
+        tp = TopicPartition(settings.kafka.dlq_topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        # Read until a fetch comes back empty at the high-water mark.
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for msg in batch.get(tp, []):
+                reasons[json.loads(msg.value)["reason"]] += 1
+            if not batch and await consumer.position(tp) >= (consumer.highwater(tp) or 0):
+                break
+    finally:
+        await consumer.stop()
+    return reasons

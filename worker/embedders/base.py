@@ -1,0 +1,84 @@
+"""One interface for every embedding provider, and the errors that tell the pipeline what to do.
+
+The error classes carry the decision, not the HTTP detail: transient (retry later),
+permanent for the request (split the batch to find the bad item), or a configuration fault
+(stop consuming; never dead-letter good data for it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.events import TextType
+
+
+class EmbeddingError(Exception):
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class TransientError(EmbeddingError):
+    """429, 5xx, timeouts, resets: the same request may succeed later."""
+
+    def __init__(
+        self, message: str, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+
+
+class PermanentError(EmbeddingError):
+    """The provider refused the request's content (400); retrying it as-is cannot help."""
+
+
+class ConfigurationFault(EmbeddingError):
+    """401/403/arrears or a wrong model/dimension: the worker's setup, not the data, is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: np.ndarray  # (n, dimension) float32, row i for text i
+    tokens: int | None = None  # as reported by the provider, when it reports it
+
+
+class Embedder(ABC):
+    """Embeds at most ``max_texts`` texts per call; the batcher guarantees the limits."""
+
+    model: str
+    dimension: int
+    max_texts: int
+
+    @abstractmethod
+    async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or threads."""
+
+
+def assemble(
+    model: str, count: int, dimension: int, pairs: Iterable[tuple[int, Any]]
+) -> np.ndarray:
+    """Place vectors by the index the provider gave (answers may come in any order)."""
+    vectors = np.empty((count, dimension), dtype=np.float32)
+    seen: set[int] = set()
+    for index, raw in pairs:
+        vector = np.asarray(raw, dtype=np.float32)
+        if vector.shape != (dimension,):
+            raise ConfigurationFault(
+                f"{model} returned a vector of shape {vector.shape}, expected ({dimension},): "
+                "check provider.dimension"
+            )
+        if not 0 <= index < count or index in seen:
+            raise TransientError(f"{model} answered with a bad or repeated index {index}")
+        vectors[index] = vector
+        seen.add(index)
+    if len(seen) != count:
+        raise TransientError(f"{model} answered {len(seen)} of {count} texts")
+    return vectors

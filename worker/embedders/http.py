@@ -1,0 +1,98 @@
+"""What both HTTP dialects share: one pooled httpx client and the error classification.
+
+The classification follows the provider's error table (reference/embedding-api.md): it is
+the one place that turns statuses and codes into retry / split / stop decisions.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import httpx
+
+from worker.config import ProviderSettings
+from worker.embedders.base import (
+    ConfigurationFault,
+    PermanentError,
+    TransientError,
+)
+
+# Codes that mean "your account or key", whatever status carries them.
+CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
+
+
+def make_client(settings: ProviderSettings) -> httpx.AsyncClient:
+    assert settings.api_key is not None and settings.base_url is not None
+    return httpx.AsyncClient(
+        base_url=settings.base_url,
+        headers={"Authorization": f"Bearer {settings.api_key.get_secret_value()}"},
+        timeout=httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s)),
+        limits=httpx.Limits(
+            max_connections=settings.max_concurrency * 2,
+            max_keepalive_connections=settings.max_concurrency * 2,
+        ),
+    )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+async def post_json(client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> Any:
+    """POST and return the decoded body, or raise the error class that says what to do."""
+    try:
+        response = await client.post(path, json=payload)
+    except httpx.TimeoutException as exc:
+        raise TransientError(f"timeout: {type(exc).__name__}", code="Timeout") from exc
+    except httpx.TransportError as exc:
+        raise TransientError(f"connection error: {exc!r}", code="ConnectionError") from exc
+    if response.status_code == 200:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise TransientError("the provider sent a body that is not JSON") from exc
+    raise classify(response)
+
+
+def classify(response: httpx.Response) -> Exception:
+    status = response.status_code
+    code, message = _error_body(response)
+    text = f"HTTP {status} {code or ''}: {message}".strip()
+    if code in CONFIG_CODES or status in (401, 403, 404):
+        return ConfigurationFault(text, code=code or str(status))
+    if status == 429 or status >= 500 or status == 408:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        return TransientError(text, code=code or str(status), retry_after=retry_after)
+    lowered = message.lower()
+    if status == 400 and ("dimension" in lowered or "model" in lowered):
+        # A parameter the worker sends for every request: its configuration, not the data.
+        return ConfigurationFault(text, code=code or "InvalidParameter")
+    return PermanentError(text, code=code or str(status))
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return None, response.text[:300]
+    if not isinstance(body, dict):
+        return None, str(body)[:300]
+    nested = body.get("error")
+    error: dict[str, Any] = nested if isinstance(nested, dict) else body
+    code = error.get("code") or error.get("type")
+    message = error.get("message") or ""
+    return (str(code) if code else None), str(message)[:500]

@@ -1,0 +1,51 @@
+"""Any OpenAI-compatible ``/embeddings`` endpoint (DashScope compatible mode, vLLM, TEI, ...)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from worker.config import ProviderSettings
+from worker.embedders.base import Embedder, Embeddings, TransientError, assemble
+from worker.embedders.http import make_client, post_json
+from worker.events import TextType
+
+
+class OpenAIEmbedder(Embedder):
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.model = settings.model_name
+        self.dimension = settings.dim
+        self.max_texts = settings.max_texts_per_request
+        self.encoding_format = settings.encoding_format
+        self.send_dimensions = settings.send_dimensions
+        self._client = make_client(settings)
+
+    async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "input": list(texts),
+            "encoding_format": self.encoding_format,
+        }
+        if self.send_dimensions:
+            payload["dimensions"] = self.dimension
+        body = await post_json(self._client, "/embeddings", payload)
+        try:
+            pairs = [(int(d["index"]), _decode(d["embedding"])) for d in body["data"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TransientError(f"malformed embeddings response: {exc!r}") from exc
+        vectors = assemble(self.model, len(texts), self.dimension, pairs)
+        tokens = (body.get("usage") or {}).get("total_tokens")
+        return Embeddings(vectors, tokens)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _decode(embedding: Any) -> np.ndarray:
+    """Servers that honour ``encoding_format=base64`` send little-endian float32 bytes."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return np.asarray(embedding, dtype=np.float32)

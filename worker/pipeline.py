@@ -1,0 +1,409 @@
+"""The worker's stages wired together: fetch -> decode -> skip unchanged -> batch -> embed -> write.
+
+One task fetches and decodes, up to ``max_concurrency`` tasks embed, one task writes. The
+only hand-offs are bounded by ``max_in_flight`` (events fetched but not yet stored): past
+it the consumer pauses its partitions and keeps polling (so it stays in the group) until
+the writer catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker import store
+from worker.batcher import MicroBatcher
+from worker.config import Settings
+from worker.deadletter import DeadLetterSink
+from worker.decode import Change, Limits, Record, dead_letter, decode
+from worker.embed import EmbedStage
+from worker.embedders.base import ConfigurationFault, Embedder
+from worker.events import DeadLetter, Reason
+from worker.offsets import TP, OffsetTracker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Settled:
+    """An event with nothing to write (dead-lettered): only its offset moves on."""
+
+    topic: str
+    partition: int
+    offset: int
+    epoch: int
+
+
+Item = Change | Settled
+
+
+@dataclass
+class Stats:
+    consumed: int = 0
+    stored: int = 0  # rows inserted or re-embedded
+    deleted: int = 0  # delete events applied
+    unchanged: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    texts_embedded: int = 0
+    requests: int = 0
+    retries: int = 0
+    transactions: int = 0
+
+
+class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetterSink,
+        pool: asyncpg.Pool,
+        embedder: Embedder,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.pool = pool
+        self.embedder = embedder
+        self.stage = EmbedStage(embedder, settings.provider)
+        self.tracker = OffsetTracker()
+        self.stats = Stats()
+        self.limits = Limits(
+            default_namespace=settings.default_namespace,
+            max_tokens_per_text=settings.provider.max_tokens_per_text,
+            oversize_policy=settings.oversize_policy,
+            max_metadata_bytes=settings.max_metadata_bytes,
+        )
+        self.batcher = MicroBatcher(
+            max_texts=embedder.max_texts,
+            max_tokens=settings.provider.max_tokens_per_request,
+            linger_s=settings.batch.linger_ms / 1000,
+        )
+        self._keys_in_flight: Counter[tuple[str, str]] = Counter()
+        self._queued: list[list[Change]] = []
+        self._embedding = 0
+        self._ready: list[Item] = []
+        self._ready_since: float | None = None
+        self._has_work = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._paused = False
+        self._revoking: set[TP] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.fatal: BaseException | None = None
+        self.ready = False
+
+    # ---- rebalance -------------------------------------------------------------------
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Seek every new partition to the offset stored with the vectors."""
+        topic = self.settings.kafka.input_topic
+        async with self.pool.acquire() as conn:
+            stored = await store.load_offsets(conn, self.settings.kafka.group_id, topic)
+        for tp in assigned:
+            position = stored.get(tp.partition)
+            self.tracker.assign((tp.topic, tp.partition), position)
+            if position is not None:
+                self.consumer.seek(tp, position)
+            elif self.settings.kafka.auto_offset_reset == "earliest":
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                await self.consumer.seek_to_end(tp)
+        if self._paused:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Give in-flight work of revoked partitions a moment to be stored, then drop it.
+
+        Dropped work is never stored with its offsets (epochs fence it), so the next owner
+        redoes it; offsets in Postgres never move backwards (see store.STORE_OFFSETS).
+        """
+        tps = {(tp.topic, tp.partition) for tp in revoked}
+        self._revoking |= tps
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(self.tracker.pending(tp) for tp in tps):
+            self._flush_batcher()
+            self._flush_now.set()
+            await asyncio.sleep(0.05)
+        for tp in tps:
+            self.tracker.revoke(tp)
+        self._revoking -= tps
+        log.info("partitions revoked", partitions=sorted(p for _, p in tps))
+
+    # ---- main loop -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        writer = asyncio.create_task(self._write_loop(), name="writer")
+        self.ready = True
+        try:
+            while not stop.is_set() and self.fatal is None:
+                self._backpressure()
+                batches = await self.consumer.getmany(
+                    timeout_ms=self._poll_timeout_ms(),
+                    max_records=self.settings.kafka.max_poll_records,
+                )
+                for tp, messages in batches.items():
+                    await self._ingest(tp, messages)
+                for batch in self.batcher.due(time.monotonic()):
+                    self._submit(batch)
+            await self._drain()
+        finally:
+            self.ready = False
+            writer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(writer, *self._tasks, return_exceptions=True)
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _drain(self, timeout_s: float = 30.0) -> None:
+        """Graceful stop: embed and store what was fetched, within a bounded time."""
+        if self.fatal is not None:
+            return
+        self._flush_batcher()
+        deadline = time.monotonic() + timeout_s
+        while self.tracker.in_flight and time.monotonic() < deadline and self.fatal is None:
+            self._flush_now.set()
+            await asyncio.sleep(0.02)
+        if self.tracker.in_flight:
+            log.warning(
+                "stopping with unstored events; they will be redone after restart",
+                events=self.tracker.in_flight,
+            )
+
+    def _poll_timeout_ms(self) -> int:
+        deadline = self.batcher.next_deadline()
+        if deadline is None:
+            return 200
+        return max(0, min(200, int((deadline - time.monotonic()) * 1000)))
+
+    def _backpressure(self) -> None:
+        in_flight = self.tracker.in_flight
+        limit = self.settings.batch.max_in_flight
+        assignment = list(self.consumer.assignment())
+        if not self._paused and in_flight >= limit:
+            self.consumer.pause(*assignment)
+            self._paused = True
+            log.info("pipeline full, partitions paused", in_flight=in_flight)
+        elif self._paused and in_flight <= limit // 2:
+            self.consumer.resume(*assignment)
+            self._paused = False
+            log.info("pipeline drained, partitions resumed", in_flight=in_flight)
+
+    # ---- fetch, decode, skip unchanged -------------------------------------------------
+
+    async def _ingest(self, tp: TopicPartition, messages: list[object]) -> None:
+        key = (tp.topic, tp.partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self._revoking:
+            return  # fetched just before a revocation; the next owner reads it again
+        changes: list[Change] = []
+        letters: list[tuple[bytes | None, DeadLetter]] = []
+        settled: list[Item] = []
+        for msg in messages:
+            record = Record(
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=msg.offset,  # type: ignore[attr-defined]
+                key=msg.key,  # type: ignore[attr-defined]
+                value=msg.value,  # type: ignore[attr-defined]
+                timestamp_ms=msg.timestamp,  # type: ignore[attr-defined]
+                headers=tuple(msg.headers or ()),  # type: ignore[attr-defined]
+            )
+            if not self.tracker.track(key, record.offset):
+                continue  # delivered again after a seek; already in hand
+            self.stats.consumed += 1
+            result = decode(record, self.limits)
+            if isinstance(result, DeadLetter):
+                letters.append((record.key, result))
+                settled.append(Settled(tp.topic, tp.partition, record.offset, epoch))
+            else:
+                result.epoch = epoch
+                changes.append(result)
+        await self._dead_letter(letters)
+        self._enqueue(settled)
+        await self._route(changes)
+
+    async def _route(self, changes: list[Change]) -> None:
+        """Deletes go straight to the writer; upserts skip the API when nothing changed."""
+        lookup: list[Change] = []
+        for change in changes:
+            # Only trust the stored hash when no earlier event for this key is in flight.
+            if change.op == "upsert" and not self._keys_in_flight[change.key]:
+                lookup.append(change)
+            self._keys_in_flight[change.key] += 1
+        known: dict[tuple[str, str], bytes] = {}
+        if lookup:
+            async with self.pool.acquire() as conn:
+                known = await store.stored_hashes(
+                    conn,
+                    [c.key for c in lookup],
+                    self.embedder.model,
+                    self.embedder.dimension,
+                )
+        now = time.monotonic()
+        for change in changes:
+            if change.op == "delete":
+                self._enqueue([change])
+            elif known.get(change.key) == change.content_hash:
+                change.unchanged = True
+                self.stats.unchanged += 1
+                self._enqueue([change])
+            else:
+                for batch in self.batcher.add(change, now):
+                    self._submit(batch)
+
+    # ---- embed -------------------------------------------------------------------------
+
+    def _flush_batcher(self) -> None:
+        for batch in self.batcher.drain():
+            self._submit(batch)
+
+    def _submit(self, batch: list[Change]) -> None:
+        self._queued.append(batch)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._queued and self._embedding < self.settings.provider.max_concurrency:
+            batch = self._queued.pop(0)
+            self._embedding += 1
+            task = asyncio.create_task(self._embed(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _embed(self, batch: list[Change]) -> None:
+        try:
+            outcome = await self.stage.run(batch)
+        except ConfigurationFault as exc:
+            log.error("provider configuration fault; stopping", error=exc.message, code=exc.code)
+            self.fatal = exc
+            return
+        except Exception as exc:
+            log.exception("embedding failed; stopping")
+            self.fatal = exc
+            return
+        finally:
+            self._embedding -= 1
+            self._dispatch()
+        self.stats.batches += 1
+        self.stats.requests += outcome.requests
+        self.stats.retries += outcome.retries
+        self.stats.texts_embedded += len(outcome.embedded)
+        letters: list[tuple[bytes | None, DeadLetter]] = []
+        settled: list[Item] = []
+        for change, error in outcome.refused:
+            record = Record(change.topic, change.partition, change.offset, None, None)
+            letter = dead_letter(record, Reason.PROVIDER_REJECTED, error.message, error.code)
+            letters.append((change.id.encode("utf-8"), letter))
+            settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
+            self._release([change])
+        await self._dead_letter(letters)
+        self._enqueue([*outcome.embedded, *settled])
+
+    async def _dead_letter(self, letters: list[tuple[bytes | None, DeadLetter]]) -> None:
+        if letters:
+            await self.dead_letters.send(letters)
+            for _, letter in letters:
+                self.stats.dead_lettered[letter.reason.value] += 1
+
+    # ---- write -------------------------------------------------------------------------
+
+    def _enqueue(self, items: list[Item]) -> None:
+        if not items:
+            return
+        if self._ready_since is None:
+            self._ready_since = time.monotonic()
+        self._ready.extend(items)
+        self._has_work.set()
+        if len(self._ready) >= self.settings.batch.write_max_rows:
+            self._flush_now.set()
+
+    async def _write_loop(self) -> None:
+        """Write when ``write_max_rows`` are ready or the oldest has waited ``write_linger``."""
+        linger = self.settings.batch.write_linger_ms / 1000
+        while True:
+            await self._has_work.wait()
+            if self._ready_since is not None and not self._flush_now.is_set():
+                remaining = self._ready_since + linger - time.monotonic()
+                if remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flush_now.wait(), remaining)
+            self._has_work.clear()
+            self._flush_now.clear()
+            try:
+                while self._ready:
+                    await self._write_once()
+            except Exception as exc:
+                log.exception("postgres write failed; stopping")
+                self.fatal = exc
+                return
+
+    async def _write_once(self) -> None:
+        limit = self.settings.batch.write_max_rows
+        items, self._ready = self._ready[:limit], self._ready[limit:]
+        self._ready_since = time.monotonic() if self._ready else None
+        current = [i for i in items if self.tracker.is_current(i)]
+        self._release([i for i in items if not self.tracker.is_current(i)])
+        if not current:
+            return
+        offsets = self.tracker.plan(current)
+        changes = [i for i in current if isinstance(i, Change)]
+        result = await self._write_with_retry(changes, offsets)
+        self.tracker.complete(current)
+        self._release(changes)
+        self.stats.transactions += 1
+        self.stats.stored += result.upserted
+        self.stats.deleted += sum(1 for c in changes if c.op == "delete")
+        await self._commit_to_kafka(offsets)
+
+    async def _write_with_retry(
+        self, changes: list[Change], offsets: dict[TP, int]
+    ) -> store.WriteResult:
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    return await store.write(
+                        conn,
+                        changes,
+                        offsets,
+                        self.settings.kafka.group_id,
+                        self.embedder.model,
+                        self.embedder.dimension,
+                    )
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+                delay = min(30.0, 0.2 * 2**attempt)
+                attempt += 1
+                log.warning("postgres write failed, retrying", error=repr(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+
+    def _release(self, items: Sequence[Item]) -> None:
+        for item in items:
+            if isinstance(item, Change):
+                self._keys_in_flight[item.key] -= 1
+                if self._keys_in_flight[item.key] <= 0:
+                    del self._keys_in_flight[item.key]
+
+    async def _commit_to_kafka(self, offsets: dict[TP, int]) -> None:
+        """Kafka's copy of the offsets is for lag monitoring; Postgres already has them."""
+        assigned = self.consumer.assignment()
+        commit = {
+            TopicPartition(t, p): o
+            for (t, p), o in offsets.items()
+            if TopicPartition(t, p) in assigned
+        }
+        if not commit or self._revoking:
+            return
+        try:
+            await asyncio.wait_for(self.consumer.commit(commit), timeout=5.0)
+        except (KafkaError, TimeoutError) as exc:
+            log.info("kafka offset commit skipped", error=repr(exc))

@@ -1,0 +1,277 @@
+"""Postgres/pgvector: one transaction per flush stores the rows and the consumer offsets.
+
+Versions are ``(event_time, source_offset)``: an event whose version is not newer than the
+stored row (or the stored tombstone) changes nothing, so replays are no-ops and an older
+event arriving late never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import numpy as np
+from asyncpg.pool import PoolConnectionProxy
+from pgvector.asyncpg import register_vector
+
+from worker.decode import Change
+
+# A plain connection or one borrowed from a pool.
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+UPSERT_COLUMNS = (
+    "namespace",
+    "id",
+    "embedding",
+    "content",
+    "content_hash",
+    "text_type",
+    "metadata",
+    "truncated",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "event_time",
+)
+
+CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging_upserts (
+    namespace text, id text, embedding vector, content text, content_hash bytea,
+    text_type text, metadata jsonb, truncated boolean, source_topic text,
+    source_partition integer, source_offset bigint, event_time timestamptz
+) ON COMMIT DELETE ROWS
+"""
+
+UPSERT = """
+INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
+    model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
+    event_time)
+SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
+    s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset, s.event_time
+FROM staging_upserts s
+WHERE NOT EXISTS (
+    SELECT 1 FROM embedding_tombstones d
+    WHERE d.namespace = s.namespace AND d.id = s.id
+      AND (d.event_time, d.source_offset) >= (s.event_time, s.source_offset))
+ON CONFLICT (namespace, id) DO UPDATE SET
+    embedding = EXCLUDED.embedding, content = EXCLUDED.content,
+    content_hash = EXCLUDED.content_hash, text_type = EXCLUDED.text_type,
+    model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
+    truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
+    source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
+    event_time = EXCLUDED.event_time, version = t.version + 1, updated_at = now()
+WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
+"""
+
+# Same content already embedded: refresh everything but the vector.
+TOUCH = """
+UPDATE embeddings AS t SET metadata = s.metadata, source_topic = s.source_topic,
+    source_partition = s.source_partition, source_offset = s.source_offset,
+    event_time = s.event_time, version = t.version + 1, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::int[], $6::bigint[],
+            $7::timestamptz[], $8::bytea[])
+     AS s(namespace, id, metadata, source_topic, source_partition, source_offset, event_time,
+          content_hash)
+WHERE t.namespace = s.namespace AND t.id = s.id AND t.content_hash = s.content_hash
+  AND (t.event_time, t.source_offset) < (s.event_time, s.source_offset)
+"""
+
+TOMBSTONE = """
+INSERT INTO embedding_tombstones AS d (namespace, id, event_time, source_offset)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[])
+ON CONFLICT (namespace, id) DO UPDATE SET event_time = EXCLUDED.event_time,
+    source_offset = EXCLUDED.source_offset, deleted_at = now()
+WHERE (d.event_time, d.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
+"""
+
+DELETE = """
+DELETE FROM embeddings AS t
+USING unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[])
+      AS s(namespace, id, event_time, source_offset)
+WHERE t.namespace = s.namespace AND t.id = s.id
+  AND (t.event_time, t.source_offset) < (s.event_time, s.source_offset)
+"""
+
+# GREATEST: a worker that lost its partition in a rebalance can never move an offset back.
+STORE_OFFSETS = """
+INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
+SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])
+ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+    next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()
+"""
+
+
+class SchemaError(Exception):
+    """The database is not ready for this configuration (a start-up error, not a data error)."""
+
+
+@dataclass
+class WriteResult:
+    upserted: int = 0
+    touched: int = 0
+    deleted: int = 0
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await register_vector(conn)
+    await conn.execute(CREATE_STAGING)
+
+
+async def connect_unchecked(dsn: str) -> asyncpg.Connection:
+    """A plain connection: for migrations and offsets, which need no vector codec."""
+    return await asyncpg.connect(dsn)
+
+
+async def connect(dsn: str, dimension: int) -> asyncpg.Connection:
+    """One checked connection with the vector codec (for the command line)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await check_schema(conn, dimension)
+        await register_vector(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def create_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+async def check_schema(conn: Conn, dimension: int) -> None:
+    """Refuse to start against a missing table or one of another vector dimension."""
+    typmod = await conn.fetchval(
+        "SELECT a.atttypmod FROM pg_attribute a "
+        "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
+    )
+    if typmod is None:
+        raise SchemaError("table `embeddings` does not exist: run `embedding-worker migrate` first")
+    if typmod != dimension:
+        raise SchemaError(
+            f"table `embeddings` holds {typmod}-d vectors but the provider is configured for "
+            f"{dimension}-d; use the matching dimension, or migrate the model into a new "
+            "database (the stored vectors cannot be mixed)"
+        )
+
+
+def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
+    namespaces, ids = [], []
+    for c in changes:
+        namespaces.append(c.namespace)
+        ids.append(c.id)
+    return namespaces, ids
+
+
+async def stored_hashes(
+    conn: Conn, keys: Sequence[tuple[str, str]], model: str, dimension: int
+) -> dict[tuple[str, str], bytes]:
+    """Content hashes already embedded with this model and dimension."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        "SELECT t.namespace, t.id, t.content_hash FROM embeddings t "
+        "JOIN unnest($1::text[], $2::text[]) AS k(namespace, id) "
+        "ON t.namespace = k.namespace AND t.id = k.id "
+        "WHERE t.model = $3 AND t.dimension = $4",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        model,
+        dimension,
+    )
+    return {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
+
+
+async def load_offsets(conn: Conn, group_id: str, topic: str) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+        group_id,
+        topic,
+    )
+    return {r["partition"]: r["next_offset"] for r in rows}
+
+
+def newest_per_key(changes: Iterable[Change]) -> list[Change]:
+    """One change per key (the newest version): one statement may touch a row only once."""
+    best: dict[tuple[str, str], Change] = {}
+    for c in changes:
+        seen = best.get(c.key)
+        if seen is None or (seen.event_time, seen.offset) < (c.event_time, c.offset):
+            best[c.key] = c
+    return list(best.values())
+
+
+async def write(
+    conn: Conn,
+    changes: Sequence[Change],
+    offsets: dict[tuple[str, int], int],
+    group_id: str,
+    model: str,
+    dimension: int,
+    store_text: bool = True,
+) -> WriteResult:
+    """Apply ``changes`` and store ``offsets`` atomically."""
+    result = WriteResult(offsets=offsets)
+    latest = newest_per_key(changes)
+    embedded = [c for c in latest if c.op == "upsert" and c.vector is not None]
+    unchanged = [c for c in latest if c.op == "upsert" and c.vector is None and c.unchanged]
+    deletes = [c for c in latest if c.op == "delete"]
+    async with conn.transaction():
+        if embedded:
+            await conn.copy_records_to_table(
+                "staging_upserts",
+                records=[
+                    (
+                        c.namespace,
+                        c.id,
+                        np.asarray(c.vector, dtype=np.float32),
+                        c.text if store_text else None,
+                        c.content_hash,
+                        c.text_type.value,
+                        c.metadata_json,
+                        c.truncated,
+                        c.topic,
+                        c.partition,
+                        c.offset,
+                        c.event_time,
+                    )
+                    for c in embedded
+                ],
+                columns=UPSERT_COLUMNS,
+            )
+            status = await conn.execute(UPSERT, model, dimension)
+            result.upserted = int(status.split()[-1])
+        if unchanged:
+            ns, ids = _keys(unchanged)
+            status = await conn.execute(
+                TOUCH,
+                ns,
+                ids,
+                [c.metadata_json for c in unchanged],
+                [c.topic for c in unchanged],
+                [c.partition for c in unchanged],
+                [c.offset for c in unchanged],
+                [c.event_time for c in unchanged],
+                [c.content_hash for c in unchanged],
+            )
+            result.touched = int(status.split()[-1])
+        if deletes:
+            args = (*_keys(deletes), [c.event_time for c in deletes], [c.offset for c in deletes])
+            await conn.execute(TOMBSTONE, *args)
+            status = await conn.execute(DELETE, *args)
+            result.deleted = int(status.split()[-1])
+        if offsets:
+            items = list(offsets.items())
+            await conn.execute(
+                STORE_OFFSETS,
+                group_id,
+                [tp[0] for tp, _ in items],
+                [tp[1] for tp, _ in items],
+                [off for _, off in items],
+            )
+    return result
