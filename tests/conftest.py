@@ -1,0 +1,213 @@
+"""Shared fixtures: one embedded stack per session, a fresh database and topics per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from pgvector.asyncpg import register_vector
+
+from fakeapi import FakeConfig, FakeEmbeddingServer
+from worker import store
+from worker.app import Worker
+from worker.config import Settings, load_settings
+from worker.devstack import DevStack
+from worker.kafka import make_producer
+from worker.migrate import migrate
+from worker.produce import produce_values
+
+API_KEY = "sk-test-0123456789"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+async def stack() -> AsyncIterator[DevStack]:
+    async with DevStack() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeEmbeddingServer]:
+    with FakeEmbeddingServer(FakeConfig(api_key=API_KEY)) as server:
+        yield server
+
+
+@pytest.fixture
+def fake_api(fake_server: FakeEmbeddingServer) -> FakeEmbeddingServer:
+    """The session's fake API with default behaviour and zeroed counters."""
+    fake_server.configure(**FakeConfig(api_key=API_KEY).to_dict())
+    fake_server.reset_stats()
+    return fake_server
+
+
+class Env:
+    """One test's world: its own database, topics and consumer group on the shared stack."""
+
+    def __init__(self, stack: DevStack, dsn: str, name: str) -> None:
+        self.stack = stack
+        self.dsn = dsn
+        self.topic = f"{name}.events"
+        self.dlq = f"{name}.dlq"
+        self.group = f"{name}-group"
+
+    def settings(self, provider: dict[str, Any] | None = None, **extra: Any) -> Settings:
+        kafka = {
+            "bootstrap_servers": self.stack.bootstrap,
+            "group_id": self.group,
+            "input_topic": self.topic,
+            "dlq_topic": self.dlq,
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 300,
+        }
+        kafka.update(extra.pop("kafka", {}))
+        batch = {"linger_ms": 20, "write_linger_ms": 20}
+        batch.update(extra.pop("batch", {}))
+        return load_settings(
+            kafka=kafka,
+            postgres={"dsn": self.dsn},
+            provider=provider or {"kind": "local"},
+            batch=batch,
+            **extra,
+        )
+
+    async def produce(
+        self, values: Iterable[bytes | dict[str, Any] | None], keys: bool = True
+    ) -> dict[int, int]:
+        """Produce in order; dicts are JSON-encoded. Returns the highest offset per partition."""
+        encoded = [json.dumps(v).encode() if isinstance(v, dict) else v for v in values]
+        producer = make_producer(self.settings().kafka)
+        await producer.start()
+        try:
+            return await produce_values(producer, self.topic, encoded, keys=keys)
+        finally:
+            await producer.stop()
+
+    async def produce_raw(
+        self, records: Iterable[tuple[bytes | None, bytes | None]]
+    ) -> dict[int, int]:
+        """Produce exact (key, value) pairs; returns the highest offset per partition."""
+        producer = make_producer(self.settings().kafka)
+        await producer.start()
+        try:
+            futures = [await producer.send(self.topic, key=k, value=v) for k, v in records]
+            high: dict[int, int] = {}
+            for meta in await asyncio.gather(*futures):
+                high[meta.partition] = max(high.get(meta.partition, -1), meta.offset)
+            return high
+        finally:
+            await producer.stop()
+
+    async def connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self.dsn)
+        await register_vector(conn)
+        return conn
+
+    async def stored_offsets(self) -> dict[int, int]:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return await store.load_offsets(conn, self.group, self.topic)
+        finally:
+            await conn.close()
+
+    async def wait_for_offsets(self, high: dict[int, int], timeout: float = 60) -> None:
+        """Until Postgres holds an offset past every produced record."""
+
+        async def caught_up() -> bool:
+            stored = await self.stored_offsets()
+            return all(stored.get(p, 0) > h for p, h in high.items())
+
+        await wait_until(caught_up, timeout, "the worker did not store every offset")
+
+    async def dead_letters(self, expected: int, timeout: float = 30) -> list[dict[str, Any]]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap)
+        await consumer.start()
+        letters: list[dict[str, Any]] = []
+        try:
+            tp = TopicPartition(self.dlq, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while asyncio.get_running_loop().time() < deadline:
+                batch = await consumer.getmany(tp, timeout_ms=300)
+                letters += [json.loads(m.value) for m in batch.get(tp, [])]
+                if len(letters) >= expected and not batch:
+                    break
+        finally:
+            await consumer.stop()
+        return letters
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], timeout: float, message: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def env(stack: DevStack) -> Env:
+    name = f"t{next(_counter)}_{uuid.uuid4().hex[:8]}"
+    dsn = await stack.create_database(name)
+    await stack.create_topics([f"{name}.events"], partitions=4)
+    await stack.create_topics([f"{name}.dlq"], partitions=1)
+    return Env(stack, dsn, name)
+
+
+async def migrate_db(env: Env, dimension: int) -> None:
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        await migrate(conn, dimension)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker running in this event loop; stopped gracefully (and checked) on exit."""
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+        if task.done():
+            await task  # surface why it stopped early
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+
+
+def dashscope(fake: FakeEmbeddingServer, dimension: int = 256, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "dashscope",
+        "base_url": fake.url + "/api/v1",
+        "api_key": API_KEY,
+        "dimension": dimension,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.2,
+        **extra,
+    }
+
+
+def openai(fake: FakeEmbeddingServer, dimension: int = 256, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "openai",
+        "base_url": fake.openai_url,
+        "api_key": API_KEY,
+        "dimension": dimension,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.2,
+        **extra,
+    }
