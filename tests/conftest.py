@@ -116,16 +116,16 @@ class Env:
         finally:
             await conn.close()
 
-    async def wait_for_offsets(self, high: dict[int, int], timeout: float = 60) -> None:
+    async def wait_for_offsets(self, high: dict[int, int], seconds: float = 60) -> None:
         """Until Postgres holds an offset past every produced record."""
 
         async def caught_up() -> bool:
             stored = await self.stored_offsets()
             return all(stored.get(p, 0) > h for p, h in high.items())
 
-        await wait_until(caught_up, timeout, "the worker did not store every offset")
+        await wait_until(caught_up, seconds, "the worker did not store every offset")
 
-    async def dead_letters(self, expected: int, timeout: float = 30) -> list[dict[str, Any]]:
+    async def dead_letters(self, expected: int, seconds: float = 30) -> list[dict[str, Any]]:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap)
@@ -135,7 +135,7 @@ class Env:
             tp = TopicPartition(self.dlq, 0)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
-            deadline = asyncio.get_running_loop().time() + timeout
+            deadline = asyncio.get_running_loop().time() + seconds
             while asyncio.get_running_loop().time() < deadline:
                 batch = await consumer.getmany(tp, timeout_ms=300)
                 letters += [json.loads(m.value) for m in batch.get(tp, [])]
@@ -147,10 +147,10 @@ class Env:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], timeout: float, message: str
+    condition: Callable[[], Awaitable[bool]], seconds: float, message: str
 ) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + seconds
     while not await condition():
         if loop.time() > deadline:
             raise AssertionError(message)
