@@ -80,7 +80,7 @@ async def test_updates_deletes_and_late_older_events(
 ) -> None:
     await migrate_db(env, 256)
     t = "2026-11-20T10:00:{:02d}Z".format
-    phase1 = [
+    phase1: list[dict[str, Any]] = [
         # A: newer update wins; an older event arriving later is ignored.
         {"id": "A", "text": "alpha one", "timestamp": t(1)},
         {"id": "A", "text": "alpha two", "timestamp": t(2)},
