@@ -116,6 +116,22 @@ class Env:
         finally:
             await conn.close()
 
+    async def kafka_committed(self) -> dict[int, int]:
+        """The group's offsets in Kafka (the copy kept for lag monitoring)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap, group_id=self.group)
+        await consumer.start()
+        try:
+            out = {}
+            for p in range(4):
+                committed = await consumer.committed(TopicPartition(self.topic, p))
+                if committed is not None:
+                    out[p] = committed
+            return out
+        finally:
+            await consumer.stop()
+
     async def wait_for_offsets(self, high: dict[int, int], seconds: float = 60) -> None:
         """Until Postgres holds an offset past every produced record."""
 

@@ -56,6 +56,7 @@ async def test_2000_events_each_id_stored_once_with_its_own_vector(
         assert row["model"] == "text-embedding-v4" and row["dimension"] == 256
         assert json.loads(row["metadata"]) == {"n": int(doc_id.split("-")[1])}
     assert await env.stored_offsets() == {p: h + 1 for p, h in high.items()}
+    assert await env.kafka_committed() == {p: h + 1 for p, h in high.items()}
     stats = fake_api.stats()
     assert stats["max_batch"] <= 10
     assert stats["texts"] == 2000, "each text is embedded exactly once"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -75,6 +76,20 @@ class Progress:
 
 
 async def run_demo(verbose: bool = False) -> int:
+    """Run the demo; Ctrl-C or SIGTERM still stops the broker and Postgres it started."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        return await _demo(verbose)
+    except asyncio.CancelledError:
+        print("\ninterrupted; the embedded stack is stopped", file=sys.stderr)
+        return 130
+
+
+async def _demo(verbose: bool) -> int:
     started = time.monotonic()
     logs.configure("info" if verbose else "error", "console")
     _say("Starting the embedded stack (Tansu broker + PostgreSQL 18 with pgvector)...")

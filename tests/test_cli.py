@@ -1,0 +1,130 @@
+"""The command line as a user runs it: real subprocesses, clear errors, search on a filled DB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import Env, migrate_db, running
+
+
+async def _cli(*args: str, **env: str) -> tuple[int, str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.pop("DASHSCOPE_API_KEY", None)
+    environ.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _env(env: Env, **extra: str) -> dict[str, str]:
+    return {
+        "EMBEDDING_WORKER_POSTGRES__DSN": env.dsn,
+        "EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS": env.stack.bootstrap,
+        "EMBEDDING_WORKER_KAFKA__INPUT_TOPIC": env.topic,
+        "EMBEDDING_WORKER_KAFKA__DLQ_TOPIC": env.dlq,
+        **extra,
+    }
+
+
+async def test_missing_api_key_fails_fast_with_the_variable_named(env: Env) -> None:
+    code, _, err = await _cli("run", **_env(env, EMBEDDING_WORKER_PROVIDER__KIND="dashscope"))
+    assert code == 2
+    assert "DASHSCOPE_API_KEY" in err
+
+
+async def test_invalid_setting_names_its_variable(env: Env) -> None:
+    code, _, err = await _cli("run", **_env(env, EMBEDDING_WORKER_BATCH__LINGER_MS="soon"))
+    assert code == 2
+    assert "EMBEDDING_WORKER_BATCH__LINGER_MS" in err
+
+
+async def test_unmigrated_database_is_a_clear_start_up_error(env: Env) -> None:
+    code, _, err = await _cli("run", **_env(env))
+    assert code == 3
+    assert "embedding-worker migrate" in err
+
+
+async def test_dimension_mismatch_is_a_clear_start_up_error(env: Env) -> None:
+    await migrate_db(env, 256)
+    code, _, err = await _cli("run", **_env(env))  # the local model makes 512-d vectors
+    assert code == 3
+    assert "256-d" in err and "512-d" in err
+
+
+async def test_migrate_command_is_idempotent(env: Env) -> None:
+    code, out, _ = await _cli("migrate", **_env(env))
+    assert (code, out.strip()) == (0, "applied 0001_embeddings.sql")
+    code, out, _ = await _cli("migrate", **_env(env))
+    assert (code, out.strip()) == (0, "up to date")
+
+
+DOCS: list[dict[str, Any]] = [
+    {
+        "id": "moon",
+        "text": "The rocket lifted off towards the Moon with four astronauts.",
+        "metadata": {"lang": "en"},
+    },
+    {
+        "id": "mond",
+        "text": "Die Rakete startete mit vier Astronauten zum Mond.",
+        "metadata": {"lang": "de"},
+    },
+    {
+        "id": "bread",
+        "text": "Knead the dough, let it rise overnight and bake the bread.",
+        "metadata": {"lang": "en"},
+    },
+    {
+        "id": "rates",
+        "text": "The central bank raised interest rates to fight inflation.",
+        "metadata": {"lang": "en"},
+    },
+    {
+        "id": "pan",
+        "text": "Amasa la masa, déjala reposar y hornea el pan por la mañana.",
+        "metadata": {"lang": "es"},
+    },
+]
+
+
+async def test_local_model_end_to_end_and_search_command(env: Env) -> None:
+    """The default provider, for real: then `search` against the database it filled."""
+    await migrate_db(env, 512)
+    high = await env.produce(DOCS)
+    async with running(env.settings()):
+        await env.wait_for_offsets(high)
+
+    code, out, err = await _cli(
+        "search", "launch of a spacecraft", "-k", "2", "--json", **_env(env)
+    )
+    assert code == 0, err
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert {h["id"] for h in hits} == {"moon", "mond"}
+    assert hits[0]["score"] >= hits[1]["score"]
+
+    code, out, err = await _cli(
+        "search", "how to bake bread", "-k", "1", "--where", "lang=es", "--json", **_env(env)
+    )
+    assert code == 0, err
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["pan"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["search", "--help"]])
+async def test_help(args: list[str]) -> None:
+    code, out, _ = await _cli(*args)
+    assert code == 0 and "usage" in out
