@@ -77,7 +77,7 @@ async def test_concurrent_runs_apply_each_migration_once(env: Env) -> None:
 
 def test_discover_rejects_badly_named_files(tmp_path: Path) -> None:
     (tmp_path / "init.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match="NNNN_name.sql"):
+    with pytest.raises(MigrationError, match=r"NNNN_name\.sql"):
         discover(tmp_path)
 
 
