@@ -250,11 +250,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.embedder.model,
                     self.embedder.dimension,
                 )
+        trusted = {id(c) for c in lookup}
         now = time.monotonic()
         for change in changes:
             if change.op == "delete":
                 self._enqueue([change])
-            elif known.get(change.key) == change.content_hash:
+            elif id(change) in trusted and known.get(change.key) == change.content_hash:
                 change.unchanged = True
                 self.stats.unchanged += 1
                 self._enqueue([change])
