@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -61,6 +62,8 @@ DEFAULT_URLS = {
 
 
 class KafkaSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     bootstrap_servers: str = "localhost:9092"
     group_id: str = "embedding-worker"
     client_id: str = "embedding-worker"
@@ -81,6 +84,8 @@ class KafkaSettings(BaseModel):
 
 
 class PostgresSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     # libpq URI; `sslmode` and the rest of its query string pass through to asyncpg.
     dsn: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
     pool_min_size: int = Field(default=1, ge=1)
@@ -88,6 +93,8 @@ class PostgresSettings(BaseModel):
 
 
 class ProviderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: ProviderKind = ProviderKind.LOCAL
     # Model name sent to HTTP providers; for `local`, which bundled model to run.
     model: str | None = None
@@ -123,6 +130,8 @@ class ProviderSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     linger_ms: int = Field(default=50, ge=0)
     # Events held by the pipeline (fetched, not yet stored) before partitions are paused.
     max_in_flight: int = Field(default=2_000, ge=1)

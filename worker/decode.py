@@ -102,10 +102,15 @@ def dead_letter(
 
 
 def decode(record: Record, limits: Limits) -> Change | DeadLetter:
+    """Never raises: whatever the bytes, the answer is a change or a dead letter."""
     try:
         return _decode(record, limits)
     except Rejected as exc:
         return dead_letter(record, exc.reason, exc.message)
+    except Exception as exc:  # a check we did not foresee must not stop the worker
+        return dead_letter(
+            record, Reason.SCHEMA_VIOLATION, f"the event could not be read: {exc!r}"[:500]
+        )
 
 
 def _record_time(record: Record) -> datetime:
@@ -135,14 +140,13 @@ def _decode(record: Record, limits: Limits) -> Change:
         ) from None
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
+        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
     if not isinstance(data, dict):
         raise Rejected(
             Reason.SCHEMA_VIOLATION, f"the value must be a JSON object, not {type(data).__name__}"
         )
-    if "\x00" in raw or "\\u0000" in raw:
-        _reject_nul(data)
+    _check_strings(data)
     try:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
@@ -170,6 +174,7 @@ def _decode(record: Record, limits: Limits) -> Change:
 def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
     if not key:
         raise Rejected(Reason.SCHEMA_VIOLATION, "a tombstone (null value) needs the id as key")
+    _check_strings(key, "key")
     namespace = limits.default_namespace
     for name, value in record.headers:
         if name == NAMESPACE_HEADER:
@@ -177,6 +182,9 @@ def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
                 namespace = value.decode("utf-8")
             except UnicodeDecodeError:
                 raise Rejected(Reason.INVALID_UTF8, "the namespace header is not UTF-8") from None
+            if not namespace:
+                raise Rejected(Reason.SCHEMA_VIOLATION, "the namespace header is empty")
+            _check_strings(namespace, "namespace header")
     return Change(
         topic=record.topic,
         partition=record.partition,
@@ -193,11 +201,11 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     if text is None or not text.strip():
         raise Rejected(Reason.EMPTY_TEXT, "an upsert needs a non-empty `text`")
     metadata_json = json.dumps(event.metadata, ensure_ascii=False, separators=(",", ":"))
-    if len(metadata_json.encode("utf-8")) > limits.max_metadata_bytes:
+    size = len(metadata_json.encode("utf-8"))
+    if size > limits.max_metadata_bytes:
         raise Rejected(
             Reason.METADATA_TOO_LARGE,
-            f"metadata is {len(metadata_json)} bytes as JSON; the limit is "
-            f"{limits.max_metadata_bytes}",
+            f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}",
         )
     tokens = estimate_tokens(text)
     if tokens > limits.max_tokens_per_text:
@@ -208,6 +216,12 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
                 f"{limits.max_tokens_per_text}",
             )
         text = truncate_to_tokens(text, limits.max_tokens_per_text)
+        if not text.strip():
+            raise Rejected(
+                Reason.TEXT_TOO_LONG,
+                f"the text is about {tokens} tokens and nothing but white space fits in "
+                f"{limits.max_tokens_per_text}",
+            )
         tokens = estimate_tokens(text)
         change.truncated = True
     change.text = text
@@ -218,18 +232,25 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     return change
 
 
-def _reject_nul(value: Any, where: str = "value") -> None:
-    """Postgres text and jsonb cannot hold U+0000; say where it was."""
+def _check_strings(value: Any, where: str = "value") -> None:
+    """Postgres text and jsonb cannot hold U+0000, and JSON escapes can smuggle in lone
+    surrogates that are not valid UTF-8; say where either was."""
     if isinstance(value, str):
         if "\x00" in value:
             raise Rejected(Reason.NUL_BYTE, f"{where} contains a NUL character (U+0000)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected(
+                Reason.INVALID_UTF8, f"{where} contains an unpaired surrogate escape"
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _reject_nul(k, f"{where} key")
-            _reject_nul(v, f"{where}.{k}" if where != "value" else str(k))
+            _check_strings(k, f"{where} key")
+            _check_strings(v, f"{where}.{k}" if where != "value" else str(k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _reject_nul(v, f"{where}[{i}]")
+            _check_strings(v, f"{where}[{i}]")
 
 
 def _describe(exc: ValidationError) -> str:

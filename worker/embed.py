@@ -31,7 +31,7 @@ class BatchOutcome:
 
 def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float | None) -> float:
     """Full jitter (AWS style), but never sooner than the provider asked for."""
-    delay = random.uniform(0, min(cap, initial * 2**attempt))
+    delay = random.uniform(0, min(cap, initial * 2 ** min(attempt, 62)))
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay

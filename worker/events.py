@@ -32,7 +32,10 @@ class ContentEvent(BaseModel):
     def _epoch_ms(cls, value: Any) -> Any:
         """Accept epoch milliseconds (what Kafka producers usually have) as well as ISO-8601."""
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return datetime.fromtimestamp(value / 1000, tz=UTC)
+            try:
+                return datetime.fromtimestamp(value / 1000, tz=UTC)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError("timestamp out of range") from None
         return value
 
 

@@ -7,6 +7,7 @@ the one place that turns statuses and codes into retry / split / stop decisions.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from typing import Any
 
@@ -18,6 +19,11 @@ from worker.embedders.base import (
     PermanentError,
     TransientError,
 )
+
+# Fractional seconds are not in the RFC but some servers (and our fake) send them.
+_SECONDS = re.compile(r"-?\d+(\.\d+)?")
+# A server asking for more than this is treated as asking for this.
+MAX_RETRY_AFTER_S = 3600.0
 
 # Codes that mean "your account or key", whatever status carries them.
 CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
@@ -41,15 +47,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _SECONDS.fullmatch(value):
+        return min(max(0.0, float(value)), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, delay), MAX_RETRY_AFTER_S)
 
 
 async def post_json(client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> Any:

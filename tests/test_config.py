@@ -1,0 +1,240 @@
+"""load_settings: validation, the provider rules, env and TOML precedence, secrets kept secret."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.config import (
+    ConfigError,
+    LocalModel,
+    OversizePolicy,
+    ProviderKind,
+    Settings,
+    load_settings,
+)
+
+SECRET = "sk-very-secret-4242"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Nothing from the developer's shell may leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("EMBEDDING_WORKER_") or name.upper() == "DASHSCOPE_API_KEY":
+            monkeypatch.delenv(name)
+    yield
+
+
+def test_defaults_are_the_local_model() -> None:
+    s = load_settings()
+    assert s.provider.kind is ProviderKind.LOCAL
+    assert s.provider.model == LocalModel.USE.value
+    assert s.provider.dimension == 512
+    assert s.provider.max_texts_per_request == 64
+    assert s.oversize_policy is OversizePolicy.TRUNCATE
+
+
+@pytest.mark.parametrize("kind", ["dashscope", "openai"])
+def test_http_provider_without_key_fails_naming_the_variable(kind: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(provider={"kind": kind})
+    assert "DASHSCOPE_API_KEY" in str(err.value)
+    with pytest.raises(ConfigError, match="DASHSCOPE_API_KEY"):
+        load_settings(provider={"kind": kind, "api_key": ""})
+
+
+def test_dashscope_api_key_env_var_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", SECRET)
+    s = load_settings(provider={"kind": "dashscope"})
+    assert s.provider.api_key is not None
+    assert s.provider.api_key.get_secret_value() == SECRET
+    assert s.provider.model == "text-embedding-v4"
+    assert s.provider.dimension == 1024
+    assert s.provider.base_url == "https://dashscope-intl.aliyuncs.com/api/v1"
+
+
+def test_explicit_api_key_wins_over_dashscope_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-from-env")
+    s = load_settings(provider={"kind": "openai", "api_key": SECRET})
+    assert s.provider.api_key is not None
+    assert s.provider.api_key.get_secret_value() == SECRET
+    assert s.provider.base_url == "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"
+
+
+def test_base_url_trailing_slash_is_removed() -> None:
+    s = load_settings(provider={"kind": "openai", "api_key": SECRET, "base_url": "http://h:1/v1/"})
+    assert s.provider.base_url == "http://h:1/v1"
+
+
+@pytest.mark.parametrize("dimension", [100, 4096, 300])
+def test_dashscope_refuses_a_dimension_it_does_not_offer(dimension: int) -> None:
+    with pytest.raises(ConfigError, match=str(dimension)):
+        load_settings(provider={"kind": "dashscope", "api_key": SECRET, "dimension": dimension})
+
+
+def test_openai_dialect_accepts_any_dimension() -> None:
+    s = load_settings(provider={"kind": "openai", "api_key": SECRET, "dimension": 300})
+    assert s.provider.dimension == 300
+
+
+def test_dashscope_refuses_more_than_ten_texts_per_request() -> None:
+    base = {"kind": "dashscope", "api_key": SECRET}
+    assert (
+        load_settings(provider={**base, "max_texts_per_request": 10}).provider.max_texts_per_request
+        == 10
+    )
+    with pytest.raises(ConfigError, match="max_texts_per_request"):
+        load_settings(provider={**base, "max_texts_per_request": 11})
+
+
+def test_local_model_dimension_mismatch_is_refused() -> None:
+    with pytest.raises(ConfigError, match="512"):
+        load_settings(provider={"kind": "local", "dimension": 384})
+    with pytest.raises(ConfigError, match="384"):
+        load_settings(
+            provider={"kind": "local", "model": "multilingual-e5-small", "dimension": 512}
+        )
+    e5 = load_settings(provider={"kind": "local", "model": "multilingual-e5-small"})
+    assert e5.provider.dimension == 384
+
+
+def test_unknown_local_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not a bundled local model"):
+        load_settings(provider={"kind": "local", "model": "text-embedding-v4"})
+
+
+def test_local_default_max_texts_is_64_unless_set() -> None:
+    assert load_settings(provider={"kind": "local"}).provider.max_texts_per_request == 64
+    s = load_settings(provider={"kind": "local", "max_texts_per_request": 16})
+    assert s.provider.max_texts_per_request == 16
+
+
+def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDING_WORKER_KAFKA__GROUP_ID", "group-from-env")
+    monkeypatch.setenv("EMBEDDING_WORKER_BATCH__LINGER_MS", "7")
+    monkeypatch.setenv("EMBEDDING_WORKER_OVERSIZE_POLICY", "reject")
+    s = load_settings()
+    assert s.kafka.group_id == "group-from-env"
+    assert s.kafka.input_topic == "content.events"  # siblings keep their defaults
+    assert s.batch.linger_ms == 7
+    assert s.oversize_policy is OversizePolicy.REJECT
+
+
+def test_invalid_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDING_WORKER_BATCH__LINGER_MS", "-1")
+    with pytest.raises(ConfigError, match="EMBEDDING_WORKER_BATCH__LINGER_MS"):
+        load_settings()
+
+
+TOML = """
+default_namespace = "from-file"
+log_level = "DEBUG"
+
+[kafka]
+bootstrap_servers = "file-host:9092"
+group_id = "file-group"
+
+[provider]
+kind = "dashscope"
+api_key = "sk-file-key"
+dimension = 512
+"""
+
+
+def test_toml_file_via_argument(tmp_path: Path) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text(TOML)
+    s = load_settings(path)
+    assert s.default_namespace == "from-file"
+    assert s.log_level == "debug"
+    assert (s.kafka.bootstrap_servers, s.kafka.group_id) == ("file-host:9092", "file-group")
+    assert s.provider.kind is ProviderKind.DASHSCOPE and s.provider.dimension == 512
+
+
+def test_env_overrides_the_file_field_by_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text(TOML)
+    monkeypatch.setenv("EMBEDDING_WORKER_KAFKA__GROUP_ID", "env-group")
+    monkeypatch.setenv("EMBEDDING_WORKER_DEFAULT_NAMESPACE", "from-env")
+    s = load_settings(str(path))
+    assert s.kafka.group_id == "env-group"
+    assert s.kafka.bootstrap_servers == "file-host:9092"  # merged, not replaced
+    assert s.default_namespace == "from-env"
+    # And explicit overrides beat both.
+    assert load_settings(path, default_namespace="explicit").default_namespace == "explicit"
+
+
+def test_config_file_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text(TOML)
+    monkeypatch.setenv("EMBEDDING_WORKER_CONFIG", str(path))
+    assert load_settings().default_namespace == "from-file"
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(missing)
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[kafka\ngroup_id = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path)
+
+
+def test_unknown_top_level_field_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="no_such_field"):
+        load_settings(no_such_field=1)
+    path = tmp_path / "typo.toml"
+    path.write_text('default_namespaces = "x"\n')
+    with pytest.raises(ConfigError, match="default_namespaces"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("via", ["argument", "toml", "env"])
+def test_unknown_nested_field_is_refused(
+    via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A typo'd key (bootstrap_server without the final s) must not silently fall back to
+    # the default broker.
+    path: Path | None = None
+    overrides: dict[str, object] = {}
+    if via == "argument":
+        overrides["kafka"] = {"bootstrap_server": "x:1"}
+    elif via == "toml":
+        path = tmp_path / "typo.toml"
+        path.write_text('[kafka]\nbootstrap_server = "x:1"\n')
+    else:
+        monkeypatch.setenv("EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVER", "x:1")
+    with pytest.raises(ConfigError, match="bootstrap_server"):
+        load_settings(path, **overrides)
+
+
+@pytest.mark.parametrize("via", ["argument", "dashscope-env", "provider-env"])
+def test_api_key_never_appears_in_repr_or_json(via: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider: dict[str, object] = {"kind": "dashscope"}
+    if via == "argument":
+        provider["api_key"] = SECRET
+    elif via == "dashscope-env":
+        monkeypatch.setenv("DASHSCOPE_API_KEY", SECRET)
+    else:
+        monkeypatch.setenv("EMBEDDING_WORKER_PROVIDER__API_KEY", SECRET)
+    s = load_settings(provider=provider)
+    assert s.provider.api_key is not None
+    assert s.provider.api_key.get_secret_value() == SECRET  # it did arrive
+    for text in (repr(s), str(s), s.model_dump_json(), str(s.model_dump()), repr(s.provider)):
+        assert SECRET not in text
+
+
+def test_settings_is_the_class_load_settings_builds() -> None:
+    assert isinstance(load_settings(), Settings)

@@ -1,0 +1,494 @@
+"""decode(): every dead-letter reason, the oversize policies, tombstones, times and hashes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.config import OversizePolicy
+from worker.decode import Change, Limits, Record, content_hash, decode
+from worker.events import DeadLetter, Reason, TextType
+from worker.tokens import estimate_tokens
+
+TS_MS = 1_700_000_000_123
+JAPANESE = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
+
+
+def limits(
+    max_tokens: int = 8192,
+    policy: OversizePolicy = OversizePolicy.TRUNCATE,
+    max_metadata_bytes: int = 64_000,
+    default_namespace: str = "default",
+) -> Limits:
+    return Limits(
+        default_namespace=default_namespace,
+        max_tokens_per_text=max_tokens,
+        oversize_policy=policy,
+        max_metadata_bytes=max_metadata_bytes,
+    )
+
+
+def record(
+    value: dict[str, Any] | list[Any] | bytes | None,
+    key: bytes | None = None,
+    headers: tuple[tuple[str, bytes], ...] = (),
+    timestamp_ms: int | None = TS_MS,
+    offset: int = 7,
+) -> Record:
+    raw = json.dumps(value).encode() if isinstance(value, dict | list) else value
+    return Record(
+        topic="content",
+        partition=3,
+        offset=offset,
+        key=key,
+        value=raw,
+        timestamp_ms=timestamp_ms,
+        headers=headers,
+    )
+
+
+def as_change(result: Change | DeadLetter) -> Change:
+    assert isinstance(result, Change), result
+    return result
+
+
+def as_letter(result: Change | DeadLetter) -> DeadLetter:
+    assert isinstance(result, DeadLetter), result
+    return result
+
+
+# --- dead-letter reasons ---------------------------------------------------------------------
+
+REJECTED: list[Any] = [
+    pytest.param(record(b"\xff\xfe{}"), Reason.INVALID_UTF8, id="value-not-utf8"),
+    pytest.param(
+        record({"id": "a", "text": "x"}, key=b"\xc3\x28"), Reason.INVALID_UTF8, id="key-not-utf8"
+    ),
+    pytest.param(record(None, key=b"\xff"), Reason.INVALID_UTF8, id="tombstone-key-not-utf8"),
+    pytest.param(
+        record(None, key=b"a", headers=(("namespace", b"\xff"),)),
+        Reason.INVALID_UTF8,
+        id="namespace-header-not-utf8",
+    ),
+    pytest.param(record(b'{"id": "a", "text": '), Reason.INVALID_JSON, id="truncated-json"),
+    pytest.param(record(b"not json at all"), Reason.INVALID_JSON, id="not-json"),
+    pytest.param(record([{"id": "a", "text": "x"}]), Reason.SCHEMA_VIOLATION, id="array"),
+    pytest.param(record(b'"just a string"'), Reason.SCHEMA_VIOLATION, id="string"),
+    pytest.param(record({"text": "x"}), Reason.SCHEMA_VIOLATION, id="missing-id"),
+    pytest.param(record({"id": "", "text": "x"}), Reason.SCHEMA_VIOLATION, id="empty-id"),
+    pytest.param(record({"id": 5, "text": "x"}), Reason.SCHEMA_VIOLATION, id="id-not-string"),
+    pytest.param(
+        record({"id": "a", "op": "merge", "text": "x"}), Reason.SCHEMA_VIOLATION, id="bad-op"
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "metadata": ["not", "an", "object"]}),
+        Reason.SCHEMA_VIOLATION,
+        id="metadata-array",
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "metadata": "k=v"}),
+        Reason.SCHEMA_VIOLATION,
+        id="metadata-string",
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "text_type": "passage"}),
+        Reason.SCHEMA_VIOLATION,
+        id="bad-text-type",
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "timestamp": "2024-01-02T03:04:05"}),
+        Reason.SCHEMA_VIOLATION,
+        id="naive-timestamp",
+    ),
+    pytest.param(record(None), Reason.SCHEMA_VIOLATION, id="tombstone-without-key"),
+    pytest.param(record(None, key=b""), Reason.SCHEMA_VIOLATION, id="tombstone-empty-key"),
+    pytest.param(
+        record({"id": "a", "text": "x"}, key=b"b"), Reason.KEY_MISMATCH, id="key-mismatch"
+    ),
+    pytest.param(
+        record({"id": "a", "op": "delete"}, key=b"b"),
+        Reason.KEY_MISMATCH,
+        id="key-mismatch-delete",
+    ),
+    pytest.param(record({"id": "a", "text": ""}), Reason.EMPTY_TEXT, id="empty-text"),
+    pytest.param(record({"id": "a", "text": " \t\n\u3000 "}), Reason.EMPTY_TEXT, id="whitespace"),
+    pytest.param(record({"id": "a"}), Reason.EMPTY_TEXT, id="missing-text"),
+    pytest.param(record({"id": "a", "text": None}), Reason.EMPTY_TEXT, id="null-text"),
+    pytest.param(record({"id": "a", "text": "a\x00b"}), Reason.NUL_BYTE, id="nul-in-text"),
+    pytest.param(
+        record({"id": "a", "text": "x", "metadata": {"k\x00": 1}}),
+        Reason.NUL_BYTE,
+        id="nul-in-metadata-key",
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "metadata": {"k": "v\x00"}}),
+        Reason.NUL_BYTE,
+        id="nul-in-metadata-value",
+    ),
+    pytest.param(
+        record({"id": "a", "text": "x", "metadata": {"k": {"deep": ["ok", "v\x00"]}}}),
+        Reason.NUL_BYTE,
+        id="nul-in-nested-metadata",
+    ),
+    pytest.param(record({"id": "a\x00", "text": "x"}), Reason.NUL_BYTE, id="nul-in-id"),
+    pytest.param(
+        record({"id": "a", "text": "x", "namespace": "n\x00"}),
+        Reason.NUL_BYTE,
+        id="nul-in-namespace",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rec", "reason"), REJECTED)
+def test_dead_letter_reason(rec: Record, reason: Reason) -> None:
+    letter = as_letter(decode(rec, limits()))
+    assert letter.reason is reason
+    assert letter.message
+    # The envelope carries what is needed to replay the exact record.
+    assert letter.source.topic == rec.topic
+    assert letter.source.partition == rec.partition
+    assert letter.source.offset == rec.offset
+    assert letter.source.timestamp_ms == rec.timestamp_ms
+    if rec.value is None:
+        assert letter.value_b64 is None
+    else:
+        assert letter.value_b64 is not None
+        assert base64.b64decode(letter.value_b64) == rec.value
+    if rec.key is None:
+        assert letter.key_b64 is None
+    else:
+        assert letter.key_b64 is not None
+        assert base64.b64decode(letter.key_b64) == rec.key
+
+
+def test_nul_message_says_where() -> None:
+    event = {"id": "a", "text": "x", "metadata": {"colour_code": "v\x00"}}
+    letter = as_letter(decode(record(event), limits()))
+    assert "colour_code" in letter.message
+
+
+def test_metadata_too_large() -> None:
+    metadata = {"tags": ["x" * 50] * 4}
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    at_limit = decode(
+        record({"id": "a", "text": "x", "metadata": metadata}), limits(max_metadata_bytes=size)
+    )
+    assert as_change(at_limit).metadata_json == json.dumps(metadata, separators=(",", ":"))
+    over = decode(
+        record({"id": "a", "text": "x", "metadata": metadata}), limits(max_metadata_bytes=size - 1)
+    )
+    assert as_letter(over).reason is Reason.METADATA_TOO_LARGE
+
+
+def test_metadata_limit_counts_utf8_bytes_not_characters() -> None:
+    metadata = {"title": JAPANESE}
+    chars = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")))
+    result = decode(
+        record({"id": "a", "text": "x", "metadata": metadata}), limits(max_metadata_bytes=chars)
+    )
+    assert as_letter(result).reason is Reason.METADATA_TOO_LARGE
+
+
+def test_metadata_too_large_message_reports_bytes() -> None:
+    metadata = {"title": JAPANESE}
+    as_json = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    result = decode(
+        record({"id": "a", "text": "x", "metadata": metadata}), limits(max_metadata_bytes=10)
+    )
+    letter = as_letter(result)
+    assert letter.reason is Reason.METADATA_TOO_LARGE
+    assert f"{len(as_json.encode())} bytes" in letter.message
+
+
+def test_text_too_long_is_rejected_under_reject_policy() -> None:
+    text = "word " * 40
+    limit = estimate_tokens(text) - 1
+    result = decode(record({"id": "a", "text": text}), limits(limit, OversizePolicy.REJECT))
+    letter = as_letter(result)
+    assert letter.reason is Reason.TEXT_TOO_LONG
+    assert str(limit) in letter.message
+    # Exactly at the limit is fine.
+    ok = decode(record({"id": "a", "text": text}), limits(limit + 1, OversizePolicy.REJECT))
+    assert not as_change(ok).truncated
+
+
+# --- oversize truncation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "a", "ab"])  # shift the cut to every byte of a character
+def test_truncate_policy_cuts_on_a_character_boundary(prefix: str) -> None:
+    text = prefix + JAPANESE * 5
+    max_tokens = 10
+    change = as_change(decode(record({"id": "a", "text": text}), limits(max_tokens)))
+    assert change.truncated
+    assert text.startswith(change.text)
+    assert 0 < len(change.text) < len(text)
+    assert len(change.text.encode()) <= max_tokens * 3
+    # Maximal: one more character would no longer fit.
+    assert estimate_tokens(text[: len(change.text) + 1]) > max_tokens
+    assert change.tokens == estimate_tokens(change.text) <= max_tokens
+    assert change.content_hash == content_hash(change.text, TextType.DOCUMENT)
+
+
+def test_short_text_is_not_truncated() -> None:
+    change = as_change(decode(record({"id": "a", "text": JAPANESE}), limits()))
+    assert not change.truncated
+    assert change.text == JAPANESE
+    assert change.tokens == estimate_tokens(JAPANESE)
+
+
+# --- valid events ----------------------------------------------------------------------------
+
+
+def test_upsert_fields() -> None:
+    event = {
+        "id": "doc-1",
+        "text": "hello",
+        "namespace": "ns",
+        "metadata": {"lang": "en", "n": 1},
+        "text_type": "query",
+    }
+    change = as_change(decode(record(event, key=b"doc-1"), limits()))
+    assert (change.op, change.key, change.text, change.text_type) == (
+        "upsert",
+        ("ns", "doc-1"),
+        "hello",
+        TextType.QUERY,
+    )
+    assert json.loads(change.metadata_json) == event["metadata"]
+    assert (change.topic, change.partition, change.offset) == ("content", 3, 7)
+    assert change.vector is None
+
+
+def test_missing_namespace_uses_the_default() -> None:
+    change = as_change(decode(record({"id": "a", "text": "x"}), limits(default_namespace="dflt")))
+    assert change.namespace == "dflt"
+
+
+def test_delete_without_text_is_fine() -> None:
+    change = as_change(decode(record({"id": "a", "op": "delete", "namespace": "ns"}), limits()))
+    assert change.op == "delete"
+    assert change.key == ("ns", "a")
+    assert change.text == ""
+
+
+def test_tombstone_uses_namespace_header() -> None:
+    rec = record(None, key=b"doc-9", headers=(("other", b"x"), ("namespace", b"tenant-7")))
+    change = as_change(decode(rec, limits(default_namespace="dflt")))
+    assert (change.op, change.id, change.namespace) == ("delete", "doc-9", "tenant-7")
+
+
+def test_tombstone_without_header_uses_default_namespace() -> None:
+    change = as_change(decode(record(None, key=b"doc-9"), limits(default_namespace="dflt")))
+    assert (change.op, change.key) == ("delete", ("dflt", "doc-9"))
+    assert change.event_time == datetime.fromtimestamp(TS_MS / 1000, tz=UTC)
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        pytest.param(record(None, key=b"doc\x00"), id="nul-in-key"),
+        pytest.param(
+            record(None, key=b"doc", headers=(("namespace", b"n\x00s"),)), id="nul-in-header"
+        ),
+    ],
+)
+def test_tombstone_with_nul_is_dead_lettered(rec: Record) -> None:
+    assert as_letter(decode(rec, limits())).reason is Reason.NUL_BYTE
+
+
+def test_event_time_falls_back_to_the_record_timestamp() -> None:
+    change = as_change(decode(record({"id": "a", "text": "x"}, timestamp_ms=TS_MS), limits()))
+    assert change.event_time == datetime.fromtimestamp(TS_MS / 1000, tz=UTC)
+    other = as_change(decode(record({"id": "a", "text": "x"}, timestamp_ms=TS_MS + 5000), limits()))
+    assert (other.event_time - change.event_time).total_seconds() == 5
+
+
+def test_epoch_millis_and_iso_timestamps_agree() -> None:
+    expected = datetime.fromtimestamp(TS_MS / 1000, tz=UTC)
+    iso = expected.isoformat().replace("+00:00", "Z")
+    offset = expected.astimezone(timezone(timedelta(hours=9))).isoformat()
+    assert iso.endswith("Z") and offset.endswith("+09:00")
+    times = []
+    for ts in (TS_MS, float(TS_MS), iso, offset):
+        # The record's own timestamp differs: the event's time must win over it.
+        rec = record({"id": "a", "text": "x", "timestamp": ts}, timestamp_ms=42)
+        times.append(as_change(decode(rec, limits())).event_time)
+    assert times == [expected] * 4
+    assert all(t.tzinfo is not None for t in times)
+
+
+def test_content_hash_depends_on_text_type_and_is_stable() -> None:
+    doc = as_change(decode(record({"id": "a", "text": "same"}), limits()))
+    query = as_change(decode(record({"id": "a", "text": "same", "text_type": "query"}), limits()))
+    again = as_change(decode(record({"id": "b", "text": "same"}, offset=99), limits()))
+    other = as_change(decode(record({"id": "a", "text": "different"}), limits()))
+    assert doc.content_hash != query.content_hash
+    assert doc.content_hash == again.content_hash == content_hash("same", TextType.DOCUMENT)
+    assert query.content_hash == content_hash("same", TextType.QUERY)
+    assert doc.content_hash != other.content_hash
+    assert len(doc.content_hash) == 32
+
+
+# --- robustness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(
+            b'{"id": "a", "text": "x\\ud800"}',
+            id="lone-surrogate-in-text",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "x", "metadata": {"k": "\\udc00"}}',
+            id="lone-surrogate-in-metadata",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "x", "timestamp": Infinity}',
+            id="timestamp-infinity",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "x", "timestamp": 1e300}',
+            id="timestamp-1e300",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "x", "timestamp": 1' + b"0" * 400 + b"}",
+            id="timestamp-huge-int",
+        ),
+        pytest.param(
+            b"[" * 100_000,
+            id="deeply-nested",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "x", "n": ' + b"9" * 5000 + b"}",
+            id="5000-digit-int",
+        ),
+        # Controls: the same shapes within range are dead-lettered (or accepted) already.
+        pytest.param(b'{"id": "a", "text": "x", "timestamp": NaN}', id="timestamp-nan"),
+        pytest.param(b'{"id": "a", "text": "x", "timestamp": 1e17}', id="timestamp-year-overflow"),
+        pytest.param(b"[" * 500, id="shallow-unclosed"),
+    ],
+)
+def test_hostile_json_is_dead_lettered_not_raised(value: bytes) -> None:
+    letter = as_letter(decode(record(value), limits()))
+    assert letter.reason in (Reason.INVALID_JSON, Reason.INVALID_UTF8, Reason.SCHEMA_VIOLATION)
+
+
+ALL_REASONS = set(Reason)
+
+
+def check_result(result: Change | DeadLetter, rec: Record, lim: Limits) -> None:
+    assert isinstance(result, Change | DeadLetter)
+    if isinstance(result, DeadLetter):
+        assert isinstance(result.reason, Reason)
+        assert result.reason in ALL_REASONS
+        assert result.source.offset == rec.offset
+        return
+    assert (result.topic, result.partition, result.offset) == (rec.topic, rec.partition, rec.offset)
+    assert result.event_time.tzinfo is not None
+    if rec.key is not None:
+        assert result.id == rec.key.decode()
+    if result.op == "upsert":
+        assert result.text
+        assert result.tokens == estimate_tokens(result.text) <= lim.max_tokens_per_text
+        assert result.content_hash == content_hash(result.text, result.text_type)
+        assert len(result.metadata_json.encode()) <= lim.max_metadata_bytes
+    if rec.value is not None:
+        assert "\x00" not in result.id + result.namespace + result.text + result.metadata_json
+
+
+limit_strategy = st.builds(
+    limits,
+    max_tokens=st.integers(2, 60),
+    policy=st.sampled_from(OversizePolicy),
+    max_metadata_bytes=st.integers(1, 300),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.none() | st.binary(max_size=300),
+    key=st.none() | st.binary(max_size=20),
+    header=st.none() | st.binary(max_size=20),
+    lim=limit_strategy,
+)
+def test_decode_never_raises_on_arbitrary_bytes(
+    value: bytes | None, key: bytes | None, header: bytes | None, lim: Limits
+) -> None:
+    headers = () if header is None else (("namespace", header),)
+    rec = record(value, key=key, headers=headers)
+    check_result(decode(rec, lim), rec, lim)
+
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+chaotic_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(min_size=1, max_size=20) | json_values,
+        "op": st.sampled_from(["upsert", "delete", "merge"]) | json_values,
+        "text": st.text(max_size=300) | json_values,
+        "namespace": st.text(max_size=10) | json_values,
+        "metadata": st.dictionaries(st.text(max_size=8), json_values, max_size=5) | json_values,
+        "text_type": st.sampled_from(["document", "query", "passage"]) | json_values,
+        "timestamp": st.integers(-(2**53), 2**53)
+        | st.sampled_from(["2024-01-02T03:04:05Z", "2024-01-02T03:04:05+09:00", "2024-01-02", "x"])
+        | json_values,
+    },
+)
+# Mostly well-formed events, so that the valid paths (truncation, hashing) are exercised too.
+plausible_fields = st.fixed_dictionaries(
+    {"id": st.text(min_size=1, max_size=20), "text": st.text(max_size=300)},
+    optional={
+        "op": st.sampled_from(["upsert", "delete"]),
+        "namespace": st.text(min_size=1, max_size=10),
+        "metadata": st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+        "text_type": st.sampled_from(["document", "query"]),
+        "timestamp": st.integers(0, 2**42) | st.just("2024-01-02T03:04:05.5+09:00"),
+    },
+)
+
+
+@st.composite
+def json_records(draw: st.DrawFn) -> Record:
+    event: dict[str, Any] = {**draw(st.dictionaries(st.text(max_size=8), json_values, max_size=3))}
+    event.update(draw(plausible_fields if draw(st.booleans()) else chaotic_fields))
+    value = json.dumps(event, ensure_ascii=draw(st.booleans())).encode()
+    key_kind = draw(st.sampled_from(["none", "id", "other"]))
+    key: bytes | None = None
+    if key_kind == "id" and isinstance(event.get("id"), str):
+        key = event["id"].encode()
+    elif key_kind == "other":
+        key = draw(st.text(max_size=10)).encode()
+    return record(value, key=key, offset=draw(st.integers(0, 2**40)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rec=json_records(), lim=limit_strategy)
+def test_decode_never_raises_on_json_objects(rec: Record, lim: Limits) -> None:
+    check_result(decode(rec, lim), rec, lim)
+
+
+def test_truncation_that_leaves_only_white_space_is_dead_lettered() -> None:
+    text = " " * 3000 + "the words come too late"
+    letter = as_letter(decode(record({"id": "w", "text": text}), limits(max_tokens=100)))
+    assert letter.reason is Reason.TEXT_TOO_LONG

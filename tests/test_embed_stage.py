@@ -1,0 +1,228 @@
+"""EmbedStage: bisect permanent refusals down to the bad items; retry transient errors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import worker.embed
+from fakeapi import FakeEmbeddingServer, fake_vector
+from tests.conftest import dashscope
+from worker.config import load_settings
+from worker.decode import Change
+from worker.embed import EmbedStage, backoff_delay
+from worker.embedders import create_embedder
+from worker.embedders.base import ConfigurationFault, TransientError
+from worker.events import TextType
+from worker.tokens import estimate_tokens
+
+DIM = 256
+POISON = "xx-poison-xx"
+FAST = {"backoff_initial_s": 0.001, "backoff_max_s": 0.004}
+
+
+def changes(
+    n: int, poison_at: tuple[int, ...] = (), text_type: TextType = TextType.DOCUMENT
+) -> list[Change]:
+    out = []
+    for i in range(n):
+        text = f"document number {i} about the weather"
+        if i in poison_at:
+            text += f" {POISON}"
+        out.append(
+            Change(
+                topic="t",
+                partition=0,
+                offset=i,
+                namespace="ns",
+                id=f"doc-{i}",
+                op="upsert",
+                event_time=datetime.now(UTC),
+                text=text,
+                text_type=text_type,
+                tokens=estimate_tokens(text),
+            )
+        )
+    return out
+
+
+@contextlib.asynccontextmanager
+async def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AsyncIterator[EmbedStage]:
+    settings = load_settings(provider=dashscope(fake, DIM, **{**FAST, **extra}))
+    embedder = create_embedder(settings.provider)
+    try:
+        yield EmbedStage(embedder, settings.provider)
+    finally:
+        await embedder.aclose()
+
+
+def assert_right_vectors(items: list[Change]) -> None:
+    for c in items:
+        assert c.vector is not None
+        np.testing.assert_allclose(c.vector, fake_vector(c.text, DIM), atol=1e-6)
+
+
+async def test_clean_batch_is_one_request(fake_api: FakeEmbeddingServer) -> None:
+    items = changes(10)
+    async with stage_for(fake_api) as stage:
+        outcome = await stage.run(items)
+    assert outcome.embedded == items and outcome.refused == []
+    assert (outcome.requests, outcome.retries) == (1, 0)
+    assert_right_vectors(outcome.embedded)
+
+
+@pytest.mark.parametrize("poison", [0, 3, 4, 5, 9])
+async def test_bisection_isolates_one_poison_item(
+    fake_api: FakeEmbeddingServer, poison: int
+) -> None:
+    fake_api.configure(poison=[POISON], shuffle=True)
+    items = changes(10, poison_at=(poison,))
+    async with stage_for(fake_api) as stage:
+        outcome = await stage.run(items)
+    assert sorted(c.offset for c in outcome.embedded) == [i for i in range(10) if i != poison]
+    assert_right_vectors(outcome.embedded)
+    assert len(outcome.refused) == 1
+    refused, error = outcome.refused[0]
+    assert refused is items[poison] and refused.vector is None
+    assert error.code == "DataInspectionFailed"
+    assert outcome.requests <= 2 * math.ceil(math.log2(10)) + 1
+    assert outcome.requests == fake_api.stats()["requests"]
+    assert outcome.retries == 0
+
+
+async def test_bisection_isolates_two_poison_items(fake_api: FakeEmbeddingServer) -> None:
+    fake_api.configure(poison=[POISON])
+    items = changes(10, poison_at=(2, 7))
+    async with stage_for(fake_api) as stage:
+        outcome = await stage.run(items)
+    assert sorted(c.offset for c, _ in outcome.refused) == [2, 7]
+    assert all(e.code == "DataInspectionFailed" for _, e in outcome.refused)
+    assert sorted(c.offset for c in outcome.embedded) == [0, 1, 3, 4, 5, 6, 8, 9]
+    assert_right_vectors(outcome.embedded)
+    assert outcome.requests <= 2 * (2 * math.ceil(math.log2(10)) + 1)
+
+
+async def test_single_poison_item_costs_one_request(fake_api: FakeEmbeddingServer) -> None:
+    fake_api.configure(poison=[POISON])
+    async with stage_for(fake_api) as stage:
+        outcome = await stage.run(changes(1, poison_at=(0,)))
+    assert outcome.embedded == [] and len(outcome.refused) == 1
+    assert outcome.requests == 1
+
+
+async def test_transient_errors_are_retried(
+    fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_api.configure(rate_429=0.5, retry_after_s=0.002)
+    delays: list[tuple[float | None, float]] = []
+
+    def recording_backoff(
+        attempt: int, initial: float, cap: float, retry_after: float | None
+    ) -> float:
+        delay = backoff_delay(attempt, initial, cap, retry_after)
+        delays.append((retry_after, delay))
+        return delay
+
+    monkeypatch.setattr(worker.embed, "backoff_delay", recording_backoff)
+    outcomes = []
+    async with stage_for(fake_api) as stage:
+        for start in range(0, 30, 10):
+            outcomes.append(await stage.run(changes(30)[start : start + 10]))
+    assert all(len(o.embedded) == 10 and not o.refused for o in outcomes)
+    for o in outcomes:
+        assert_right_vectors(o.embedded)
+    retries = sum(o.retries for o in outcomes)
+    assert retries > 0
+    assert retries == fake_api.stats()["throttled"] == len(delays)
+    assert sum(o.requests for o in outcomes) == 3 + retries
+    # The fake's Retry-After reached the backoff, and was honoured.
+    assert all(ra == 0.002 and d >= 0.002 for ra, d in delays)
+
+
+async def test_max_retries_gives_up_after_limit_plus_one_requests(
+    fake_api: FakeEmbeddingServer,
+) -> None:
+    fake_api.configure(rate_500=1.0)
+    async with stage_for(fake_api, max_retries=2) as stage:
+        with pytest.raises(TransientError) as err:
+            await stage.run(changes(3))
+    assert err.value.code == "InternalError"
+    assert fake_api.stats()["requests"] == 3
+    assert fake_api.stats()["by_status"] == {500: 3}
+
+
+async def test_max_retries_zero_means_one_request(fake_api: FakeEmbeddingServer) -> None:
+    fake_api.configure(rate_reset=1.0)
+    async with stage_for(fake_api, max_retries=0) as stage:
+        with pytest.raises(TransientError):
+            await stage.run(changes(2))
+    assert fake_api.stats()["requests"] == 1
+
+
+async def test_configuration_fault_propagates_without_retry(fake_api: FakeEmbeddingServer) -> None:
+    async with stage_for(fake_api, api_key="sk-wrong") as stage:
+        with pytest.raises(ConfigurationFault):
+            await stage.run(changes(10))
+    assert fake_api.stats()["requests"] == 1
+
+
+async def test_configuration_fault_is_not_bisected(fake_api: FakeEmbeddingServer) -> None:
+    # A dimension problem is a 400 too, but no split can fix it.
+    fake_api.configure(allowed_dimensions=(1024,))
+    async with stage_for(fake_api) as stage:
+        with pytest.raises(ConfigurationFault):
+            await stage.run(changes(10))
+    assert fake_api.stats()["requests"] == 1
+
+
+async def test_query_batches_are_sent_as_queries(
+    fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[TextType] = []
+    async with stage_for(fake_api) as stage:
+        original = stage.embedder.embed
+
+        async def spy(texts: Any, text_type: TextType) -> Any:
+            seen.append(text_type)
+            return await original(texts, text_type)
+
+        monkeypatch.setattr(stage.embedder, "embed", spy)
+        outcome = await stage.run(changes(3, text_type=TextType.QUERY))
+    assert seen == [TextType.QUERY] and len(outcome.embedded) == 3
+
+
+# --- backoff_delay ---------------------------------------------------------------------------
+
+
+@given(
+    attempt=st.integers(0, 60),
+    initial=st.floats(0.001, 5.0),
+    cap=st.floats(0.001, 60.0),
+    retry_after=st.none() | st.floats(0.0, 120.0),
+)
+def test_backoff_delay_bounds(
+    attempt: int, initial: float, cap: float, retry_after: float | None
+) -> None:
+    delay = backoff_delay(attempt, initial, cap, retry_after)
+    assert 0.0 <= delay <= max(cap, retry_after or 0.0)
+    assert delay <= max(initial * 2**attempt, retry_after or 0.0)
+    if retry_after is not None:
+        assert delay >= retry_after
+
+
+def test_backoff_delay_is_jittered() -> None:
+    delays = {backoff_delay(5, 0.5, 30.0, None) for _ in range(50)}
+    assert len(delays) > 40
+    assert max(delays) <= 16.0
+
+
+def test_backoff_delay_survives_a_very_long_outage() -> None:
+    assert backoff_delay(1100, 0.5, 30.0, None) <= 30.0

@@ -1,0 +1,278 @@
+"""Every provider against the fake DashScope (HTTP) or in process (local models)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from fakeapi import FakeEmbeddingServer, fake_vector
+from tests.conftest import dashscope, openai
+from worker.config import load_settings
+from worker.embedders import create_embedder
+from worker.embedders.base import (
+    ConfigurationFault,
+    Embedder,
+    PermanentError,
+    TransientError,
+)
+from worker.embedders.http import post_json
+from worker.events import TextType
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "東京は今日も晴れです。",
+    "Ein kurzer deutscher Satz über Wetter.",
+    "Съешь же ещё этих мягких французских булок.",
+    "الطقس جميل اليوم في المدينة.",
+    "今天天气很好，我们去公园散步吧。",
+    "Short one.",
+    "Numbers 12345 and symbols: #, %, &.",
+    "A tenth text to fill the batch.",
+    "🙂 emoji and accents: déjà vu, naïve café.",
+]
+DIALECTS = ["dashscope", "openai"]
+
+
+def provider(
+    kind: str, fake: FakeEmbeddingServer, dimension: int = 256, **extra: Any
+) -> dict[str, Any]:
+    build = dashscope if kind == "dashscope" else openai
+    return build(fake, dimension, **extra)
+
+
+@contextlib.asynccontextmanager
+async def embedder_for(provider_settings: dict[str, Any]) -> AsyncIterator[Embedder]:
+    settings = load_settings(provider=provider_settings)
+    embedder = create_embedder(settings.provider)
+    try:
+        yield embedder
+    finally:
+        await embedder.aclose()
+
+
+def expected(texts: list[str], dimension: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    return np.stack([fake_vector(t, dimension) for t in texts])
+
+
+class Spy:
+    """Wraps an embedder module's ``post_json`` to see what went over the wire."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.payloads: list[dict[str, Any]] = []
+        self.bodies: list[Any] = []
+
+    async def __call__(self, client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> Any:
+        self.payloads.append(payload)
+        body = await self.original(client, path, payload)
+        self.bodies.append(body)
+        return body
+
+
+@pytest.fixture
+def native_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
+    spy = Spy(post_json)
+    monkeypatch.setattr("worker.embedders.dashscope.post_json", spy)
+    return spy
+
+
+@pytest.fixture
+def openai_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
+    spy = Spy(post_json)
+    monkeypatch.setattr("worker.embedders.openai.post_json", spy)
+    return spy
+
+
+# --- DashScope native ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dimension", [64, 256, 1024])
+async def test_native_vectors_in_order_even_when_shuffled(
+    fake_api: FakeEmbeddingServer, native_spy: Spy, dimension: int
+) -> None:
+    fake_api.configure(shuffle=True)
+    async with embedder_for(dashscope(fake_api, dimension)) as embedder:
+        assert embedder.max_texts == 10 and embedder.dimension == dimension
+        result = await embedder.embed(TEXTS, TextType.DOCUMENT)
+    assert result.vectors.shape == (len(TEXTS), dimension)
+    assert result.vectors.dtype == np.float32
+    np.testing.assert_allclose(result.vectors, expected(TEXTS, dimension), rtol=0, atol=1e-6)
+    # The fake did answer out of order, so placing by position would have failed.
+    order = [e["text_index"] for e in native_spy.bodies[0]["output"]["embeddings"]]
+    assert order != sorted(order)
+    assert result.tokens == native_spy.bodies[0]["usage"]["total_tokens"] > 0
+    assert fake_api.stats()["texts"] == len(TEXTS)
+
+
+async def test_native_sends_text_type_dimension_and_instruct(
+    fake_api: FakeEmbeddingServer, native_spy: Spy
+) -> None:
+    instruct = "Given a web search query, retrieve relevant passages"
+    async with embedder_for(dashscope(fake_api, 128, instruct=instruct)) as embedder:
+        doc = await embedder.embed(TEXTS[:3], TextType.DOCUMENT)
+        query = await embedder.embed(TEXTS[:3], TextType.QUERY)
+    params = [p["parameters"] for p in native_spy.payloads]
+    assert [p["text_type"] for p in params] == ["document", "query"]
+    assert all(p["dimension"] == 128 for p in params)
+    assert "instruct" not in params[0]  # documents are embedded without the instruction
+    assert params[1]["instruct"] == instruct
+    assert native_spy.payloads[0]["input"] == {"texts": TEXTS[:3]}
+    assert fake_api.stats()["by_dialect"] == {"native": 2}
+    # The fake's vector ignores text_type; both calls were accepted and answered.
+    np.testing.assert_allclose(doc.vectors, query.vectors)
+
+
+# --- OpenAI dialect --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["base64", "float"])
+async def test_openai_dialect(
+    fake_api: FakeEmbeddingServer, openai_spy: Spy, encoding: str
+) -> None:
+    fake_api.configure(shuffle=True)
+    async with embedder_for(openai(fake_api, 512, encoding_format=encoding)) as embedder:
+        result = await embedder.embed(TEXTS, TextType.DOCUMENT)
+    np.testing.assert_allclose(result.vectors, expected(TEXTS, 512), rtol=0, atol=1e-6)
+    payload = openai_spy.payloads[0]
+    assert payload["encoding_format"] == encoding and payload["dimensions"] == 512
+    raw = openai_spy.bodies[0]["data"]
+    assert all(isinstance(d["embedding"], str if encoding == "base64" else list) for d in raw)
+    assert [d["index"] for d in raw] != list(range(len(TEXTS)))
+    assert fake_api.stats()["by_dialect"] == {"openai": 1}
+
+
+async def test_openai_server_with_another_dimension_is_a_configuration_fault(
+    fake_api: FakeEmbeddingServer,
+) -> None:
+    assert fake_api.config.default_dimension == 1024
+    async with embedder_for(openai(fake_api, 256, send_dimensions=False)) as embedder:
+        with pytest.raises(ConfigurationFault, match="dimension"):
+            await embedder.embed(TEXTS[:2], TextType.DOCUMENT)
+
+
+# --- errors, both dialects -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DIALECTS)
+async def test_wrong_key_is_a_configuration_fault(fake_api: FakeEmbeddingServer, kind: str) -> None:
+    async with embedder_for(provider(kind, fake_api, api_key="sk-wrong")) as embedder:
+        with pytest.raises(ConfigurationFault) as err:
+            await embedder.embed(TEXTS[:1], TextType.DOCUMENT)
+    assert err.value.code == "InvalidApiKey"
+    assert fake_api.stats()["by_status"] == {401: 1}
+
+
+@pytest.mark.parametrize("kind", DIALECTS)
+async def test_revoked_key_is_a_configuration_fault(
+    fake_api: FakeEmbeddingServer, kind: str
+) -> None:
+    fake_api.configure(auth_fault=True)
+    async with embedder_for(provider(kind, fake_api)) as embedder:
+        with pytest.raises(ConfigurationFault):
+            await embedder.embed(TEXTS[:1], TextType.DOCUMENT)
+
+
+@pytest.mark.parametrize("kind", DIALECTS)
+async def test_poison_is_permanent_data_inspection_failed(
+    fake_api: FakeEmbeddingServer, kind: str
+) -> None:
+    fake_api.configure(poison=["forbidden-word"])
+    async with embedder_for(provider(kind, fake_api)) as embedder:
+        ok = await embedder.embed(TEXTS[:2], TextType.DOCUMENT)
+        assert ok.vectors.shape == (2, 256)
+        with pytest.raises(PermanentError) as err:
+            await embedder.embed([TEXTS[0], "a forbidden-word here"], TextType.DOCUMENT)
+    assert type(err.value) is PermanentError
+    assert err.value.code == "DataInspectionFailed"
+
+
+async def test_eleven_texts_are_refused_by_the_fake(fake_api: FakeEmbeddingServer) -> None:
+    eleven = [*TEXTS, "one too many"]
+    assert len(eleven) == 11
+    async with embedder_for(dashscope(fake_api)) as embedder:
+        with pytest.raises(PermanentError) as err:
+            await embedder.embed(eleven, TextType.DOCUMENT)
+    assert type(err.value) is PermanentError
+    assert err.value.code == "InvalidParameter"
+    assert fake_api.stats()["batch_sizes"] == {11: 1}
+
+
+@pytest.mark.parametrize("kind", DIALECTS)
+async def test_connection_reset_is_transient(fake_api: FakeEmbeddingServer, kind: str) -> None:
+    fake_api.configure(rate_reset=1.0)
+    async with embedder_for(provider(kind, fake_api)) as embedder:
+        with pytest.raises(TransientError) as err:
+            await embedder.embed(TEXTS[:2], TextType.DOCUMENT)
+        assert err.value.code == "ConnectionError"
+        fake_api.configure(rate_reset=0.0)
+        # The same client recovers once the network does.
+        result = await embedder.embed(TEXTS[:2], TextType.DOCUMENT)
+    np.testing.assert_allclose(result.vectors, expected(TEXTS[:2], 256), atol=1e-6)
+    assert fake_api.stats()["resets"] >= 1
+
+
+async def test_timeout_is_transient(fake_api: FakeEmbeddingServer) -> None:
+    fake_api.configure(rate_timeout=1.0, timeout_sleep_s=0.5)
+    async with embedder_for(dashscope(fake_api, timeout_s=0.05)) as embedder:
+        with pytest.raises(TransientError) as err:
+            await embedder.embed(TEXTS[:1], TextType.DOCUMENT)
+    assert err.value.code == "Timeout"
+
+
+@pytest.mark.parametrize(("status_fault", "status"), [("rate_500", 500), ("rate_429", 429)])
+async def test_server_errors_are_transient(
+    fake_api: FakeEmbeddingServer, status_fault: str, status: int
+) -> None:
+    fake_api.configure(**{status_fault: 1.0, "retry_after_s": 0.25})
+    async with embedder_for(dashscope(fake_api)) as embedder:
+        with pytest.raises(TransientError) as err:
+            await embedder.embed(TEXTS[:1], TextType.DOCUMENT)
+    assert type(err.value) is TransientError
+    assert err.value.retry_after == (0.25 if status == 429 else None)
+    assert fake_api.stats()["by_status"] == {status: 1}
+
+
+# --- local models ----------------------------------------------------------------------------
+
+
+def cosine(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+async def test_local_use_model() -> None:
+    sentences = [
+        "The cat is sitting on the mat.",
+        "A cat sits on a rug.",
+        "Le chat est assis sur le tapis.",
+        "Quarterly revenue fell by twelve percent.",
+    ]
+    async with embedder_for({"kind": "local"}) as embedder:
+        assert embedder.dimension == 512 and embedder.max_texts == 64
+        result = await embedder.embed(sentences, TextType.DOCUMENT)
+        again = await embedder.embed(sentences[:1], TextType.QUERY)
+    v = result.vectors
+    assert v.shape == (4, 512) and v.dtype == np.float32
+    assert np.all(np.isfinite(v))
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3)
+    assert cosine(v[0], v[1]) > cosine(v[0], v[3]) + 0.2
+    assert cosine(v[0], v[2]) > cosine(v[0], v[3])  # multilingual
+    np.testing.assert_allclose(again.vectors[0], v[0], atol=1e-5)  # deterministic
+
+
+async def test_local_e5_model() -> None:
+    texts = ["how do I bake bread?", "Bread is baked from flour, water, yeast and salt."]
+    async with embedder_for({"kind": "local", "model": "multilingual-e5-small"}) as embedder:
+        assert embedder.dimension == 384
+        passages = await embedder.embed(texts, TextType.DOCUMENT)
+        queries = await embedder.embed(texts, TextType.QUERY)
+    assert passages.vectors.shape == queries.vectors.shape == (2, 384)
+    assert np.all(np.isfinite(passages.vectors)) and np.all(np.isfinite(queries.vectors))
+    # "query: " and "passage: " prefixes give different vectors for the same text.
+    for q, p in zip(queries.vectors, passages.vectors, strict=True):
+        assert not np.allclose(q, p, atol=1e-4)
+        assert cosine(q, p) > 0.5
