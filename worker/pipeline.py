@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -31,6 +32,15 @@ from worker.events import DeadLetter, Reason
 from worker.offsets import TP, OffsetTracker
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# Postgres is down, restarting or unreachable: wait, never drop or dead-letter anything.
+PG_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 @dataclass(slots=True)
@@ -99,15 +109,22 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self._revoking: set[TP] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.fatal: BaseException | None = None
-        self.ready = False
+        self.running = False
+        self.postgres_down = False
+
+    @property
+    def ready(self) -> bool:
+        """Consuming, Postgres reachable, and the provider not refusing our credentials."""
+        fault = getattr(self.stage, "fault", None)
+        return self.running and not self.postgres_down and fault is None
 
     # ---- rebalance -------------------------------------------------------------------
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         """Seek every new partition to the offset stored with the vectors."""
         topic = self.settings.kafka.input_topic
-        async with self.pool.acquire() as conn:
-            stored = await store.load_offsets(conn, self.settings.kafka.group_id, topic)
+        group = self.settings.kafka.group_id
+        stored = await self._pg("load offsets", lambda c: store.load_offsets(c, group, topic))
         for tp in assigned:
             position = stored.get(tp.partition)
             self.tracker.assign((tp.topic, tp.partition), position)
@@ -143,7 +160,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event) -> None:
         writer = asyncio.create_task(self._write_loop(), name="writer")
-        self.ready = True
+        self.running = True
         try:
             while not stop.is_set() and self.fatal is None:
                 self._backpressure()
@@ -157,7 +174,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._submit(batch)
             await self._drain()
         finally:
-            self.ready = False
+            self.running = False
             writer.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -243,13 +260,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self._keys_in_flight[change.key] += 1
         known: dict[tuple[str, str], bytes] = {}
         if lookup:
-            async with self.pool.acquire() as conn:
-                known = await store.stored_hashes(
-                    conn,
-                    [c.key for c in lookup],
-                    self.embedder.model,
-                    self.embedder.dimension,
-                )
+            keys = [c.key for c in lookup]
+            model, dim = self.embedder.model, self.embedder.dimension
+            known = await self._pg(
+                "hash lookup", lambda c: store.stored_hashes(c, keys, model, dim)
+            )
         trusted = {id(c) for c in lookup}
         now = time.monotonic()
         for change in changes:
@@ -358,7 +373,18 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         offsets = self.tracker.plan(current)
         changes = [i for i in current if isinstance(i, Change)]
-        result = await self._write_with_retry(changes, offsets)
+        s = self.settings
+        result = await self._pg(
+            "write",
+            lambda conn: store.write(
+                conn,
+                changes,
+                offsets,
+                s.kafka.group_id,
+                self.embedder.model,
+                self.embedder.dimension,
+            ),
+        )
         self.tracker.complete(current)
         self._release(changes)
         self.stats.transactions += 1
@@ -366,26 +392,30 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stats.deleted += sum(1 for c in changes if c.op == "delete")
         await self._commit_to_kafka(offsets)
 
-    async def _write_with_retry(
-        self, changes: list[Change], offsets: dict[TP, int]
-    ) -> store.WriteResult:
+    async def _pg(self, what: str, op: Callable[[store.Conn], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection, waiting out a Postgres outage.
+
+        Nothing moves while Postgres is away: offsets are only stored by a transaction
+        that succeeds, so retrying the whole operation is always safe.
+        """
         attempt = 0
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    return await store.write(
-                        conn,
-                        changes,
-                        offsets,
-                        self.settings.kafka.group_id,
-                        self.embedder.model,
-                        self.embedder.dimension,
-                    )
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-                delay = min(30.0, 0.2 * 2**attempt)
+                    result = await op(conn)
+            except PG_UNAVAILABLE as exc:
+                self.postgres_down = True
+                delay = min(10.0, 0.1 * 2 ** min(attempt, 10))
                 attempt += 1
-                log.warning("postgres write failed, retrying", error=repr(exc), delay_s=delay)
+                log.warning(
+                    "postgres unavailable, retrying", during=what, error=repr(exc), delay_s=delay
+                )
                 await asyncio.sleep(delay)
+                continue
+            if self.postgres_down:
+                log.info("postgres reachable again", during=what)
+                self.postgres_down = False
+            return result
 
     def _release(self, items: Sequence[Item]) -> None:
         for item in items:

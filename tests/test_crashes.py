@@ -1,0 +1,186 @@
+"""Crash safety with the worker as a real process: kill -9, three workers, SIGTERM, a
+Postgres restart. Every id must end up stored once with its own text's vector, no event
+applied twice (row versions stay 1), and only the deliberately bad events dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fakeapi import FakeEmbeddingServer, fake_vector
+from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
+from tests.processes import WorkerProcess
+
+DIM = 64
+
+
+def corpus(n: int, bad_every: int = 0) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
+    """``n`` keyed records; every ``bad_every``-th has empty text (a dead letter)."""
+    records, texts = [], {}
+    for i in range(n):
+        doc_id = f"doc-{i:06d}"
+        bad = bad_every and i % bad_every == bad_every - 1
+        text = "" if bad else f"event {i}: {doc_id} about topic {i % 97} and detail {i * 31 % 1009}"
+        if not bad:
+            texts[doc_id] = text
+        value = json.dumps({"id": doc_id, "text": text, "metadata": {"i": i}}).encode()
+        records.append((doc_id.encode(), value))
+    return records, texts
+
+
+async def check_store(env: Env, texts: dict[str, str]) -> None:
+    conn = await env.connect()
+    try:
+        rows = await conn.fetch("SELECT id, embedding, version FROM embeddings")
+    finally:
+        await conn.close()
+    assert len(rows) == len(texts)
+    assert {r["id"] for r in rows} == set(texts)
+    assert {r["version"] for r in rows} == {1}, "an event was applied twice"
+    for r in rows:
+        assert np.allclose(r["embedding"].to_numpy(), fake_vector(texts[r["id"]], DIM)), r["id"]
+
+
+async def stored_total(env: Env) -> int:
+    return sum((await env.stored_offsets()).values())
+
+
+def provider(fake: FakeEmbeddingServer, **extra: Any) -> dict[str, Any]:
+    return dashscope(fake, DIM, **extra)
+
+
+async def test_kill_9_five_times_while_20000_events_flow(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    fake_api.configure(latency_ms=40)  # slow enough for the kills to land mid-stream
+    await migrate_db(env, DIM)
+    records, texts = corpus(20_000, bad_every=500)
+    positions = await env.produce_records(records)
+    bad_positions = {positions[i] for i in range(499, 20_000, 500)}
+    high = highest(positions)
+    settings_env = env.worker_env(provider(fake_api))
+    rng = random.Random(20261124)
+
+    kills = 0
+    proc = await WorkerProcess(settings_env, tmp_path / "worker.log").start()
+    while kills < 5:
+        before = await stored_total(env)
+
+        async def moved(before: int = before) -> bool:
+            return await stored_total(env) > before
+
+        await wait_until(moved, 60, "the worker made no progress after a restart")
+        await asyncio.sleep(rng.uniform(0.1, 1.5))
+        await proc.kill()
+        kills += 1
+        proc = await WorkerProcess(settings_env, tmp_path / "worker.log").start()
+    assert await stored_total(env) < 20_000, "the stream ended before the fifth kill"
+    await env.wait_for_offsets(high, seconds=240)
+    assert await proc.terminate() == 0
+
+    await check_store(env, texts)
+    assert await env.stored_offsets() == {p: h + 1 for p, h in high.items()}
+    letters = await env.dead_letters(expected=len(bad_positions))
+    lettered = {(x["source"]["partition"], x["source"]["offset"]) for x in letters}
+    assert lettered == bad_positions
+    assert {x["reason"] for x in letters} == {"empty_text"}
+
+
+def assigned_partitions(log: str) -> list[int]:
+    """The partitions of the last assignment a worker's JSON log reports."""
+    last: list[int] = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "partitions assigned":
+            last = entry["partitions"]
+    return last
+
+
+async def test_three_workers_share_partitions_and_survive_one_kill(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    fake_api.configure(latency_ms=30)
+    await migrate_db(env, DIM)
+    records, texts = corpus(6_000)
+    high = await env.produce_raw(records)
+    settings_env = env.worker_env(provider(fake_api))
+    workers = [await WorkerProcess(settings_env, tmp_path / f"w{i}.log").start() for i in range(3)]
+
+    async def shared() -> bool:
+        parts = [assigned_partitions(w.log()) for w in workers]
+        return all(parts) and sorted(p for ps in parts for p in ps) == [0, 1, 2, 3]
+
+    await wait_until(shared, 60, "the three workers did not split the four partitions")
+    victim = workers.pop(0)
+    taken = assigned_partitions(victim.log())
+    assert await stored_total(env) < 6_000
+    await victim.kill()
+
+    await env.wait_for_offsets(high, seconds=120)
+    survivors = {p for w in workers for p in assigned_partitions(w.log())}
+    assert set(taken) <= survivors, "the survivors did not take over the killed worker's partitions"
+    for w in workers:
+        assert await w.terminate() == 0
+    await check_store(env, texts)
+
+
+async def test_sigterm_drains_commits_and_exits_0(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    fake_api.configure(latency_ms=30)
+    await migrate_db(env, DIM)
+    records, texts = corpus(3_000)
+    high = await env.produce_raw(records)
+    settings_env = env.worker_env(provider(fake_api))
+    proc = await WorkerProcess(settings_env, tmp_path / "worker.log").start()
+
+    async def started() -> bool:
+        return await stored_total(env) > 0
+
+    await wait_until(started, 60, "no progress")
+    assert await proc.terminate(within_s=30) == 0
+    assert '"worker stopped"' in proc.log()
+    stopped_at = await env.stored_offsets()
+    assert sum(stopped_at.values()) < 3_000
+    committed = await env.kafka_committed()
+    assert all(committed.get(p) == o for p, o in stopped_at.items()), (committed, stopped_at)
+
+    proc = await WorkerProcess(settings_env, tmp_path / "worker.log").start()
+    await env.wait_for_offsets(high, seconds=120)
+    assert await proc.terminate() == 0
+    await check_store(env, texts)
+
+
+async def test_postgres_restart_mid_stream_loses_nothing(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    fake_api.configure(latency_ms=20)
+    await migrate_db(env, DIM)
+    records, texts = corpus(3_000)
+    high = await env.produce_raw(records)
+    async with running(env.settings(provider(fake_api))) as worker:
+
+        async def started() -> bool:
+            return await stored_total(env) > 0
+
+        await wait_until(started, 60, "no progress")
+        pipeline = worker.pipeline
+        assert pipeline is not None and pipeline.ready
+        restart = asyncio.create_task(env.stack.restart_postgres(down_s=3))
+        saw_unready = False
+        while not restart.done():
+            saw_unready |= not pipeline.ready
+            await asyncio.sleep(0.05)
+        await restart
+        assert saw_unready, "readiness did not reflect the Postgres outage"
+        await env.wait_for_offsets(high, seconds=120)
+        assert pipeline.ready
+    await check_store(env, texts)
