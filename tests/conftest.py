@@ -223,7 +223,14 @@ async def running(settings: Settings) -> AsyncIterator[Worker]:
     worker = Worker(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
+
+    async def started() -> bool:
+        if task.done():
+            await task  # surface why it could not start
+        return worker.pipeline is not None
+
     try:
+        await wait_until(started, 30, "the worker did not start")
         yield worker
         if task.done():
             await task  # surface why it stopped early

@@ -168,7 +168,7 @@ async def test_max_retries_zero_means_one_request(fake_api: FakeEmbeddingServer)
 
 
 async def test_configuration_fault_propagates_without_retry(fake_api: FakeEmbeddingServer) -> None:
-    async with stage_for(fake_api, api_key="sk-wrong") as stage:
+    async with stage_for(fake_api, api_key="sk-wrong", on_auth_fault="exit") as stage:
         with pytest.raises(ConfigurationFault):
             await stage.run(changes(10))
     assert fake_api.stats()["requests"] == 1

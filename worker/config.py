@@ -73,6 +73,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_records: int = Field(default=500, ge=1)
+    # What one fetch may buffer (per partition / in all): part of the worker's memory bound.
+    max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
+    fetch_max_bytes: int = Field(default=16_777_216, ge=1024)
     # Passed through to aiokafka for real clusters.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -106,10 +109,22 @@ class ProviderSettings(BaseModel):
     max_tokens_per_request: int = Field(default=80_000, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
     max_concurrency: int = Field(default=4, ge=1)
+    # Adaptive concurrency (AIMD) moves the in-flight limit within [min, max] on 429s/timeouts.
+    min_concurrency: int = Field(default=1, ge=1)
+    # Client-side quotas, smoothed per second like the provider's; None = unlimited.
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
     # None: retry transient errors without limit (backpressure holds the rest).
     max_retries: int | None = Field(default=None, ge=0)
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
+    # Circuit breaker: this many consecutive 5xx/timeouts/resets pause requests for cooldown_s.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    # Rejected key / account (401, 403): "wait" holds the work and re-tries every auth_retry_s
+    # (readiness reports the fault); "exit" stops the worker (exit code 4).
+    on_auth_fault: Literal["wait", "exit"] = "wait"
+    auth_retry_s: float = Field(default=30.0, gt=0)
     # DashScope native only.
     instruct: str | None = None
     # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
@@ -117,6 +132,15 @@ class ProviderSettings(BaseModel):
     send_dimensions: bool = True
     # Local model: threads for the numpy forward pass (runs off the event loop).
     local_threads: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _concurrency_bounds(self) -> ProviderSettings:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(
+                f"provider.min_concurrency ({self.min_concurrency}) is above "
+                f"provider.max_concurrency ({self.max_concurrency})"
+            )
+        return self
 
     @property
     def model_name(self) -> str:

@@ -2,23 +2,45 @@
 
 A permanent refusal (HTTP 400) of a batch is split in halves until the refused items are
 alone, so one bad text costs a few extra requests instead of failing its batch-mates.
+
+Every request passes, in order: a held auth fault (wait for the key to work again), the
+circuit breaker (wait while the provider is down), the adaptive concurrency gate (in-flight
+requests), and the RPM/TPM limiter (as late as possible, so the send time is the time the
+quota was taken). One stage is shared by all of the pipeline's embedding tasks, so these
+gates see the whole worker's traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
+from worker.aimd import AdaptiveConcurrency
+from worker.breaker import CircuitBreaker
 from worker.config import ProviderSettings
 from worker.decode import Change
-from worker.embedders.base import Embedder, Embeddings, PermanentError, TransientError
+from worker.embedders.base import (
+    ConfigurationFault,
+    Embedder,
+    EmbeddingError,
+    Embeddings,
+    PermanentError,
+    TransientError,
+)
+from worker.embedders.http import CONFIG_CODES
 from worker.events import TextType
+from worker.ratelimit import RateLimiter
+from worker.tokens import estimate_tokens
 
 log = structlog.get_logger(__name__)
+
+# worker.embedders.http words every HTTP error as "HTTP <status> <code>: <message>".
+_AUTH_STATUSES = {"401", "403"}
 
 
 @dataclass
@@ -26,7 +48,11 @@ class BatchOutcome:
     embedded: list[Change] = field(default_factory=list)
     refused: list[tuple[Change, PermanentError]] = field(default_factory=list)
     requests: int = 0
+    # Requests sent again; ``retries_by_cause`` splits them ("429", "500", "Timeout", ...).
     retries: int = 0
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    # 429 answers received (each one also lowers the adaptive concurrency).
+    throttled: int = 0
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float | None) -> float:
@@ -37,10 +63,31 @@ def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float |
     return delay
 
 
+def cause_of(exc: EmbeddingError) -> str:
+    """What failed, for logs and metrics: the HTTP status when there was an answer ("429",
+    "503"), else the transport failure ("Timeout", "ConnectionError")."""
+    if exc.status is not None:
+        return str(exc.status)
+    return exc.code or "InvalidResponse"
+
+
+def is_auth_fault(exc: ConfigurationFault) -> bool:
+    """A rejected key or account, which can be fixed outside the worker (as opposed to a wrong
+    model or dimension, which only a new configuration and a restart can fix)."""
+    return exc.code in CONFIG_CODES or cause_of(exc) in _AUTH_STATUSES
+
+
 class EmbedStage:
     def __init__(self, embedder: Embedder, settings: ProviderSettings) -> None:
         self.embedder = embedder
         self.settings = settings
+        self.limiter = RateLimiter(settings.rpm, settings.tpm)
+        self.concurrency = AdaptiveConcurrency(settings.min_concurrency, settings.max_concurrency)
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        # Set while the provider rejects the credentials (on_auth_fault="wait"); for readiness.
+        self.fault: ConfigurationFault | None = None
+        self._fault_owner: object | None = None  # the one call that re-tries meanwhile
+        self._fault_changed = asyncio.Event()
 
     async def run(self, items: Sequence[Change]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -49,7 +96,7 @@ class EmbedStage:
 
     async def _embed(self, items: list[Change], outcome: BatchOutcome) -> None:
         try:
-            result = await self._call([c.text for c in items], items[0].text_type, outcome)
+            result = await self._call(items, outcome)
         except PermanentError as exc:
             if len(items) == 1:
                 outcome.refused.append((items[0], exc))
@@ -63,31 +110,124 @@ class EmbedStage:
             change.vector = vector
         outcome.embedded.extend(items)
 
-    async def _call(
-        self, texts: list[str], text_type: TextType, outcome: BatchOutcome
-    ) -> Embeddings:
+    async def _call(self, items: list[Change], outcome: BatchOutcome) -> Embeddings:
+        texts = [c.text for c in items]
+        text_type = items[0].text_type
+        estimate = sum(c.tokens or estimate_tokens(c.text) for c in items)
+        me = object()
         attempt = 0
-        while True:
-            outcome.requests += 1
+        try:
+            while True:
+                await self._wait_out_fault(me)
+                try:
+                    return await self._request(texts, text_type, estimate, outcome)
+                except TransientError as exc:
+                    limit = self.settings.max_retries
+                    if limit is not None and attempt >= limit:
+                        raise
+                    delay = backoff_delay(
+                        attempt,
+                        self.settings.backoff_initial_s,
+                        self.settings.backoff_max_s,
+                        exc.retry_after,
+                    )
+                    log.warning(
+                        "embedding request failed, retrying",
+                        cause=cause_of(exc),
+                        code=exc.code,
+                        error=exc.message,
+                        attempt=attempt + 1,
+                        delay_s=round(delay, 3),
+                    )
+                    self._count_retry(exc, outcome)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                except ConfigurationFault as exc:
+                    if self.settings.on_auth_fault == "exit" or not is_auth_fault(exc):
+                        raise
+                    self._count_retry(exc, outcome)
+                    if self._fault_owner not in (None, me):
+                        continue  # another call is already re-trying for everyone
+                    self._hold_fault(exc, me)
+                    await asyncio.sleep(self.settings.auth_retry_s)
+        finally:
+            if self._fault_owner is me:  # cancelled while re-trying: let another call take over
+                self._fault_owner = None
+                self._notify_fault()
+
+    async def _request(
+        self, texts: list[str], text_type: TextType, estimate: int, outcome: BatchOutcome
+    ) -> Embeddings:
+        """One HTTP request through the breaker, the concurrency gate and the limiter."""
+        probe = await self.breaker.acquire()
+        try:
+            sent_at = await self.concurrency.acquire()
             try:
-                return await self.embedder.embed(texts, text_type)
-            except TransientError as exc:
-                limit = self.settings.max_retries
-                if limit is not None and attempt >= limit:
-                    raise
-                delay = backoff_delay(
-                    attempt,
-                    self.settings.backoff_initial_s,
-                    self.settings.backoff_max_s,
-                    exc.retry_after,
-                )
-                log.warning(
-                    "embedding request failed, retrying",
-                    cause=exc.code,
-                    error=exc.message,
-                    attempt=attempt + 1,
-                    delay_s=round(delay, 3),
-                )
-                outcome.retries += 1
-                attempt += 1
-                await asyncio.sleep(delay)
+                await self.limiter.acquire(estimate)
+                outcome.requests += 1
+                result = await self.embedder.embed(texts, text_type)
+            except EmbeddingError as exc:
+                self._observe(exc, sent_at, outcome)
+                raise
+            finally:
+                self.concurrency.release()
+        except BaseException:
+            if probe:
+                self.breaker.cancel_probe()  # no-op once an outcome was recorded
+            raise
+        self.breaker.record_success()
+        self.concurrency.on_success()
+        self.limiter.correct(estimate, result.tokens)
+        self._clear_fault()
+        return result
+
+    def _observe(self, exc: EmbeddingError, sent_at: float, outcome: BatchOutcome) -> None:
+        """Feed a failed request to the breaker and the adaptive concurrency."""
+        if not isinstance(exc, TransientError):
+            self.breaker.record_success()  # a 400/401 is an answer: the provider is up
+            return
+        cause = cause_of(exc)
+        if cause == "429":
+            outcome.throttled += 1
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+        if cause in ("429", "Timeout"):
+            self.concurrency.on_throttle(sent_at)
+
+    @staticmethod
+    def _count_retry(exc: EmbeddingError, outcome: BatchOutcome) -> None:
+        outcome.retries += 1
+        outcome.retries_by_cause[cause_of(exc)] += 1
+
+    # ---- held configuration fault -----------------------------------------------------
+
+    async def _wait_out_fault(self, me: object) -> None:
+        while self.fault is not None and self._fault_owner not in (None, me):
+            changed = self._fault_changed
+            await changed.wait()
+
+    def _hold_fault(self, exc: ConfigurationFault, me: object) -> None:
+        if self.fault is None:
+            log.error(
+                "provider refuses the credentials; holding all requests",
+                code=exc.code,
+                error=exc.message,
+                retry_every_s=self.settings.auth_retry_s,
+            )
+        else:
+            log.warning("provider still refuses the credentials", code=exc.code)
+        self.fault = exc
+        self._fault_owner = me
+
+    def _clear_fault(self) -> None:
+        if self.fault is None:
+            return
+        log.info("provider accepts the credentials again")
+        self.fault = None
+        self._fault_owner = None
+        self._notify_fault()
+
+    def _notify_fault(self) -> None:
+        self._fault_changed.set()
+        self._fault_changed = asyncio.Event()

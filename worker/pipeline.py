@@ -67,6 +67,8 @@ class Stats:
     texts_embedded: int = 0
     requests: int = 0
     retries: int = 0
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    throttled: int = 0
     transactions: int = 0
 
 
@@ -115,8 +117,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     @property
     def ready(self) -> bool:
         """Consuming, Postgres reachable, and the provider not refusing our credentials."""
-        fault = getattr(self.stage, "fault", None)
-        return self.running and not self.postgres_down and fault is None
+        return self.running and not self.postgres_down and self.stage.fault is None
 
     # ---- rebalance -------------------------------------------------------------------
 
@@ -313,6 +314,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stats.batches += 1
         self.stats.requests += outcome.requests
         self.stats.retries += outcome.retries
+        self.stats.retries_by_cause.update(outcome.retries_by_cause)
+        self.stats.throttled += outcome.throttled
         self.stats.texts_embedded += len(outcome.embedded)
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []

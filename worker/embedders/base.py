@@ -18,19 +18,24 @@ from worker.events import TextType
 
 
 class EmbeddingError(Exception):
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status  # the HTTP status when the provider answered
 
 
 class TransientError(EmbeddingError):
     """429, 5xx, timeouts, resets: the same request may succeed later."""
 
     def __init__(
-        self, message: str, code: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        code: str | None = None,
+        retry_after: float | None = None,
+        status: int | None = None,
     ) -> None:
-        super().__init__(message, code)
+        super().__init__(message, code, status)
         self.retry_after = retry_after
 
 

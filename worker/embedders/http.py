@@ -78,15 +78,17 @@ def classify(response: httpx.Response) -> Exception:
     code, message = _error_body(response)
     text = f"HTTP {status} {code or ''}: {message}".strip()
     if code in CONFIG_CODES or status in (401, 403, 404):
-        return ConfigurationFault(text, code=code or str(status))
+        return ConfigurationFault(text, code=code or str(status), status=status)
     if status == 429 or status >= 500 or status == 408:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
-        return TransientError(text, code=code or str(status), retry_after=retry_after)
+        return TransientError(
+            text, code=code or str(status), retry_after=retry_after, status=status
+        )
     lowered = message.lower()
     if status == 400 and ("dimension" in lowered or "model" in lowered):
         # A parameter the worker sends for every request: its configuration, not the data.
-        return ConfigurationFault(text, code=code or "InvalidParameter")
-    return PermanentError(text, code=code or str(status))
+        return ConfigurationFault(text, code=code or "InvalidParameter", status=status)
+    return PermanentError(text, code=code or str(status), status=status)
 
 
 def _error_body(response: httpx.Response) -> tuple[str | None, str]:
