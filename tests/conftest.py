@@ -91,6 +91,7 @@ class Env:
             "postgres": {"dsn": self.dsn},
             "provider": provider or {"kind": "local"},
             "batch": batch,
+            "http": {"port": 0, "host": "127.0.0.1", **extra.pop("http", {})},
             **extra,
         }
 

@@ -492,3 +492,10 @@ def test_truncation_that_leaves_only_white_space_is_dead_lettered() -> None:
     text = " " * 3000 + "the words come too late"
     letter = as_letter(decode(record({"id": "w", "text": text}), limits(max_tokens=100)))
     assert letter.reason is Reason.TEXT_TOO_LONG
+
+
+def test_dead_letter_names_the_event_once_it_could_be_read() -> None:
+    letter = as_letter(decode(record({"id": "n1", "namespace": "news", "text": " "}), limits()))
+    assert (letter.namespace, letter.id, letter.reason) == ("news", "n1", Reason.EMPTY_TEXT)
+    unreadable = as_letter(decode(record(b"{nope"), limits()))
+    assert (unreadable.namespace, unreadable.id) == (None, None)

@@ -14,7 +14,9 @@ from worker.deadletter import DeadLetterSink
 from worker.embedders import create_embedder
 from worker.embedders.local import LocalEmbedder
 from worker.kafka import make_consumer, make_producer
+from worker.metrics import Metrics
 from worker.pipeline import Pipeline
+from worker.probes import ProbeServer
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +27,13 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pipeline: Pipeline | None = None
+        self.metrics = Metrics()
+        self.http_port: int | None = None
+
+    def checks(self) -> dict[str, bool]:
+        if self.pipeline is None:
+            return {"started": False}
+        return self.pipeline.checks()
 
     async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
         stop = stop or asyncio.Event()
@@ -32,6 +41,16 @@ class Worker:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+        s = self.settings
+        probes = ProbeServer(self.metrics.registry, self.checks)
+        if s.http.enabled:
+            self.http_port = await probes.start(s.http.host, s.http.port)
+        try:
+            await self._run(stop)
+        finally:
+            await probes.stop()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         dsn = s.postgres.dsn.get_secret_value()
         # Check the schema before the pool: its connections need the vector type.
@@ -45,7 +64,12 @@ class Worker:
                 await embedder.warm_up()
             await producer.start()
             pipeline = Pipeline(
-                s, consumer, DeadLetterSink(producer, s.kafka.dlq_topic), pool, embedder
+                s,
+                consumer,
+                DeadLetterSink(producer, s.kafka.dlq_topic),
+                pool,
+                embedder,
+                self.metrics,
             )
             self.pipeline = pipeline
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)

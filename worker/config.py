@@ -164,6 +164,16 @@ class BatchSettings(BaseModel):
     write_linger_ms: int = Field(default=100, ge=0)
 
 
+class HttpSettings(BaseModel):
+    """The probe and metrics port (/healthz, /readyz, /metrics)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the README's table for every field."""
 
@@ -177,6 +187,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     provider: ProviderSettings = ProviderSettings()
     batch: BatchSettings = BatchSettings()
+    http: HttpSettings = HttpSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)

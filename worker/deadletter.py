@@ -37,6 +37,8 @@ class DeadLetterSink:
                 "event dead-lettered",
                 reason=letter.reason.value,
                 detail=letter.message,
+                namespace=letter.namespace,
+                id=letter.id,
                 topic=letter.source.topic,
                 partition=letter.source.partition,
                 offset=letter.source.offset,

@@ -76,6 +76,8 @@ class Rejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.namespace: str | None = None
+        self.id: str | None = None
 
 
 def content_hash(text: str, text_type: TextType) -> bytes:
@@ -84,12 +86,19 @@ def content_hash(text: str, text_type: TextType) -> bytes:
 
 
 def dead_letter(
-    record: Record, reason: Reason, message: str, provider_code: str | None = None
+    record: Record,
+    reason: Reason,
+    message: str,
+    provider_code: str | None = None,
+    namespace: str | None = None,
+    id: str | None = None,
 ) -> DeadLetter:
     return DeadLetter(
         reason=reason,
         message=message,
         provider_code=provider_code,
+        namespace=namespace,
+        id=id,
         key_b64=None if record.key is None else base64.b64encode(record.key).decode(),
         value_b64=None if record.value is None else base64.b64encode(record.value).decode(),
         source=SourcePosition(
@@ -106,7 +115,7 @@ def decode(record: Record, limits: Limits) -> Change | DeadLetter:
     try:
         return _decode(record, limits)
     except Rejected as exc:
-        return dead_letter(record, exc.reason, exc.message)
+        return dead_letter(record, exc.reason, exc.message, namespace=exc.namespace, id=exc.id)
     except Exception as exc:  # a check we did not foresee must not stop the worker
         return dead_letter(
             record, Reason.SCHEMA_VIOLATION, f"the event could not be read: {exc!r}"[:500]
@@ -151,6 +160,14 @@ def _decode(record: Record, limits: Limits) -> Change:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
         raise Rejected(Reason.SCHEMA_VIOLATION, _describe(exc)) from None
+    try:
+        return _checked(record, key, event, limits)
+    except Rejected as exc:
+        exc.namespace, exc.id = event.namespace or limits.default_namespace, event.id
+        raise
+
+
+def _checked(record: Record, key: str | None, event: ContentEvent, limits: Limits) -> Change:
     if key is not None and key != event.id:
         raise Rejected(
             Reason.KEY_MISMATCH,

@@ -105,6 +105,7 @@ async def _demo(verbose: bool) -> int:
             },
             postgres={"dsn": stack.dsn()},
             provider={"kind": "local"},
+            http={"enabled": False},
         )
         await stack.create_topics([settings.kafka.input_topic], partitions=4)
         await stack.create_topics([settings.kafka.dlq_topic], partitions=1)

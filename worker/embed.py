@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -78,9 +79,16 @@ def is_auth_fault(exc: ConfigurationFault) -> bool:
 
 
 class EmbedStage:
-    def __init__(self, embedder: Embedder, settings: ProviderSettings) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        settings: ProviderSettings,
+        on_request: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.embedder = embedder
         self.settings = settings
+        # Called with (outcome, seconds) for every request: "ok" or the failure's cause.
+        self.on_request = on_request
         self.limiter = RateLimiter(settings.rpm, settings.tpm)
         self.concurrency = AdaptiveConcurrency(settings.min_concurrency, settings.max_concurrency)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
@@ -162,11 +170,15 @@ class EmbedStage:
         probe = await self.breaker.acquire()
         try:
             sent_at = await self.concurrency.acquire()
+            began = time.monotonic()
             try:
                 await self.limiter.acquire(estimate)
                 outcome.requests += 1
+                began = time.monotonic()
                 result = await self.embedder.embed(texts, text_type)
+                self._timed("ok", began)
             except EmbeddingError as exc:
+                self._timed(cause_of(exc), began)
                 self._observe(exc, sent_at, outcome)
                 raise
             finally:
@@ -180,6 +192,10 @@ class EmbedStage:
         self.limiter.correct(estimate, result.tokens)
         self._clear_fault()
         return result
+
+    def _timed(self, outcome: str, began: float) -> None:
+        if self.on_request is not None:
+            self.on_request(outcome, time.monotonic() - began)
 
     def _observe(self, exc: EmbeddingError, sent_at: float, outcome: BatchOutcome) -> None:
         """Feed a failed request to the breaker and the adaptive concurrency."""

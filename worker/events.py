@@ -68,6 +68,9 @@ class DeadLetter(BaseModel):
     key_b64: str | None
     value_b64: str | None
     source: SourcePosition
+    # Known when the event could be read that far.
+    namespace: str | None = None
+    id: str | None = None
     provider_code: str | None = None
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     worker: str = "embedding-worker"

@@ -47,6 +47,13 @@ class OffsetTracker:
         part = self._parts.get(tp)
         return 0 if part is None else len(part.pending)
 
+    def first_unsettled(self, tp: TP) -> int | None:
+        """The first offset not yet durable (what lag is measured from); None if unknown."""
+        part = self._parts.get(tp)
+        if part is None:
+            return None
+        return part.pending[0] if part.pending else part.next_offset
+
     def assign(self, tp: TP, position: int | None = None) -> int:
         """Start a new epoch; records below a known ``position`` are ignored as re-deliveries."""
         self._epochs += 1

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -29,6 +30,7 @@ from worker.decode import Change, Limits, Record, dead_letter, decode
 from worker.embed import EmbedStage
 from worker.embedders.base import ConfigurationFault, Embedder
 from worker.events import DeadLetter, Reason
+from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
 
 log = structlog.get_logger(__name__)
@@ -65,6 +67,7 @@ class Stats:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     texts_embedded: int = 0
+    tokens_estimated: int = 0
     requests: int = 0
     retries: int = 0
     retries_by_cause: Counter[str] = field(default_factory=Counter)
@@ -80,13 +83,17 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         dead_letters: DeadLetterSink,
         pool: asyncpg.Pool,
         embedder: Embedder,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.pool = pool
         self.embedder = embedder
-        self.stage = EmbedStage(embedder, settings.provider)
+        self.metrics = metrics or Metrics()
+        self.stage = EmbedStage(
+            embedder, settings.provider, on_request=self.metrics.request_seconds_observer
+        )
         self.tracker = OffsetTracker()
         self.stats = Stats()
         self.limits = Limits(
@@ -113,11 +120,33 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.fatal: BaseException | None = None
         self.running = False
         self.postgres_down = False
+        self.last_poll = time.monotonic()
+        self.metrics.bind(self)
+
+    STUCK_AFTER_S = 60.0
+
+    def checks(self) -> dict[str, bool]:
+        """What readiness is made of (reported by /readyz)."""
+        return {
+            "consuming": self.running,
+            "polling": time.monotonic() - self.last_poll < self.STUCK_AFTER_S,
+            "postgres": not self.postgres_down,
+            "provider_credentials": self.stage.fault is None,
+        }
 
     @property
     def ready(self) -> bool:
-        """Consuming, Postgres reachable, and the provider not refusing our credentials."""
-        return self.running and not self.postgres_down and self.stage.fault is None
+        return all(self.checks().values())
+
+    def lag(self) -> dict[TP, int]:
+        """Records not yet durable, per assigned partition (from the last high-water mark)."""
+        out: dict[TP, int] = {}
+        for tp in self.consumer.assignment():
+            key = (tp.topic, tp.partition)
+            high, first = self.consumer.highwater(tp), self.tracker.first_unsettled(key)
+            if high is not None and first is not None:
+                out[key] = max(0, high - first)
+        return out
 
     # ---- rebalance -------------------------------------------------------------------
 
@@ -164,6 +193,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.running = True
         try:
             while not stop.is_set() and self.fatal is None:
+                self.last_poll = time.monotonic()
                 self._backpressure()
                 batches = await self.consumer.getmany(
                     timeout_ms=self._poll_timeout_ms(),
@@ -312,6 +342,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self._embedding -= 1
             self._dispatch()
         self.stats.batches += 1
+        self.stats.tokens_estimated += sum(c.tokens for c in batch)
+        self.metrics.batch_size.observe(len(batch))
         self.stats.requests += outcome.requests
         self.stats.retries += outcome.retries
         self.stats.retries_by_cause.update(outcome.retries_by_cause)
@@ -321,7 +353,14 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         settled: list[Item] = []
         for change, error in outcome.refused:
             record = Record(change.topic, change.partition, change.offset, None, None)
-            letter = dead_letter(record, Reason.PROVIDER_REJECTED, error.message, error.code)
+            letter = dead_letter(
+                record,
+                Reason.PROVIDER_REJECTED,
+                error.message,
+                error.code,
+                namespace=change.namespace,
+                id=change.id,
+            )
             letters.append((change.id.encode("utf-8"), letter))
             settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
             self._release([change])
@@ -377,6 +416,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         offsets = self.tracker.plan(current)
         changes = [i for i in current if isinstance(i, Change)]
         s = self.settings
+        began = time.monotonic()
         result = await self._pg(
             "write",
             lambda conn: store.write(
@@ -388,6 +428,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.embedder.dimension,
             ),
         )
+        self.metrics.write_seconds.observe(time.monotonic() - began)
+        now = datetime.now(UTC)
+        for change in changes:
+            self.metrics.end_to_end_seconds.observe(
+                max(0.0, (now - change.event_time).total_seconds())
+            )
         self.tracker.complete(current)
         self._release(changes)
         self.stats.transactions += 1

@@ -1,0 +1,151 @@
+"""Metrics, health and readiness over HTTP, and secrets kept out of the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import httpx
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from fakeapi import FakeEmbeddingServer
+from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
+from tests.processes import WorkerProcess
+from worker import logs
+from worker.app import Worker
+
+
+def _events(n: int, start: int = 0) -> list[dict[str, object]]:
+    return [{"id": f"o-{i}", "text": f"observable event {i}"} for i in range(start, start + n)]
+
+
+async def _get(worker: Worker, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.http_port}") as client:
+        return await client.get(path)
+
+
+async def _metrics(worker: Worker) -> dict[str, float]:
+    """Samples by name and labels: ``events_consumed_total``, ``api_retries_total{cause=429}``."""
+    text = (await _get(worker, "/metrics")).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("embedding_worker_")
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{name}{{{labels}}}" if labels else name] = sample.value
+    return out
+
+
+async def test_metrics_move_as_events_flow(env: Env, fake_api: FakeEmbeddingServer) -> None:
+    await migrate_db(env, 256)
+    async with running(env.settings(dashscope(fake_api))) as worker:
+        before = await _metrics(worker)
+        assert before["events_consumed_total"] == 0
+        assert before["circuit_state{state=closed}"] == 1
+        assert before["concurrency_limit"] == 4
+
+        high = await env.produce([*_events(100), {"id": "bad", "text": ""}])
+        await env.wait_for_offsets(high)
+        after = await _metrics(worker)
+    assert after["events_consumed_total"] == 101
+    assert after["events_stored_total"] == 100
+    assert after["events_dead_lettered_total{reason=empty_text}"] == 1
+    assert after["texts_embedded_total"] == 100
+    assert after["api_requests_total"] >= 10
+    assert after["api_request_seconds_count{outcome=ok}"] == after["api_requests_total"]
+    assert after["batch_texts_count"] == after["batches_total"] >= 10
+    assert after["db_write_seconds_count"] == after["db_transactions_total"] >= 1
+    assert after["end_to_end_seconds_count"] >= 100
+    assert after["tokens_estimated_total"] > 0
+    lags = {k: v for k, v in after.items() if k.startswith("consumer_lag{")}
+    assert len(lags) == 4 and set(lags.values()) == {0.0}
+    assert after["in_flight_events"] == 0
+
+
+async def test_readiness_flips_on_auth_fault_and_postgres_outage(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, 256)
+    provider = dashscope(fake_api, auth_retry_s=0.2)
+    async with running(env.settings(provider)) as worker:
+        assert (await _get(worker, "/healthz")).status_code == 200
+
+        async def ready() -> bool:
+            return (await _get(worker, "/readyz")).status_code == 200
+
+        await wait_until(ready, 30, "never ready")
+
+        fake_api.configure(auth_fault=True)
+        await env.produce(_events(20))
+
+        async def unready_auth() -> bool:
+            r = await _get(worker, "/readyz")
+            return r.status_code == 503 and r.json()["checks"]["provider_credentials"] is False
+
+        await wait_until(unready_auth, 30, "readiness ignored the auth fault")
+        assert (await _metrics(worker))["auth_fault"] == 1
+        assert (await _get(worker, "/healthz")).status_code == 200, "alive while not ready"
+        fake_api.configure(auth_fault=False)
+        await wait_until(ready, 30, "readiness did not recover after the key was fixed")
+
+        restart = asyncio.create_task(env.stack.restart_postgres(down_s=3))
+        await env.produce(_events(20, start=100))
+        saw: set[int] = set()
+        while not restart.done():
+            r = await _get(worker, "/readyz")
+            saw.add(r.status_code)
+            if r.status_code == 503:
+                assert r.json()["checks"]["postgres"] is False
+            await asyncio.sleep(0.05)
+        await restart
+        assert 503 in saw, "readiness did not report the Postgres outage"
+        await wait_until(ready, 30, "readiness did not recover after Postgres came back")
+    assert (await _get_unreachable(worker)) is None
+
+
+async def _get_unreachable(worker: Worker) -> int | None:
+    """After shutdown the port is closed."""
+    try:
+        return (await _get(worker, "/healthz")).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_redaction_processor_masks_keys_and_passwords() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", file=out)
+    try:
+        structlog.get_logger("t").warning(
+            "connect failed postgresql://app:hunter2@db:5432/x",
+            dsn="postgresql://app:hunter2@db:5432/x?sslmode=require",
+            header="Authorization: Bearer sk-abcdef0123456789",
+            key="sk-abcdef0123456789",
+        )
+    finally:
+        logs.configure("info", "json")
+    line = out.getvalue()
+    assert "hunter2" not in line and "sk-abcdef0123456789" not in line
+    entry = json.loads(line)
+    assert entry["dsn"] == "postgresql://app:***@db:5432/x?sslmode=require"
+    assert "***" in entry["key"] and "***" in entry["header"]
+
+
+async def test_a_running_worker_never_logs_its_secrets(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    await migrate_db(env, 256)
+    dsn = env.dsn.replace("postgresql://postgres:@", "postgresql://postgres:pg-pass-7531@")
+    settings_env = env.worker_env(dashscope(fake_api), postgres={"dsn": dsn})
+    assert settings_env["EMBEDDING_WORKER_PROVIDER__API_KEY"] == API_KEY
+    settings_env["EMBEDDING_WORKER_LOG_LEVEL"] = "debug"
+    worker = await WorkerProcess(settings_env, tmp_path / "w.log").start()
+    fake_api.configure(rate_429=0.5, retry_after_s=0.01)
+    high = await env.produce([*_events(30), {"id": "x", "text": ""}])
+    await env.wait_for_offsets(high)
+    assert await worker.terminate() == 0
+    log = worker.log()
+    assert '"event dead-lettered"' in log and "retrying" in log
+    assert API_KEY not in log and "pg-pass-7531" not in log
