@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.config import OversizePolicy
-from worker.decode import Change, Limits, Record, content_hash, decode
+from worker.decode import NO_TIME, Change, Limits, Record, content_hash, decode
 from worker.events import DeadLetter, Reason, TextType
 from worker.tokens import estimate_tokens
 
@@ -499,3 +499,46 @@ def test_dead_letter_names_the_event_once_it_could_be_read() -> None:
     assert (letter.namespace, letter.id, letter.reason) == ("news", "n1", Reason.EMPTY_TEXT)
     unreadable = as_letter(decode(record(b"{nope"), limits()))
     assert (unreadable.namespace, unreadable.id) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b'{"id": "a", "text": "t", "metadata": {"v": NaN}}', Reason.INVALID_JSON),
+        (b'{"id": "a", "text": "t", "metadata": {"v": -Infinity}}', Reason.INVALID_JSON),
+        (b'{"id": "a", "text": "t", "metadata": {"v": 1e400}}', Reason.INVALID_JSON),
+        (
+            b'{"id": "a", "text": "t", "timestamp": "0001-01-01T00:00:00+01:00"}',
+            Reason.SCHEMA_VIOLATION,
+        ),
+        (
+            b'{"id": "a", "text": "t", "timestamp": "9999-12-31T23:30:00-01:00"}',
+            Reason.SCHEMA_VIOLATION,
+        ),
+        (json.dumps({"id": "\U0001f600" * 300, "text": "t"}).encode(), Reason.SCHEMA_VIOLATION),
+        (
+            json.dumps({"id": "a", "namespace": "n" * 513, "text": "t"}).encode(),
+            Reason.SCHEMA_VIOLATION,
+        ),
+    ],
+)
+def test_values_postgres_would_refuse_are_dead_lettered(value: bytes, reason: Reason) -> None:
+    assert as_letter(decode(record(value), limits())).reason is reason
+
+
+def test_oversized_tombstone_key_is_dead_lettered() -> None:
+    letter = as_letter(decode(record(None, key=b"k" * 3000), limits()))
+    assert letter.reason is Reason.SCHEMA_VIOLATION
+
+
+def test_a_record_without_time_orders_by_offset_and_replays_identically() -> None:
+    one = as_change(decode(record({"id": "a", "text": "t"}, timestamp_ms=-1), limits()))
+    two = as_change(decode(record({"id": "a", "text": "t"}, timestamp_ms=None), limits()))
+    assert one.event_time == two.event_time == NO_TIME
+
+
+def test_huge_values_are_cut_in_the_dead_letter_and_say_so() -> None:
+    value = json.dumps({"id": "a", "text": "t", "metadata": {"b": "z" * 900_000}}).encode()
+    letter = as_letter(decode(record(value), limits()))
+    assert letter.value_truncated and letter.value_size == len(value)
+    assert letter.value_b64 is not None and len(letter.value_b64) < 800_000

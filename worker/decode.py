@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,6 +22,11 @@ from worker.events import ContentEvent, DeadLetter, Reason, SourcePosition, Text
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 NAMESPACE_HEADER = "namespace"
+# (namespace, id) is the primary key: its btree entry must stay well under 2,704 bytes.
+MAX_ID_BYTES = 1024
+MAX_NAMESPACE_BYTES = 512
+# An event without any time orders by offset alone, and a replay of it stays a no-op.
+NO_TIME = datetime.fromtimestamp(0, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,10 @@ def content_hash(text: str, text_type: TextType) -> bytes:
     return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
 
 
+# A dead letter must fit the topic's message limit (1 MB by default) after base64 (4/3).
+MAX_DEAD_LETTER_VALUE_BYTES = 512 * 1024
+
+
 def dead_letter(
     record: Record,
     reason: Reason,
@@ -93,14 +103,21 @@ def dead_letter(
     namespace: str | None = None,
     id: str | None = None,
 ) -> DeadLetter:
+    value = record.value
+    truncated = value is not None and len(value) > MAX_DEAD_LETTER_VALUE_BYTES
+    if truncated:
+        assert value is not None
+        value = value[:MAX_DEAD_LETTER_VALUE_BYTES]
     return DeadLetter(
         reason=reason,
         message=message,
         provider_code=provider_code,
         namespace=namespace,
         id=id,
-        key_b64=None if record.key is None else base64.b64encode(record.key).decode(),
-        value_b64=None if record.value is None else base64.b64encode(record.value).decode(),
+        key_b64=None if record.key is None else base64.b64encode(record.key[:4096]).decode(),
+        value_b64=None if value is None else base64.b64encode(value).decode(),
+        value_truncated=truncated,
+        value_size=None if record.value is None else len(record.value),
         source=SourcePosition(
             topic=record.topic,
             partition=record.partition,
@@ -124,8 +141,31 @@ def decode(record: Record, limits: Limits) -> Change | DeadLetter:
 
 def _record_time(record: Record) -> datetime:
     if record.timestamp_ms is not None and record.timestamp_ms >= 0:
-        return datetime.fromtimestamp(record.timestamp_ms / 1000, tz=UTC)
-    return datetime.now(UTC)
+        try:
+            return datetime.fromtimestamp(record.timestamp_ms / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            pass
+    return NO_TIME
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_key_sizes(namespace: str, id: str) -> None:
+    if len(id.encode("utf-8")) > MAX_ID_BYTES:
+        raise Rejected(Reason.SCHEMA_VIOLATION, f"the id is over {MAX_ID_BYTES} bytes")
+    if len(namespace.encode("utf-8")) > MAX_NAMESPACE_BYTES:
+        raise Rejected(
+            Reason.SCHEMA_VIOLATION, f"the namespace is over {MAX_NAMESPACE_BYTES} bytes"
+        )
 
 
 def _key(record: Record) -> str | None:
@@ -148,7 +188,8 @@ def _decode(record: Record, limits: Limits) -> Change:
             Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
         ) from None
     try:
-        data = json.loads(raw)
+        # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
+        data = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
         raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
     if not isinstance(data, dict):
@@ -174,11 +215,13 @@ def _checked(record: Record, key: str | None, event: ContentEvent, limits: Limit
             f"the record key {key!r} differs from the event id {event.id!r} "
             "(the key must be the content id so that one id stays in one partition)",
         )
+    namespace = event.namespace or limits.default_namespace
+    _check_key_sizes(namespace, event.id)
     change = Change(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        namespace=event.namespace or limits.default_namespace,
+        namespace=namespace,
         id=event.id,
         op=event.op,
         event_time=event.timestamp or _record_time(record),
@@ -202,6 +245,7 @@ def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
             if not namespace:
                 raise Rejected(Reason.SCHEMA_VIOLATION, "the namespace header is empty")
             _check_strings(namespace, "namespace header")
+    _check_key_sizes(namespace, key)
     return Change(
         topic=record.topic,
         partition=record.partition,
@@ -217,7 +261,9 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     text = event.text
     if text is None or not text.strip():
         raise Rejected(Reason.EMPTY_TEXT, "an upsert needs a non-empty `text`")
-    metadata_json = json.dumps(event.metadata, ensure_ascii=False, separators=(",", ":"))
+    metadata_json = json.dumps(
+        event.metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
     size = len(metadata_json.encode("utf-8"))
     if size > limits.max_metadata_bytes:
         raise Rejected(

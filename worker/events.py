@@ -27,6 +27,20 @@ class ContentEvent(BaseModel):
     text_type: TextType = TextType.DOCUMENT
     timestamp: AwareDatetime | None = None
 
+    @field_validator("timestamp")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        """Postgres (through asyncpg) takes years 1-9999 in UTC; keep a margin."""
+        if value is None:
+            return None
+        try:
+            utc = value.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise ValueError("timestamp out of range") from None
+        if not 2 <= utc.year <= 9998:
+            raise ValueError("timestamp out of range (years 2-9998)")
+        return utc
+
     @field_validator("timestamp", mode="before")
     @classmethod
     def _epoch_ms(cls, value: Any) -> Any:
@@ -67,6 +81,9 @@ class DeadLetter(BaseModel):
     message: str
     key_b64: str | None
     value_b64: str | None
+    # Set when the original value was too large for the dead-letter topic and was cut.
+    value_truncated: bool = False
+    value_size: int | None = None
     source: SourcePosition
     # Known when the event could be read that far.
     namespace: str | None = None

@@ -26,7 +26,7 @@ from worker import store
 from worker.batcher import MicroBatcher
 from worker.config import Settings
 from worker.deadletter import DeadLetterSink
-from worker.decode import Change, Limits, Record, dead_letter, decode
+from worker.decode import NO_TIME, Change, Limits, Record, dead_letter, decode
 from worker.embed import EmbedStage
 from worker.embedders.base import ConfigurationFault, Embedder
 from worker.events import DeadLetter, Reason
@@ -42,7 +42,14 @@ PG_UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    # Deadlock or serialization failure: the transaction rolled back and may simply be rerun.
+    asyncpg.exceptions.TransactionRollbackError,
 )
+
+
+class ShuttingDown(Exception):
+    """Postgres is unreachable and a stop was requested: give up waiting, store nothing."""
 
 
 @dataclass(slots=True)
@@ -121,9 +128,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.running = False
         self.postgres_down = False
         self.last_poll = time.monotonic()
+        self._stop = asyncio.Event()
+        self._writing = False
         self.metrics.bind(self)
 
     STUCK_AFTER_S = 60.0
+    REVOKE_GRACE_S = 5.0
 
     def checks(self) -> dict[str, bool]:
         """What readiness is made of (reported by /readyz)."""
@@ -151,7 +161,18 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     # ---- rebalance -------------------------------------------------------------------
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Seek every new partition to the offset stored with the vectors."""
+        """Seek every new partition to the offset stored with the vectors.
+
+        aiokafka logs and swallows exceptions from this callback, which would leave the
+        partitions unread while the worker looks healthy: any failure here stops the worker.
+        """
+        try:
+            await self._assign(assigned)
+        except Exception as exc:
+            log.exception("partition assignment failed; stopping")
+            self.fatal = exc
+
+    async def _assign(self, assigned: list[TopicPartition]) -> None:
         topic = self.settings.kafka.input_topic
         group = self.settings.kafka.group_id
         stored = await self._pg("load offsets", lambda c: store.load_offsets(c, group, topic))
@@ -176,7 +197,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         """
         tps = {(tp.topic, tp.partition) for tp in revoked}
         self._revoking |= tps
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + self.REVOKE_GRACE_S
         while time.monotonic() < deadline and any(self.tracker.pending(tp) for tp in tps):
             self._flush_batcher()
             self._flush_now.set()
@@ -189,6 +210,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     # ---- main loop -------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         writer = asyncio.create_task(self._write_loop(), name="writer")
         self.running = True
         try:
@@ -199,11 +221,19 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     timeout_ms=self._poll_timeout_ms(),
                     max_records=self.settings.kafka.max_poll_records,
                 )
+                # Epochs as of this fetch, before any await: a rebalance that completes
+                # while one partition is ingested must not let the others' records in.
+                epochs = {tp: self.tracker.epoch((tp.topic, tp.partition)) for tp in batches}
                 for tp, messages in batches.items():
-                    await self._ingest(tp, messages)
+                    await self._ingest(tp, messages, epochs[tp])
                 for batch in self.batcher.due(time.monotonic()):
                     self._submit(batch)
             await self._drain()
+        except ShuttingDown as exc:
+            log.warning(
+                "stopping while postgres is unreachable; unstored events will be redone",
+                during=str(exc),
+            )
         finally:
             self.running = False
             writer.cancel()
@@ -219,7 +249,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         self._flush_batcher()
         deadline = time.monotonic() + timeout_s
-        while self.tracker.in_flight and time.monotonic() < deadline and self.fatal is None:
+        while (self.tracker.in_flight or self._writing) and self.fatal is None:
+            if time.monotonic() > deadline:
+                break
             self._flush_now.set()
             await asyncio.sleep(0.02)
         if self.tracker.in_flight:
@@ -249,11 +281,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # ---- fetch, decode, skip unchanged -------------------------------------------------
 
-    async def _ingest(self, tp: TopicPartition, messages: list[object]) -> None:
+    async def _ingest(self, tp: TopicPartition, messages: list[object], epoch: int | None) -> None:
         key = (tp.topic, tp.partition)
-        epoch = self.tracker.epoch(key)
-        if epoch is None or key in self._revoking:
-            return  # fetched just before a revocation; the next owner reads it again
+        if epoch is None or self.tracker.epoch(key) != epoch or key in self._revoking:
+            return  # fetched before a rebalance; whoever owns it now reads it again
         changes: list[Change] = []
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
@@ -321,7 +352,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _dispatch(self) -> None:
         while self._queued and self._embedding < self.settings.provider.max_concurrency:
-            batch = self._queued.pop(0)
+            queued = self._queued.pop(0)
+            batch = [c for c in queued if self.tracker.is_current(c)]
+            self._release([c for c in queued if not self.tracker.is_current(c)])
+            if not batch:
+                continue
             self._embedding += 1
             task = asyncio.create_task(self._embed(batch))
             self._tasks.add(task)
@@ -329,13 +364,16 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _embed(self, batch: list[Change]) -> None:
         try:
+            await self._embed_batch(batch)
+        except Exception as exc:
+            log.exception("embedding stage failed; stopping")
+            self.fatal = exc
+
+    async def _embed_batch(self, batch: list[Change]) -> None:
+        try:
             outcome = await self.stage.run(batch)
         except ConfigurationFault as exc:
             log.error("provider configuration fault; stopping", error=exc.message, code=exc.code)
-            self.fatal = exc
-            return
-        except Exception as exc:
-            log.exception("embedding failed; stopping")
             self.fatal = exc
             return
         finally:
@@ -397,13 +435,18 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                         await asyncio.wait_for(self._flush_now.wait(), remaining)
             self._has_work.clear()
             self._flush_now.clear()
+            self._writing = True
             try:
                 while self._ready:
                     await self._write_once()
+            except ShuttingDown:
+                return
             except Exception as exc:
                 log.exception("postgres write failed; stopping")
                 self.fatal = exc
                 return
+            finally:
+                self._writing = False
 
     async def _write_once(self) -> None:
         limit = self.settings.batch.write_max_rows
@@ -431,9 +474,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.metrics.write_seconds.observe(time.monotonic() - began)
         now = datetime.now(UTC)
         for change in changes:
-            self.metrics.end_to_end_seconds.observe(
-                max(0.0, (now - change.event_time).total_seconds())
-            )
+            if change.event_time != NO_TIME:
+                self.metrics.end_to_end_seconds.observe(
+                    max(0.0, (now - change.event_time).total_seconds())
+                )
         self.tracker.complete(current)
         self._release(changes)
         self.stats.transactions += 1
@@ -454,6 +498,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     result = await op(conn)
             except PG_UNAVAILABLE as exc:
                 self.postgres_down = True
+                if self._stop.is_set():
+                    raise ShuttingDown(what) from exc
                 delay = min(10.0, 0.1 * 2 ** min(attempt, 10))
                 attempt += 1
                 log.warning(

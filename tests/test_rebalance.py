@@ -1,0 +1,146 @@
+"""A rebalance that completes while one partition of a fetch is being ingested.
+
+Real pipeline code; the consumer, Postgres and the provider are small fakes so the race
+can be staged exactly (found in review: records of the old assignment were accepted into
+the new one and an offset was stored past 100 unstored events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from worker import pipeline as pl
+from worker import store
+from worker.config import load_settings
+from worker.embedders.base import Embedder, Embeddings
+from worker.events import TextType
+
+T = "ev"
+P0, P1 = TopicPartition(T, 0), TopicPartition(T, 1)
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.offset = offset
+        self.key = f"id-{partition}-{offset}".encode()
+        self.value = json.dumps({"id": f"id-{partition}-{offset}", "text": f"t{offset}"}).encode()
+        self.timestamp = 1763632800000 + offset
+        self.headers = ()
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.script: asyncio.Queue[dict[TopicPartition, list[Msg]]] = asyncio.Queue()
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
+        try:
+            return await asyncio.wait_for(self.script.get(), timeout_ms / 1000)
+        except TimeoutError:
+            return {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return {P0, P1}
+
+    def pause(self, *tps: TopicPartition) -> None: ...
+    def resume(self, *tps: TopicPartition) -> None: ...
+    def paused(self) -> set[TopicPartition]:
+        return set()
+
+    def highwater(self, tp: TopicPartition) -> None:
+        return None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    async def seek_to_beginning(self, tp: TopicPartition) -> None: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+
+class GatedEmbedder(Embedder):
+    model, dimension, max_texts = "m", 4, 10
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def embed(self, texts: Any, text_type: TextType) -> Embeddings:
+        await self.gate.wait()
+        return Embeddings(np.ones((len(texts), 4), dtype=np.float32))
+
+
+class FakePool:
+    class _Conn:
+        async def __aenter__(self) -> None:
+            return None
+
+        async def __aexit__(self, *exc: object) -> bool:
+            return False
+
+    def acquire(self) -> _Conn:
+        return self._Conn()
+
+
+class NoDeadLetters:
+    async def send(self, letters: object) -> None: ...
+
+
+async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db_offsets = {0: 0, 1: 900}
+    stored: set[tuple[int, int]] = set()
+    lookup_open = asyncio.Event()
+    lookup_open.set()
+
+    async def load_offsets(conn: object, group: str, topic: str) -> dict[int, int]:
+        return dict(db_offsets)
+
+    async def stored_hashes(*args: object) -> dict[Any, bytes]:
+        await lookup_open.wait()
+        return {}
+
+    async def write(conn: object, changes: Any, offsets: Any, *args: object) -> Any:
+        stored.update((c.partition, c.offset) for c in changes)
+        for (_, partition), offset in offsets.items():
+            db_offsets[partition] = max(db_offsets.get(partition, 0), offset)
+        return store.WriteResult(upserted=len(changes))
+
+    monkeypatch.setattr(store, "load_offsets", load_offsets)
+    monkeypatch.setattr(store, "stored_hashes", stored_hashes)
+    monkeypatch.setattr(store, "write", write)
+    settings = load_settings(
+        kafka={"input_topic": T},
+        provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
+        batch={"linger_ms": 10, "write_linger_ms": 10},
+        http={"enabled": False},
+    )
+    consumer, embedder = FakeConsumer(), GatedEmbedder()
+    monkeypatch.setattr(pl.Pipeline, "REVOKE_GRACE_S", 0.1)
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakePool(), embedder)  # type: ignore[arg-type]
+    await p.on_partitions_assigned([P0, P1])
+    stop = asyncio.Event()
+    run = asyncio.create_task(p.run(stop))
+
+    # p1 900..999 are in flight (embedding blocked); then a fetch with p0 and p1 records
+    # whose p0 hash lookup is slow: a whole rebalance happens during that await.
+    await consumer.script.put({P1: [Msg(1, o) for o in range(900, 1000)]})
+    await asyncio.sleep(0.2)
+    lookup_open.clear()
+    await consumer.script.put({P0: [Msg(0, 0)], P1: [Msg(1, o) for o in range(1000, 1010)]})
+    await asyncio.sleep(0.2)
+    await p.on_partitions_revoked([P0, P1])  # the in-flight p1 events are dropped
+    await p.on_partitions_assigned([P0, P1])
+    lookup_open.set()
+    embedder.gate.set()
+    await asyncio.sleep(0.5)
+    assert db_offsets[1] <= 900, "an offset was stored past events that were never stored"
+
+    # The consumer, sought back to 900, delivers 900..1009 again: all of them are stored.
+    await consumer.script.put({P1: [Msg(1, o) for o in range(900, 1010)]})
+    await asyncio.sleep(0.5)
+    stop.set()
+    await run
+    assert all((1, o) in stored for o in range(900, 1010))
+    assert db_offsets[1] == 1010
