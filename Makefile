@@ -26,6 +26,27 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker fakeapi tests
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck scripts/*.sh helm/check.sh
+	$(MAKE) --no-print-directory lock-check chart-check
+
+# The Docker image's lock files, requirements/*.txt (see docs/operations-deploy.md).
+.PHONY: lock lock-upgrade lock-check chart-check image-smoke
+lock: $(STAMP)          ## re-resolve after editing pyproject.toml; keeps every pin that still fits
+	UV=$(BIN)/uv bash scripts/lock.sh refresh
+
+lock-upgrade: $(STAMP)  ## move every pin to the newest allowed version
+	UV=$(BIN)/uv bash scripts/lock.sh upgrade
+
+lock-check: $(STAMP)    ## fail when the locks do not match pyproject.toml
+	UV=$(BIN)/uv bash scripts/lock.sh check
+
+# The Helm chart: helm lint/template (Helm 3 and 4), schemas, rendered-manifest validation.
+chart-check: $(STAMP)
+	VENV=$(VENV) bash helm/check.sh
+
+# The Dockerfile's install steps and HEALTHCHECK, without Docker (~30 s, downloads the wheels).
+image-smoke:
+	bash scripts/image-smoke.sh
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -15,6 +15,7 @@ import numpy as np
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
 from tests.processes import WorkerProcess
+from worker.app import Worker
 
 DIM = 64
 
@@ -183,4 +184,28 @@ async def test_postgres_restart_mid_stream_loses_nothing(
         assert saw_unready, "readiness did not reflect the Postgres outage"
         await env.wait_for_offsets(high, seconds=120)
         assert pipeline.ready
+    await check_store(env, texts)
+
+
+async def test_worker_started_while_postgres_is_down_waits_then_works(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIM)
+    records, texts = corpus(200)
+    high = await env.produce_raw(records)
+    restart = asyncio.create_task(env.stack.restart_postgres(down_s=3))
+    await asyncio.sleep(1.0)  # Postgres is down now
+    worker = Worker(env.settings(provider(fake_api)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    seen_waiting = False
+    while not restart.done():
+        assert not task.done(), "the worker gave up instead of waiting for Postgres"
+        seen_waiting |= worker.checks() == {"started": False}
+        await asyncio.sleep(0.05)
+    await restart
+    assert seen_waiting
+    await env.wait_for_offsets(high, seconds=60)
+    stop.set()
+    await asyncio.wait_for(task, 60)
     await check_store(env, texts)

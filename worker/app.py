@@ -54,7 +54,8 @@ class Worker:
         s = self.settings
         dsn = s.postgres.dsn.get_secret_value()
         # Check the schema before the pool: its connections need the vector type.
-        await (await store.connect(dsn, s.provider.dim)).close()
+        if not await self._wait_for_postgres(dsn, stop):
+            return
         pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
         embedder = create_embedder(s.provider)
         producer = make_producer(s.kafka)
@@ -91,6 +92,25 @@ class Worker:
                 await producer.stop()
             await embedder.aclose()
             await pool.close()
+
+    async def _wait_for_postgres(self, dsn: str, stop: asyncio.Event) -> bool:
+        """Start even if Postgres is not up yet: wait (not ready) instead of crash-looping.
+
+        A wrong schema or dimension is not waited out: it stops the worker with its reason.
+        Returns False when asked to stop while waiting.
+        """
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await (await store.connect(dsn, self.settings.provider.dim)).close()
+                return True
+            except store.PG_UNAVAILABLE as exc:
+                delay = min(10.0, 0.2 * 2 ** min(attempt, 10))
+                attempt += 1
+                log.warning("waiting for postgres", error=repr(exc), delay_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        return False
 
 
 def _summary(pipeline: Pipeline) -> dict[str, object]:

@@ -36,17 +36,6 @@ from worker.offsets import TP, OffsetTracker
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-# Postgres is down, restarting or unreachable: wait, never drop or dead-letter anything.
-PG_UNAVAILABLE = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    # Deadlock or serialization failure: the transaction rolled back and may simply be rerun.
-    asyncpg.exceptions.TransactionRollbackError,
-)
-
 
 class ShuttingDown(Exception):
     """Postgres is unreachable and a stop was requested: give up waiting, store nothing."""
@@ -496,7 +485,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 async with self.pool.acquire() as conn:
                     result = await op(conn)
-            except PG_UNAVAILABLE as exc:
+            except store.PG_UNAVAILABLE as exc:
                 self.postgres_down = True
                 if self._stop.is_set():
                     raise ShuttingDown(what) from exc

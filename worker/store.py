@@ -102,6 +102,22 @@ ON CONFLICT (group_id, topic, partition) DO UPDATE SET
 """
 
 
+# Postgres is down, restarting or unreachable: wait and retry, never drop or dead-letter.
+# Retrying a write is always safe: a repeated transaction is a no-op (strict version guards,
+# GREATEST for offsets), even when the first attempt committed and only its reply was lost.
+PG_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    # Deadlock or serialization failure: the transaction rolled back and may simply be rerun.
+    asyncpg.exceptions.TransactionRollbackError,
+    # The client's state after a connection broke in the middle of an operation.
+    asyncpg.exceptions.InternalClientError,
+)
+
+
 class SchemaError(Exception):
     """The database is not ready for this configuration (a start-up error, not a data error)."""
 

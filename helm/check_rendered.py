@@ -1,0 +1,256 @@
+"""Checks of a rendered embedding-worker release that a schema cannot express.
+
+Usage: python helm/check_rendered.py RENDERED.yaml --partitions N [--name SCENARIO]
+
+Run by helm/check.sh on the output of `helm template` for each CI scenario, after
+kubernetes-validate. It checks:
+
+* the custom resources kubernetes-validate skips (KEDA ScaledObject, prometheus-operator
+  ServiceMonitor) against models generated from their CRDs (cloudcoil-models-keda /
+  -prometheus-operator): every field must exist in the CRD with the right type, and nothing may
+  be dropped by the model (a misspelt field would be pruned by the API server);
+* the chart's promises: no Secret and no secret value rendered; the pod security settings
+  (non-root, read-only root filesystem, no privilege escalation, all capabilities dropped,
+  seccomp RuntimeDefault, /tmp emptyDir); probes on /healthz and /readyz; a grace period
+  >= 45 s; the migration Job is a pre-install/pre-upgrade hook running `migrate` with the same
+  image, settings and secrets as the worker and is not selected by the worker's selector;
+  at most one autoscaler, the Deployment leaves replicas to it, and no autoscaler's maximum
+  exceeds the partition count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+Doc = dict[str, Any]
+
+SECRET_ENV = {
+    "EMBEDDING_WORKER_POSTGRES__DSN",
+    "DASHSCOPE_API_KEY",
+    "EMBEDDING_WORKER_DASHSCOPE_API_KEY",
+    "EMBEDDING_WORKER_PROVIDER__API_KEY",
+    "EMBEDDING_WORKER_KAFKA__SASL_PASSWORD",
+}
+
+failures: list[str] = []
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        failures.append(message)
+
+
+def one(docs: list[Doc], kind: str, component: str | None = None) -> Doc | None:
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (
+            component is None
+            or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        )
+    ]
+    check(len(found) <= 1, f"more than one {kind}")
+    return found[0] if found else None
+
+
+def check_crd(doc: Doc) -> None:
+    """Validate a custom resource against its CRD's generated model; nothing may be dropped."""
+    if doc["kind"] == "ScaledObject":
+        from cloudcoil.models.keda.v1alpha1 import ScaledObject as Model
+    else:
+        from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor as Model
+    try:
+        model = Model.model_validate(doc)
+    except Exception as exc:  # pydantic.ValidationError, with the path of each bad field
+        check(False, f"{doc['kind']} does not fit its CRD: {exc}")
+        return
+    again = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    for path in differences(doc, again):
+        check(False, f"{doc['kind']}: {path} is unknown to the CRD or of the wrong type")
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            p
+            for key in sorted(set(a) | set(b), key=str)
+            for p in differences(a.get(key), b.get(key), f"{path}.{key}")
+        ]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            p
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for p in differences(x, y, f"{path}[{i}]")
+        ]
+    return [] if a == b and type(a) is type(b) else [path or "."]
+
+
+def container_env(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def check_pod(kind: str, pod: Doc) -> Doc:
+    spec = pod["spec"]
+    psc = spec.get("securityContext", {})
+    check(psc.get("runAsNonRoot") is True, f"{kind}: pod runAsNonRoot")
+    check(
+        psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+        f"{kind}: pod seccompProfile RuntimeDefault",
+    )
+    check(spec.get("automountServiceAccountToken") is False, f"{kind}: token mounted")
+    (container,) = spec["containers"]
+    sc = container.get("securityContext", {})
+    check(sc.get("readOnlyRootFilesystem") is True, f"{kind}: readOnlyRootFilesystem")
+    check(sc.get("allowPrivilegeEscalation") is False, f"{kind}: allowPrivilegeEscalation")
+    check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{kind}: capabilities.drop ALL")
+    check(sc.get("runAsNonRoot") is True, f"{kind}: container runAsNonRoot")
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    check(
+        "emptyDir" in volumes.get(mounts.get("/tmp", ""), {}),
+        f"{kind}: /tmp is not an emptyDir",
+    )
+    check("resources" in container, f"{kind}: no resources")
+    for name, entry in container_env(container).items():
+        if name in SECRET_ENV:
+            check(
+                "secretKeyRef" in entry.get("valueFrom", {}) and "value" not in entry,
+                f"{kind}: {name} must come from a secretKeyRef",
+            )
+    return container
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("rendered")
+    parser.add_argument("--partitions", type=int, required=True)
+    parser.add_argument("--name", help="scenario name for the messages")
+    args = parser.parse_args()
+    with open(args.rendered) as f:
+        docs: list[Doc] = [d for d in yaml.safe_load_all(f) if d]
+
+    check(all(d["kind"] != "Secret" for d in docs), "a Secret is rendered")
+    for doc in docs:
+        if doc["kind"] in ("ScaledObject", "ServiceMonitor"):
+            check_crd(doc)
+
+    cm = one(docs, "ConfigMap")
+    deploy = one(docs, "Deployment")
+    service = one(docs, "Service")
+    job = one(docs, "Job", "migrations")
+    scaled = one(docs, "ScaledObject")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    pdb = one(docs, "PodDisruptionBudget")
+    monitor = one(docs, "ServiceMonitor")
+    if cm is None or deploy is None or service is None:
+        print("check_rendered: ConfigMap, Deployment and Service are required", file=sys.stderr)
+        return 1
+    config = cm["data"]
+    check(not (SECRET_ENV & set(config)), "a secret in the ConfigMap")
+
+    pod = deploy["spec"]["template"]
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    check(selector.items() <= pod["metadata"]["labels"].items(), "selector does not match pods")
+    worker = check_pod("Deployment", pod)
+    check(
+        pod["spec"].get("terminationGracePeriodSeconds", 30) >= 45,
+        "terminationGracePeriodSeconds < 45 (shutdown drains for up to 30 s)",
+    )
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    check(str(ports.get("http")) == config["EMBEDDING_WORKER_HTTP__PORT"], "port http != setting")
+    check(worker["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness not /healthz")
+    check(worker["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness not /readyz")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if probe in worker:
+            check(worker[probe]["httpGet"]["port"] == "http", f"{probe} not on port http")
+    check(
+        {"configMapRef": {"name": cm["metadata"]["name"]}} in worker.get("envFrom", []),
+        "the worker does not load the ConfigMap",
+    )
+    check(service["spec"]["selector"] == selector, "Service selector != Deployment selector")
+    check(
+        any(p["targetPort"] == "http" for p in service["spec"]["ports"]),
+        "Service does not target port http",
+    )
+
+    if job is not None:
+        annotations = job["metadata"].get("annotations", {})
+        hooks = set(annotations.get("helm.sh/hook", "").split(","))
+        check({"pre-install", "pre-upgrade"} <= hooks, "Job is not a pre-install/upgrade hook")
+        check("helm.sh/hook-delete-policy" in annotations, "Job has no hook-delete-policy")
+        job_pod = job["spec"]["template"]
+        check(
+            not selector.items() <= job_pod["metadata"].get("labels", {}).items(),
+            "the Deployment's selector matches the Job's pod",
+        )
+        migrate = check_pod("Job", job_pod)
+        check(migrate.get("args") == ["migrate"], "Job does not run `migrate`")
+        check(migrate["image"] == worker["image"], "Job image != worker image")
+        env = container_env(migrate)
+        inline = {k: v.get("value") for k, v in env.items() if "value" in v}
+        check(inline == config, f"Job settings != ConfigMap: {inline} vs {config}")
+        worker_env = container_env(worker)
+        check(
+            {k: v for k, v in env.items() if k not in config} == worker_env,
+            "Job secrets/extra env != worker's",
+        )
+
+    check(not (scaled and hpa), "both a ScaledObject and an HPA")
+    if scaled or hpa:
+        check("replicas" not in deploy["spec"], "Deployment sets replicas under an autoscaler")
+    else:
+        check(deploy["spec"].get("replicas", 1) <= args.partitions, "replicas > partitions")
+    if scaled is not None:
+        spec = scaled["spec"]
+        check(spec["scaleTargetRef"]["name"] == deploy["metadata"]["name"], "KEDA target")
+        check(spec["maxReplicaCount"] <= args.partitions, "KEDA max > partitions")
+        check(spec["minReplicaCount"] <= spec["maxReplicaCount"], "KEDA min > max")
+        for trigger in spec["triggers"]:
+            meta = trigger["metadata"]
+            if trigger["type"] == "kafka":
+                consumes = {  # what the worker consumes (its settings, else its defaults)
+                    "topic": config.get("EMBEDDING_WORKER_KAFKA__INPUT_TOPIC", "content.events"),
+                    "consumerGroup": config.get(
+                        "EMBEDDING_WORKER_KAFKA__GROUP_ID", "embedding-worker"
+                    ),
+                    "bootstrapServers": config.get(
+                        "EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS", "localhost:9092"
+                    ),
+                }
+                watched = {key: meta.get(key) for key in consumes}
+                check(watched == consumes, f"KEDA watches {watched}, the worker reads {consumes}")
+                check(meta.get("allowIdleConsumers") == "false", "KEDA may exceed partitions")
+            else:
+                check("embedding_worker_consumer_lag" in meta["query"], "prometheus query")
+    if hpa is not None:
+        spec = hpa["spec"]
+        check(spec["scaleTargetRef"]["name"] == deploy["metadata"]["name"], "HPA target")
+        check(spec["maxReplicas"] <= args.partitions, "HPA max > partitions")
+    if pdb is not None:
+        check(pdb["spec"]["selector"]["matchLabels"] == selector, "PDB selector")
+    if monitor is not None:
+        check(monitor["spec"]["selector"]["matchLabels"] == selector, "ServiceMonitor selector")
+        check(
+            [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+            and monitor["spec"]["endpoints"][0]["path"] == "/metrics",
+            "ServiceMonitor does not scrape http /metrics",
+        )
+
+    kinds = ", ".join(sorted(d["kind"] for d in docs))
+    name = args.name or args.rendered
+    if failures:
+        for message in failures:
+            print(f"FAIL {name}: {message}", file=sys.stderr)
+        return 1
+    print(f"ok   {name}: chart invariants hold ({kinds})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
