@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.factories import upsert
 from worker.batcher import MicroBatcher
 from worker.decode import Change
 from worker.events import TextType
@@ -17,18 +17,7 @@ _offsets = itertools.count()
 
 def change(tokens: int = 1, text_type: TextType = TextType.DOCUMENT) -> Change:
     offset = next(_offsets)
-    return Change(
-        topic="t",
-        partition=0,
-        offset=offset,
-        namespace="ns",
-        id=f"id-{offset}",
-        op="upsert",
-        event_time=datetime.now(UTC),
-        text=f"text {offset}",
-        text_type=text_type,
-        tokens=tokens,
-    )
+    return upsert(offset, f"text {offset}", text_type=text_type, tokens=tokens)
 
 
 def test_flush_at_max_texts() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,13 @@ from hypothesis import strategies as st
 import worker.embed
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import dashscope
+from tests.factories import upsert
 from worker.config import load_settings
 from worker.decode import Change
 from worker.embed import EmbedStage, backoff_delay
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault, TransientError
 from worker.events import TextType
-from worker.tokens import estimate_tokens
 
 DIM = 256
 POISON = "xx-poison-xx"
@@ -32,26 +31,14 @@ FAST = {"backoff_initial_s": 0.001, "backoff_max_s": 0.004}
 def changes(
     n: int, poison_at: tuple[int, ...] = (), text_type: TextType = TextType.DOCUMENT
 ) -> list[Change]:
-    out = []
-    for i in range(n):
-        text = f"document number {i} about the weather"
-        if i in poison_at:
-            text += f" {POISON}"
-        out.append(
-            Change(
-                topic="t",
-                partition=0,
-                offset=i,
-                namespace="ns",
-                id=f"doc-{i}",
-                op="upsert",
-                event_time=datetime.now(UTC),
-                text=text,
-                text_type=text_type,
-                tokens=estimate_tokens(text),
-            )
+    return [
+        upsert(
+            i,
+            f"document number {i} about the weather" + (f" {POISON}" if i in poison_at else ""),
+            text_type=text_type,
         )
-    return out
+        for i in range(n)
+    ]
 
 
 @contextlib.asynccontextmanager

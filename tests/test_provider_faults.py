@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,12 +15,12 @@ from structlog.testing import capture_logs
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, dashscope
+from tests.factories import upsert
 from worker.config import load_settings
 from worker.decode import Change
 from worker.embed import BatchOutcome, EmbedStage
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
-from worker.tokens import estimate_tokens
 
 T = TypeVar("T")
 DIM = 64
@@ -29,23 +28,14 @@ FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 
 
 def changes(n: int, prefix: str = "doc") -> list[Change]:
-    out = []
-    for i in range(n):
-        text = f"{prefix} {i}: a short text about the weather in town number {i}"
-        out.append(
-            Change(
-                topic="t",
-                partition=0,
-                offset=i,
-                namespace="ns",
-                id=f"{prefix}-{i}",
-                op="upsert",
-                event_time=datetime.now(UTC),
-                text=text,
-                tokens=estimate_tokens(text),
-            )
+    return [
+        upsert(
+            i,
+            f"{prefix} {i}: a short text about the weather in town number {i}",
+            id=f"{prefix}-{i}",
         )
-    return out
+        for i in range(n)
+    ]
 
 
 def breaker_state(stage: EmbedStage) -> str:
