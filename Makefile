@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +58,6 @@ clean:
 # Benchmarks (benchmarks/, results in docs/benchmarks/): ~10 min, and a < 60 s smoke for CI.
 .PHONY: bench bench-smoke
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --runs 5 --what-if
 
 bench-smoke: $(STAMP)
