@@ -259,21 +259,6 @@ def stack_roots(stack: DevStack) -> dict[str, int]:
     return {"broker": stack.broker.pid, "postgres": postmaster_pid(stack)}
 
 
-def worker_env(config: dict[str, Any]) -> dict[str, str]:
-    """Settings as ``EMBEDDING_WORKER_*`` variables (``__`` between levels)."""
-    out: dict[str, str] = {}
-
-    def flatten(prefix: str, node: dict[str, Any]) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                flatten(f"{prefix}{key.upper()}__", value)
-            elif value is not None:
-                out[f"{prefix}{key.upper()}"] = str(value)
-
-    flatten("EMBEDDING_WORKER_", config)
-    return out
-
-
 # --------------------------------------------------------------------------- data
 
 

@@ -32,10 +32,10 @@ from benchmarks.harness import (
     median_cpu,
     stack_roots,
     unique,
-    worker_env,
 )
 from benchmarks.topic import shared_topic
 from worker import store
+from worker.config import environment_for
 
 SCENARIO = "1-worker-overhead"
 TARGET_EVENTS_PER_S = 5_000.0
@@ -129,7 +129,7 @@ async def one_run(
     name = unique(f"bench_overhead_{label}")
     dsn = await fresh_database(ctx.stack, name, DIMENSION)
     fake = fake or ctx.fake
-    env = worker_env(worker_config(ctx, topic, dsn, name, fake, overrides))
+    env = environment_for(worker_config(ctx, topic, dsn, name, fake, overrides))
     proc = await Subprocess(["-m", "worker", "run"], env, ctx.work / f"{name}.log").start()
     spy: asyncio.subprocess.Process | None = None
 

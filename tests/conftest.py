@@ -17,7 +17,7 @@ from pgvector.asyncpg import register_vector
 from fakeapi import FakeConfig, FakeEmbeddingServer
 from worker import store
 from worker.app import Worker
-from worker.config import Settings, load_settings
+from worker.config import Settings, environment_for, load_settings
 from worker.devstack import DevStack
 from worker.kafka import make_producer
 from worker.migrate import migrate
@@ -62,17 +62,7 @@ class Env:
 
     def worker_env(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, str]:
         """The same configuration as environment variables, for a worker subprocess."""
-        out: dict[str, str] = {}
-
-        def flatten(prefix: str, node: dict[str, Any]) -> None:
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    flatten(f"{prefix}{key.upper()}__", value)
-                elif value is not None:
-                    out[f"{prefix}{key.upper()}"] = str(value)
-
-        flatten("EMBEDDING_WORKER_", self.config(provider, **extra))
-        return out
+        return environment_for(self.config(provider, **extra))
 
     def config(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         kafka = {

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+from fakeapi import FakeEmbeddingServer
+from tests.conftest import dashscope
+from worker.config import load_settings
 from worker.decode import Change
+from worker.embed import EmbedStage
+from worker.embedders import create_embedder
 from worker.events import TextType
 from worker.tokens import estimate_tokens
 
@@ -29,3 +37,16 @@ def upsert(
         text_type=text_type,
         tokens=estimate_tokens(text) if tokens is None else tokens,
     )
+
+
+@contextlib.asynccontextmanager
+async def stage_for(
+    fake: FakeEmbeddingServer, dimension: int, **provider: Any
+) -> AsyncIterator[EmbedStage]:
+    """An embed stage against the fake DashScope API, closed afterwards."""
+    settings = load_settings(provider=dashscope(fake, dimension, **provider))
+    embedder = create_embedder(settings.provider)
+    try:
+        yield EmbedStage(embedder, settings.provider)
+    finally:
+        await embedder.aclose()

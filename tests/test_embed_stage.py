@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import numpy as np
@@ -14,12 +13,10 @@ from hypothesis import strategies as st
 
 import worker.embed
 from fakeapi import FakeEmbeddingServer, fake_vector
-from tests.conftest import dashscope
+from tests.factories import stage_for as stage_with
 from tests.factories import upsert
-from worker.config import load_settings
 from worker.decode import Change
 from worker.embed import EmbedStage, backoff_delay
-from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault, TransientError
 from worker.events import TextType
 
@@ -41,14 +38,8 @@ def changes(
     ]
 
 
-@contextlib.asynccontextmanager
-async def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AsyncIterator[EmbedStage]:
-    settings = load_settings(provider=dashscope(fake, DIM, **{**FAST, **extra}))
-    embedder = create_embedder(settings.provider)
-    try:
-        yield EmbedStage(embedder, settings.provider)
-    finally:
-        await embedder.aclose()
+def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AbstractAsyncContextManager[EmbedStage]:
+    return stage_with(fake, DIM, **{**FAST, **extra})
 
 
 def assert_right_vectors(items: list[Change]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -14,12 +15,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from fakeapi import FakeEmbeddingServer, fake_vector
-from tests.conftest import API_KEY, dashscope
+from tests.conftest import API_KEY
+from tests.factories import stage_for as stage_with
 from tests.factories import upsert
-from worker.config import load_settings
 from worker.decode import Change
 from worker.embed import BatchOutcome, EmbedStage
-from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
 
 T = TypeVar("T")
@@ -46,14 +46,8 @@ def batches(items: list[Change], size: int = 10) -> list[list[Change]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-@contextlib.asynccontextmanager
-async def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AsyncIterator[EmbedStage]:
-    settings = load_settings(provider=dashscope(fake, DIM, **{**FAST, **extra}))
-    embedder = create_embedder(settings.provider)
-    try:
-        yield EmbedStage(embedder, settings.provider)
-    finally:
-        await embedder.aclose()
+def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AbstractAsyncContextManager[EmbedStage]:
+    return stage_with(fake, DIM, **{**FAST, **extra})
 
 
 async def run_all(stage: EmbedStage, items: list[Change], size: int = 10) -> list[BatchOutcome]:

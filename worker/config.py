@@ -291,6 +291,22 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         _CONFIG_FILE.reset(token)
 
 
+def environment_for(values: dict[str, Any]) -> dict[str, str]:
+    """The ``EMBEDDING_WORKER_*`` variables that express nested settings values, e.g. to
+    start a worker process with the same configuration."""
+    out: dict[str, str] = {}
+
+    def flatten(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                flatten(f"{prefix}{key.upper()}__", value)
+            elif value is not None:
+                out[f"{prefix}{key.upper()}"] = str(value)
+
+    flatten("EMBEDDING_WORKER_", values)
+    return out
+
+
 def _explain(exc: ValidationError) -> str:
     lines = ["invalid configuration:"]
     for err in exc.errors():
