@@ -1,4 +1,4 @@
-"""``embedding-worker`` command line: run, migrate, search, produce, demo."""
+"""``embedding-worker`` command line: run, migrate, search, similar, cluster, produce, demo."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from worker.embedders.base import ConfigurationFault
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError
 
+EXIT_NOT_FOUND = 1
 EXIT_CONFIG = 2
 EXIT_SCHEMA = 3
 EXIT_PROVIDER = 4
@@ -41,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
         "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter"
     )
     search.add_argument("--json", action="store_true", help="one JSON object per hit")
+    similar = sub.add_parser("similar", help="the stored rows nearest a stored row (same model)")
+    similar.add_argument("id")
+    similar.add_argument("--namespace", help="the row's namespace (default: default_namespace)")
+    similar.add_argument("-k", type=_positive, default=5, help="number of results")
+    similar.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter"
+    )
+    similar.add_argument("--json", action="store_true", help="one JSON object per hit")
+    cluster = sub.add_parser("cluster", help="k-means over a namespace, with nearest members")
+    cluster.add_argument("--namespace", help="default: default_namespace")
+    cluster.add_argument("-k", type=_positive, default=8, help="number of clusters (8)")
+    cluster.add_argument("--sample", type=_positive, default=10_000, help="rows to fit on")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster (3)")
+    cluster.add_argument("--json", action="store_true", help="one JSON document")
     produce = sub.add_parser("produce", help="produce a JSONL file of events to the input topic")
     produce.add_argument("file", type=Path)
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded stack")
@@ -87,6 +103,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "search":
         return await _search(args, settings)
+    if args.command == "similar":
+        return await _similar(args, settings)
+    if args.command == "cluster":
+        return await _cluster(args, settings)
     if args.command == "produce":
         from worker.produce import produce_file
 
@@ -129,6 +149,61 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(hit.__dict__, ensure_ascii=False))
         else:
             print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+    return 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+async def _similar(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.search import UnknownId, similar
+
+    namespace = args.namespace or settings.default_namespace
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        hits = await similar(conn, args.id, namespace, args.k, _filters(args.where))
+    except UnknownId as exc:
+        print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    finally:
+        await conn.close()
+    for hit in hits:
+        if args.json:
+            print(json.dumps(hit.__dict__, ensure_ascii=False))
+        else:
+            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+    return 0
+
+
+async def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from worker.search import cluster
+
+    if args.members < 0:
+        raise ConfigError(f"--members must be 0 or more, got {args.members}")
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        namespace = args.namespace or settings.default_namespace
+        model = settings.provider.model_name
+        result = await cluster(conn, namespace, model, args.k, args.sample, args.seed, args.members)
+    finally:
+        await conn.close()
+    if args.json:
+        print(json.dumps({**asdict(result), "k": args.k, "seed": args.seed}, ensure_ascii=False))
+        return 0
+    print(
+        f"{result.namespace} ({result.model}): {result.rows} rows, {len(result.clusters)} "
+        f"clusters (k={args.k}, fitted on {result.fitted_on} rows, seed {args.seed})"
+    )
+    for number, c in enumerate(result.clusters, 1):
+        print(f"cluster {number}: {c.size} rows, cohesion {c.cohesion:.3f}")
+        for m in c.members:
+            print(f"  {m.similarity:.3f}  {m.id}  {_snippet(m.content)}")
     return 0
 
 
