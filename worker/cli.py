@@ -1,4 +1,4 @@
-"""``embedding-worker`` command line: run, migrate, search, similar, cluster, produce, demo."""
+"""``embedding-worker`` command line: run, migrate, search, produce, demo."""
 
 from __future__ import annotations
 
@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="k-means over a namespace, with nearest members")
     cluster.add_argument("--namespace", help="default: default_namespace")
     cluster.add_argument("-k", type=_positive, default=8, help="number of clusters (8)")
-    cluster.add_argument("--sample", type=_positive, default=10_000, help="rows to fit on")
+    cluster.add_argument(
+        "--sample",
+        type=_positive,
+        default=10_000,
+        help="rows to fit on (a seeded reservoir sample)",
+    )
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster (3)")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
