@@ -12,6 +12,7 @@ import os
 import tomllib
 from contextvars import ContextVar
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,14 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
+)
+
+from worker.analysis.config import (
+    AnalysisFile,
+    AnalysisFileError,
+    NamespaceAnalysis,
+    finish,
+    load_analysis,
 )
 
 
@@ -174,6 +183,37 @@ class HttpSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class AnalysisSettings(BaseModel):
+    """Classification, moderation and anomaly results (off unless a namespace is configured).
+
+    The per-namespace rules come from ``file`` (a TOML file of their own) or inline from
+    ``namespaces``, not both.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path | None = None
+    namespaces: dict[str, NamespaceAnalysis] = Field(default_factory=dict)
+    classifications_topic: str = "content.classifications"
+    anomalies_topic: str = "content.anomalies"
+
+    @cached_property
+    def spec(self) -> AnalysisFile:
+        if self.file is None:
+            return finish(AnalysisFile(namespaces=self.namespaces), Path.cwd(), "analysis")
+        return load_analysis(self.file)
+
+    @model_validator(mode="after")
+    def _load(self) -> AnalysisSettings:
+        if self.file is not None and self.namespaces:
+            raise ValueError("set analysis.file or analysis.namespaces, not both")
+        try:
+            _ = self.spec  # refuse a broken file at start, with the file's own message
+        except AnalysisFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the README's table for every field."""
 
@@ -188,6 +228,7 @@ class Settings(BaseSettings):
     provider: ProviderSettings = ProviderSettings()
     batch: BatchSettings = BatchSettings()
     http: HttpSettings = HttpSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
@@ -220,6 +261,20 @@ class Settings(BaseSettings):
         if value.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> Settings:
+        """Writing results or dead letters to the input topic would feed them back in."""
+        k, a = self.kafka, self.analysis
+        outputs = {
+            "kafka.dlq_topic": k.dlq_topic,
+            "analysis.classifications_topic": a.classifications_topic,
+            "analysis.anomalies_topic": a.anomalies_topic,
+        }
+        for name, topic in outputs.items():
+            if topic == k.input_topic:
+                raise ValueError(f"{name} must differ from kafka.input_topic ({topic!r})")
+        return self
 
     @model_validator(mode="after")
     def _resolve_provider(self) -> Settings:

@@ -1,0 +1,1 @@
+"""Analysis of freshly embedded content: classification, moderation and anomaly scores."""
