@@ -68,7 +68,10 @@ async def test_dimension_mismatch_is_a_clear_start_up_error(env: Env) -> None:
 
 async def test_migrate_command_is_idempotent(env: Env) -> None:
     code, out, _ = await _cli("migrate", **_env(env))
-    assert (code, out.strip()) == (0, "applied 0001_embeddings.sql")
+    assert (code, out.splitlines()) == (
+        0,
+        ["applied 0001_embeddings.sql", "applied 0002_analysis.sql"],
+    )
     code, out, _ = await _cli("migrate", **_env(env))
     assert (code, out.strip()) == (0, "up to date")
 

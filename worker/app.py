@@ -9,6 +9,7 @@ import signal
 import structlog
 
 from worker import store
+from worker.analysis.stage import AnalysisStage
 from worker.config import Settings
 from worker.deadletter import DeadLetterSink
 from worker.embedders import create_embedder
@@ -64,6 +65,11 @@ class Worker:
             if isinstance(embedder, LocalEmbedder):
                 await embedder.warm_up()
             await producer.start()
+            analysis = (
+                AnalysisStage(s.analysis, producer, embedder.model)
+                if s.analysis.spec.namespaces
+                else None
+            )
             pipeline = Pipeline(
                 s,
                 consumer,
@@ -71,8 +77,10 @@ class Worker:
                 pool,
                 embedder,
                 self.metrics,
+                analysis,
             )
             self.pipeline = pipeline
+            await pipeline.prepare()
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)
             await consumer.start()
             log.info(

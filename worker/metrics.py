@@ -100,6 +100,18 @@ class PipelineCollector(Collector):
         yield retries
         yield counter("api_throttled", "429 answers.", st.throttled)
         yield counter("db_transactions", "Postgres transactions committed.", st.transactions)
+        if p.analysis is not None:
+            a = p.analysis.stats
+            classified = CounterMetricFamily(
+                f"{PREFIX}_classifications",
+                "Classification results produced, by moderation action.",
+                labels=["action"],
+            )
+            for action, count in sorted(a.classified.items()):
+                classified.add_metric([action], count)
+            yield classified
+            yield counter("anomaly_scored", "Events given an anomaly score.", a.scored)
+            yield counter("anomalies", "Events that crossed the anomaly threshold.", a.anomalies)
 
         yield gauge("in_flight_events", "Events fetched but not yet stored.", p.tracker.in_flight)
         yield gauge(

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import TypeVar
 
 import asyncpg
@@ -23,6 +24,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import store
+from worker.analysis.labels import stage_embedder
+from worker.analysis.stage import AnalysisStage
 from worker.batcher import MicroBatcher
 from worker.config import Settings
 from worker.deadletter import DeadLetterSink
@@ -80,8 +83,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         pool: asyncpg.Pool,
         embedder: Embedder,
         metrics: Metrics | None = None,
+        analysis: AnalysisStage | None = None,
     ) -> None:
         self.settings = settings
+        self.analysis = analysis
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.pool = pool
@@ -195,6 +200,14 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self.tracker.revoke(tp)
         self._revoking -= tps
         log.info("partitions revoked", partitions=sorted(p for _, p in tps))
+
+    async def prepare(self) -> None:
+        """Before consuming: embed and store the label sets the analysis file names."""
+        if self.analysis is not None:
+            embed = stage_embedder(
+                self.stage, self.embedder.max_texts, self.settings.provider.max_tokens_per_text
+            )
+            await self.analysis.prepare(self._pg, embed)
 
     # ---- main loop -------------------------------------------------------------------
 
@@ -448,6 +461,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         offsets = self.tracker.plan(current)
         changes = [i for i in current if isinstance(i, Change)]
         s = self.settings
+        model = self.embedder.model
+        within = None
+        if self.analysis is not None:
+            # Results are acknowledged before the offsets are stored (at least once).
+            analysed = await self.analysis.run(self._pg, changes)
+            within = partial(analysed.apply, model=model, retain=self.analysis.retain())
         began = time.monotonic()
         result = await self._pg(
             "write",
@@ -456,8 +475,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 changes,
                 offsets,
                 s.kafka.group_id,
-                self.embedder.model,
+                model,
                 self.embedder.dimension,
+                within=within,
             ),
         )
         self.metrics.write_seconds.observe(time.monotonic() - began)

@@ -7,7 +7,7 @@ event arriving late never overwrites a newer one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -230,8 +230,9 @@ async def write(
     model: str,
     dimension: int,
     store_text: bool = True,
+    within: Callable[[Conn], Awaitable[None]] | None = None,
 ) -> WriteResult:
-    """Apply ``changes`` and store ``offsets`` atomically."""
+    """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction)."""
     result = WriteResult(offsets=offsets)
     latest = newest_per_key(changes)
     embedded = [c for c in latest if c.op == "upsert" and c.vector is not None]
@@ -281,6 +282,8 @@ async def write(
             await conn.execute(TOMBSTONE, *args)
             status = await conn.execute(DELETE, *args)
             result.deleted = int(status.split()[-1])
+        if within is not None:
+            await within(conn)
         if offsets:
             items = list(offsets.items())
             await conn.execute(

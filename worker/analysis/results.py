@@ -1,0 +1,73 @@
+"""What the results topics carry: one JSON object per message, keyed for de-duplication.
+
+Results are at least once: after a crash between producing and storing the offsets the
+same event is analysed again. Its message key (namespace, id, content hash, model) is the
+same both times, so a consumer keeps the first or the last message per key and is done.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from worker.analysis.config import Action
+from worker.decode import Change
+from worker.events import SourcePosition
+
+Method = Literal["zero-shot", "few-shot", "zero-shot+few-shot"]
+
+
+def result_key(change: Change, model: str) -> str:
+    """Deterministic per (content version, model); stable across replays and replicas."""
+    return f"{change.namespace}/{change.id}#{change.content_hash.hex()}@{model}"
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="probability (top-k of the label set's distribution)")
+
+
+class ResultBase(BaseModel):
+    key: str = Field(description="the message key: namespace/id#content_hash@model")
+    namespace: str
+    id: str
+    content_hash: str = Field(description="SHA-256 (hex) of what was embedded")
+    model: str
+    source: SourcePosition
+    event_time: datetime | None
+    analysed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class ClassificationResult(ResultBase):
+    """Top-k labels with probabilities, and the moderation action they lead to."""
+
+    kind: Literal["classification"] = "classification"
+    label: str = Field(description="the most probable label")
+    labels: list[LabelScore]
+    method: Method
+    action: Action
+    # The policy rule that chose the action, as "label>=min_score"; None for the default.
+    rule: str | None = None
+
+
+class Neighbour(BaseModel):
+    id: str
+    similarity: float
+
+
+class AnomalyResult(ResultBase):
+    """An anomaly score against the namespace's own history, and whether it alerts."""
+
+    kind: Literal["anomaly"] = "anomaly"
+    anomaly: bool = Field(description="score above threshold, after the warm-up")
+    score: float
+    threshold: float | None = Field(description="the learned threshold; None in warm-up")
+    warm_up: bool
+    method: str
+    # The parts of the score: distance to the centroid of normal content, k-NN distance.
+    centroid_distance: float
+    neighbour_distance: float
+    neighbours: list[Neighbour]
+    seen: int = Field(description="events of the namespace scored before this one")
