@@ -64,6 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--json", action="store_true", help="one JSON document")
     produce = sub.add_parser("produce", help="produce a JSONL file of events to the input topic")
     produce.add_argument("file", type=Path)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="classification or anomaly quality on a labeled JSONL file (embedded stack)",
+    )
+    evaluate.add_argument("file", type=Path, help="JSONL with `text` and `label` per line")
+    evaluate.add_argument("--task", choices=("classify", "anomaly"), default="classify")
+    evaluate.add_argument(
+        "--labels", type=Path, help="analysis file with the label set (descriptions, parameters)"
+    )
+    evaluate.add_argument("--namespace", help="which of the file's namespaces (default: first)")
+    evaluate.add_argument(
+        "--shots", type=int, default=0, help="labeled examples per label taken from the file"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw (0)")
+    evaluate.add_argument("--positive", help="also report P/R/F1 of this label (e.g. spam)")
+    evaluate.add_argument("--normal", default="normal", help="the label of normal rows (anomaly)")
+    evaluate.add_argument("--dedupe", action="store_true", help="drop repeated texts")
+    evaluate.add_argument("--limit", type=int, help="only the first N rows")
+    evaluate.add_argument("--json", action="store_true", help="the report as JSON")
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded stack")
     demo.add_argument("--keep-logs", action="store_true", help="show the worker's log lines")
     return parser
@@ -77,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return asyncio.run(run_demo(verbose=args.keep_logs))
         settings = load_settings(args.config)
+        if args.command == "evaluate":
+            from worker.evaluate import run_cli
+
+            logs.configure("error", settings.log_format)
+            return run_cli(settings, args)
         logs.configure(settings.log_level, settings.log_format)
         return asyncio.run(_dispatch(args, settings))
     except ConfigError as exc:

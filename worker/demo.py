@@ -127,7 +127,7 @@ async def _demo(verbose: bool) -> int:
         _say(f"Produced {len(values)} events to {settings.kafka.input_topic} (4 partitions).")
 
         _say(f"Running the worker with the local model ({settings.provider.model_name}):")
-        await _run_until_caught_up(settings, high, len(values))
+        await run_until_caught_up(settings, high, len(values))
         await _show_results(settings)
         letters = await _dead_letters(settings)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(letters.items()))
@@ -138,11 +138,14 @@ async def _demo(verbose: bool) -> int:
         await stack.stop()
 
 
-async def _run_until_caught_up(settings: Settings, high: dict[int, int], total: int) -> None:
+async def run_until_caught_up(
+    settings: Settings, high: dict[int, int], total: int, progress: bool = True
+) -> None:
+    """Run a worker until Postgres stores an offset past ``high`` on every partition."""
     worker = Worker(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    progress = Progress(total)
+    bar = Progress(total) if progress else None
     conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
     try:
         while True:
@@ -152,8 +155,8 @@ async def _run_until_caught_up(settings: Settings, high: dict[int, int], total: 
             stored = await store.load_offsets(
                 conn, settings.kafka.group_id, settings.kafka.input_topic
             )
-            done = sum(min(stored.get(p, 0), h + 1) for p, h in high.items())
-            progress.update(done)
+            if bar is not None:
+                bar.update(sum(min(stored.get(p, 0), h + 1) for p, h in high.items()))
             if all(stored.get(p, 0) > h for p, h in high.items()):
                 break
             await asyncio.sleep(0.2)
@@ -161,8 +164,9 @@ async def _run_until_caught_up(settings: Settings, high: dict[int, int], total: 
         await conn.close()
         stop.set()
         await asyncio.wait_for(task, timeout=60)
-        progress.close()
-    if worker.pipeline is not None:
+        if bar is not None:
+            bar.close()
+    if worker.pipeline is not None and bar is not None:
         st = worker.pipeline.stats
         _say(
             f"  stored {st.stored}, {st.deleted} deletes, {st.unchanged} unchanged, "
