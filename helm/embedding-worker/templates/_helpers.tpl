@@ -172,6 +172,110 @@ tolerations:
 {{- end }}
 
 {{/*
+The analysis stage is on when an analysis file is given, inline (analysis.file, rendered into
+the chart's ConfigMap) or in a ConfigMap made outside the chart (analysis.existingConfigMap).
+*/}}
+{{- define "embedding-worker.analysis.enabled" -}}
+{{- if or .Values.analysis.file .Values.analysis.existingConfigMap }}true{{ end }}
+{{- end }}
+
+{{- define "embedding-worker.analysis.configMapName" -}}
+{{- .Values.analysis.existingConfigMap | default (printf "%s-analysis" (include "embedding-worker.fullname" .)) }}
+{{- end }}
+
+{{/* Where the worker reads the analysis file (EMBEDDING_WORKER_ANALYSIS__FILE). */}}
+{{- define "embedding-worker.analysis.path" -}}
+{{- printf "%s/%s" .Values.analysis.mountPath .Values.analysis.fileName }}
+{{- end }}
+
+{{/* The inline analysis ConfigMap's data: the analysis file plus the files next to it. */}}
+{{- define "embedding-worker.analysis.data" -}}
+{{- $data := dict .Values.analysis.fileName (.Values.analysis.file | default "") }}
+{{- range $name, $content := .Values.analysis.examples | default dict }}
+{{- $_ := set $data $name $content }}
+{{- end }}
+{{- toYaml $data }}
+{{- end }}
+
+{{/*
+What the worker produces results to (its settings from `env`, else its defaults).
+*/}}
+{{- define "embedding-worker.analysis.classificationsTopic" -}}
+{{- get .Values.env "EMBEDDING_WORKER_ANALYSIS__CLASSIFICATIONS_TOPIC" | default "content.classifications" }}
+{{- end }}
+{{- define "embedding-worker.analysis.anomaliesTopic" -}}
+{{- get .Values.env "EMBEDDING_WORKER_ANALYSIS__ANOMALIES_TOPIC" | default "content.anomalies" }}
+{{- end }}
+
+{{/*
+Analysis values that values.schema.json cannot check, or whose schema message is unclear.
+*/}}
+{{- define "embedding-worker.validateAnalysis" -}}
+{{- $a := .Values.analysis }}
+{{- $examples := $a.examples | default dict }}
+{{- if and $a.file $a.existingConfigMap }}
+{{- fail "analysis.file and analysis.existingConfigMap are mutually exclusive: give the analysis file inline (the chart renders its ConfigMap) or name a ConfigMap made outside the chart, not both." }}
+{{- end }}
+{{- if and $examples (not $a.file) }}
+{{- fail "analysis.examples are files next to analysis.file in the chart's ConfigMap: set analysis.file too (with analysis.existingConfigMap, put them in that ConfigMap)." }}
+{{- end }}
+{{- if hasKey $examples $a.fileName }}
+{{- fail (printf "analysis.examples has a file named %s, the analysis file's own name (analysis.fileName): rename one of them." $a.fileName) }}
+{{- end }}
+{{- if include "embedding-worker.analysis.enabled" . }}
+{{- range $key, $_ := .Values.env }}
+{{- if or (eq $key "EMBEDDING_WORKER_ANALYSIS__FILE") (hasPrefix "EMBEDDING_WORKER_ANALYSIS__NAMESPACES" $key) }}
+{{- fail (printf "env.%s conflicts with the analysis file the chart mounts (analysis.file / analysis.existingConfigMap): the worker takes analysis.file or analysis.namespaces, not both. Remove it." $key) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if or (eq (toString .name) "EMBEDDING_WORKER_ANALYSIS__FILE") (hasPrefix "EMBEDDING_WORKER_ANALYSIS__NAMESPACES" (toString .name)) }}
+{{- fail (printf "extraEnv %s conflicts with the analysis file the chart mounts (analysis.file / analysis.existingConfigMap). Remove it." .name) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraVolumes }}
+{{- if eq (toString .name) "analysis" }}
+{{- fail "extraVolumes has a volume named analysis, the name of the chart's analysis volume: rename it." }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraVolumeMounts }}
+{{- if eq (toString .mountPath | trimSuffix "/") $a.mountPath }}
+{{- fail (printf "analysis.mountPath %s is also an extraVolumeMounts mountPath: choose another directory." $a.mountPath) }}
+{{- end }}
+{{- end }}
+{{- if eq $a.mountPath "/tmp" }}
+{{- fail "analysis.mountPath /tmp would hide the worker's writable /tmp: choose another directory." }}
+{{- end }}
+{{- $input := get .Values.env "EMBEDDING_WORKER_KAFKA__INPUT_TOPIC" | default "content.events" }}
+{{- range $name, $topic := dict "EMBEDDING_WORKER_ANALYSIS__CLASSIFICATIONS_TOPIC" (include "embedding-worker.analysis.classificationsTopic" $) "EMBEDDING_WORKER_ANALYSIS__ANOMALIES_TOPIC" (include "embedding-worker.analysis.anomaliesTopic" $) }}
+{{- if eq $topic (toString $input) }}
+{{- fail (printf "%s is the input topic %s: the worker would consume its own results. Use another topic." $name $topic) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $a.file }}
+{{- /* A relative examples_file is read next to the analysis file: it must be one of the
+     ConfigMap's files. TOML is not parsed here (fromToml needs Helm >= 3.17): the usual
+     `examples_file = "..."` lines are matched. */}}
+{{- range regexFindAll `(?m)^[ \t]*(?:[A-Za-z0-9_.-]+\.)?examples_file[ \t]*=[ \t]*["'][^"'\n]*["']` $a.file -1 }}
+{{- $path := regexReplaceAll `^[^=]*=[ \t]*["']([^"'\n]*)["']$` . "${1}" }}
+{{- if and (not (isAbs $path)) (contains "/" (clean $path)) }}
+{{- fail (printf "analysis.file names examples_file %q: the ConfigMap's files sit in one directory next to the analysis file, so name it by a plain file name (a key of analysis.examples), or give an absolute path to a file mounted with extraVolumes." $path) }}
+{{- else if and (not (isAbs $path)) (not (hasKey $examples (clean $path))) }}
+{{- fail (printf "analysis.file names examples_file %q, which is read next to the analysis file: add it to analysis.examples (a key %q), or give an absolute path to a file mounted with extraVolumes." $path (clean $path)) }}
+{{- end }}
+{{- end }}
+{{- $size := len $a.fileName | add (len $a.file) }}
+{{- range $name, $content := $examples }}
+{{- $size = add $size (len $name) (len $content) }}
+{{- end }}
+{{- if gt $size 1048576 }}
+{{- fail (printf "analysis.file and analysis.examples add up to %d bytes, more than a ConfigMap holds (1 MiB): create the ConfigMap outside the chart (kubectl create configmap --from-file) and set analysis.existingConfigMap." $size) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks that values.schema.json cannot express with a clear message. Included by every
 template that depends on them, so `helm template` / `install` fail before anything is applied.
 */}}
@@ -196,6 +300,7 @@ template that depends on them, so `helm template` / `install` fail before anythi
 {{- if and .Values.keda.enabled (eq .Values.keda.trigger "prometheus") (lt (int .Values.keda.minReplicaCount) 1) }}
 {{- fail "keda.trigger=prometheus reads a metric the worker itself exports: with no replica there is no metric to scale up from zero. Set keda.minReplicaCount >= 1 (or use the kafka trigger)." }}
 {{- end }}
+{{- include "embedding-worker.validateAnalysis" . }}
 {{- end }}
 
 {{/*
