@@ -107,7 +107,7 @@ trap 'rm -rf "$tmp"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 # Scenarios: "default" (values.yaml alone) and each $CHART/ci/NAME-values.yaml on top of it.
-SCENARIOS=(default keda-kafka keda-prometheus hpa)
+SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing)
 values_file() { [[ "$1" == default ]] || echo "$CHART/ci/$1-values.yaml"; }
 values_args() {  # sets VALUES to the helm arguments of scenario $1
     VALUES=()
@@ -194,6 +194,50 @@ indentation: {spaces: consistent, indent-sequences: whatever}}}" "$rendered"
     "$BIN/python" helm/check_rendered.py "$rendered" --partitions "$partitions" --name "$s"
 done
 
+# ------------------------------------------------------------------ 4b. analysis
+# The analysis file is read only at start: changing it (here, one example) must change the
+# pod template (checksum/analysis) and nothing else of it. The install notes name the results
+# topics, which must exist (Helm 4 only: Helm 3's install --dry-run wants a cluster).
+step "analysis: pods roll when the analysis file changes; the notes name the results topics"
+echo '{"text": "Fine.", "label": "ok"}' >"$tmp/changed.jsonl"
+"${HELM_BINS[1]}" template ew "$CHART" --namespace vectors -f "$(values_file analysis)" \
+    --set-file "analysis.examples.comments\.jsonl=$tmp/changed.jsonl" >"$tmp/analysis-changed.yaml"
+"$BIN/python" - "$tmp/analysis.yaml" "$tmp/analysis-changed.yaml" <<'PY'
+import sys, yaml
+def pod_template(path):
+    deploy = next(d for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Deployment")
+    return deploy["spec"]["template"]
+before, after = (pod_template(path) for path in sys.argv[1:])
+checksums = [t["metadata"]["annotations"].pop("checksum/analysis", None) for t in (before, after)]
+if None in checksums or checksums[0] == checksums[1] or before != after:
+    sys.exit("FAIL: a changed analysis.examples must change checksum/analysis and nothing else")
+PY
+echo "ok   analysis: a changed example changes checksum/analysis only"
+for s in default analysis analysis-existing; do
+    values_args "$s"
+    notes="$("${HELM_BINS[1]}" install ew "$CHART" --namespace vectors --dry-run=client \
+        "${VALUES[@]}" | sed -n '/^NOTES:/,$p')"
+    topics=()
+    [[ "$s" == analysis ]] && topics=(moderation.classifications moderation.anomalies)
+    [[ "$s" == analysis-existing ]] && topics=(content.classifications content.anomalies)
+    if [[ ${#topics[@]} -eq 0 ]]; then
+        if grep -q 'Analysis is on' <<<"$notes"; then
+            echo "FAIL: $s: the notes mention analysis while it is off" >&2
+            exit 1
+        fi
+        echo "ok   $s: notes without analysis"
+        continue
+    fi
+    for topic in "${topics[@]}"; do
+        grep -qF "$topic" <<<"$notes" || {
+            echo "$notes" >&2
+            echo "FAIL: $s: the notes do not name the results topic $topic" >&2
+            exit 1
+        }
+    done
+    echo "ok   $s: notes name the results topics ${topics[*]}"
+done
+
 # ------------------------------------------------------------------ 5. refusals
 step "values the chart must refuse (each helm must fail, with the expected message)"
 expect_failure() {  # expect_failure "MESSAGE PART" helm-args...
@@ -221,11 +265,31 @@ expect_failure "set resources.requests.cpu" --set hpa.enabled=true --set resourc
 expect_failure "minAvailable or maxUnavailable, not both" --set podDisruptionBudget.minAvailable=1
 expect_failure "keda.minReplicaCount >= 1" \
     --set keda.enabled=true --set keda.trigger=prometheus --set keda.minReplicaCount=0
+# analysis (the schema refuses the first two combinations too: skipped here to reach the helper)
+expect_failure "analysis.file and analysis.existingConfigMap are mutually exclusive" \
+    --skip-schema-validation --set analysis.file=x --set analysis.existingConfigMap=rules
+expect_failure "set analysis.file too" \
+    --skip-schema-validation --set-string 'analysis.examples.x\.jsonl=y'
+printf '[namespaces.a.classify]\nexamples_file = "x.jsonl"\n' >"$tmp/no-examples.toml"
+expect_failure "add it to analysis.examples" --set-file "analysis.file=$tmp/no-examples.toml"
+expect_failure "the analysis file's own name" \
+    -f "$(values_file analysis)" --set-string 'analysis.examples.analysis\.toml=y'
+expect_failure "conflicts with the analysis file" \
+    -f "$(values_file analysis)" --set env.EMBEDDING_WORKER_ANALYSIS__FILE=/etc/a.toml
+expect_failure "consume its own results" --set analysis.existingConfigMap=rules \
+    --set env.EMBEDDING_WORKER_ANALYSIS__ANOMALIES_TOPIC=content.events
+head -c 1100000 /dev/zero | tr '\0' x >"$tmp/big.jsonl"
+expect_failure "more than a ConfigMap holds" \
+    --set analysis.file=x --set-file "analysis.examples.big\.jsonl=$tmp/big.jsonl"
 # values.schema.json (messages differ between Helm 3 and 4; both name the value)
 expect_failure "replicaz" --set replicaz=3
 expect_failure "terminationGracePeriodSeconds" --set terminationGracePeriodSeconds=30
 expect_failure "trigger" --set keda.enabled=true --set keda.trigger=cpu
 expect_failure "digest" --set image.digest=latest
+expect_failure "analysis" --set analysis.file=x --set analysis.existingConfigMap=rules
+expect_failure "analysis" --set-string 'analysis.examples.x\.jsonl=y'
+expect_failure "mountPath" --set analysis.existingConfigMap=rules --set analysis.mountPath=rel
+expect_failure "fileName" --set analysis.existingConfigMap=rules --set analysis.fileName=a/b
 
 # ------------------------------------------------------------------ 6. packaging
 step "helm package: the chart packages, without the CI scenarios"

@@ -15,13 +15,21 @@ kubernetes-validate. It checks:
   >= 45 s; the migration Job is a pre-install/pre-upgrade hook running `migrate` with the same
   image, settings and secrets as the worker and is not selected by the worker's selector;
   at most one autoscaler, the Deployment leaves replicas to it, and no autoscaler's maximum
-  exceeds the partition count.
+  exceeds the partition count;
+* the analysis stage: off, nothing of it is rendered; on, the worker (only: the Job runs before
+  the ConfigMap exists) mounts the analysis ConfigMap read-only where
+  EMBEDDING_WORKER_ANALYSIS__FILE points, the pods roll on its content (checksum/analysis), and
+  a rendered analysis file (with the files next to it) is one the worker itself accepts: it is
+  loaded with the worker's own AnalysisSettings (worker/config.py), topics from the ConfigMap.
 """
 
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,6 +43,8 @@ SECRET_ENV = {
     "EMBEDDING_WORKER_PROVIDER__API_KEY",
     "EMBEDDING_WORKER_KAFKA__SASL_PASSWORD",
 }
+
+ANALYSIS_FILE = "EMBEDDING_WORKER_ANALYSIS__FILE"
 
 failures: list[str] = []
 
@@ -126,6 +136,74 @@ def check_pod(kind: str, pod: Doc) -> Doc:
     return container
 
 
+def configmap_volumes(pod: Doc) -> dict[str, str]:
+    """Volume name -> name of the ConfigMap it mounts."""
+    volumes = pod["spec"].get("volumes", [])
+    return {v["name"]: v["configMap"]["name"] for v in volumes if "configMap" in v}
+
+
+def check_analysis(
+    pod: Doc, worker: Doc, analysis_cm: Doc | None, job: Doc | None, config: dict[str, str]
+) -> None:
+    """The analysis file's ConfigMap, mount, env and checksum; the file loads in the worker."""
+    annotations = pod["metadata"].get("annotations", {})
+    value = container_env(worker).get(ANALYSIS_FILE, {}).get("value")
+    volumes = configmap_volumes(pod)
+    if value is None:  # off
+        check(analysis_cm is None, "an analysis ConfigMap the worker does not use")
+        check("analysis" not in volumes, "an analysis volume while analysis is off")
+        check("checksum/analysis" not in annotations, "checksum/analysis while analysis is off")
+        return
+    directory, file_name = posixpath.split(value)
+    mounts = [m for m in worker.get("volumeMounts", []) if m["mountPath"] == directory]
+    check(len(mounts) == 1, f"{ANALYSIS_FILE}={value}: {directory} is not mounted (once)")
+    if len(mounts) != 1:
+        return
+    check(mounts[0].get("readOnly") is True, "the analysis mount is not read-only")
+    mounted = volumes.get(mounts[0]["name"])
+    check(mounted is not None, f"{directory} is not a ConfigMap volume")
+    if job is not None:
+        job_pod = job["spec"]["template"]
+        check(
+            mounted not in configmap_volumes(job_pod).values(),
+            "the migration Job mounts the analysis ConfigMap (a hook runs before it exists)",
+        )
+        check(
+            ANALYSIS_FILE not in container_env(job_pod["spec"]["containers"][0]),
+            f"the migration Job has {ANALYSIS_FILE} without the file",
+        )
+    if analysis_cm is None:  # analysis.existingConfigMap: made outside the chart
+        check("checksum/analysis" not in annotations, "checksum/analysis of no rendered file")
+        return
+    check(mounted == analysis_cm["metadata"]["name"], "the worker mounts another ConfigMap")
+    check("checksum/analysis" in annotations, "no checksum/analysis: pods would not roll")
+    data: dict[str, str] = analysis_cm.get("data", {})
+    check(file_name in data, f"the analysis ConfigMap has no {file_name}")
+    if file_name not in data:
+        return
+    from worker.config import AnalysisSettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in data.items():
+            (Path(tmp) / name).write_text(content, encoding="utf-8")
+        topics = {
+            "classifications_topic": config.get(
+                "EMBEDDING_WORKER_ANALYSIS__CLASSIFICATIONS_TOPIC", "content.classifications"
+            ),
+            "anomalies_topic": config.get(
+                "EMBEDDING_WORKER_ANALYSIS__ANOMALIES_TOPIC", "content.anomalies"
+            ),
+        }
+        try:
+            spec = AnalysisSettings(file=Path(tmp) / file_name, **topics).spec
+        except Exception as exc:  # pydantic.ValidationError with the worker's own message
+            check(False, f"the worker refuses the analysis file: {exc}")
+            return
+        check(bool(spec.namespaces), "the analysis file configures no namespace")
+        input_topic = config.get("EMBEDDING_WORKER_KAFKA__INPUT_TOPIC", "content.events")
+        check(input_topic not in topics.values(), "a results topic is the input topic")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
@@ -140,8 +218,13 @@ def main() -> int:
         if doc["kind"] in ("ScaledObject", "ServiceMonitor"):
             check_crd(doc)
 
-    cm = one(docs, "ConfigMap")
     deploy = one(docs, "Deployment")
+    # The settings ConfigMap is named like the Deployment; the analysis file's gets "-analysis".
+    fullname = deploy["metadata"]["name"] if deploy else ""
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    cm = configmaps.pop(fullname, None)
+    analysis_cm = configmaps.pop(f"{fullname}-analysis", None)
+    check(not configmaps, f"unexpected ConfigMaps {sorted(configmaps)}")
     service = one(docs, "Service")
     job = one(docs, "Job", "migrations")
     scaled = one(docs, "ScaledObject")
@@ -195,11 +278,14 @@ def main() -> int:
         env = container_env(migrate)
         inline = {k: v.get("value") for k, v in env.items() if "value" in v}
         check(inline == config, f"Job settings != ConfigMap: {inline} vs {config}")
-        worker_env = container_env(worker)
+        # The worker's own env also points at the analysis file when analysis is on.
+        worker_env = {k: v for k, v in container_env(worker).items() if k != ANALYSIS_FILE}
         check(
             {k: v for k, v in env.items() if k not in config} == worker_env,
             "Job secrets/extra env != worker's",
         )
+
+    check_analysis(pod, worker, analysis_cm, job, config)
 
     check(not (scaled and hpa), "both a ScaledObject and an HPA")
     if scaled or hpa:
