@@ -466,7 +466,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         if self.analysis is not None:
             # Results are acknowledged before the offsets are stored (at least once).
             analysed = await self.analysis.run(self._pg, changes)
-            within = partial(analysed.apply, model=model, retain=self.analysis.retain())
+            within = partial(analysed.apply, model=model, history=self.analysis.history())
         began = time.monotonic()
         result = await self._pg(
             "write",

@@ -1,22 +1,22 @@
-"""Anomaly scores per namespace, learned from the stream itself and kept in Postgres.
+"""Anomaly scores per namespace, learned from the stream itself.
 
-Two distances, for each event in stream order:
-- to the centroid of the namespace's normal content (the vendor's method), and
-- to its nearest neighbours among the namespace's past events (pgvector), ignoring the
-  ``horizon`` most recent ones: a burst of repeats is not its own evidence of normality,
-  so it keeps alerting until its kind has been part of the stream for a while.
-The alert threshold is a quantile of the namespace's own score distribution (an additive
-histogram), and nothing alerts during the warm-up.
-
-All state (event count, centroid sum, score histogram, past points) lives in Postgres and
-changes only in the transaction that stores the offsets: a restart, a replay or another
-replica sees exactly what was committed.
+For the event at position p of its namespace, its history is every earlier event except
+the ``horizon`` most recent ones (the warm-up block is never excluded): h = p during the
+warm-up, else max(p - horizon, warm_up). Leaving the recent past out is what makes a burst
+of repeats keep scoring high until its kind has been part of the stream for a while,
+instead of vouching for itself from its second line on. The score mixes two distances:
+- to the centroid of the history (the vendor's method: cosine to the mean of normal
+  content; alerts are rare enough not to move the mean), and
+- the mean cosine distance to its ``neighbours`` nearest events in the history (pgvector).
+The threshold is the ``quantile`` of the scores after the warm-up, seeded when the warm-up
+ends with each warm-up event's score against the other warm-up events; nothing alerts
+during the warm-up. docs/analysis.md has the measurements behind the defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from pgvector import Vector
@@ -24,191 +24,142 @@ from pgvector import Vector
 from worker.analysis import scoring
 from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, Neighbour, result_key
+from worker.analysis.state import Delta, NamespaceState, points_between
 from worker.decode import NO_TIME, Change
 from worker.events import SourcePosition
 from worker.store import Conn
 
-METHOD = "knn-horizon+centroid"
+METHOD = "centroid+knn"
+SHOWN_NEIGHBOURS = 5
 
 NEAREST_PAST = """
-SELECT q.i, p.id, 1 - (p.embedding <=> q.v) AS similarity
+SELECT q.i, p.id, p.position, 1 - (p.embedding <=> q.v) AS similarity
 FROM unnest($1::vector[], $2::bigint[]) WITH ORDINALITY AS q(v, bound, i)
 CROSS JOIN LATERAL (
-    SELECT id, embedding FROM anomaly_points
+    SELECT id, position, embedding FROM analysis_points
     WHERE namespace = $3 AND model = $4 AND position < q.bound
     ORDER BY embedding <=> q.v LIMIT $5
 ) p
-ORDER BY q.i, similarity DESC
 """
 
-LOAD_STATE = """
-SELECT scored, normal, centroid_sum, score_hist FROM anomaly_state
-WHERE namespace = $1 AND model = $2
-"""
 
-# Additive: every term is a sum, so replicas (and retried transactions) compose.
-ADD_STATE = """
-INSERT INTO anomaly_state AS s (namespace, model, scored, normal, centroid_sum, score_hist)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (namespace, model) DO UPDATE SET
-    scored = s.scored + EXCLUDED.scored,
-    normal = s.normal + EXCLUDED.normal,
-    centroid_sum = (SELECT array_agg(a + b ORDER BY i)
-                    FROM unnest(s.centroid_sum, EXCLUDED.centroid_sum) WITH ORDINALITY u(a, b, i)),
-    score_hist = (SELECT array_agg(a + b ORDER BY i)
-                  FROM unnest(s.score_hist, EXCLUDED.score_hist) WITH ORDINALITY u(a, b, i)),
-    updated_at = now()
-"""
-
-ADD_POINTS = """
-INSERT INTO anomaly_points (namespace, model, position, id, embedding)
-SELECT $1, $2, * FROM unnest($3::bigint[], $4::text[], $5::vector[])
-ON CONFLICT DO NOTHING
-"""
-
-TRIM_POINTS = """
-DELETE FROM anomaly_points WHERE namespace = $1 AND model = $2 AND position < $3
-"""
+def history_end(position: int, spec: Anomaly) -> int:
+    """Events at positions below this are the history of the event at ``position``."""
+    if position < spec.warm_up:
+        return position
+    return max(position - spec.horizon, spec.warm_up)
 
 
 @dataclass
-class State:
-    scored: int
-    normal: int
-    centroid_sum: np.ndarray  # float64 (dimension,)
-    hist: np.ndarray  # float64 (HIST_BINS,)
-
-    @classmethod
-    def empty(cls, dimension: int) -> State:
-        return cls(0, 0, np.zeros(dimension), np.zeros(scoring.HIST_BINS))
+class Scored:
+    score: float
+    threshold: float | None
+    alert: bool
+    centroid_distance: float
+    neighbour_distance: float
+    neighbours: list[tuple[str, float]]
 
 
 @dataclass
-class Delta:
-    """What one batch adds to the namespace's state, applied in the write transaction."""
+class Past:
+    """What a batch needs from Postgres, fetched in one go."""
 
-    namespace: str
-    start: int  # the position of the batch's first event
-    state: State
-    ids: list[str] = field(default_factory=list)
-    vectors: list[np.ndarray] = field(default_factory=list)
+    nearest: list[list[tuple[str, int, float]]]  # per event: (id, position, similarity)
+    recent: list[tuple[int, np.ndarray]]  # stored events inside the batch's horizons
+    warm_up: list[np.ndarray]  # the warm-up events, when this batch ends the warm-up
 
 
-async def load_state(conn: Conn, namespace: str, model: str, dimension: int) -> State:
-    row = await conn.fetchrow(LOAD_STATE, namespace, model)
-    if row is None:
-        return State.empty(dimension)
-    return State(
-        int(row["scored"]),
-        int(row["normal"]),
-        np.asarray(row["centroid_sum"], dtype=np.float64),
-        np.asarray(row["score_hist"], dtype=np.float64),
-    )
-
-
-async def nearest_past(
-    conn: Conn, namespace: str, model: str, vectors: np.ndarray, bounds: Sequence[int], k: int
-) -> list[list[tuple[str, float]]]:
-    """Per vector, its k nearest stored points with a position below its bound."""
+async def fetch_past(
+    conn: Conn, spec: Anomaly, namespace: str, model: str, vectors: np.ndarray, start: int
+) -> Past:
+    bounds = [history_end(start + i, spec) for i in range(len(vectors))]
     rows = await conn.fetch(
-        NEAREST_PAST, [Vector(v) for v in vectors], list(bounds), namespace, model, k
+        NEAREST_PAST,
+        [Vector(v) for v in vectors],
+        bounds,
+        namespace,
+        model,
+        spec.neighbours,
     )
-    out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
+    nearest: list[list[tuple[str, int, float]]] = [[] for _ in range(len(vectors))]
     for r in rows:
-        out[r["i"] - 1].append((r["id"], float(r["similarity"])))
+        nearest[r["i"] - 1].append((r["id"], int(r["position"]), float(r["similarity"])))
+    recent = await points_between(conn, namespace, model, min(bounds), start)
+    ends_warm_up = start <= spec.warm_up < start + len(vectors) and spec.warm_up > 0
+    warm = await points_between(conn, namespace, model, 0, spec.warm_up) if ends_warm_up else []
+    return Past(nearest, recent, [v for _, v in warm])
+
+
+def score_batch(
+    spec: Anomaly,
+    state: NamespaceState,
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    past: Past,
+    delta: Delta,
+) -> list[Scored]:
+    """Score ``vectors`` (unit, stream order); record the histogram counts in ``delta``."""
+    start = state.seen
+    hist = state.hist.copy()
+    total = state.vector_sum.copy()  # every event before the current one
+    recent = {p: v for p, v in past.recent}
+    out: list[Scored] = []
+    for i, x in enumerate(vectors):
+        position = start + i
+        if position == spec.warm_up and spec.warm_up > 0:
+            warm = [*past.warm_up, *(vectors[j] for j in range(i) if start + j < spec.warm_up)]
+            seeds = scoring.histogram(warm_up_scores(np.vstack(warm), spec))
+            hist += seeds
+            delta.hist += seeds
+        end = history_end(position, spec)
+        # The history's sum: everything before, less the events inside the horizon.
+        split = max(0, min(i, end - start))  # this batch's events before `end`
+        history_sum = total - vectors[split:i].sum(axis=0)
+        for p, v in recent.items():
+            if end <= p < start:
+                history_sum = history_sum - v
+        centroid_d = centroid_distance(history_sum, end, x)
+        hits = [(id_, s) for id_, p, s in past.nearest[i] if p < end]
+        sims = vectors[:split] @ x
+        hits += [(ids[j], float(sims[j])) for j in range(split)]
+        hits = sorted(hits, key=lambda h: -h[1])[: spec.neighbours]
+        neighbour_d = 1.0 - float(np.mean([s for _, s in hits])) if hits else 1.0
+        value = spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d
+        threshold = scoring.quantile(hist, spec.quantile) if position >= spec.warm_up else None
+        alert = threshold is not None and value > threshold
+        out.append(Scored(value, threshold, alert, centroid_d, neighbour_d, hits))
+        if position >= spec.warm_up:
+            counts = scoring.histogram([value])
+            hist += counts
+            delta.hist += counts
+        total += x
     return out
 
 
-async def score(
-    conn: Conn, spec: Anomaly, namespace: str, model: str, changes: Sequence[Change]
-) -> tuple[list[AnomalyResult], Delta]:
-    """Score ``changes`` (one namespace, stream order) against the committed state."""
-    vectors = scoring.normalise(np.vstack([c.vector for c in changes if c.vector is not None]))
-    dimension = vectors.shape[1]
-    state = await load_state(conn, namespace, model, dimension)
-    start = state.scored
-    positions = [start + i for i in range(len(changes))]
-    bounds = [p - spec.horizon for p in positions]
-    stored = await nearest_past(conn, namespace, model, vectors, bounds, spec.neighbours)
-    delta = Delta(namespace, start, State.empty(dimension))
-    centroid_sum = state.centroid_sum.copy()
-    normal, hist = state.normal, state.hist.copy()
-    results: list[AnomalyResult] = []
-    for i, change in enumerate(changes):
-        v = vectors[i]
-        # Earlier events of this batch are history too, once they are past the horizon.
-        local = [
-            (changes[j].id, float(vectors[j] @ v)) for j in range(i) if positions[j] < bounds[i]
-        ]
-        hits = sorted([*stored[i], *local], key=lambda h: -h[1])[: spec.neighbours]
-        centroid_d = centroid_distance(centroid_sum, normal, v)
-        neighbour_d = 1.0 - float(np.mean([s for _, s in hits])) if hits else centroid_d
-        value = neighbour_d
-        seen = positions[i]
-        threshold = scoring.quantile(hist, spec.quantile) if seen >= spec.warm_up else None
-        alert = threshold is not None and value > threshold
-        results.append(
-            build(change, model, value, threshold, alert, seen, spec, centroid_d, neighbour_d, hits)
-        )
-        if not alert:
-            centroid_sum += v
-            normal += 1
-            delta.state.centroid_sum += v
-            delta.state.normal += 1
-        bin_counts = scoring.histogram([value])
-        hist += bin_counts
-        delta.state.hist += bin_counts
-        delta.state.scored += 1
-        delta.ids.append(change.id)
-        delta.vectors.append(v)
-    return results, delta
+def warm_up_scores(vectors: np.ndarray, spec: Anomaly) -> list[float]:
+    """Each warm-up event scored against all the other warm-up events (leave one out)."""
+    sims = vectors @ vectors.T
+    total = vectors.sum(axis=0)
+    out = []
+    for i in range(len(vectors)):
+        others = np.delete(sims[i], i)
+        nearest = np.sort(others)[::-1][: spec.neighbours]
+        neighbour_d = 1.0 - float(nearest.mean()) if len(nearest) else 1.0
+        centroid_d = centroid_distance(total - vectors[i], len(vectors) - 1, vectors[i])
+        out.append(spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d)
+    return out
 
 
-def centroid_distance(centroid_sum: np.ndarray, count: int, vector: np.ndarray) -> float:
-    """1 - cosine similarity to the mean of the normal vectors so far (1.0 with none)."""
-    norm = float(np.linalg.norm(centroid_sum))
-    if count == 0 or norm == 0:
+def centroid_distance(vector_sum: np.ndarray, count: int, vector: np.ndarray) -> float:
+    """1 - cosine similarity to the mean of ``count`` vectors summing to ``vector_sum``."""
+    norm = float(np.linalg.norm(vector_sum))
+    if count <= 0 or norm == 0:
         return 1.0
-    return 1.0 - float(centroid_sum @ vector) / norm
-
-
-async def apply(conn: Conn, model: str, delta: Delta, retain: int) -> None:
-    """Add a batch's state and points; keep the last ``retain`` points of the namespace."""
-    s = delta.state
-    await conn.execute(
-        ADD_STATE,
-        delta.namespace,
-        model,
-        s.scored,
-        s.normal,
-        s.centroid_sum.tolist(),
-        s.hist.tolist(),
-    )
-    positions = list(range(delta.start, delta.start + len(delta.ids)))
-    await conn.execute(
-        ADD_POINTS,
-        delta.namespace,
-        model,
-        positions,
-        delta.ids,
-        [Vector(v) for v in delta.vectors],
-    )
-    end = delta.start + len(delta.ids)
-    if end > retain:
-        await conn.execute(TRIM_POINTS, delta.namespace, model, end - retain)
+    return 1.0 - float(vector_sum @ vector) / norm
 
 
 def build(
-    change: Change,
-    model: str,
-    value: float,
-    threshold: float | None,
-    alert: bool,
-    seen: int,
-    spec: Anomaly,
-    centroid_d: float,
-    neighbour_d: float,
-    hits: Sequence[tuple[str, float]],
+    change: Change, model: str, scored: Scored, position: int, spec: Anomaly
 ) -> AnomalyResult:
     return AnomalyResult(
         key=result_key(change, model),
@@ -218,13 +169,15 @@ def build(
         model=model,
         source=SourcePosition(topic=change.topic, partition=change.partition, offset=change.offset),
         event_time=None if change.event_time == NO_TIME else change.event_time,
-        anomaly=alert,
-        score=round(value, 6),
-        threshold=None if threshold is None else round(threshold, 6),
-        warm_up=seen < spec.warm_up,
+        anomaly=scored.alert,
+        score=round(scored.score, 6),
+        threshold=None if scored.threshold is None else round(scored.threshold, 6),
+        warm_up=position < spec.warm_up,
         method=METHOD,
-        centroid_distance=round(centroid_d, 6),
-        neighbour_distance=round(neighbour_d, 6),
-        neighbours=[Neighbour(id=i, similarity=round(s, 6)) for i, s in hits],
-        seen=seen,
+        centroid_distance=round(scored.centroid_distance, 6),
+        neighbour_distance=round(scored.neighbour_distance, 6),
+        neighbours=[
+            Neighbour(id=i, similarity=round(s, 6)) for i, s in scored.neighbours[:SHOWN_NEIGHBOURS]
+        ],
+        seen=position,
     )

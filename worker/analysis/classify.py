@@ -1,13 +1,22 @@
-"""Zero-shot and few-shot classification of a batch, and the moderation action.
+"""Classification of a namespace's batch, event by event in stream order.
 
-Zero-shot compares each event with the label vectors in memory; few-shot asks pgvector for
-the labeled examples nearest to each event (one query for the whole batch) and lets them
-vote. With both available the two distributions are mixed by ``few_shot_weight``.
+For each event x (unit vector), per label c, the score adds up to three terms:
+- zero-shot: ``description_weight * cos(x, L_c)``, L_c the mean of c's description vectors;
+- prototype: ``cos(x - mu, P_c - n_c * mu)``, P_c the sum of c's n_c member vectors (its
+  examples plus, with ``adapt``, every past event classified as c), mu the examples' mean
+  (or the stream's running mean without examples); used once every label has
+  ``min_members`` (examples alone always qualify when there are no descriptions);
+- few-shot vote: ``vote_weight * log(p_c + 0.001)``, p the similarity-weighted vote of the k
+  labeled vectors nearest x in pgvector (examples, and past events with the label they got).
+The first two are divided by ``temperature``; the probabilities are the softmax of the sum.
+With ``adapt`` the event then joins its label (self-training on the stream), so prototypes
+follow the stream's own vocabulary. docs/analysis.md has the measurements behind this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pgvector import Vector
@@ -15,28 +24,35 @@ from pgvector import Vector
 from worker.analysis import scoring
 from worker.analysis.labels import LabelSet
 from worker.analysis.results import ClassificationResult, LabelScore, Method, result_key
+from worker.analysis.state import Delta, NamespaceState
 from worker.decode import NO_TIME, Change
 from worker.events import SourcePosition
 from worker.store import Conn
 
-NEAREST_EXAMPLES = """
-SELECT q.i, l.label, 1 - (l.embedding <=> q.v) AS similarity
+VOTE_FLOOR = 1e-3
+
+NEAREST_LABELED = """
+SELECT q.i, n.label, n.similarity
 FROM unnest($1::vector[]) WITH ORDINALITY AS q(v, i)
 CROSS JOIN LATERAL (
-    SELECT label, embedding FROM label_vectors
-    WHERE namespace = $2 AND model = $3 AND kind = 'example'
-    ORDER BY embedding <=> q.v LIMIT $4
-) l
+    (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM label_vectors
+     WHERE namespace = $2 AND model = $3 AND kind = 'example'
+     ORDER BY embedding <=> q.v LIMIT $4)
+    UNION ALL
+    (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM analysis_points
+     WHERE namespace = $2 AND model = $3 AND label IS NOT NULL
+     ORDER BY embedding <=> q.v LIMIT $4)
+) n
 """
 
 
-async def nearest_examples(
+async def nearest_labeled(
     conn: Conn, labels: LabelSet, model: str, vectors: np.ndarray
 ) -> list[list[tuple[int, float]]]:
-    """Per vector, its nearest examples as (label index, cosine similarity)."""
+    """Per vector, its nearest labeled vectors as (label index, cosine similarity)."""
     index = {name: i for i, name in enumerate(labels.names)}
     rows = await conn.fetch(
-        NEAREST_EXAMPLES,
+        NEAREST_LABELED,
         [Vector(v) for v in vectors],
         labels.namespace,
         model,
@@ -44,47 +60,84 @@ async def nearest_examples(
     )
     out: list[list[tuple[int, float]]] = [[] for _ in range(len(vectors))]
     for r in rows:
-        if r["label"] in index:
+        if r["label"] in index:  # a label removed from the file is ignored
             out[r["i"] - 1].append((index[r["label"]], float(r["similarity"])))
     return out
 
 
-def probabilities(
-    labels: LabelSet, vectors: np.ndarray, neighbours: Sequence[Sequence[tuple[int, float]]] | None
-) -> tuple[np.ndarray, Method]:
-    """(n, labels) probabilities and the method that produced them."""
-    spec = labels.spec
-    zero = (
-        None
-        if labels.prototypes is None
-        else scoring.zero_shot(vectors, labels.prototypes, spec.temperature)
-    )
-    few = (
-        None
-        if neighbours is None
-        else scoring.knn_vote(neighbours, len(labels.names), spec.temperature)
-    )
-    method: Method = "zero-shot+few-shot"
-    if few is None:
-        method = "zero-shot"
-    elif zero is None:
-        method = "few-shot"
-    return scoring.combine(zero, few, spec.few_shot_weight), method
+@dataclass
+class Classified:
+    probabilities: np.ndarray  # (labels,)
+    label: int
 
 
-async def classify(
-    conn: Conn, labels: LabelSet, model: str, changes: Sequence[Change]
-) -> list[ClassificationResult]:
-    vectors = np.vstack([c.vector for c in changes if c.vector is not None])
-    neighbours = await nearest_examples(conn, labels, model, vectors) if labels.examples else None
-    probs, method = probabilities(labels, vectors, neighbours)
-    return [build(labels, model, c, p, method) for c, p in zip(changes, probs, strict=True)]
+def method_of(labels: LabelSet) -> Method:
+    if labels.prototypes is None:
+        return "few-shot"
+    return "zero-shot+few-shot" if labels.examples else "zero-shot"
+
+
+def classify_batch(
+    labels: LabelSet,
+    state: NamespaceState,
+    vectors: np.ndarray,
+    stored: Sequence[Sequence[tuple[int, float]]] | None,
+    delta: Delta,
+) -> list[Classified]:
+    """Classify ``vectors`` (unit, stream order) and record the adaptation in ``delta``."""
+    spec, names = labels.spec, labels.names
+    n_labels = len(names)
+    members = labels.example_counts.astype(np.float64) + [state.members[n] for n in names]
+    sums = labels.example_sums + np.vstack(
+        [state.label_sums.get(n, np.zeros(vectors.shape[1])) for n in names]
+    )
+    stream_sum, seen = state.vector_sum.copy(), state.seen
+    fixed_centre = labels.example_mean
+    use_vote = stored is not None and labels.examples > 0 and spec.neighbours > 0
+    out: list[Classified] = []
+    for i, x in enumerate(vectors):
+        stream_sum += x
+        seen += 1
+        z = np.zeros(n_labels)
+        if labels.prototypes is not None:
+            z += spec.description_weight * (labels.prototypes @ x)
+        enough = members.min() >= (1 if labels.prototypes is None else spec.min_members)
+        if enough:
+            mu = fixed_centre if fixed_centre is not None else stream_sum / seen
+            z += cosines(x - mu, sums - members[:, None] * mu)
+        z /= spec.temperature
+        if use_vote and stored is not None:
+            hits = list(stored[i])
+            if spec.adapt:  # earlier events of this batch are labeled history too
+                sims = vectors[:i] @ x
+                hits += [(out[j].label, float(sims[j])) for j in range(i)]
+            hits = sorted(hits, key=lambda h: -h[1])[: spec.neighbours]
+            if hits:
+                vote = scoring.knn_vote([hits], n_labels, spec.vote_temperature)[0]
+                z += spec.vote_weight * np.log(vote + VOTE_FLOOR)
+        probs = scoring.softmax(z, 1.0)
+        best = int(np.argmax(probs))
+        out.append(Classified(probs, best))
+        if spec.adapt:
+            members[best] += 1
+            sums[best] += x
+            delta.members[names[best]] += 1
+            delta.label_sums.setdefault(names[best], np.zeros(len(x)))
+            delta.label_sums[names[best]] += x
+    return out
+
+
+def cosines(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(x))
+    out: np.ndarray = np.divide(rows @ x, norms, out=np.zeros(len(rows)), where=norms > 0)
+    return out
 
 
 def build(
-    labels: LabelSet, model: str, change: Change, probs: np.ndarray, method: Method
+    labels: LabelSet, model: str, change: Change, classified: Classified
 ) -> ClassificationResult:
     spec = labels.spec
+    probs = classified.probabilities
     ranked = scoring.top_k(probs, labels.names, spec.top_k)
     action, rule = scoring.moderate(
         {name: float(p) for name, p in zip(labels.names, probs, strict=True)}, spec.policy
@@ -97,9 +150,9 @@ def build(
         model=model,
         source=SourcePosition(topic=change.topic, partition=change.partition, offset=change.offset),
         event_time=None if change.event_time == NO_TIME else change.event_time,
-        label=ranked[0][0],
+        label=labels.names[classified.label],
         labels=[LabelScore(label=n, score=round(s, 6)) for n, s in ranked],
-        method=method,
+        method=method_of(labels),
         action=action,
         rule=None if rule is None else f"{rule.label}>={rule.min_score}",
     )

@@ -53,18 +53,27 @@ class Rule(BaseModel):
 
 
 class Classification(BaseModel):
+    """Defaults are the ones measured in docs/analysis.md (chosen without test labels)."""
+
     model_config = ConfigDict(extra="forbid")
 
     labels: list[Label] = Field(min_length=2)
     # JSONL of {"text", "label"}; relative paths are relative to the analysis file.
     examples_file: Path | None = None
     top_k: int = Field(default=3, ge=1)
-    # Softmax temperature over cosine similarities (lower is sharper).
-    temperature: float = Field(default=0.05, gt=0)
-    # Few-shot: labeled examples nearest to the event (pgvector), similarity-weighted vote.
-    neighbours: int = Field(default=10, ge=1)
-    # Weight of the few-shot vote against the zero-shot one when a label set has both.
-    few_shot_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Scores are divided by this before the softmax that gives the probabilities.
+    temperature: float = Field(default=0.1, gt=0)
+    # Weight of the similarity to the label descriptions (zero-shot) next to the prototypes.
+    description_weight: float = Field(default=1.0, ge=0.0)
+    # Few-shot vote: the k nearest labeled vectors (examples, and past events with the label
+    # they were given), each weighing exp(similarity / vote_temperature); 0 turns it off.
+    neighbours: int = Field(default=10, ge=0)
+    vote_temperature: float = Field(default=0.05, gt=0)
+    vote_weight: float = Field(default=1.0, ge=0.0)
+    # Self-training: every classified event joins its label's prototype (and the vote); a
+    # prototype counts once it has this many members (examples included).
+    adapt: bool = True
+    min_members: int = Field(default=5, ge=1)
     # How label descriptions are embedded; e5 and DashScope (with `instruct`) treat
     # "query" texts differently from the "document" texts they are compared with.
     description_type: TextType = TextType.QUERY
@@ -89,16 +98,17 @@ class Anomaly(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # No alert before this many events of the namespace were scored (scores are still kept).
-    warm_up: int = Field(default=200, ge=0)
+    warm_up: int = Field(default=100, ge=0)
     # The alert threshold is this quantile of the namespace's own score distribution.
-    quantile: float = Field(default=0.99, gt=0.0, lt=1.0)
-    # Nearest stored neighbours the k-NN score averages over.
-    neighbours: int = Field(default=1, ge=1)
-    # Neighbours younger than this many events of the namespace are ignored, so a burst of
-    # repeats keeps alerting until its kind has been part of the stream for a while.
-    horizon: int = Field(default=50, ge=0)
-    # Past events kept per namespace for the k-NN score (the oldest are dropped).
-    retain: int = Field(default=20_000, ge=1)
+    quantile: float = Field(default=0.95, gt=0.0, lt=1.0)
+    # Nearest past events the k-NN distance averages over.
+    neighbours: int = Field(default=50, ge=1)
+    # The most recent events (after the warm-up) are left out of the history an event is
+    # compared with, so a burst of repeats is not its own evidence of normality: it keeps
+    # scoring high until its kind has been part of the stream for a while.
+    horizon: int = Field(default=100, ge=0)
+    # Weight of the centroid distance in the score (the rest is the k-NN distance).
+    centroid_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     # "alerts" sends only anomalies; "all" sends every score (evaluation, dashboards).
     emit: Literal["alerts", "all"] = "alerts"
 
@@ -108,6 +118,18 @@ class NamespaceAnalysis(BaseModel):
 
     classify: Classification | None = None
     anomaly: Anomaly | None = None
+    # Past events kept for the k-NN vote and score (the oldest are dropped).
+    history: int = Field(default=20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _history_covers_anomaly(self) -> NamespaceAnalysis:
+        a = self.anomaly
+        if a is not None and self.history <= max(a.horizon, a.warm_up):
+            raise ValueError(
+                f"history ({self.history}) must exceed anomaly.horizon ({a.horizon}) "
+                f"and anomaly.warm_up ({a.warm_up})"
+            )
+        return self
 
 
 class AnalysisFile(BaseModel):

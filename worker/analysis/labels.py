@@ -48,18 +48,32 @@ class LabelText:
 
 @dataclass
 class LabelSet:
-    """What classification needs in memory; the examples stay in pgvector."""
+    """What classification needs in memory: label vectors and the examples' sums."""
 
     namespace: str
     spec: Classification
     # (labels, dimension) unit vectors: mean of each label's descriptions. None when some
     # label has no description (zero-shot then cannot rank every label).
     prototypes: np.ndarray | None
-    examples: int
+    # Per label, the sum and count of its examples' unit vectors (the few-shot prototype).
+    example_sums: np.ndarray
+    example_counts: np.ndarray
 
     @property
     def names(self) -> list[str]:
         return self.spec.names
+
+    @property
+    def examples(self) -> int:
+        return int(self.example_counts.sum())
+
+    @property
+    def example_mean(self) -> np.ndarray | None:
+        """The centre the few-shot prototypes are compared around (None without examples)."""
+        if not self.examples:
+            return None
+        mean: np.ndarray = self.example_sums.sum(axis=0) / self.examples
+        return mean
 
 
 def label_texts(spec: Classification) -> list[LabelText]:
@@ -152,8 +166,7 @@ async def sync(
                 [h for _, _, h in stale],
             )
         rows = await conn.fetch(
-            "SELECT label, embedding FROM label_vectors "
-            "WHERE namespace = $1 AND model = $2 AND kind = 'description'",
+            "SELECT kind, label, embedding FROM label_vectors WHERE namespace = $1 AND model = $2",
             namespace,
             model,
         )
@@ -164,11 +177,24 @@ async def sync(
         embedded=len(missing),
         removed=len(stale),
     )
+    names = spec.names
+    index = {name: i for i, name in enumerate(names)}
+    descriptions = [
+        (r["label"], r["embedding"].to_numpy()) for r in rows if r["kind"] == "description"
+    ]
+    dimension = len(rows[0]["embedding"].to_numpy()) if rows else 0
+    sums = np.zeros((len(names), dimension))
+    counts = np.zeros(len(names), dtype=np.int64)
+    for r in rows:
+        if r["kind"] == "example" and r["label"] in index:
+            sums[index[r["label"]]] += unit(r["embedding"].to_numpy().astype(np.float64))
+            counts[index[r["label"]]] += 1
     return LabelSet(
         namespace=namespace,
         spec=spec,
-        prototypes=prototypes(spec.names, [(r["label"], r["embedding"].to_numpy()) for r in rows]),
-        examples=sum(len(label.examples) for label in spec.labels),
+        prototypes=prototypes(names, descriptions),
+        example_sums=sums,
+        example_counts=counts,
     )
 
 

@@ -84,7 +84,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 # Scores are distances in [0, 2]. Fixed bins make the histogram additive: replicas add
 # their counts to the same row in Postgres and agree on the quantile.
 
-HIST_BINS = 400
+HIST_BINS = 1000
 HIST_MAX = 2.0
 
 

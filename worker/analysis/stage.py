@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, TypeVar
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from worker.analysis import anomaly
-from worker.analysis.classify import classify
+from worker.analysis import anomaly, classify, scoring, state
 from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
+from worker.analysis.results import AnomalyResult, ClassificationResult
 from worker.config import AnalysisSettings
 from worker.decode import Change
 from worker.publish import publish
@@ -44,13 +45,62 @@ class AnalysisStats:
 
 @dataclass
 class Analysed:
-    """What a write batch must also store, in its own transaction."""
+    """One namespace's results for a batch, and what its transaction must add to the state."""
 
-    deltas: list[anomaly.Delta] = field(default_factory=list)
+    classifications: list[ClassificationResult] = field(default_factory=list)
+    anomalies: list[AnomalyResult] = field(default_factory=list)
+    deltas: list[state.Delta] = field(default_factory=list)
 
-    async def apply(self, conn: Conn, model: str, retain: dict[str, int]) -> None:
+    async def apply(self, conn: Conn, model: str, history: dict[str, int]) -> None:
         for delta in self.deltas:
-            await anomaly.apply(conn, model, delta, retain[delta.namespace])
+            await state.apply(conn, model, delta, history[delta.namespace])
+
+
+async def analyse(
+    conn: Conn,
+    namespace: str,
+    spec: NamespaceAnalysis,
+    labels: LabelSet | None,
+    model: str,
+    changes: Sequence[Change],
+) -> Analysed:
+    """Classify and score one namespace's events (stream order) against the committed state."""
+    vectors = scoring.normalise(np.vstack([c.vector for c in changes if c.vector is not None]))
+    current = await state.load(conn, namespace, model, vectors.shape[1])
+    delta = state.Delta.empty(namespace, current.seen, vectors.shape[1])
+    out = Analysed(deltas=[delta])
+    point_labels: list[str | None] = [None] * len(changes)
+    if labels is not None:
+        c = labels.spec
+        stored = (
+            await classify.nearest_labeled(conn, labels, model, vectors)
+            if labels.examples and c.neighbours
+            else None
+        )
+        for i, (change, result) in enumerate(
+            zip(
+                changes,
+                classify.classify_batch(labels, current, vectors, stored, delta),
+                strict=True,
+            )
+        ):
+            out.classifications.append(classify.build(labels, model, change, result))
+            if c.adapt:
+                point_labels[i] = labels.names[result.label]
+    if spec.anomaly is not None:
+        a = spec.anomaly
+        past = await anomaly.fetch_past(conn, a, namespace, model, vectors, current.seen)
+        ids = [c.id for c in changes]
+        scored = anomaly.score_batch(a, current, vectors, ids, past, delta)
+        out.anomalies = [
+            anomaly.build(change, model, s, current.seen + i, a)
+            for i, (change, s) in enumerate(zip(changes, scored, strict=True))
+        ]
+    delta.vector_sum += vectors.sum(axis=0)
+    delta.ids = [c.id for c in changes]
+    delta.labels = point_labels
+    delta.vectors = list(vectors)
+    return out
 
 
 class AnalysisStage:
@@ -62,10 +112,6 @@ class AnalysisStage:
         self.labels: dict[str, LabelSet] = {}
         self.stats = AnalysisStats()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.namespaces)
-
     async def prepare(self, pg: RunPg, embed: Embed) -> None:
         """Embed and store the label sets (once; later starts find them stored)."""
         for namespace, ns in self.namespaces.items():
@@ -75,38 +121,45 @@ class AnalysisStage:
                 )
                 self.labels[namespace] = await pg("label sync", op)
 
-    def retain(self) -> dict[str, int]:
-        return {n: ns.anomaly.retain for n, ns in self.namespaces.items() if ns.anomaly}
+    def history(self) -> dict[str, int]:
+        return {n: ns.history for n, ns in self.namespaces.items()}
 
     async def run(self, pg: RunPg, changes: Sequence[Change]) -> Analysed:
-        """Classify and score the freshly embedded changes; publish; return the state delta."""
-        out = Analysed()
+        """Analyse the freshly embedded changes; publish (acknowledged); return the deltas."""
         by_namespace: dict[str, list[Change]] = {}
         for c in changes:
             if c.op == "upsert" and c.vector is not None and c.namespace in self.namespaces:
                 by_namespace.setdefault(c.namespace, []).append(c)
-        classifications: list[tuple[bytes, bytes]] = []
-        alerts: list[tuple[bytes, bytes]] = []
+        out = Analysed()
         for namespace, batch in by_namespace.items():
-            ns = self.namespaces[namespace]
-            labels = self.labels.get(namespace)
-            if labels is not None:
-                op = partial(classify, labels=labels, model=self.model, changes=batch)
-                for r in await pg("classify", op):
-                    classifications.append((r.key.encode(), r.model_dump_json().encode()))
-                    self.stats.classified[r.action.value] += 1
-            if ns.anomaly is not None:
-                spec = ns.anomaly
-                score = partial(
-                    anomaly.score, spec=spec, namespace=namespace, model=self.model, changes=batch
-                )
-                scored, delta = await pg("anomaly score", score)
-                out.deltas.append(delta)
-                self.stats.scored += len(scored)
-                for a in scored:
-                    self.stats.anomalies += a.anomaly
-                    if a.anomaly or spec.emit == "all":
-                        alerts.append((a.key.encode(), a.model_dump_json().encode()))
-        await publish(self.producer, self.settings.classifications_topic, classifications)
-        await publish(self.producer, self.settings.anomalies_topic, alerts)
+            op = partial(
+                analyse,
+                namespace=namespace,
+                spec=self.namespaces[namespace],
+                labels=self.labels.get(namespace),
+                model=self.model,
+                changes=batch,
+            )
+            part = await pg("analyse", op)
+            out.classifications += part.classifications
+            out.anomalies += part.anomalies
+            out.deltas += part.deltas
+        emit_all = {
+            n for n, ns in self.namespaces.items() if ns.anomaly and ns.anomaly.emit == "all"
+        }
+        alerts = [a for a in out.anomalies if a.anomaly or a.namespace in emit_all]
+        await publish(
+            self.producer,
+            self.settings.classifications_topic,
+            [(r.key.encode(), r.model_dump_json().encode()) for r in out.classifications],
+        )
+        await publish(
+            self.producer,
+            self.settings.anomalies_topic,
+            [(r.key.encode(), r.model_dump_json().encode()) for r in alerts],
+        )
+        for r in out.classifications:
+            self.stats.classified[r.action.value] += 1
+        self.stats.scored += len(out.anomalies)
+        self.stats.anomalies += sum(a.anomaly for a in out.anomalies)
         return out
