@@ -1,0 +1,199 @@
+"""Classification and anomaly scoring as pure functions of vectors and state (no I/O)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.analysis import anomaly, classify
+from worker.analysis.config import (
+    AnalysisFileError,
+    Anomaly,
+    Classification,
+    Label,
+    NamespaceAnalysis,
+    load_analysis,
+)
+from worker.analysis.labels import LabelSet, prototypes
+from worker.analysis.state import Delta, NamespaceState
+
+DIM = 8
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def axis(i: int, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    v = np.zeros(DIM)
+    v[i] = 1.0
+    if noise and rng is not None:
+        v = v + rng.normal(0, noise, DIM)
+    return unit(v)
+
+
+def empty_state() -> NamespaceState:
+    return NamespaceState(0, np.zeros(DIM), np.zeros(1000))
+
+
+def label_set(descriptions: bool = True, examples: int = 0, adapt: bool = True) -> LabelSet:
+    names = ["a", "b", "c"]
+    spec = Classification(
+        labels=[
+            Label(name=n, descriptions=["d"] if descriptions else [], examples=["e"]) for n in names
+        ],
+        adapt=adapt,
+        min_members=2,
+    )
+    sums = np.vstack([axis(i) * examples for i in range(3)])
+    return LabelSet(
+        namespace="ns",
+        spec=spec,
+        prototypes=np.vstack([axis(i) for i in range(3)]) if descriptions else None,
+        example_sums=sums,
+        example_counts=np.full(3, examples),
+    )
+
+
+def test_zero_shot_picks_the_nearest_description_and_self_trains() -> None:
+    rng = np.random.default_rng(0)
+    labels = label_set()
+    vectors = np.vstack([axis(i % 3, 0.3, rng) for i in range(30)])
+    delta = Delta.empty("ns", 0, DIM)
+    out = classify.classify_batch(labels, empty_state(), vectors, None, delta)
+    assert [c.label for c in out] == [i % 3 for i in range(30)]
+    assert all(abs(c.probabilities.sum() - 1) < 1e-9 for c in out)
+    assert dict(delta.members) == {"a": 10, "b": 10, "c": 10}
+    assert np.allclose(delta.label_sums["a"], vectors[0::3].sum(axis=0))
+    assert classify.method_of(labels) == "zero-shot"
+
+
+def test_no_adaptation_leaves_the_state_alone() -> None:
+    labels = label_set(adapt=False)
+    delta = Delta.empty("ns", 0, DIM)
+    classify.classify_batch(labels, empty_state(), np.vstack([axis(0), axis(1)]), None, delta)
+    assert not delta.members and not delta.label_sums
+
+
+def test_few_shot_vote_follows_the_nearest_labeled_vectors() -> None:
+    """Without descriptions, a vector between two prototypes goes where its neighbours are."""
+    labels = label_set(descriptions=False, examples=4)
+    between = unit(axis(0) + axis(1))
+    # Stored neighbours say "b" (index 1), closely; the prototypes tie.
+    stored = [[(1, 0.99), (1, 0.98), (0, 0.70)]]
+    out = classify.classify_batch(
+        labels, empty_state(), between[None, :], stored, Delta.empty("ns", 0, DIM)
+    )
+    assert out[0].label == 1
+    flipped = [[(0, 0.99), (0, 0.98), (1, 0.70)]]
+    out = classify.classify_batch(
+        labels, empty_state(), between[None, :], flipped, Delta.empty("ns", 0, DIM)
+    )
+    assert out[0].label == 0
+    assert classify.method_of(labels) == "few-shot"
+
+
+def test_history_end_excludes_the_horizon_but_never_the_warm_up() -> None:
+    spec = Anomaly(warm_up=10, horizon=5)
+    assert [anomaly.history_end(p, spec) for p in (0, 3, 9)] == [0, 3, 9]
+    assert [anomaly.history_end(p, spec) for p in (10, 14, 15, 40)] == [10, 10, 10, 35]
+
+
+def score(vectors: np.ndarray, spec: Anomaly) -> list[anomaly.Scored]:
+    """Score a whole stream as one batch (history comes from the batch itself)."""
+    past = anomaly.Past([[] for _ in vectors], [], [])
+    ids = [str(i) for i in range(len(vectors))]
+    return anomaly.score_batch(spec, empty_state(), vectors, ids, past, Delta.empty("ns", 0, DIM))
+
+
+def test_a_burst_keeps_alerting_within_the_horizon_and_routine_lines_do_not() -> None:
+    rng = np.random.default_rng(1)
+    routine = [axis(i % 3, 0.15, rng) for i in range(60)]
+    burst = [axis(5, 0.01, rng) for _ in range(8)]
+    stream = np.vstack([*routine, *burst, *[axis(i % 3, 0.15, rng) for i in range(20)]])
+    spec = Anomaly(warm_up=30, horizon=20, neighbours=5, quantile=0.95)
+    scored = score(stream, spec)
+    assert not any(s.alert for s in scored[:30]), "no alert during the warm-up"
+    assert all(s.threshold is None for s in scored[:30])
+    assert all(s.alert for s in scored[60:63]), "the burst alerts"
+    # Its repeats keep scoring above every routine line (the horizon): they rank as
+    # anomalies, though once they fill the top of the histogram they stop crossing it.
+    routine_scores = [s.score for s in scored[30:60] + scored[68:]]
+    assert min(s.score for s in scored[60:68]) > max(routine_scores)
+    assert sum(s.alert for s in scored[30:60]) + sum(s.alert for s in scored[68:]) <= 2
+
+
+def test_without_a_horizon_repeats_vouch_for_themselves() -> None:
+    rng = np.random.default_rng(1)
+    routine = [axis(i % 3, 0.15, rng) for i in range(60)]
+    burst = [axis(5, 0.01, rng) for _ in range(8)]
+    stream = np.vstack([*routine, *burst])
+    spec = Anomaly(warm_up=30, horizon=0, neighbours=1, centroid_weight=0.0)
+    scored = score(stream, spec)
+    assert scored[60].alert
+    assert not any(s.alert for s in scored[62:68]), "the burst's second line on looks normal"
+
+
+def test_batches_give_the_same_scores_as_one_stream() -> None:
+    """Split anywhere, with the earlier part as stored history: identical scores."""
+    rng = np.random.default_rng(2)
+    stream = np.vstack([axis(int(rng.integers(0, 4)), 0.2, rng) for _ in range(80)])
+    spec = Anomaly(warm_up=20, horizon=10, neighbours=4)
+    whole = score(stream, spec)
+    cut = 37
+    first = score(stream[:cut], spec)
+    state = NamespaceState(cut, stream[:cut].sum(axis=0), np.zeros(1000))
+    delta = Delta.empty("ns", 0, DIM)
+    for s in first[spec.warm_up :]:
+        state.hist += np.histogram([s.score], bins=1000, range=(0, 2))[0]
+    # the warm-up seeds were counted once, when position 20 was scored
+    seeds = anomaly.warm_up_scores(stream[: spec.warm_up], spec)
+    state.hist += np.histogram(seeds, bins=1000, range=(0, 2))[0]
+    vectors = stream[cut:]
+    nearest = []
+    for i, x in enumerate(vectors):
+        end = anomaly.history_end(cut + i, spec)
+        sims = stream[:end] @ x if end else np.array([])
+        order = np.argsort(-sims)[: spec.neighbours]
+        nearest.append([(str(j), int(j), float(sims[j])) for j in order if j < cut])
+    recent = [(p, stream[p]) for p in range(anomaly.history_end(cut, spec), cut)]
+    past = anomaly.Past(nearest, recent, [])
+    ids = [str(cut + i) for i in range(len(vectors))]
+    second = anomaly.score_batch(spec, state, vectors, ids, past, delta)
+    assert np.allclose([s.score for s in whole[cut:]], [s.score for s in second])
+    assert [s.alert for s in whole[cut:]] == [s.alert for s in second]
+
+
+def test_prototypes_need_every_label_described() -> None:
+    rows = [("a", axis(0)), ("a", axis(1)), ("b", axis(2))]
+    protos = prototypes(["a", "b"], rows)
+    assert protos is not None
+    assert np.allclose(protos[0], unit(axis(0) + axis(1)))
+    assert prototypes(["a", "b", "c"], rows) is None
+
+
+def test_analysis_file_examples_and_refusals(tmp_path: Path) -> None:
+    (tmp_path / "ex.jsonl").write_text('{"text": "hello", "label": "a"}\n\n')
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[namespaces.x.classify]\nexamples_file = "ex.jsonl"\n'
+        '[[namespaces.x.classify.labels]]\nname = "a"\n'
+        '[[namespaces.x.classify.labels]]\nname = "b"\ndescription = "B"\n'
+    )
+    spec = load_analysis(good)
+    classify_spec = spec.namespaces["x"].classify
+    assert classify_spec is not None and classify_spec.labels[0].examples == ["hello"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace('"ex.jsonl"', '"missing.jsonl"'))
+    with pytest.raises(AnalysisFileError, match=r"missing\.jsonl"):
+        load_analysis(bad)
+    (tmp_path / "ex.jsonl").write_text('{"text": "hello", "label": "zzz"}\n')
+    with pytest.raises(AnalysisFileError, match="'zzz' is not in namespace 'x'"):
+        load_analysis(good)
+    (tmp_path / "ex.jsonl").write_text("")
+    with pytest.raises(AnalysisFileError, match="neither a description nor examples"):
+        load_analysis(good)
+    with pytest.raises(ValueError, match="history"):
+        NamespaceAnalysis(anomaly=Anomaly(warm_up=100), history=50)
