@@ -23,7 +23,8 @@ DIM = 8
 
 
 def unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+    out: np.ndarray = v / np.linalg.norm(v)
+    return out
 
 
 def axis(i: int, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
