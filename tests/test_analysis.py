@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running
 from worker import store
@@ -132,8 +134,9 @@ async def test_classification_messages_have_keys_schema_labels_and_actions(
     settings = env.settings(analysis={"file": str(analysis_file(tmp_path)), **topics})
     events = news_events()
     high = await env.produce(events)
-    async with running(settings):
+    async with running(settings) as worker:
         await env.wait_for_offsets(high)
+        scraped = generate_latest(worker.metrics.registry).decode()
     messages = await read_topic(env, topics["classifications_topic"], len(events))
     by_id = {m["id"]: (key, m) for key, m in messages}
     assert set(by_id) == {e["id"] for e in events}
@@ -160,8 +163,10 @@ async def test_classification_messages_have_keys_schema_labels_and_actions(
             assert (result.action, result.rule) == ("block", "Cooking>=0.6")
         elif expected == "Sports":
             assert result.action == "allow" and result.rule is None
-    actions = {by_id[f"news-{i}"][1]["action"] for i in range(len(NEWS))}
-    assert {"review", "block", "allow"} <= actions, "every action should occur in this data"
+    actions = Counter(by_id[f"news-{i}"][1]["action"] for i in range(len(NEWS)))
+    assert {"review", "block", "allow"} <= set(actions), "every action should occur in this data"
+    for action, count in actions.items():
+        assert f'embedding_worker_classifications_total{{action="{action}"}} {count}.0' in scraped
 
 
 async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_restart(
