@@ -23,10 +23,9 @@ from pgvector import Vector
 
 from worker.analysis import scoring
 from worker.analysis.config import Anomaly
-from worker.analysis.results import AnomalyResult, Neighbour, result_key
+from worker.analysis.results import AnomalyResult, Neighbour, origin
 from worker.analysis.state import Delta, NamespaceState, points_between
-from worker.decode import NO_TIME, Change
-from worker.events import SourcePosition
+from worker.decode import Change
 from worker.store import Conn
 
 METHOD = "centroid+knn"
@@ -162,13 +161,7 @@ def build(
     change: Change, model: str, scored: Scored, position: int, spec: Anomaly
 ) -> AnomalyResult:
     return AnomalyResult(
-        key=result_key(change, model),
-        namespace=change.namespace,
-        id=change.id,
-        content_hash=change.content_hash.hex(),
-        model=model,
-        source=SourcePosition(topic=change.topic, partition=change.partition, offset=change.offset),
-        event_time=None if change.event_time == NO_TIME else change.event_time,
+        **origin(change, model),
         anomaly=scored.alert,
         score=round(scored.score, 6),
         threshold=None if scored.threshold is None else round(scored.threshold, 6),

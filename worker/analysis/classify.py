@@ -23,10 +23,9 @@ from pgvector import Vector
 
 from worker.analysis import scoring
 from worker.analysis.labels import LabelSet
-from worker.analysis.results import ClassificationResult, LabelScore, Method, result_key
+from worker.analysis.results import ClassificationResult, LabelScore, Method, origin
 from worker.analysis.state import Delta, NamespaceState
-from worker.decode import NO_TIME, Change
-from worker.events import SourcePosition
+from worker.decode import Change
 from worker.store import Conn
 
 VOTE_FLOOR = 1e-3
@@ -143,13 +142,7 @@ def build(
         {name: float(p) for name, p in zip(labels.names, probs, strict=True)}, spec.policy
     )
     return ClassificationResult(
-        key=result_key(change, model),
-        namespace=change.namespace,
-        id=change.id,
-        content_hash=change.content_hash.hex(),
-        model=model,
-        source=SourcePosition(topic=change.topic, partition=change.partition, offset=change.offset),
-        event_time=None if change.event_time == NO_TIME else change.event_time,
+        **origin(change, model),
         label=labels.names[classified.label],
         labels=[LabelScore(label=n, score=round(s, 6)) for n, s in ranked],
         method=method_of(labels),

@@ -8,12 +8,12 @@ same both times, so a consumer keeps the first or the last message per key and i
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from worker.analysis.config import Action
-from worker.decode import Change
+from worker.decode import NO_TIME, Change
 from worker.events import SourcePosition
 
 Method = Literal["zero-shot", "few-shot", "zero-shot+few-shot"]
@@ -22,6 +22,21 @@ Method = Literal["zero-shot", "few-shot", "zero-shot+few-shot"]
 def result_key(change: Change, model: str) -> str:
     """Deterministic per (content version, model); stable across replays and replicas."""
     return f"{change.namespace}/{change.id}#{change.content_hash.hex()}@{model}"
+
+
+def origin(change: Change, model: str) -> dict[str, Any]:
+    """The fields every result repeats from its event (see ResultBase)."""
+    return {
+        "key": result_key(change, model),
+        "namespace": change.namespace,
+        "id": change.id,
+        "content_hash": change.content_hash.hex(),
+        "model": model,
+        "source": SourcePosition(
+            topic=change.topic, partition=change.partition, offset=change.offset
+        ),
+        "event_time": None if change.event_time == NO_TIME else change.event_time,
+    }
 
 
 class LabelScore(BaseModel):
