@@ -101,7 +101,7 @@ async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one
         await lookup_open.wait()
         return {}
 
-    async def write(conn: object, changes: Any, offsets: Any, *args: object) -> Any:
+    async def write(conn: object, changes: Any, offsets: Any, *args: object, **kw: object) -> Any:
         stored.update((c.partition, c.offset) for c in changes)
         for (_, partition), offset in offsets.items():
             db_offsets[partition] = max(db_offsets.get(partition, 0), offset)
