@@ -16,14 +16,12 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from worker import logs, store
 from worker.app import Worker
 from worker.config import Settings, load_settings
 from worker.devstack import DevStack
 from worker.embedders import create_embedder
-from worker.kafka import make_producer
+from worker.kafka import make_producer, read_topic
 from worker.migrate import migrate
 from worker.produce import produce_values, read_lines
 from worker.search import search
@@ -35,9 +33,12 @@ QUERIES = (
 )
 
 
+def data_file(name: str) -> Path:
+    return Path(str(resources.files("worker") / "data" / name))
+
+
 def sample_events() -> list[bytes]:
-    path = resources.files("worker") / "data" / "sample_events.jsonl"
-    return read_lines(Path(str(path)))
+    return read_lines(data_file("sample_events.jsonl"))
 
 
 def _say(message: str) -> None:
@@ -106,9 +107,13 @@ async def _demo(verbose: bool) -> int:
             postgres={"dsn": stack.dsn()},
             provider={"kind": "local"},
             http={"enabled": False},
+            analysis={"file": str(data_file("demo_analysis.toml"))},
         )
+        a = settings.analysis
         await stack.create_topics([settings.kafka.input_topic], partitions=4)
-        await stack.create_topics([settings.kafka.dlq_topic], partitions=1)
+        await stack.create_topics(
+            [settings.kafka.dlq_topic, a.classifications_topic, a.anomalies_topic], partitions=1
+        )
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
             applied = await migrate(conn, settings.provider.dim)
@@ -129,6 +134,7 @@ async def _demo(verbose: bool) -> int:
         _say(f"Running the worker with the local model ({settings.provider.model_name}):")
         await run_until_caught_up(settings, high, len(values))
         await _show_results(settings)
+        await _show_analysis(settings)
         letters = await _dead_letters(settings)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(letters.items()))
         _say(f"\nDead-lettered: {sum(letters.values())} events ({reasons})")
@@ -183,8 +189,7 @@ async def _show_results(settings: Settings) -> None:
             where = f" (namespace {namespace})" if namespace else ""
             _say(f'\nSearch: "{query}"{where}')
             for hit in await search(conn, embedder, query, k=3, namespace=namespace):
-                text = " ".join((hit.content or "").split())
-                text = text if len(text) <= 80 else text[:79] + "…"
+                text = _clip(hit.content, 80)
                 lang = hit.metadata.get("lang", "?")
                 _say(f"  {hit.score:.3f}  {hit.id:<16} [{lang}] {text}")
     finally:
@@ -192,24 +197,45 @@ async def _show_results(settings: Settings) -> None:
         await embedder.aclose()
 
 
+async def _show_analysis(settings: Settings) -> None:
+    """Read the results topics back, as a downstream consumer would."""
+    bootstrap, a = settings.kafka.bootstrap_servers, settings.analysis
+    classified = [json.loads(v) for v in await read_topic(bootstrap, a.classifications_topic)]
+    labels = Counter(c["label"] for c in classified)
+    actions = Counter(c["action"] for c in classified)
+    _say(
+        f"\nClassified {len(classified)} support tickets ({a.classifications_topic}): "
+        + ", ".join(f"{k} {v}" for k, v in labels.most_common())
+        + "; actions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
+    )
+    texts = await _texts(settings, [c["id"] for c in classified])
+    shown = [c for c in classified if c["action"] != "allow"][:2] + classified[:3]
+    for c in shown:
+        score, text = c["labels"][0]["score"], _clip(texts.get(c["id"]), 58)
+        _say(f"  {score:.2f} {c['label']:<9} {c['action']:<7} {text}")
+    scores = [json.loads(v) for v in await read_topic(bootstrap, a.anomalies_topic)]
+    _say(f"\nAnomalies in the news stream ({a.anomalies_topic}): {len(scores)} after the warm-up")
+    texts = await _texts(settings, [s["id"] for s in scores])
+    for s in sorted(scores, key=lambda s: -s["score"])[:3]:
+        _say(f"  {s['score']:.3f} > {s['threshold']:.3f}  {_clip(texts.get(s['id']), 58)}")
+
+
+async def _texts(settings: Settings, ids: list[str]) -> dict[str, str]:
+    conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
+    try:
+        rows = await conn.fetch("SELECT id, content FROM embeddings WHERE id = ANY($1)", ids)
+    finally:
+        await conn.close()
+    return {r["id"]: r["content"] or "" for r in rows}
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 async def _dead_letters(settings: Settings) -> Counter[str]:
     """Read the dead-letter topic back, as an operator would."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    reasons: Counter[str] = Counter()
-    try:
-        tp = TopicPartition(settings.kafka.dlq_topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        # Read until a fetch comes back empty at the high-water mark.
-        while True:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            for msg in batch.get(tp, []):
-                reasons[json.loads(msg.value)["reason"]] += 1
-            if not batch and await consumer.position(tp) >= (consumer.highwater(tp) or 0):
-                break
-    finally:
-        await consumer.stop()
-    return reasons
+    values = await read_topic(settings.kafka.bootstrap_servers, settings.kafka.dlq_topic)
+    return Counter(json.loads(v)["reason"] for v in values)

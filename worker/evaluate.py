@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker import store
 from worker.analysis import quality
@@ -40,7 +39,7 @@ from worker.analysis.config import (
 from worker.config import ConfigError, Settings, load_settings
 from worker.demo import run_until_caught_up
 from worker.devstack import DevStack
-from worker.kafka import make_producer
+from worker.kafka import make_producer, read_topic
 from worker.migrate import migrate
 from worker.produce import produce_values
 
@@ -308,7 +307,7 @@ async def _run(
             await producer.stop()
         await run_until_caught_up(settings, high, len(events), progress=progress)
         topic = a.classifications_topic if analysis.classify else a.anomalies_topic
-        messages = await read_all(stack.bootstrap, topic)
+        messages = [json.loads(v) for v in await read_topic(stack.bootstrap, topic)]
     finally:
         await stack.stop()
     by_row = {int(m["id"].removeprefix("row-")): m for m in messages}
@@ -316,24 +315,6 @@ async def _run(
     if missing:
         raise RuntimeError(f"no result for {len(missing)} rows (first: row-{missing[0]})")
     return by_row
-
-
-async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every message of a one-partition topic, up to its high-water mark."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        while True:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            out += [json.loads(m.value) for m in batch.get(tp, [])]
-            if not batch and await consumer.position(tp) >= (consumer.highwater(tp) or 0):
-                return out
-    finally:
-        await consumer.stop()
 
 
 def render(report: Report) -> str:

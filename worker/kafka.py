@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
 from worker.config import KafkaSettings
@@ -47,3 +47,22 @@ def make_producer(k: KafkaSettings) -> AIOKafkaProducer:
     # Not idempotent: results and dead letters are at-least-once by design, and the
     # idempotent producer is not available on every broker (see DESIGN.md).
     return AIOKafkaProducer(acks="all", linger_ms=5, **common_options(k))
+
+
+async def read_topic(bootstrap_servers: str, topic: str, partition: int = 0) -> list[bytes]:
+    """Every value of one partition up to its high-water mark (demo, evaluate, operators)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        # Read until a fetch comes back empty at the high-water mark.
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            values += [m.value for m in batch.get(tp, []) if m.value is not None]
+            if not batch and await consumer.position(tp) >= (consumer.highwater(tp) or 0):
+                return values
+    finally:
+        await consumer.stop()
