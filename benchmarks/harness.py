@@ -56,16 +56,17 @@ class Figure:
 
     @property
     def ratio(self) -> float | None:
-        if self.limit is None or not self.runs:
+        if self.limit is None or not self.limit or not self.runs:
             return None
         return self.median / self.limit
 
     @property
     def meets(self) -> bool | None:
-        r = self.ratio
-        if r is None:
+        if self.limit is None or not self.runs:
             return None
-        return r >= 1.0 if self.higher_is_better else r <= 1.0
+        if self.higher_is_better:
+            return self.median >= self.limit
+        return self.median <= self.limit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,6 +204,16 @@ class FakeProvider:
     @property
     def openai_url(self) -> str:
         return self.url + "/v1"
+
+    async def stats(self) -> dict[str, Any]:
+        """The fake's counters (``GET /_fake/stats``; see fakeapi.stats.FakeStats)."""
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            response = await client.get("/_fake/stats")
+            response.raise_for_status()
+            data: dict[str, Any] = response.json()
+            return data
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

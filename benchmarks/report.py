@@ -34,6 +34,8 @@ def _num(v: float | None, unit: str) -> str:
         return "–"
     if unit in ("ratio", "×"):
         return f"{v:.2f}" if unit == "ratio" else f"{v:.1f}×"
+    if unit in ("ms", "MB"):
+        return f"{v:,.1f}"
     return f"{v:,.0f}"
 
 
@@ -71,11 +73,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for f in result["figures"]:
         unit = f["unit"]
-        ratio = (
-            "–"
-            if f["ratio"] is None
-            else f"{f['ratio']:.2f}" + (" ✅" if f["meets_limit"] else " ❌")
-        )
+        mark = {True: " ✅", False: " ❌", None: ""}[f["meets_limit"]]
+        ratio = ("–" if f["ratio"] is None else f"{f['ratio']:.2f}") + mark
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in f["cpu_percent_of_one_core"].items()) or "–"
         lines.append(
             f"| {f['scenario']} | {f['name']} | {_num(f['median'], unit)} | "
@@ -147,7 +146,17 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.tick_params(axis="y", labelsize=8)
         ax.invert_yaxis()
         fig.tight_layout()
-        slug = {"events/s": "throughput", "rows/s": "sink", "ratio": "ratios", "×": "speedup"}
+        slug = {
+            "events/s": "throughput",
+            "rows/s": "sink",
+            "ratio": "ratios",
+            "×": "speedup",
+            "texts/s": "texts",
+            "ms": "latency",
+            "MB": "memory",
+            "count": "counts",
+            "events": "backlog",
+        }
         name = f"{slug.get(unit, 'figures')}.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
