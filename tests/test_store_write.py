@@ -50,7 +50,10 @@ async def write(conn: asyncpg.Connection, changes: list[Change]) -> store.WriteR
 
 async def rows(conn: asyncpg.Connection) -> dict[str, tuple[int, float, int]]:
     found = await conn.fetch("SELECT id, version, embedding, source_offset FROM embeddings")
-    return {r["id"]: (r["version"], float(r["embedding"].to_numpy()[0]), r["source_offset"]) for r in found}
+    return {
+        r["id"]: (r["version"], float(r["embedding"].to_numpy()[0]), r["source_offset"])
+        for r in found
+    }
 
 
 async def test_new_and_existing_keys_in_one_batch(conn: asyncpg.Connection) -> None:
