@@ -138,6 +138,7 @@ class CpuWindow:
         # Names counted as one process, not a tree (the harness is the stack's parent).
         self.single = {name for name in roots if name.startswith(tuple(single))}
         self._start: dict[str, dict[int, int]] = {}
+        self._psi: int | None = None
         self._t0 = 0.0
 
     def _snapshot(self) -> dict[str, dict[int, int]]:
@@ -153,6 +154,7 @@ class CpuWindow:
 
     def start(self) -> None:
         self._start = self._snapshot()
+        self._psi = _cpu_pressure_us()
         self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
@@ -163,7 +165,24 @@ class CpuWindow:
             before = self._start.get(name, {})
             ticks = sum(t - before.get(pid, 0) for pid, t in pids.items())
             out[name] = 100.0 * ticks / CLOCK_TICKS / wall
+        psi = _cpu_pressure_us()
+        if psi is not None and self._psi is not None:
+            # Share of the window in which some runnable task waited for a CPU (the
+            # machine is shared: high values mean the figure is contention-bound).
+            out[PRESSURE] = 100.0 * (psi - self._psi) / 1e6 / wall
         return out
+
+
+PRESSURE = "(cpu-pressure)"
+
+
+def _cpu_pressure_us() -> int | None:
+    """Linux PSI: total microseconds during which some task waited for a CPU."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first.rsplit("total=", 1)[1])
 
 
 # --------------------------------------------------------------------------- processes

@@ -66,7 +66,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Every figure is the median over the runs, with the min–max. *ratio* is median ÷ limit "
         "(≥ 1 meets a ≥ target). CPU is the median share of one core per process tree while "
         "the figure was measured (this machine has "
-        f"{m['nproc']} cores, so 200 % is the whole machine).",
+        f"{m['nproc']} cores, so 200 % is the whole machine); *(cpu-pressure)* is the share "
+        "of that time in which some task waited for a CPU (Linux PSI): the machine is shared "
+        "with other work, and a high value means the figure is bound by CPU contention.",
         "",
         "| scenario | figure | median | min–max | unit | limit | ratio | CPU (% of one core) |",
         "|---|---|---:|---|---|---|---:|---|",
@@ -156,6 +158,7 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
             "MB": "memory",
             "count": "counts",
             "events": "backlog",
+            "µs/event": "cpu-per-event",
         }
         name = f"{slug.get(unit, 'figures')}.png"
         fig.savefig(out / name, dpi=110)
