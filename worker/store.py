@@ -216,17 +216,21 @@ async def stored_hashes(
     """Content hashes already embedded with this model and dimension."""
     if not keys:
         return {}
+    # Both arrays in one primary-key index scan (a join with unnest() may be planned as a
+    # hash join over the whole table); pairs of the cross product that were not asked for
+    # are dropped here.
     rows = await conn.fetch(
-        "SELECT t.namespace, t.id, t.content_hash FROM embeddings t "
-        "JOIN unnest($1::text[], $2::text[]) AS k(namespace, id) "
-        "ON t.namespace = k.namespace AND t.id = k.id "
-        "WHERE t.model = $3 AND t.dimension = $4",
-        [k[0] for k in keys],
+        "SELECT namespace, id, content_hash FROM embeddings "
+        "WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]) "
+        "AND model = $3 AND dimension = $4",
+        sorted({k[0] for k in keys}),
         [k[1] for k in keys],
         model,
         dimension,
     )
-    return {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
+    wanted = set(keys)
+    found = {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
+    return {k: h for k, h in found.items() if k in wanted}
 
 
 async def load_offsets(conn: Conn, group_id: str, topic: str) -> dict[int, int]:
