@@ -98,4 +98,18 @@ async def run(ctx: Context) -> list[Figure]:
             limit_label="target ≥ 0.90",
             notes="per run: the worker's rate ÷ the raw rate measured just before it",
         ),
+        Figure(
+            SCENARIO,
+            "CPU time per text: model alone ÷ worker end to end",
+            "ratio",
+            [
+                (r["harness (model alone)"] / raw) / (w["worker"] / end)
+                for r, raw, w, end in zip(raw_cpus, raws, cpus, ends, strict=True)
+            ],
+            notes=(
+                "per run: CPU seconds per text of the model alone ÷ the worker process's CPU "
+                "seconds per event; unlike the rates, little moved by other load on the machine "
+                "(1 = the worker costs nothing beyond the model)"
+            ),
+        ),
     ]

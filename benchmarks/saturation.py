@@ -9,10 +9,12 @@ with the tokens counted by the fake's own tokenizer over the events produced.
 
 The worker is configured as an operator who knows the quota would: ``provider.rpm`` and
 ``provider.tpm`` set to the quota, and ``max_concurrency`` high enough that 100 ms of
-latency is not the limit (16). Each run gets a new fake (full buckets, zeroed counters), a
-new database and consumer group. The rate is measured between the samples where 20 % and
-95 % of the events were stored (the first second's burst and the tail excluded). Lost
-events: produced - rows stored (every event has its own id; a dead letter has no row).
+latency is not the limit (16). A second configuration does not tell it the quota: the
+fake's 429s with ``Retry-After`` and the adaptive concurrency must find it. Each run gets
+a new fake (full buckets, zeroed counters), a new database and consumer group. The rate is
+measured between the samples where 20 % and 95 % of the events were stored (the first
+second's burst and the tail excluded). Lost events: produced - rows stored (every event
+has its own id; a dead letter has no row).
 """
 
 from __future__ import annotations
@@ -45,9 +47,28 @@ async def run(ctx: Context) -> list[Figure]:
     tpm = int(0.8 * RPM * TEXTS_PER_REQUEST * tokens)
     capacity = min(RPM / 60 * TEXTS_PER_REQUEST, tpm / 60 / tokens)
     log(f"saturation: {n} events, {tokens:.1f} tokens/text, TPM {tpm:,}, {capacity:,.0f} texts/s")
+    told = {"rpm": RPM, "tpm": tpm, "max_concurrency": CONCURRENCY}
+    figures = await _measure(ctx, topic, n, tpm, capacity, tokens, told, ctx.slow_runs, "")
+    # The same quota, but the worker is not told: 429 + Retry-After and AIMD must find it.
+    untold = {"max_concurrency": CONCURRENCY}
+    runs = min(ctx.slow_runs, 3)
+    figures += await _measure(ctx, topic, n, tpm, capacity, tokens, untold, runs, " (not told)")
+    return figures
+
+
+async def _measure(
+    ctx: Context,
+    topic: str,
+    n: int,
+    tpm: int,
+    capacity: float,
+    tokens: float,
+    provider: dict[str, int],
+    runs: int,
+    label: str,
+) -> list[Figure]:
     rates, ratios, throttled, lost, cpus = [], [], [], [], []
-    requests_per_s = []
-    runs = ctx.slow_runs
+    requests = []
     for i in range(runs):
         fake = await FakeProvider(
             "--rpm",
@@ -64,12 +85,7 @@ async def run(ctx: Context) -> list[Figure]:
         worker = None
         try:
             worker = await LiveWorker.start(
-                ctx,
-                topic,
-                f"sat_r{i}",
-                DIMENSION,
-                fake,
-                {"provider": {"rpm": RPM, "tpm": tpm, "max_concurrency": CONCURRENCY}},
+                ctx, topic, f"sat_r{i}", DIMENSION, fake, {"provider": dict(provider)}
             )
             await worker.wait_for(1, 120)
             cpu = worker.cpu_window()
@@ -88,33 +104,37 @@ async def run(ctx: Context) -> list[Figure]:
         ratios.append(rate / capacity)
         throttled.append(float(stats["throttled"]))
         lost.append(float(n - rows))
-        requests_per_s.append(stats["requests"])
+        requests.append(stats["requests"])
         log(
-            f"saturation run {i + 1}/{runs}: {rate:,.0f} texts/s = {rate / capacity:.3f} of "
-            f"capacity over {window:.1f} s; 429s {stats['throttled']}, lost {n - rows}, "
+            f"saturation{label} run {i + 1}/{runs}: {rate:,.0f} texts/s = {rate / capacity:.3f} "
+            f"of capacity over {window:.1f} s; 429s {stats['throttled']}, lost {n - rows}, "
             f"requests {stats['requests']}, max in flight {stats['max_in_flight']}"
         )
-    cpu_median = median_cpu(cpus)
+    worker_side = (
+        "provider.rpm/tpm = the quota"
+        if "tpm" in provider
+        else "provider.rpm/tpm unset (429s, Retry-After and AIMD only)"
+    )
     setup = (
         f"{n:,} events ({tokens:.1f} tokens/text by the fake's count); fake: {RPM // 60} "
         f"requests/s, TPM {tpm:,}, {LATENCY_MS:.0f}-{LATENCY_MS + JITTER_MS:.0f} ms, 429 + "
-        f"Retry-After beyond; worker: provider.rpm/tpm = the quota, max_concurrency "
-        f"{CONCURRENCY}, 10 texts/request"
+        f"Retry-After beyond; worker: {worker_side}, max_concurrency {CONCURRENCY}, 10 "
+        "texts/request"
     )
     return [
         Figure(
-            SCENARIO,
+            SCENARIO + label,
             "achieved texts/s against the quota",
             "texts/s",
             rates,
             limit=capacity,
             limit_label=f"quota capacity {capacity:,.0f} texts/s (TPM-bound)",
-            cpu=cpu_median,
+            cpu=median_cpu(cpus),
             notes=setup + "; rate between 20 % and 95 % of the events stored",
             extra={"tpm": tpm, "rpm": RPM, "tokens_per_text": round(tokens, 2)},
         ),
         Figure(
-            SCENARIO,
+            SCENARIO + label,
             "achieved ÷ quota capacity",
             "ratio",
             ratios,
@@ -122,14 +142,14 @@ async def run(ctx: Context) -> list[Figure]:
             limit_label="target ≥ 0.95",
         ),
         Figure(
-            SCENARIO,
+            SCENARIO + label,
             "429 answers per run",
             "count",
             throttled,
-            notes=f"requests per run (median): {statistics.median(requests_per_s):,.0f}",
+            notes=f"requests per run (median): {statistics.median(requests):,.0f}",
         ),
         Figure(
-            SCENARIO,
+            SCENARIO + label,
             "events lost (produced - rows stored)",
             "count",
             lost,
