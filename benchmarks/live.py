@@ -118,11 +118,14 @@ class LiveWorker:
         raise ValueError(f"never reached {n}")
 
     def rate_between(self, lo: int, hi: int) -> float:
-        """Events per second between the samples that first reached ``lo`` and ``hi``."""
-        t_lo, t_hi = self.crossing(lo), self.crossing(hi)
-        first = next(s for t, s in self.samples if t == t_lo)
-        last = next(s for t, s in self.samples if t == t_hi)
-        return (last - first) / max(t_hi - t_lo, 1e-9)
+        """Events per second between the samples that first reached ``lo`` and ``hi``; when one
+        sample reached both (tiny runs), from the sample before it."""
+        i_lo = next(i for i, (_, n) in enumerate(self.samples) if n >= lo)
+        i_hi = next(i for i, (_, n) in enumerate(self.samples) if n >= hi)
+        if i_hi == i_lo:
+            i_lo = max(0, i_lo - 1)
+        (t0, n0), (t1, n1) = self.samples[i_lo], self.samples[i_hi]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
 
     async def rows(self) -> int:
         assert self.conn is not None

@@ -105,6 +105,7 @@ async def run(ctx: Context) -> list[Figure]:
             [
                 (r["harness (model alone)"] / raw) / (w["worker"] / end)
                 for r, raw, w, end in zip(raw_cpus, raws, cpus, ends, strict=True)
+                if raw > 0 and end > 0 and w["worker"] > 0
             ],
             notes=(
                 "per run: CPU seconds per text of the model alone ÷ the worker process's CPU "

@@ -133,7 +133,8 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     made: list[str] = []
     groups: dict[str, list[dict[str, Any]]] = {}
     for f in result["figures"]:
-        groups.setdefault(f["unit"], []).append(f)
+        if f["runs"]:  # a figure may have no valid run at smoke sizes
+            groups.setdefault(f["unit"], []).append(f)
     for unit, figs in groups.items():
         fig, ax = plt.subplots(figsize=(11, 0.75 * len(figs) + 1.5))
         names = [textwrap.fill(f"{f['scenario']}: {f['name']}", 48) for f in figs]
