@@ -119,3 +119,27 @@ async def test_a_delete_committed_in_between_falls_back_to_the_guarded_path(
     result = await write(conn, [embedded(4, "y", t0 - timedelta(seconds=1)), embedded(6, "z", t0)])
     assert result.upserted == 1
     assert set(await rows(conn)) == {"z"}
+
+
+async def test_within_joins_the_transaction_and_its_redo(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await conn.execute("CREATE TABLE side (n int)")
+    calls = 0
+
+    async def within(c: store.Conn) -> None:
+        nonlocal calls
+        calls += 1
+        await c.execute("INSERT INTO side VALUES ($1)", calls)
+
+    t0 = datetime.now(UTC)
+    await write(conn, [embedded(0, "a", t0)])
+    # Forced onto the redo path: both redo triggers fire before ``within``, so it runs once,
+    # in the transaction that commits.
+    monkeypatch.setattr(store, "EXISTING", "SELECT $1::text[], $2::text[] WHERE false")
+    offsets = {("t", 0): 2}
+    change = embedded(1, "a", t0 + timedelta(seconds=1))
+    await store.write(conn, [change], offsets, GROUP, "m", DIM, within=within)
+    assert calls == 1
+    assert [r["n"] for r in await conn.fetch("SELECT n FROM side")] == [1]
+    assert await rows(conn) == {"a": (2, 1.0, 1)}

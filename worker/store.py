@@ -7,7 +7,7 @@ event arriving late never overwrites a newer one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -260,8 +260,9 @@ async def write(
     model: str,
     dimension: int,
     store_text: bool = True,
+    within: Callable[[Conn], Awaitable[None]] | None = None,
 ) -> WriteResult:
-    """Apply ``changes`` and store ``offsets`` atomically.
+    """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction).
 
     Rows for keys that have neither a row nor a tombstone are copied straight into the table
     (binary COPY, no staging, no guard: there is nothing to guard against); the rest go
@@ -270,12 +271,14 @@ async def write(
     key; should one be deleted in between, a second look after the COPY sees its tombstone:
     either way the whole transaction rolls back and is redone with every row guarded (so the
     direct path is never less safe than the guarded statement, whose tombstone check sees
-    the snapshot of its own start).
+    the snapshot of its own start). Both redo triggers come before ``within`` is called, so it
+    runs once, in the transaction that commits.
     """
+    args = (conn, changes, offsets, group_id, model, dimension, store_text, within)
     try:
-        return await _write(conn, changes, offsets, group_id, model, dimension, store_text, True)
-    except (asyncpg.UniqueViolationError, _Redo):
-        return await _write(conn, changes, offsets, group_id, model, dimension, store_text, False)
+        return await _write(*args, direct=True)
+    except _Redo:
+        return await _write(*args, direct=False)
 
 
 def _row(c: Change, store_text: bool) -> tuple[object, ...]:
@@ -303,6 +306,8 @@ async def _write(
     model: str,
     dimension: int,
     store_text: bool,
+    within: Callable[[Conn], Awaitable[None]] | None,
+    *,
     direct: bool,
 ) -> WriteResult:
     result = WriteResult(offsets=offsets)
@@ -318,11 +323,14 @@ async def _write(
             new = [c for c in embedded if c.key not in existing]
             guarded = [c for c in embedded if c.key in existing]
             if new:
-                await conn.copy_records_to_table(
-                    "embeddings",
-                    records=[(*_row(c, store_text), model, dimension) for c in new],
-                    columns=DIRECT_COLUMNS,
-                )
+                try:
+                    await conn.copy_records_to_table(
+                        "embeddings",
+                        records=[(*_row(c, store_text), model, dimension) for c in new],
+                        columns=DIRECT_COLUMNS,
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise _Redo from None
                 new_ns, new_ids = _keys(new)
                 if await conn.fetchval(TOMBSTONED_SINCE, sorted(set(new_ns)), new_ids):
                     raise _Redo
@@ -354,6 +362,8 @@ async def _write(
             await conn.execute(TOMBSTONE, *args)
             status = await conn.execute(DELETE, *args)
             result.deleted = int(status.split()[-1])
+        if within is not None:
+            await within(conn)
         if offsets:
             items = list(offsets.items())
             await conn.execute(
