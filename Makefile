@@ -55,7 +55,7 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-# Benchmarks (benchmarks/, results in docs/benchmarks/): ~10 min, and a < 60 s smoke for CI.
+# Benchmarks (benchmarks/, results in docs/benchmarks/): ~20 min, and a ~80 s smoke for CI.
 .PHONY: bench bench-smoke
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --runs 5 --what-if

@@ -56,16 +56,17 @@ class Figure:
 
     @property
     def ratio(self) -> float | None:
-        if self.limit is None or not self.runs:
+        if self.limit is None or not self.limit or not self.runs:
             return None
         return self.median / self.limit
 
     @property
     def meets(self) -> bool | None:
-        r = self.ratio
-        if r is None:
+        if self.limit is None or not self.runs:
             return None
-        return r >= 1.0 if self.higher_is_better else r <= 1.0
+        if self.higher_is_better:
+            return self.median >= self.limit
+        return self.median <= self.limit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +138,7 @@ class CpuWindow:
         # Names counted as one process, not a tree (the harness is the stack's parent).
         self.single = {name for name in roots if name.startswith(tuple(single))}
         self._start: dict[str, dict[int, int]] = {}
+        self._psi: int | None = None
         self._t0 = 0.0
 
     def _snapshot(self) -> dict[str, dict[int, int]]:
@@ -152,6 +154,7 @@ class CpuWindow:
 
     def start(self) -> None:
         self._start = self._snapshot()
+        self._psi = _cpu_pressure_us()
         self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
@@ -162,7 +165,24 @@ class CpuWindow:
             before = self._start.get(name, {})
             ticks = sum(t - before.get(pid, 0) for pid, t in pids.items())
             out[name] = 100.0 * ticks / CLOCK_TICKS / wall
+        psi = _cpu_pressure_us()
+        if psi is not None and self._psi is not None:
+            # Share of the window in which some runnable task waited for a CPU (the
+            # machine is shared: high values mean the figure is contention-bound).
+            out[PRESSURE] = 100.0 * (psi - self._psi) / 1e6 / wall
         return out
+
+
+PRESSURE = "(cpu-pressure)"
+
+
+def _cpu_pressure_us() -> int | None:
+    """Linux PSI: total microseconds during which some task waited for a CPU."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first.rsplit("total=", 1)[1])
 
 
 # --------------------------------------------------------------------------- processes
@@ -203,6 +223,16 @@ class FakeProvider:
     @property
     def openai_url(self) -> str:
         return self.url + "/v1"
+
+    async def stats(self) -> dict[str, Any]:
+        """The fake's counters (``GET /_fake/stats``; see fakeapi.stats.FakeStats)."""
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            response = await client.get("/_fake/stats")
+            response.raise_for_status()
+            data: dict[str, Any] = response.json()
+            return data
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

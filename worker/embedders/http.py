@@ -19,6 +19,7 @@ from worker.embedders.base import (
     PermanentError,
     TransientError,
 )
+from worker.embedders.transport import LeanTransport
 
 # Fractional seconds are not in the RFC but some servers (and our fake) send them.
 _SECONDS = re.compile(r"-?\d+(\.\d+)?")
@@ -35,10 +36,7 @@ def make_client(settings: ProviderSettings) -> httpx.AsyncClient:
         base_url=settings.base_url,
         headers={"Authorization": f"Bearer {settings.api_key.get_secret_value()}"},
         timeout=httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s)),
-        limits=httpx.Limits(
-            max_connections=settings.max_concurrency * 2,
-            max_keepalive_connections=settings.max_concurrency * 2,
-        ),
+        transport=LeanTransport(max_connections=settings.max_concurrency * 2),
     )
 
 

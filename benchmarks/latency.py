@@ -1,0 +1,296 @@
+"""Scenario 7, latency: event timestamp -> stored, at about half of scenario 1's capacity.
+
+Set-up as scenario 1 (instant fake, 1024-d base64, worker defaults: ``batch.linger_ms`` 50,
+``batch.write_linger_ms`` 100), but the topic starts empty and the harness produces at a
+steady rate (half of scenario 1's median, in bursts every 10 ms) while the worker runs.
+Each event carries its wall-clock ``timestamp`` (ms) set just before it is sent.
+
+"Stored" is when the event's offset is visible in ``consumer_offsets`` (the worker stores it
+in the transaction that stores the row): the harness polls the offsets every 10 ms, and
+after the run reads ``(source_partition, source_offset, event_time)`` of every row; an
+event's latency is the first poll that saw its partition's offset past it minus its
+``event_time`` (so it is over-stated by up to one poll interval, ~5 ms on average).
+
+The target is ``linger + 2 x provider p99`` where linger is what an event may wait in the
+worker by configuration (``linger_ms`` + ``write_linger_ms``) and the provider's p99 is
+read from the worker's own request-latency histogram (``/metrics``, interpolated within a
+bucket as Prometheus' ``histogram_quantile`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from benchmarks.context import Context
+from benchmarks.harness import Figure, log, median_cpu, sample_texts
+from benchmarks.live import LiveWorker
+from worker import store
+from worker.devstack import free_port
+from worker.kafka import FETCH_MAX_WAIT_MS
+
+SCENARIO = "7-latency"
+DIMENSION = 1024
+LINGER_MS, WRITE_LINGER_MS = 50, 100
+POLL_S = 0.01
+TICK_S = 0.01
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus' interpolation over cumulative ``(upper bound, count)`` buckets."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
+
+
+async def provider_p99(port: int) -> float:
+    """p99 of successful embedding requests (seconds) from the worker's /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    buckets = []
+    for line in text.splitlines():
+        if (
+            line.startswith("embedding_worker_api_request_seconds_bucket")
+            and 'outcome="ok"' in line
+        ):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    return histogram_quantile(0.99, buckets)
+
+
+async def _produce_steady(
+    bootstrap: str, topic: str, rate: float, seconds: float, prefix: str
+) -> int:
+    texts = sample_texts()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    sent = 0
+    futures = []
+    try:
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < seconds:
+            due = int(rate * elapsed) - sent
+            for _ in range(max(0, due)):
+                text, metadata = texts[sent % len(texts)]
+                doc_id = f"{prefix}-{sent:07d}"
+                value = {
+                    "id": doc_id,
+                    "namespace": "bench",
+                    "text": f"{text} [{sent}]",
+                    "metadata": metadata,
+                    "timestamp": int(time.time() * 1000),
+                }
+                futures.append(
+                    await producer.send(
+                        topic, key=doc_id.encode(), value=json.dumps(value).encode()
+                    )
+                )
+                sent += 1
+            await asyncio.sleep(TICK_S)
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def _warm_up(ctx: Context, topic: str, worker: LiveWorker) -> int:
+    """One event per partition, stored: the group is joined and every partition assigned."""
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.stack.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for p in range(4):
+            value = {"id": f"warm-{p}", "namespace": "bench", "text": f"warm up {p}"}
+            await producer.send_and_wait(topic, json.dumps(value).encode(), partition=p)
+    finally:
+        await producer.stop()
+    await worker.wait_for(4, 120)
+    return 4
+
+
+async def broker_alone(ctx: Context, rate: float, seconds: float, i: int) -> tuple[float, float]:
+    """(p50, p99) ms from an event's timestamp to its arrival in a bare aiokafka consumer with
+    the worker's fetch wait (``worker.kafka.FETCH_MAX_WAIT_MS``): what the broker alone adds."""
+    from aiokafka import AIOKafkaConsumer
+
+    topic = f"bench.latency.broker{i}"
+    await ctx.stack.create_topics([topic], partitions=4)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=ctx.stack.bootstrap,
+        group_id=topic,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        auto_offset_reset="earliest",
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
+    )
+    await consumer.start()
+    latencies: list[float] = []
+    expected = int(rate * seconds)
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=100)
+
+        async def consume() -> None:
+            while len(latencies) < expected:
+                batches = await consumer.getmany(timeout_ms=200)
+                now = time.time()
+                for messages in batches.values():
+                    for m in messages:
+                        stamp = json.loads(m.value)["timestamp"]
+                        latencies.append(now * 1000 - stamp)
+
+        task = asyncio.create_task(consume())
+        sent = await _produce_steady(ctx.stack.bootstrap, topic, rate, seconds, f"brk{i}")
+        expected = sent
+        await asyncio.wait_for(task, 60)
+    finally:
+        await consumer.stop()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return q[49], q[98]
+
+
+async def one_run(ctx: Context, rate: float, seconds: float, i: int) -> dict[str, Any]:
+    topic = f"bench.latency.r{i}"
+    await ctx.stack.create_topics([topic], partitions=4)
+    port = free_port()
+    worker = await LiveWorker.start(
+        ctx,
+        topic,
+        f"lat_r{i}",
+        DIMENSION,
+        overrides={"http": {"enabled": "true", "host": "127.0.0.1", "port": port}},
+    )
+    polls: dict[int, list[tuple[float, int]]] = {p: [] for p in range(4)}
+    stop_polling = asyncio.Event()
+
+    async def poll(conn: asyncpg.Connection) -> None:
+        while not stop_polling.is_set():
+            offsets = await store.load_offsets(conn, worker.name, topic)
+            now = time.time()
+            for p, o in offsets.items():
+                polls[p].append((now, o))
+            await asyncio.sleep(POLL_S)
+
+    try:
+        warm = await _warm_up(ctx, topic, worker)
+        conn = await asyncpg.connect(worker.dsn)
+        poller = asyncio.create_task(poll(conn))
+        cpu = worker.cpu_window()
+        cpu.start()
+        try:
+            sent = await _produce_steady(ctx.stack.bootstrap, topic, rate, seconds, f"lat{i}")
+            await worker.wait_for(warm + sent, 120, every_s=0.05)
+            usage = cpu.stop()
+            await asyncio.sleep(3 * POLL_S)
+        finally:
+            stop_polling.set()
+            await poller
+        rows = await conn.fetch(
+            "SELECT source_partition, source_offset, event_time FROM embeddings "
+            "WHERE id NOT LIKE 'warm-%'"
+        )
+        await conn.close()
+        p99_provider = await provider_p99(port)
+    finally:
+        await worker.stop()
+    latencies = []
+    for r in rows:
+        seen = next(t for t, o in polls[r["source_partition"]] if o > r["source_offset"])
+        latencies.append(1000 * (seen - r["event_time"].timestamp()))
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "p50": q[49],
+        "p99": q[98],
+        "max": latencies[-1],
+        "rows": len(rows),
+        "rate": sent / seconds,
+        "provider_p99_ms": 1000 * p99_provider,
+        "cpu": usage,
+    }
+
+
+async def run(ctx: Context) -> list[Figure]:
+    s1 = ctx.shared.get("overhead_median")
+    rate = 0.5 * s1 if isinstance(s1, float) and not ctx.sizes.smoke else ctx.sizes.latency_rate
+    seconds = ctx.sizes.latency_seconds
+    results = []
+    runs = ctx.slow_runs
+    for i in range(runs):
+        r = await one_run(ctx, rate, seconds, i)
+        r["broker_p50"], r["broker_p99"] = await broker_alone(ctx, rate, seconds / 2, i)
+        results.append(r)
+        log(
+            f"latency run {i + 1}/{runs}: {r['rate']:,.0f} events/s offered, p50 "
+            f"{r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, max {r['max']:.0f} ms; provider p99 "
+            f"{r['provider_p99_ms']:.1f} ms ({r['rows']} rows); broker alone p50 "
+            f"{r['broker_p50']:.0f} ms, p99 {r['broker_p99']:.0f} ms"
+        )
+    provider = statistics.median(r["provider_p99_ms"] for r in results)
+    target = LINGER_MS + WRITE_LINGER_MS + 2 * provider
+    notes = (
+        f"{rate:,.0f} events/s offered for {seconds:.0f} s per run ("
+        + ("half of scenario 1's median" if s1 and not ctx.sizes.smoke else "fixed rate")
+        + f"), instant fake, worker defaults (linger {LINGER_MS} ms, write linger "
+        f"{WRITE_LINGER_MS} ms); stored = offset visible in Postgres, polled every 10 ms"
+    )
+    cpu = median_cpu([r["cpu"] for r in results])
+    return [
+        Figure(
+            SCENARIO,
+            "end-to-end latency p50 (event timestamp -> stored)",
+            "ms",
+            [r["p50"] for r in results],
+            cpu=cpu,
+            notes=notes,
+        ),
+        Figure(
+            SCENARIO,
+            "end-to-end latency p99 (event timestamp -> stored)",
+            "ms",
+            [r["p99"] for r in results],
+            limit=target,
+            limit_label=(
+                f"≤ {target:.0f} ms = linger {LINGER_MS} + write linger {WRITE_LINGER_MS} + "
+                f"2 × provider p99 {provider:.1f}"
+            ),
+            higher_is_better=False,
+            extra={"max_ms": [r["max"] for r in results]},
+        ),
+        Figure(
+            SCENARIO,
+            "broker alone p99 (timestamp -> a bare consumer, same fetch settings)",
+            "ms",
+            [r["broker_p99"] for r in results],
+            notes=(
+                "the same rate into a bare aiokafka consumer with the worker's fetch_max_wait_ms "
+                f"({FETCH_MAX_WAIT_MS}): the embedded broker (Tansu) holds a fetch for that long "
+                "when the partition is empty at the request"
+            ),
+            extra={"p50_ms": [r["broker_p50"] for r in results]},
+        ),
+        Figure(
+            SCENARIO,
+            "provider p99 as the worker saw it",
+            "ms",
+            [r["provider_p99_ms"] for r in results],
+            notes="from embedding_worker_api_request_seconds (outcome ok), interpolated",
+        ),
+    ]
