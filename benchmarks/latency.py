@@ -33,8 +33,10 @@ from benchmarks.context import Context
 from benchmarks.harness import Figure, log, median_cpu, sample_texts
 from benchmarks.live import LiveWorker
 from worker import store
+from worker.config import KafkaSettings
 from worker.devstack import free_port
-from worker.kafka import FETCH_MAX_WAIT_MS
+
+FETCH_MAX_WAIT_MS = KafkaSettings().fetch_max_wait_ms
 
 SCENARIO = "7-latency"
 DIMENSION = 1024
@@ -126,7 +128,7 @@ async def _warm_up(ctx: Context, topic: str, worker: LiveWorker) -> int:
 
 async def broker_alone(ctx: Context, rate: float, seconds: float, i: int) -> tuple[float, float]:
     """(p50, p99) ms from an event's timestamp to its arrival in a bare aiokafka consumer with
-    the worker's fetch wait (``worker.kafka.FETCH_MAX_WAIT_MS``): what the broker alone adds."""
+    the worker's default fetch wait (``kafka.fetch_max_wait_ms``): what the broker alone adds."""
     from aiokafka import AIOKafkaConsumer
 
     topic = f"bench.latency.broker{i}"
@@ -280,9 +282,9 @@ async def run(ctx: Context) -> list[Figure]:
             "ms",
             [r["broker_p99"] for r in results],
             notes=(
-                "the same rate into a bare aiokafka consumer with the worker's fetch_max_wait_ms "
-                f"({FETCH_MAX_WAIT_MS}): the embedded broker (Tansu) holds a fetch for that long "
-                "when the partition is empty at the request"
+                "the same rate into a bare aiokafka consumer with the worker's "
+                f"fetch_max_wait_ms ({FETCH_MAX_WAIT_MS} ms): the embedded broker (Tansu) holds "
+                "a fetch for that long when the partition is empty at the request"
             ),
             extra={"p50_ms": [r["broker_p50"] for r in results]},
         ),

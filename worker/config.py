@@ -82,6 +82,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_records: int = Field(default=500, ge=1)
+    # How long the broker may hold a fetch that has no data yet; part of every event's
+    # latency on brokers that hold it whole (the embedded Tansu does), see kafka.py.
+    fetch_max_wait_ms: int = Field(default=100, ge=0)
     # What one fetch may buffer (per partition / in all): part of the worker's memory bound.
     max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
     fetch_max_bytes: int = Field(default=16_777_216, ge=1024)

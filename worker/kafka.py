@@ -28,19 +28,18 @@ def common_options(k: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-# How long the broker may hold a fetch that has no data yet. A broker answers as soon as
-# there is data; the embedded Tansu broker holds it for the whole wait whenever the
-# partition was empty at the request, which added ~130 ms (p50) and ~260 ms (p99) to every
-# event at aiokafka's default of 500 ms (benchmark scenario 7). 100 ms bounds that, and costs
-# a real cluster at most ten empty fetches a second per broker while idle.
-FETCH_MAX_WAIT_MS = 100
-
-
 def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
-    """Manual offsets: Postgres holds the truth, Kafka's copy is for lag monitoring."""
+    """Manual offsets: Postgres holds the truth, Kafka's copy is for lag monitoring.
+
+    ``fetch_max_wait_ms`` defaults to 100 (aiokafka's is 500): a broker answers a fetch as
+    soon as it has data, but the embedded Tansu broker holds it for the whole wait whenever
+    the partition was empty at the request, which added ~130 ms (p50) and ~260 ms (p99) to
+    every event at 500 ms (benchmark scenario 7). 100 ms costs a real cluster at most ten
+    empty fetches a second per broker while idle.
+    """
     return AIOKafkaConsumer(
         group_id=k.group_id,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
         enable_auto_commit=False,
         auto_offset_reset=k.auto_offset_reset,
         session_timeout_ms=k.session_timeout_ms,
