@@ -46,6 +46,15 @@ warm_up = 40
 quantile = 0.98
 horizon = 5
 emit = "all"
+
+[namespaces.ops.anomaly]
+warm_up = 40
+horizon = 5
+emit = "all"
+
+[namespaces.ops.anomaly.focus]
+alert = "A failure that needs an operator: a component crashed, panicked or was terminated."
+routine = "A routine message from normal operation: a status report or a configuration value."
 """
 
 NEWS = [
@@ -217,6 +226,49 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
     assert seen == points == 120 + len(stream), "each event counted once, across the restart"
     # Counted: the 40 warm-up events' seeds, then every later score.
     assert sum(histogram) == 40 + (120 - 40) + len(stream)
+
+
+async def test_a_focus_ranks_a_new_failure_above_new_routine_chatter(
+    env: Env, tmp_path: Path
+) -> None:
+    await migrate_db(env, 512)
+    await single_partition(env)
+    topics = await topics_for(env)
+    settings = env.settings(analysis={"file": str(analysis_file(tmp_path)), **topics})
+    rng = random.Random(11)
+    routine = [log_line(rng) for _ in range(80)]
+    failure = "kernel panic: the storage controller crashed and the node was terminated"
+    chatter = "the dashboard colour theme is now blue for every user of the new office"
+    texts = [*routine[:60], failure, *routine[60:70], chatter, *routine[70:]]
+    events = [{"id": f"op-{i}", "text": t, "namespace": "ops"} for i, t in enumerate(texts)]
+    high = await env.produce(events)
+    async with running(settings):
+        await env.wait_for_offsets(high)
+    results = {
+        r.id: r
+        for r in (
+            AnomalyResult.model_validate(m)
+            for _, m in await read_topic(env, topics["anomalies_topic"], len(events))
+        )
+    }
+    assert len(results) == len(events)
+    bad, odd = results["op-60"], results["op-71"]
+    for r in results.values():
+        assert r.method == "centroid+knn*focus" and r.focus is not None
+        assert r.score == pytest.approx(r.novelty * r.focus, abs=2e-6)
+    assert bad.focus is not None and odd.focus is not None and bad.focus > odd.focus
+    assert bad.anomaly, (bad.score, bad.threshold)
+    assert bad.score > odd.score
+    others = [r.score for r in results.values() if r.seen >= 40 and r.id not in ("op-60", "op-71")]
+    assert bad.score > max(others), "the new failure ranks first"
+    conn = await env.connect()
+    try:
+        focus_rows = await conn.fetch(
+            "SELECT label FROM label_vectors WHERE namespace = 'ops' AND kind = 'focus'"
+        )
+    finally:
+        await conn.close()
+    assert sorted(r["label"] for r in focus_rows) == ["alert", "routine"]
 
 
 async def test_results_are_not_lost_on_a_crash_between_produce_and_commit(

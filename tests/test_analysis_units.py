@@ -12,6 +12,7 @@ from worker.analysis.config import (
     AnalysisFileError,
     Anomaly,
     Classification,
+    Focus,
     Label,
     NamespaceAnalysis,
     load_analysis,
@@ -124,6 +125,40 @@ def test_a_burst_keeps_alerting_within_the_horizon_and_routine_lines_do_not() ->
     routine_scores = [s.score for s in scored[30:60] + scored[68:]]
     assert min(s.score for s in scored[60:68]) > max(routine_scores)
     assert sum(s.alert for s in scored[30:60]) + sum(s.alert for s in scored[68:]) <= 2
+
+
+def test_focus_weighs_novelty_by_how_much_an_event_reads_like_an_alert() -> None:
+    rng = np.random.default_rng(4)
+    routine = [axis(i % 3, 0.1, rng) for i in range(60)]
+    failure, chatter = unit(axis(5) + 0.2 * axis(0)), unit(axis(6) + 0.2 * axis(0))
+    stream = np.vstack([*routine, failure, chatter])
+    focus = np.vstack([axis(5), axis(6)])  # (alert, routine)
+    spec = Anomaly(
+        warm_up=30, horizon=0, neighbours=5, focus=Focus(alert="a", routine="r", temperature=0.1)
+    )
+    past = anomaly.Past([[] for _ in stream], [], [])
+    ids = [str(i) for i in range(len(stream))]
+    delta = Delta.empty("ns", 0, DIM)
+    scored = anomaly.score_batch(spec, empty_state(), stream, ids, past, delta, focus)
+    new_failure, new_chatter = scored[60], scored[61]
+    assert new_failure.focus is not None and new_failure.focus > 0.99
+    assert new_chatter.focus is not None and new_chatter.focus < 0.01
+    assert abs(new_failure.novelty - new_chatter.novelty) < 0.05, "equally new"
+    assert new_failure.score == pytest.approx(new_failure.novelty * new_failure.focus)
+    assert new_failure.alert and not new_chatter.alert
+    # Without a focus the score is the novelty and both alert.
+    plain = score(stream, Anomaly(warm_up=30, horizon=0, neighbours=5))
+    assert plain[60].focus is None and plain[60].score == plain[60].novelty
+    assert plain[60].alert and plain[61].alert
+
+
+def test_focus_descriptions_take_one_text_or_several() -> None:
+    one = Focus.model_validate({"alert": "a failure", "routine": ["status", "progress"]})
+    assert one.alert == ["a failure"] and one.routine == ["status", "progress"]
+    with pytest.raises(ValueError, match="routine"):
+        Focus.model_validate({"alert": "a failure"})
+    with pytest.raises(ValueError, match="alert"):
+        Focus.model_validate({"alert": [], "routine": "status"})
 
 
 def test_without_a_horizon_repeats_vouch_for_themselves() -> None:

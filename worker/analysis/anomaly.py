@@ -8,9 +8,13 @@ instead of vouching for itself from its second line on. The score mixes two dist
 - to the centroid of the history (the vendor's method: cosine to the mean of normal
   content; alerts are rare enough not to move the mean), and
 - the mean cosine distance to its ``neighbours`` nearest events in the history (pgvector).
+With a ``focus``, that mix is the event's *novelty* and its score is novelty x P(alert),
+the zero-shot probability that it reads like the focus's alert descriptions rather than its
+routine ones: a new kind of failure alerts, a new kind of status line much less.
 The threshold is the ``quantile`` of the scores after the warm-up, seeded when the warm-up
 ends with each warm-up event's score against the other warm-up events; nothing alerts
-during the warm-up. docs/analysis.md has the measurements behind the defaults.
+during the warm-up. Every score counts, alerts included: a threshold that starts too low
+must be able to rise (docs/analysis.md has the measurements behind this and the defaults).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from worker.decode import Change
 from worker.store import Conn
 
 METHOD = "centroid+knn"
+FOCUSED = "centroid+knn*focus"
 SHOWN_NEIGHBOURS = 5
 
 NEAREST_PAST = """
@@ -54,6 +59,8 @@ class Scored:
     score: float
     threshold: float | None
     alert: bool
+    novelty: float
+    focus: float | None  # P(alert) under the focus descriptions
     centroid_distance: float
     neighbour_distance: float
     neighbours: list[tuple[str, float]]
@@ -96,8 +103,13 @@ def score_batch(
     ids: Sequence[str],
     past: Past,
     delta: Delta,
+    focus: np.ndarray | None = None,
 ) -> list[Scored]:
-    """Score ``vectors`` (unit, stream order); record the histogram counts in ``delta``."""
+    """Score ``vectors`` (unit, stream order); record the histogram counts in ``delta``.
+
+    ``focus``: the (alert, routine) vectors of the namespace's focus, if it has one.
+    """
+    weights = focus_weights(vectors, focus, spec)
     start = state.seen
     hist = state.hist.copy()
     total = state.vector_sum.copy()  # every event before the current one
@@ -107,7 +119,7 @@ def score_batch(
         position = start + i
         if position == spec.warm_up and spec.warm_up > 0:
             warm = [*past.warm_up, *(vectors[j] for j in range(i) if start + j < spec.warm_up)]
-            seeds = scoring.histogram(warm_up_scores(np.vstack(warm), spec))
+            seeds = scoring.histogram(warm_up_scores(np.vstack(warm), spec, focus))
             hist += seeds
             delta.hist += seeds
         end = history_end(position, spec)
@@ -123,10 +135,12 @@ def score_batch(
         hits += [(ids[j], float(sims[j])) for j in range(split)]
         hits = sorted(hits, key=lambda h: -h[1])[: spec.neighbours]
         neighbour_d = 1.0 - float(np.mean([s for _, s in hits])) if hits else 1.0
-        value = spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d
+        novelty = spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d
+        weight = None if weights is None else float(weights[i])
+        value = novelty if weight is None else novelty * weight
         threshold = scoring.quantile(hist, spec.quantile) if position >= spec.warm_up else None
         alert = threshold is not None and value > threshold
-        out.append(Scored(value, threshold, alert, centroid_d, neighbour_d, hits))
+        out.append(Scored(value, threshold, alert, novelty, weight, centroid_d, neighbour_d, hits))
         if position >= spec.warm_up:
             counts = scoring.histogram([value])
             hist += counts
@@ -135,8 +149,21 @@ def score_batch(
     return out
 
 
-def warm_up_scores(vectors: np.ndarray, spec: Anomaly) -> list[float]:
+def focus_weights(
+    vectors: np.ndarray, focus: np.ndarray | None, spec: Anomaly
+) -> np.ndarray | None:
+    """P(alert) of each vector against the focus's (alert, routine) vectors."""
+    if focus is None or spec.focus is None:
+        return None
+    weights: np.ndarray = scoring.softmax(vectors @ focus.T, spec.focus.temperature)[:, 0]
+    return weights
+
+
+def warm_up_scores(
+    vectors: np.ndarray, spec: Anomaly, focus: np.ndarray | None = None
+) -> list[float]:
     """Each warm-up event scored against all the other warm-up events (leave one out)."""
+    weights = focus_weights(vectors, focus, spec)
     sims = vectors @ vectors.T
     total = vectors.sum(axis=0)
     out = []
@@ -145,7 +172,8 @@ def warm_up_scores(vectors: np.ndarray, spec: Anomaly) -> list[float]:
         nearest = np.sort(others)[::-1][: spec.neighbours]
         neighbour_d = 1.0 - float(nearest.mean()) if len(nearest) else 1.0
         centroid_d = centroid_distance(total - vectors[i], len(vectors) - 1, vectors[i])
-        out.append(spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d)
+        novelty = spec.centroid_weight * centroid_d + (1 - spec.centroid_weight) * neighbour_d
+        out.append(novelty if weights is None else novelty * float(weights[i]))
     return out
 
 
@@ -166,7 +194,9 @@ def build(
         score=round(scored.score, 6),
         threshold=None if scored.threshold is None else round(scored.threshold, 6),
         warm_up=position < spec.warm_up,
-        method=METHOD,
+        method=METHOD if scored.focus is None else FOCUSED,
+        novelty=round(scored.novelty, 6),
+        focus=None if scored.focus is None else round(scored.focus, 6),
         centroid_distance=round(scored.centroid_distance, 6),
         neighbour_distance=round(scored.neighbour_distance, 6),
         neighbours=[

@@ -13,7 +13,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from worker.events import TextType
 
@@ -94,6 +101,30 @@ class Classification(BaseModel):
         return [label.name for label in self.labels]
 
 
+class Focus(BaseModel):
+    """What the operator wants alerted, as a zero-shot contrast with routine content.
+
+    Novelty alone cannot tell a new kind of failure from a new kind of routine chatter
+    (a register dump, a status line): the score is weighed by the probability that the
+    event reads like ``alert`` rather than ``routine``. Descriptions only, no self-training:
+    a rare class would be swamped by the routine events it absorbed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Several phrasings of each side are averaged into one vector (a prompt ensemble).
+    alert: list[str] = Field(min_length=1)
+    routine: list[str] = Field(min_length=1)
+    temperature: float = Field(default=0.1, gt=0)
+    # How the descriptions are embedded (as the classification's label descriptions).
+    description_type: TextType = TextType.QUERY
+
+    @field_validator("alert", "routine", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
 class Anomaly(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -111,6 +142,8 @@ class Anomaly(BaseModel):
     centroid_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     # "alerts" sends only anomalies; "all" sends every score (evaluation, dashboards).
     emit: Literal["alerts", "all"] = "alerts"
+    # Optional: score = novelty x P(alert | focus descriptions) instead of novelty alone.
+    focus: Focus | None = None
 
 
 class NamespaceAnalysis(BaseModel):

@@ -1,4 +1,7 @@
-"""Label sets in pgvector: descriptions and examples embedded once, shared by every replica.
+"""Label texts in pgvector: descriptions and examples embedded once, shared by every replica.
+
+A namespace's label texts are its label set's descriptions and examples, and its anomaly
+focus descriptions (kind ``focus``); one sync stores them all.
 
 Rows are content-addressed (namespace, model, kind, label, text hash), so a restart or a
 second replica embeds nothing already stored, and an edited file re-embeds only what changed.
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from worker.analysis.config import Classification
+from worker.analysis.config import Classification, Focus, NamespaceAnalysis
 from worker.config import ConfigError
 from worker.decode import NO_TIME, Change
 from worker.embed import EmbedStage
@@ -37,7 +40,7 @@ class LabelError(ConfigError):
 @dataclass(frozen=True, slots=True)
 class LabelText:
     label: str
-    kind: str  # "description" or "example"
+    kind: str  # "description" or "example" (a label set), "focus" (anomaly focus)
     text: str
     text_type: TextType
 
@@ -87,6 +90,34 @@ def label_texts(spec: Classification) -> list[LabelText]:
     return out
 
 
+FOCUS_SIDES = ("alert", "routine")
+
+
+def focus_texts(focus: Focus) -> list[LabelText]:
+    return [
+        LabelText(side, "focus", t, focus.description_type)
+        for side, texts in zip(FOCUS_SIDES, (focus.alert, focus.routine), strict=True)
+        for t in texts
+    ]
+
+
+def namespace_texts(spec: NamespaceAnalysis) -> list[LabelText]:
+    """Everything of a namespace's analysis that is embedded once, at start."""
+    out = label_texts(spec.classify) if spec.classify is not None else []
+    if spec.anomaly is not None and spec.anomaly.focus is not None:
+        out += focus_texts(spec.anomaly.focus)
+    return out
+
+
+@dataclass
+class Synced:
+    """A namespace's stored label texts, ready for scoring."""
+
+    labels: LabelSet | None
+    # (2, dimension): the alert and routine vectors of the anomaly focus, if any.
+    focus: np.ndarray | None
+
+
 def stage_embedder(stage: EmbedStage, max_texts: int, max_tokens: int) -> Embed:
     """Embed label texts through the pipeline's stage (same limits, retries and quotas)."""
 
@@ -123,10 +154,10 @@ def stage_embedder(stage: EmbedStage, max_texts: int, max_tokens: int) -> Embed:
 
 
 async def sync(
-    conn: Conn, embed: Embed, model: str, namespace: str, spec: Classification
-) -> LabelSet:
-    """Store the label set's vectors (embedding only new texts) and load the prototypes."""
-    wanted = label_texts(spec)
+    conn: Conn, embed: Embed, model: str, namespace: str, spec: NamespaceAnalysis
+) -> Synced:
+    """Store the namespace's label texts (embedding only new ones) and load the prototypes."""
+    wanted = namespace_texts(spec)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SYNC_LOCK)
         stored = {
@@ -170,25 +201,29 @@ async def sync(
             namespace,
             model,
         )
-    log.info(
-        "label set ready",
-        namespace=namespace,
-        labels=len(spec.labels),
-        embedded=len(missing),
-        removed=len(stale),
-    )
+    log.info("label texts ready", namespace=namespace, embedded=len(missing), removed=len(stale))
+    texts = [(r["kind"], r["label"], r["embedding"].to_numpy()) for r in rows]
+    focus = None
+    if spec.anomaly is not None and spec.anomaly.focus is not None:
+        focus = prototypes(FOCUS_SIDES, [(label, v) for kind, label, v in texts if kind == "focus"])
+    labels = label_set(namespace, spec.classify, texts) if spec.classify is not None else None
+    return Synced(labels, focus)
+
+
+def label_set(
+    namespace: str, spec: Classification, rows: Sequence[tuple[str, str, np.ndarray]]
+) -> LabelSet:
+    """The label set's description prototypes and example sums, from its stored vectors."""
     names = spec.names
     index = {name: i for i, name in enumerate(names)}
-    descriptions = [
-        (r["label"], r["embedding"].to_numpy()) for r in rows if r["kind"] == "description"
-    ]
-    dimension = len(rows[0]["embedding"].to_numpy()) if rows else 0
+    descriptions = [(label, v) for kind, label, v in rows if kind == "description"]
+    dimension = len(rows[0][2]) if rows else 0
     sums = np.zeros((len(names), dimension))
     counts = np.zeros(len(names), dtype=np.int64)
-    for r in rows:
-        if r["kind"] == "example" and r["label"] in index:
-            sums[index[r["label"]]] += unit(r["embedding"].to_numpy().astype(np.float64))
-            counts[index[r["label"]]] += 1
+    for kind, label, v in rows:
+        if kind == "example" and label in index:
+            sums[index[label]] += unit(v.astype(np.float64))
+            counts[index[label]] += 1
     return LabelSet(
         namespace=namespace,
         spec=spec,

@@ -81,7 +81,12 @@ class AnomalyResult(ResultBase):
     threshold: float | None = Field(description="the learned threshold; None in warm-up")
     warm_up: bool
     method: str
-    # The parts of the score: distance to the centroid of normal content, k-NN distance.
+    novelty: float = Field(description="the distances mixed; the score without a focus")
+    focus: float | None = Field(
+        description="P(alert) under the namespace's focus descriptions (score = novelty x "
+        "focus); None without a focus"
+    )
+    # The parts of the novelty: distance to the centroid of normal content, k-NN distance.
     centroid_distance: float
     neighbour_distance: float
     neighbours: list[Neighbour]

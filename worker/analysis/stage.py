@@ -61,6 +61,7 @@ async def analyse(
     namespace: str,
     spec: NamespaceAnalysis,
     labels: LabelSet | None,
+    focus: np.ndarray | None,
     model: str,
     changes: Sequence[Change],
 ) -> Analysed:
@@ -91,7 +92,7 @@ async def analyse(
         a = spec.anomaly
         past = await anomaly.fetch_past(conn, a, namespace, model, vectors, current.seen)
         ids = [c.id for c in changes]
-        scored = anomaly.score_batch(a, current, vectors, ids, past, delta)
+        scored = anomaly.score_batch(a, current, vectors, ids, past, delta, focus)
         out.anomalies = [
             anomaly.build(change, model, s, current.seen + i, a)
             for i, (change, s) in enumerate(zip(changes, scored, strict=True))
@@ -110,16 +111,20 @@ class AnalysisStage:
         self.producer = producer
         self.model = model
         self.labels: dict[str, LabelSet] = {}
+        self.focus: dict[str, np.ndarray] = {}
         self.stats = AnalysisStats()
 
     async def prepare(self, pg: RunPg, embed: Embed) -> None:
-        """Embed and store the label sets (once; later starts find them stored)."""
+        """Embed and store the label texts (once; later starts find them stored)."""
         for namespace, ns in self.namespaces.items():
-            if ns.classify is not None:
-                op = partial(
-                    sync, embed=embed, model=self.model, namespace=namespace, spec=ns.classify
-                )
-                self.labels[namespace] = await pg("label sync", op)
+            if ns.classify is None and (ns.anomaly is None or ns.anomaly.focus is None):
+                continue
+            op = partial(sync, embed=embed, model=self.model, namespace=namespace, spec=ns)
+            synced = await pg("label sync", op)
+            if synced.labels is not None:
+                self.labels[namespace] = synced.labels
+            if synced.focus is not None:
+                self.focus[namespace] = synced.focus
 
     def history(self) -> dict[str, int]:
         return {n: ns.history for n, ns in self.namespaces.items()}
@@ -137,6 +142,7 @@ class AnalysisStage:
                 namespace=namespace,
                 spec=self.namespaces[namespace],
                 labels=self.labels.get(namespace),
+                focus=self.focus.get(namespace),
                 model=self.model,
                 changes=batch,
             )
