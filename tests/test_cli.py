@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, migrate_db, running
+from tests.conftest import Env, migrate_db, running, wait_until
 
 
 async def _cli(*args: str, **env: str) -> tuple[int, str, str]:
@@ -70,7 +70,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
     code, out, _ = await _cli("migrate", **_env(env))
     assert (code, out.splitlines()) == (
         0,
-        ["applied 0001_embeddings.sql", "applied 0002_analysis.sql"],
+        ["applied 0001_embeddings.sql", "applied 0002_analysis.sql", "applied 0003_focus.sql"],
     )
     code, out, _ = await _cli("migrate", **_env(env))
     assert (code, out.strip()) == (0, "up to date")
@@ -125,6 +125,57 @@ async def test_local_model_end_to_end_and_search_command(env: Env) -> None:
     )
     assert code == 0, err
     assert [json.loads(line)["id"] for line in out.splitlines()] == ["pan"]
+
+
+async def test_dead_letters_are_listed_then_replayed_once_the_limit_is_fixed(env: Env) -> None:
+    """The operator's loop: see why events were dead-lettered, fix the setting, replay them."""
+    await migrate_db(env, 512)
+    big = {
+        "id": "big",
+        "text": "A ticket with a long list of attachments.",
+        "metadata": {"files": [f"scan-{i:03}.pdf" for i in range(100)]},
+    }
+    fine = {"id": "fine", "text": "An ordinary ticket about a late delivery."}
+    high = await env.produce([big, b"{not json", fine])
+    async with running(env.settings(max_metadata_bytes=1000)):
+        await env.wait_for_offsets(high)
+
+    code, out, err = await _cli("dead-letters", **_env(env))
+    assert code == 0, err
+    assert f"{env.dlq}: 2 letters, 2 matching (invalid_json: 1, metadata_too_large: 1)" in out
+    code, out, err = await _cli(
+        "dead-letters", "--reason", "metadata_too_large", "--json", **_env(env)
+    )
+    assert code == 0, err
+    [letter] = [json.loads(line) for line in out.splitlines()]
+    assert (letter["reason"], letter["id"], letter["dlq_partition"]) == (
+        "metadata_too_large",
+        "big",
+        0,
+    )
+
+    code, out, err = await _cli(
+        "dead-letters", "--reason", "metadata_too_large", "--replay", **_env(env)
+    )
+    assert code == 0, err
+    assert f"replayed 1 events to {env.topic}" in out
+    async with running(env.settings()):  # the default limit (64 kB) takes it
+
+        async def stored() -> bool:
+            conn = await env.connect()
+            try:
+                return bool(await conn.fetchval("SELECT count(*) FROM embeddings WHERE id = 'big'"))
+            finally:
+                await conn.close()
+
+        await wait_until(stored, 60, "the replayed event was not stored")
+    conn = await env.connect()
+    try:
+        ids = sorted(r["id"] for r in await conn.fetch("SELECT id FROM embeddings"))
+    finally:
+        await conn.close()
+    assert ids == ["big", "fine"]
+    assert len(await env.dead_letters(2)) == 2, "the invalid JSON was not replayed"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["search", "--help"]])

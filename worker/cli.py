@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from worker import logs, store
 from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
+from worker.events import Reason
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError
 
@@ -64,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--json", action="store_true", help="one JSON document")
     produce = sub.add_parser("produce", help="produce a JSONL file of events to the input topic")
     produce.add_argument("file", type=Path)
+    letters = sub.add_parser(
+        "dead-letters", help="list the dead letters, or replay the original events once fixed"
+    )
+    letters.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        choices=[r.value for r in Reason],
+        help="only this reason (repeatable)",
+    )
+    letters.add_argument("--namespace", help="only this namespace")
+    letters.add_argument(
+        "--since", type=datetime.fromisoformat, help="only letters from this time (ISO 8601)"
+    )
+    letters.add_argument("--limit", type=int, default=20, help="letters listed (20, latest)")
+    letters.add_argument("--json", action="store_true", help="every matching letter as JSON")
+    letters.add_argument(
+        "--replay",
+        action="store_true",
+        help="produce the matching original events to the input topic again",
+    )
     evaluate = sub.add_parser(
         "evaluate",
         help="classification or anomaly quality on a labeled JSONL file (embedded stack)",
@@ -136,6 +159,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _similar(args, settings)
     if args.command == "cluster":
         return await _cluster(args, settings)
+    if args.command == "dead-letters":
+        return await _dead_letters(args, settings)
     if args.command == "produce":
         from worker.produce import produce_file
 
@@ -233,6 +258,48 @@ async def _cluster(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cluster {number}: {c.size} rows, cohesion {c.cohesion:.3f}")
         for m in c.members:
             print(f"  {m.similarity:.3f}  {m.id}  {_snippet(m.content)}")
+    return 0
+
+
+async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.replay import Filters, replay, scan
+
+    since = args.since
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    filters = Filters(frozenset(Reason(r) for r in args.reason), args.namespace, since)
+    k = settings.kafka
+    found = await scan(k, filters)
+    if args.json:
+        for f in found.letters:
+            record = {"dlq_partition": f.partition, "dlq_offset": f.offset}
+            print(json.dumps({**record, **f.letter.model_dump(mode="json")}, ensure_ascii=False))
+    else:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(found.by_reason.items()))
+        print(
+            f"{found.topic}: {found.total} letters, {len(found.letters)} matching"
+            + (f" ({reasons})" if reasons else "")
+            + (f"; {found.unreadable} not dead letters of this worker" if found.unreadable else "")
+        )
+        for f in found.letters[-args.limit :] if args.limit > 0 else []:
+            letter, source = f.letter, f.letter.source
+            print(
+                f"  {letter.failed_at:%Y-%m-%d %H:%M:%S}  {letter.reason.value:<18} "
+                f"{source.topic}/{source.partition}/{source.offset}  "
+                f"{letter.namespace or '-'}/{letter.id or '-'}  {_snippet(letter.message, 60)}"
+            )
+    if args.replay:
+        count = await replay(k, found.letters, found.topic)
+        skipped = len(found.letters) - count
+        print(
+            f"replayed {count} events to {k.input_topic}"
+            + (
+                f"; {skipped} could not be (value cut to fit the topic, or a tombstone)"
+                if skipped
+                else ""
+            ),
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0
 
 
