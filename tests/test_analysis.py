@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from tests.conftest import Env, migrate_db, running
 from worker import store
 from worker.analysis.results import AnomalyResult, ClassificationResult
+from worker.config import Settings
 
 LABELS = """
 [namespaces.news.classify]
@@ -129,6 +130,14 @@ async def read_topic(env: Env, topic: str, expected: int, seconds: float = 60) -
     return out
 
 
+async def one_stream(env: Env, tmp_path: Path) -> tuple[Settings, dict[str, str]]:
+    """A migrated database, a one-partition input topic, the results topics, the analysis."""
+    await migrate_db(env, 512)
+    await single_partition(env)
+    topics = await topics_for(env)
+    return env.settings(analysis={"file": str(analysis_file(tmp_path)), **topics}), topics
+
+
 def news_events() -> list[dict[str, Any]]:
     return [
         {"id": f"news-{i}", "text": text, "namespace": "news"} for i, (_, text) in enumerate(NEWS)
@@ -181,10 +190,7 @@ async def test_classification_messages_have_keys_schema_labels_and_actions(
 async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_restart(
     env: Env, tmp_path: Path
 ) -> None:
-    await migrate_db(env, 512)
-    await single_partition(env)
-    topics = await topics_for(env)
-    settings = env.settings(analysis={"file": str(analysis_file(tmp_path)), **topics})
+    settings, topics = await one_stream(env, tmp_path)
     rng = random.Random(7)
     first = [{"id": f"log-{i}", "text": log_line(rng), "namespace": "logs"} for i in range(120)]
     high = await env.produce(first)
@@ -231,10 +237,7 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
 async def test_a_focus_ranks_a_new_failure_above_new_routine_chatter(
     env: Env, tmp_path: Path
 ) -> None:
-    await migrate_db(env, 512)
-    await single_partition(env)
-    topics = await topics_for(env)
-    settings = env.settings(analysis={"file": str(analysis_file(tmp_path)), **topics})
+    settings, topics = await one_stream(env, tmp_path)
     rng = random.Random(11)
     routine = [log_line(rng) for _ in range(80)]
     failure = "kernel panic: the storage controller crashed and the node was terminated"
