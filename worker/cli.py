@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from worker import logs, store
+from worker import index, logs, store
 from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster (3)")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
+    hnsw = sub.add_parser("index", help="create, inspect or drop the HNSW index search uses")
+    hnsw.add_argument("action", choices=("create", "status", "drop"))
+    hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node (16)")
+    hnsw.add_argument(
+        "--ef-construction", type=int, default=64, help="HNSW build candidate list (64)"
+    )
+    hnsw.add_argument(
+        "--maintenance-work-mem", help="memory for the build, e.g. 2GB (faster when it fits)"
+    )
     produce = sub.add_parser("produce", help="produce a JSONL file of events to the input topic")
     produce.add_argument("file", type=Path)
     letters = sub.add_parser(
@@ -159,6 +168,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _similar(args, settings)
     if args.command == "cluster":
         return await _cluster(args, settings)
+    if args.command == "index":
+        return await _index(args, settings)
     if args.command == "dead-letters":
         return await _dead_letters(args, settings)
     if args.command == "produce":
@@ -259,6 +270,39 @@ async def _cluster(args: argparse.Namespace, settings: Settings) -> int:
         for m in c.members:
             print(f"  {m.similarity:.3f}  {m.id}  {_snippet(m.content)}")
     return 0
+
+
+async def _index(args: argparse.Namespace, settings: Settings) -> int:
+    dimension = settings.provider.dim
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), dimension)
+    try:
+        if args.action == "create":
+            index.check(args.m, args.ef_construction, args.maintenance_work_mem)
+            print(f"building: {index.statement(dimension, args.m, args.ef_construction)}")
+            built, new = await index.create(
+                conn, dimension, args.m, args.ef_construction, args.maintenance_work_mem
+            )
+            if not new:
+                print("a valid index exists already (drop it first to change its parameters)")
+            print(_describe(built))
+        elif args.action == "drop":
+            print(f"dropped {index.NAME}" if await index.drop(conn) else "no index to drop")
+        else:
+            current = await index.state(conn)
+            print(_describe(current) if current else f"no index {index.NAME}: search is exact")
+            building = await index.progress(conn)
+            if building is not None:
+                print(f"a build is running: {building.phase}, {building.done}/{building.total}")
+    finally:
+        await conn.close()
+    return 0
+
+
+def _describe(built: index.Index) -> str:
+    validity = (
+        "valid" if built.valid else "INVALID (an interrupted build; `index create` replaces it)"
+    )
+    return f"{built.definition}\n{validity}, {built.size_bytes / 2**20:.1f} MiB"
 
 
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
+from worker import index
 from worker.cluster import ClusterSummary, Reservoir, Summarizer, spherical_kmeans
 from worker.embedders.base import Embedder
 from worker.events import TextType
@@ -46,22 +47,25 @@ async def nearest(
     exclude: tuple[str, str] | None = None,
 ) -> list[Hit]:
     """Top-k rows of this model, optionally within a namespace and a metadata subset,
-    leaving out the row `exclude` = (namespace, id)."""
-    rows = await conn.fetch(
-        "SELECT namespace, id, content, metadata, 1 - (embedding <=> $1) AS score "
-        "FROM embeddings WHERE model = $2 "
-        "AND ($3::text IS NULL OR namespace = $3) "
-        "AND ($4::jsonb IS NULL OR metadata @> $4::jsonb) "
-        "AND ($6::text IS NULL OR (namespace, id) <> ($6::text, $7::text)) "
-        "ORDER BY embedding <=> $1 LIMIT $5",
-        np.asarray(vector, dtype=np.float32),
-        model,
-        namespace,
-        None if metadata is None else json.dumps(metadata),
-        k,
-        None if exclude is None else exclude[0],
-        None if exclude is None else exclude[1],
-    )
+    leaving out the row `exclude` = (namespace, id). Exact without an HNSW index, through
+    it (approximate) with one (``embedding-worker index``)."""
+    async with conn.transaction():
+        order = await index.search_order(conn, len(vector), k)
+        rows = await conn.fetch(
+            "SELECT namespace, id, content, metadata, 1 - (embedding <=> $1) AS score "
+            "FROM embeddings WHERE model = $2 "
+            "AND ($3::text IS NULL OR namespace = $3) "
+            "AND ($4::jsonb IS NULL OR metadata @> $4::jsonb) "
+            "AND ($6::text IS NULL OR (namespace, id) <> ($6::text, $7::text)) "
+            f"ORDER BY {order} LIMIT $5",
+            np.asarray(vector, dtype=np.float32),
+            model,
+            namespace,
+            None if metadata is None else json.dumps(metadata),
+            k,
+            None if exclude is None else exclude[0],
+            None if exclude is None else exclude[1],
+        )
     return [
         Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
         for r in rows

@@ -1,0 +1,135 @@
+"""``embedding-worker index``: the HNSW index that keeps search fast on a large table.
+
+The migrations do not create it: keeping HNSW up to date is the ceiling of real-time
+ingest (benchmark scenario 5: ~20x fewer rows/s with one), so the operator picks the
+moment: after a backfill, or from the start when search latency matters more than ingest.
+It is built CONCURRENTLY, so workers keep writing meanwhile; a build that was interrupted
+leaves an invalid index behind, which ``status`` reports and ``create`` replaces. pgvector's
+HNSW indexes ``vector`` up to 2,000 dimensions: above that (text-embedding-v4 at 2,048) the
+index is on the ``halfvec`` cast, and search orders by that same expression to use it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from worker.config import ConfigError
+from worker.store import Conn
+
+NAME = "embeddings_embedding_hnsw"
+MAX_VECTOR_DIMENSIONS = 2000
+MAX_HALFVEC_DIMENSIONS = 4000
+# A Postgres memory size, as maintenance_work_mem takes it (e.g. 512MB, 2GB).
+MEMORY = re.compile(r"^\d+\s*(kB|MB|GB|TB)$")
+
+
+@dataclass(frozen=True)
+class Index:
+    definition: str
+    valid: bool  # false: an interrupted CONCURRENTLY build, unused by queries
+    size_bytes: int
+
+    @property
+    def halfvec(self) -> bool:
+        return "halfvec" in self.definition
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str
+    done: int
+    total: int  # blocks or tuples of the current phase, as Postgres reports them
+
+
+def statement(dimension: int, m: int, ef_construction: int) -> str:
+    if dimension > MAX_HALFVEC_DIMENSIONS:
+        raise ConfigError(
+            f"pgvector's HNSW indexes at most {MAX_HALFVEC_DIMENSIONS} dimensions "
+            f"(as halfvec); the table has {dimension}"
+        )
+    if dimension > MAX_VECTOR_DIMENSIONS:
+        target = f"(embedding::halfvec({dimension})) halfvec_cosine_ops"
+    else:
+        target = "embedding vector_cosine_ops"
+    return (
+        f"CREATE INDEX CONCURRENTLY {NAME} ON embeddings USING hnsw ({target}) "
+        f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
+    )
+
+
+async def state(conn: Conn) -> Index | None:
+    row = await conn.fetchrow(
+        "SELECT pg_get_indexdef(i.indexrelid) AS definition, i.indisvalid AS valid, "
+        "pg_relation_size(i.indexrelid) AS size FROM pg_index i "
+        "WHERE i.indexrelid = to_regclass($1)",
+        NAME,
+    )
+    if row is None:
+        return None
+    return Index(row["definition"], row["valid"], row["size"])
+
+
+async def progress(conn: Conn) -> Progress | None:
+    """The build in progress on ``embeddings``, as another session sees it."""
+    row = await conn.fetchrow(
+        "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
+        "FROM pg_stat_progress_create_index WHERE relid = 'embeddings'::regclass"
+    )
+    if row is None:
+        return None
+    if row["tuples_total"]:
+        return Progress(row["phase"], row["tuples_done"], row["tuples_total"])
+    return Progress(row["phase"], row["blocks_done"], row["blocks_total"])
+
+
+def check(m: int, ef_construction: int, maintenance_work_mem: str | None) -> None:
+    if m < 2 or m > 100 or ef_construction < 4 or ef_construction > 1000:
+        raise ConfigError("HNSW takes m in 2..100 and ef_construction in 4..1000")
+    if ef_construction < 2 * m:
+        raise ConfigError(f"ef_construction must be at least 2 x m ({2 * m})")
+    if maintenance_work_mem is not None and not MEMORY.match(maintenance_work_mem):
+        raise ConfigError(
+            f"maintenance_work_mem takes a size like 1GB, got {maintenance_work_mem!r}"
+        )
+
+
+async def create(
+    conn: Conn, dimension: int, m: int, ef_construction: int, maintenance_work_mem: str | None
+) -> tuple[Index, bool]:
+    """Build the index unless a valid one exists; (the index, whether it was built now)."""
+    check(m, ef_construction, maintenance_work_mem)
+    sql = statement(dimension, m, ef_construction)
+    existing = await state(conn)
+    if existing is not None and existing.valid:
+        return existing, False
+    if existing is not None:
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+    if maintenance_work_mem is not None:
+        await conn.execute(f"SET maintenance_work_mem = '{maintenance_work_mem}'")
+    await conn.execute(sql)
+    built = await state(conn)
+    assert built is not None
+    return built, True
+
+
+async def drop(conn: Conn) -> bool:
+    existing = await state(conn)
+    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+    return existing is not None
+
+
+async def search_order(conn: Conn, dimension: int, k: int) -> str:
+    """How a top-k query over ``embeddings`` must order (query vector ``$1``) to use the
+    index, with the session set for it: ``hnsw.ef_search`` at least k, and, on pgvector
+    0.8+, iterative scans, so a filter (model, namespace, metadata) still yields k rows."""
+    index = await state(conn)
+    if index is None or not index.valid:
+        return "embedding <=> $1"
+    await conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, min(int(k), 1000))}")
+    version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    if tuple(int(p) for p in str(version).split(".")[:2]) >= (0, 8):
+        await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+    if index.halfvec:
+        return f"embedding::halfvec({dimension}) <=> $1::halfvec({dimension})"
+    return "embedding <=> $1"
