@@ -74,7 +74,7 @@ class Env:
             "heartbeat_interval_ms": 300,
         }
         kafka.update(extra.pop("kafka", {}))
-        batch = {"linger_ms": 20, "write_linger_ms": 20}
+        batch = {"linger_ms": 20}
         batch.update(extra.pop("batch", {}))
         return {
             "kafka": kafka,
