@@ -66,7 +66,7 @@ class Env:
 
     def config(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         kafka = {
-            "bootstrap_servers": self.stack.bootstrap,
+            **self.stack.kafka_settings(),
             "group_id": self.group,
             "input_topic": self.topic,
             "dlq_topic": self.dlq,
