@@ -10,7 +10,7 @@ import numpy as np
 
 from worker.config import ProviderSettings
 from worker.embedders.base import Embedder, Embeddings, TransientError, assemble
-from worker.embedders.http import make_client, post_json
+from worker.embedders.http import ApiClient, post_json
 from worker.events import TextType
 
 
@@ -21,7 +21,7 @@ class OpenAIEmbedder(Embedder):
         self.max_texts = settings.max_texts_per_request
         self.encoding_format = settings.encoding_format
         self.send_dimensions = settings.send_dimensions
-        self._client = make_client(settings)
+        self._client = ApiClient(settings)
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
         payload: dict[str, Any] = {
