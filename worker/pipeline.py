@@ -225,11 +225,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     timeout_ms=self._poll_timeout_ms(),
                     max_records=self.settings.kafka.max_poll_records,
                 )
-                # Epochs as of this fetch, before any await: a rebalance that completes
-                # while one partition is ingested must not let the others' records in.
-                epochs = {tp: self.tracker.epoch((tp.topic, tp.partition)) for tp in batches}
-                for tp, messages in batches.items():
-                    await self._ingest(tp, messages, epochs[tp])
+                await self._ingest(batches)
                 for batch in self.batcher.due(time.monotonic()):
                     self._submit(batch)
             await self._drain()
@@ -288,13 +284,34 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # ---- fetch, decode, skip unchanged -------------------------------------------------
 
-    async def _ingest(self, tp: TopicPartition, messages: list[object], epoch: int | None) -> None:
-        key = (tp.topic, tp.partition)
-        if epoch is None or self.tracker.epoch(key) != epoch or key in self._revoking:
-            return  # fetched before a rebalance; whoever owns it now reads it again
+    async def _ingest(self, batches: dict[TopicPartition, list[object]]) -> None:
+        """Decode one fetch, every partition of it, then route it with one hash lookup.
+
+        Every partition is decoded and tracked under its current epoch before the first
+        await, so a rebalance that completes during the lookup (or the dead letters) is
+        seen by the epochs: the stale changes are dropped downstream and redone.
+        """
         changes: list[Change] = []
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
+        for tp, messages in batches.items():
+            self._decode(tp, messages, changes, letters, settled)
+        await self._dead_letter(letters)
+        self._enqueue(settled)
+        await self._route(changes)
+
+    def _decode(
+        self,
+        tp: TopicPartition,
+        messages: list[object],
+        changes: list[Change],
+        letters: list[tuple[bytes | None, DeadLetter]],
+        settled: list[Item],
+    ) -> None:
+        key = (tp.topic, tp.partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self._revoking:
+            return  # not (or no longer) ours; whoever owns it now reads it again
         for msg in messages:
             record = Record(
                 topic=tp.topic,
@@ -315,9 +332,6 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
-        await self._dead_letter(letters)
-        self._enqueue(settled)
-        await self._route(changes)
 
     async def _route(self, changes: list[Change]) -> None:
         """Deletes go straight to the writer; upserts skip the API when nothing changed."""
