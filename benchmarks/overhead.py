@@ -51,13 +51,14 @@ def worker_config(
     fake: FakeProvider | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The worker's defaults, except what points it at the bench stack and the fake.
+    """The worker's defaults, except what points it at the bench stack (with the embedded
+    broker's workarounds, ``DevStack.kafka_settings``) and the fake.
 
     ``overrides`` merges settings into sections, e.g. ``{"batch": {"max_in_flight": 8000}}``.
     """
     config: dict[str, Any] = {
         "kafka": {
-            "bootstrap_servers": ctx.stack.bootstrap,
+            **ctx.stack.kafka_settings(),
             "group_id": group,
             "input_topic": topic,
             "dlq_topic": "bench.dlq",
@@ -176,7 +177,7 @@ async def run(ctx: Context) -> list[Figure]:
             cpu=median_cpu(cpus),
             notes=(
                 f"{total:,} events produced beforehand, 4 partitions, 1024-d base64, worker "
-                "defaults (10 texts/request, 4 requests in flight, 500 rows/transaction)"
+                "defaults (10 texts/request, 4 requests in flight, ≤ 500 rows/transaction)"
             ),
             extra=extra,
         )

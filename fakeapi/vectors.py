@@ -8,7 +8,6 @@ the same text gives the same vector through either endpoint.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import threading
@@ -18,6 +17,7 @@ from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
+import pybase64
 
 from fakeapi.tokens import tokenize
 
@@ -82,8 +82,12 @@ def fake_vector(text: str, dimension: int) -> Vector:
 
 @lru_cache(maxsize=4096)
 def fake_vector_b64(text: str, dimension: int) -> str:
-    """``fake_vector`` as the OpenAI dialect's base64 of little-endian float32 (cached too)."""
-    return base64.b64encode(
+    """``fake_vector`` as the OpenAI dialect's base64 of little-endian float32 (cached too).
+
+    pybase64 (the worker's dependency): the same text as ``base64.b64encode`` in a tenth of
+    the time, which was a third of the cost of an uncached vector.
+    """
+    return pybase64.b64encode(
         fake_vector(text, dimension).astype("<f4", copy=False).tobytes()
     ).decode("ascii")
 

@@ -66,7 +66,7 @@ class Env:
 
     def config(self, provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         kafka = {
-            "bootstrap_servers": self.stack.bootstrap,
+            **self.stack.kafka_settings(),
             "group_id": self.group,
             "input_topic": self.topic,
             "dlq_topic": self.dlq,
@@ -74,7 +74,7 @@ class Env:
             "heartbeat_interval_ms": 300,
         }
         kafka.update(extra.pop("kafka", {}))
-        batch = {"linger_ms": 20, "write_linger_ms": 20}
+        batch = {"linger_ms": 20}
         batch.update(extra.pop("batch", {}))
         return {
             "kafka": kafka,

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ from worker.embedders.base import (
     PermanentError,
     TransientError,
 )
-from worker.embedders.http import post_json
+from worker.embedders.http import ApiClient, post_json
 from worker.events import TextType
 
 TEXTS = [
@@ -67,7 +66,7 @@ class Spy:
         self.payloads: list[dict[str, Any]] = []
         self.bodies: list[Any] = []
 
-    async def __call__(self, client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> Any:
+    async def __call__(self, client: ApiClient, path: str, payload: dict[str, Any]) -> Any:
         self.payloads.append(payload)
         body = await self.original(client, path, payload)
         self.bodies.append(body)

@@ -7,56 +7,17 @@ the new one and an offset was stored past 100 unstored events)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka import TopicPartition
 
+from tests.pipeline_fakes import P0, P1, FakeConsumer, FakePool, Msg, NoDeadLetters, T
 from worker import pipeline as pl
 from worker import store
 from worker.config import load_settings
 from worker.embedders.base import Embedder, Embeddings
 from worker.events import TextType
-
-T = "ev"
-P0, P1 = TopicPartition(T, 0), TopicPartition(T, 1)
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int) -> None:
-        self.offset = offset
-        self.key = f"id-{partition}-{offset}".encode()
-        self.value = json.dumps({"id": f"id-{partition}-{offset}", "text": f"t{offset}"}).encode()
-        self.timestamp = 1763632800000 + offset
-        self.headers = ()
-
-
-class FakeConsumer:
-    def __init__(self) -> None:
-        self.script: asyncio.Queue[dict[TopicPartition, list[Msg]]] = asyncio.Queue()
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
-        try:
-            return await asyncio.wait_for(self.script.get(), timeout_ms / 1000)
-        except TimeoutError:
-            return {}
-
-    def assignment(self) -> set[TopicPartition]:
-        return {P0, P1}
-
-    def pause(self, *tps: TopicPartition) -> None: ...
-    def resume(self, *tps: TopicPartition) -> None: ...
-    def paused(self) -> set[TopicPartition]:
-        return set()
-
-    def highwater(self, tp: TopicPartition) -> None:
-        return None
-
-    def seek(self, tp: TopicPartition, offset: int) -> None: ...
-    async def seek_to_beginning(self, tp: TopicPartition) -> None: ...
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
 
 
 class GatedEmbedder(Embedder):
@@ -68,22 +29,6 @@ class GatedEmbedder(Embedder):
     async def embed(self, texts: Any, text_type: TextType) -> Embeddings:
         await self.gate.wait()
         return Embeddings(np.ones((len(texts), 4), dtype=np.float32))
-
-
-class FakePool:
-    class _Conn:
-        async def __aenter__(self) -> None:
-            return None
-
-        async def __aexit__(self, *exc: object) -> bool:
-            return False
-
-    def acquire(self) -> _Conn:
-        return self._Conn()
-
-
-class NoDeadLetters:
-    async def send(self, letters: object) -> None: ...
 
 
 async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one(
@@ -113,7 +58,7 @@ async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one
     settings = load_settings(
         kafka={"input_topic": T},
         provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
-        batch={"linger_ms": 10, "write_linger_ms": 10},
+        batch={"linger_ms": 10},
         http={"enabled": False},
     )
     consumer, embedder = FakeConsumer(), GatedEmbedder()

@@ -83,7 +83,7 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_records: int = Field(default=500, ge=1)
     # How long the broker may hold a fetch that has no data yet; part of every event's
-    # latency on brokers that hold it whole (the embedded Tansu does), see kafka.py.
+    # latency on brokers that hold it whole (the embedded stack sets less), see kafka.py.
     fetch_max_wait_ms: int = Field(default=100, ge=0)
     # What one fetch may buffer (per partition / in all): part of the worker's memory bound.
     max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
@@ -171,9 +171,10 @@ class BatchSettings(BaseModel):
     linger_ms: int = Field(default=50, ge=0)
     # Events held by the pipeline (fetched, not yet stored) before partitions are paused.
     max_in_flight: int = Field(default=2_000, ge=1)
-    # Rows per Postgres transaction (one transaction also stores the offsets).
+    # Most rows per Postgres transaction (one transaction also stores the offsets). The
+    # writer does not linger: it writes what is ready, and rows that arrive meanwhile wait for
+    # the next transaction, so transactions grow with the load.
     write_max_rows: int = Field(default=500, ge=1)
-    write_linger_ms: int = Field(default=100, ge=0)
 
 
 class HttpSettings(BaseModel):

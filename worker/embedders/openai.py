@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from worker.config import ProviderSettings
 from worker.embedders.base import Embedder, Embeddings, TransientError, assemble
-from worker.embedders.http import make_client, post_json
+from worker.embedders.http import ApiClient, post_json
 from worker.events import TextType
 
 
@@ -21,7 +21,7 @@ class OpenAIEmbedder(Embedder):
         self.max_texts = settings.max_texts_per_request
         self.encoding_format = settings.encoding_format
         self.send_dimensions = settings.send_dimensions
-        self._client = make_client(settings)
+        self._client = ApiClient(settings)
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
         payload: dict[str, Any] = {
@@ -45,7 +45,13 @@ class OpenAIEmbedder(Embedder):
 
 
 def _decode(embedding: Any) -> np.ndarray:
-    """Servers that honour ``encoding_format=base64`` send little-endian float32 bytes."""
+    """Servers that honour ``encoding_format=base64`` send little-endian float32 bytes.
+
+    pybase64 (SIMD) rather than the standard library: ``base64.b64decode`` took ~10 us per
+    1024-d vector, ~9 % of the worker's CPU in benchmark scenario 1; pybase64 takes <1 us.
+    ``validate``: a character outside the alphabet is an error (a malformed answer, retried),
+    not silently skipped.
+    """
     if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+        return np.frombuffer(pybase64.b64decode(embedding, validate=True), dtype="<f4")
     return np.asarray(embedding, dtype=np.float32)
