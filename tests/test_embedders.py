@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fakeapi import FakeEmbeddingServer, fake_vector
-from tests.conftest import dashscope, openai
+from tests.conftest import dashscope, openai, wait_until
 from worker.config import load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import (
@@ -275,3 +280,47 @@ async def test_local_e5_model() -> None:
     for q, p in zip(queries.vectors, passages.vectors, strict=True):
         assert not np.allclose(q, p, atol=1e-4)
         assert cosine(q, p) > 0.5
+
+
+ORPHAN_SCRIPT = """
+import asyncio, multiprocessing, os, signal, sys
+from worker.config import ProviderSettings
+from worker.embedders.local import LocalEmbedder
+
+async def main():
+    spec = {"kind": "local", "model": "use-multilingual-v3", "dimension": 512}
+    embedder = LocalEmbedder(ProviderSettings.model_validate(spec))
+    await embedder.warm_up()
+    with open(sys.argv[1], "w") as out:
+        out.write(" ".join(str(c.pid) for c in multiprocessing.active_children()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_model_process_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
+    """kill -9 (or the OOM killer) cannot stop the model's process: it must notice alone."""
+    pids = tmp_path / "children"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORPHAN_SCRIPT, str(pids), stdout=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(proc.wait(), timeout=120) == -signal.SIGKILL
+    children = [int(pid) for pid in pids.read_text().split()]
+    assert children, "the model ran in a child process"
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def all_gone() -> bool:
+        return not any(alive(p) for p in children)
+
+    try:
+        await wait_until(all_gone, 10, "the orphaned model process is still running")
+    finally:
+        for pid in filter(alive, children):
+            os.kill(pid, signal.SIGKILL)

@@ -42,6 +42,13 @@ from worker.analysis.config import (
 )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not every CPU of the host."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ConfigError(Exception):
     """Invalid configuration: the worker refuses to start and says why."""
 
@@ -142,8 +149,14 @@ class ProviderSettings(BaseModel):
     # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
     encoding_format: Literal["base64", "float"] = "base64"
     send_dimensions: bool = True
-    # Local model: threads for the numpy forward pass (runs off the event loop).
-    local_threads: int = Field(default=1, ge=1)
+    # Local model: BLAS threads of its forward pass, in its own process. Default: every CPU
+    # this process may use (the pipeline beside it needs little: benchmark scenario 4); in a
+    # container with a CPU limit, set it to that limit.
+    local_threads: int | None = Field(default=None, ge=1)
+
+    @property
+    def model_threads(self) -> int:
+        return self.local_threads or usable_cpus()
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> ProviderSettings:

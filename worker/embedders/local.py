@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +31,7 @@ Encode = Callable[[list[str], TextType], np.ndarray]
 # The model of the child process, loaded by its first call (a missing extra then reaches the
 # caller as the ConfigurationFault it raised).
 _loaded: dict[tuple[str, int], Encode] = {}
+ORPHAN_CHECK_S = 1.0
 
 
 def _use_encoder(threads: int) -> Encode:
@@ -63,8 +67,18 @@ def _e5_encoder(threads: int) -> Encode:
 
 
 def _child_started() -> None:
-    """Ctrl-C in a terminal reaches the whole process group; the parent decides when to stop."""
+    """Ctrl-C in a terminal reaches the whole process group: the parent decides when to
+    stop. A parent that is killed (kill -9, OOM) cannot stop its child: the child then
+    notices it was orphaned and exits, rather than holding the model's memory forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _child_encode(model: str, threads: int, texts: list[str], text_type: TextType) -> np.ndarray:
@@ -80,7 +94,7 @@ class LocalEmbedder(Embedder):
         self.model = settings.model_name
         self.dimension = settings.dim
         self.max_texts = settings.max_texts_per_request
-        self._threads = settings.local_threads
+        self._threads = settings.model_threads
         self._pool = self._new_pool()
 
     @staticmethod
