@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -324,3 +325,53 @@ async def test_the_model_process_exits_when_its_worker_is_killed(tmp_path: Path)
     finally:
         for pid in filter(alive, children):
             os.kill(pid, signal.SIGKILL)
+
+
+async def forward_proxy(seen: list[str]) -> asyncio.Server:
+    """A plain HTTP forward proxy: one request per connection, relayed to its target."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        line, *headers = [h for h in head.split("\r\n") if h]
+        seen.append(line)
+        method, target, protocol = line.split(" ")
+        length = sum(
+            int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")
+        )
+        body = await reader.readexactly(length)
+        url = httpx.URL(target)
+        kept = [h for h in headers if not h.lower().startswith(("connection:", "proxy-"))]
+        upstream_reader, upstream = await asyncio.open_connection(url.host, url.port)
+        request = [f"{method} {url.raw_path.decode()} {protocol}", *kept, "Connection: close"]
+        upstream.write(("\r\n".join(request) + "\r\n\r\n").encode() + body)
+        writer.write(await upstream_reader.read())
+        await writer.drain()
+        upstream.close()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    proxy = await forward_proxy(seen)
+    port = proxy.sockets[0].getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    texts = ["through the proxy", "and back"]
+    try:
+        async with embedder_for(openai(fake_api)) as embedder:
+            result = await embedder.embed(texts, TextType.DOCUMENT)
+        np.testing.assert_allclose(result.vectors, expected(texts, 256), atol=1e-6)
+        assert len(seen) == 1 and seen[0].startswith(f"POST {fake_api.openai_url}")
+        # NO_PROXY names the provider's host: straight there, past the proxy.
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        async with embedder_for(openai(fake_api)) as embedder:
+            await embedder.embed(texts, TextType.DOCUMENT)
+        assert len(seen) == 1
+    finally:
+        proxy.close()
+        await proxy.wait_closed()

@@ -10,10 +10,12 @@ import email.utils
 import json
 import re
 import time
+import urllib.request
 from importlib.metadata import version
 from typing import Any
 
 import httpx
+import structlog
 
 from worker.config import ProviderSettings
 from worker.embedders.base import (
@@ -22,6 +24,8 @@ from worker.embedders.base import (
     TransientError,
 )
 from worker.embedders.transport import LeanTransport
+
+log = structlog.get_logger(__name__)
 
 # Fractional seconds are not in the RFC but some servers (and our fake) send them.
 _SECONDS = re.compile(r"-?\d+(\.\d+)?")
@@ -33,7 +37,8 @@ CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenie
 
 
 class ApiClient:
-    """POSTs JSON to one provider's endpoint through :class:`LeanTransport`.
+    """POSTs JSON to one provider's endpoint through :class:`LeanTransport` (or, when the
+    environment names a proxy for it, httpx's own transport).
 
     Why not ``httpx.AsyncClient``: per request it merged and re-parsed the URL, rebuilt the
     headers and ran its cookie, auth and redirect machinery, none of which an API with a
@@ -56,7 +61,17 @@ class ApiClient:
         )
         timeout = httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s))
         self._extensions = {"timeout": timeout.as_dict()}
-        self._transport = LeanTransport(max_connections=settings.max_concurrency * 2)
+        connections = settings.max_concurrency * 2
+        proxy = proxy_for(httpx.URL(self._base))
+        self._transport: httpx.AsyncBaseTransport
+        if proxy is None:
+            self._transport = LeanTransport(max_connections=connections)
+        else:
+            # The lean transport speaks no proxy protocol; httpx's own transport does.
+            log.info("provider requests go through a proxy", proxy=httpx.URL(proxy).host)
+            self._transport = httpx.AsyncHTTPTransport(
+                proxy=proxy, limits=httpx.Limits(max_connections=connections)
+            )
 
     async def post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
         url = self._urls.get(path)
@@ -72,6 +87,16 @@ class ApiClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def proxy_for(url: httpx.URL) -> str | None:
+    """The proxy the environment names for ``url`` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, in
+    either case, less NO_PROXY), as ``httpx.AsyncClient`` would have used it."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.host):
+        return None
+    return proxy
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -5,14 +5,14 @@ Why: benchmark scenario 1 found httpcore (with anyio) to be ~40 % of the worker'
 and the rest in its layers of locks, events and cancel scopes. This transport writes each
 request in one ``send``, reads the answer with one ``readuntil`` and one ``readexactly``
 (or the chunks of a chunked body), and keeps idle connections for reuse. Everything above
-it is still httpx: the request is built by ``httpx.AsyncClient``, the response is an
+it is still httpx: the request is an ``httpx.Request``, the response is an
 ``httpx.Response`` (content-encoding is decoded there), and failures are httpx's own
 exceptions (``ConnectTimeout``, ``ReadTimeout``, ``ConnectError``, ``ReadError``,
 ``RemoteProtocolError``), so the error classification in ``worker.embedders.http`` holds.
 
 It speaks only what an embeddings API needs: HTTP/1.1 (TLS for ``https``), bodies framed by
-``Content-Length``, chunked, or the end of the connection; no proxies (httpx mounts its own
-transports for proxies set in the environment), no HTTP/2, no upgrades.
+``Content-Length``, chunked, or the end of the connection; no proxies (``ApiClient`` uses
+httpx's own transport when the environment names one), no HTTP/2, no upgrades.
 """
 
 from __future__ import annotations
