@@ -1,7 +1,7 @@
 """Scenario 4, local model: the worker with its default in-process model ÷ the model alone.
 
 The default provider (``kind = "local"``: USE-multilingual v3, 512-d, 64 texts per call,
-``local_threads`` unset: every usable CPU) embeds the events end to end; the limit is the
+``local_threads`` unset: all CPUs but one) embeds the events end to end; the limit is the
 same model's raw rate, measured in the harness in the same run, just before each worker run,
 on the same texts, in the same batches of 64, with the same number of threads. The worker's
 rate is taken between the samples where 10 % and 95 % of the events were stored (start-up
@@ -16,13 +16,13 @@ import time
 from benchmarks.context import Context
 from benchmarks.harness import CpuWindow, Figure, events, log, median_cpu, produce, stack_roots
 from benchmarks.live import LiveWorker
-from worker.config import usable_cpus
+from worker.config import ProviderSettings
 
 SCENARIO = "4-local-model"
 TARGET_RATIO = 0.90
 DIMENSION = 512
 BATCH = 64
-THREADS = usable_cpus()  # the worker's default for provider.local_threads
+THREADS = ProviderSettings().model_threads  # the worker's default
 
 
 def raw_rate(texts: list[str]) -> tuple[float, dict[str, float]]:

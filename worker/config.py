@@ -149,14 +149,15 @@ class ProviderSettings(BaseModel):
     # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
     encoding_format: Literal["base64", "float"] = "base64"
     send_dimensions: bool = True
-    # Local model: BLAS threads of its forward pass, in its own process. Default: every CPU
-    # this process may use (the pipeline beside it needs little: benchmark scenario 4); in a
-    # container with a CPU limit, set it to that limit.
+    # Local model: BLAS threads of its forward pass, in its own process. Default: all but
+    # one of the CPUs this process may use, at least 1 (the pipeline keeps a core: on 2 cores
+    # a second model thread gave +7 % end to end and took 12 % from the pipeline, benchmark
+    # scenario 4); in a container with a CPU limit, set it from that limit.
     local_threads: int | None = Field(default=None, ge=1)
 
     @property
     def model_threads(self) -> int:
-        return self.local_threads or usable_cpus()
+        return self.local_threads or max(1, usable_cpus() - 1)
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> ProviderSettings:
