@@ -123,13 +123,25 @@ async def search_order(conn: Conn, dimension: int, k: int) -> str:
     """How a top-k query over ``embeddings`` must order (query vector ``$1``) to use the
     index, with the session set for it: ``hnsw.ef_search`` at least k, and, on pgvector
     0.8+, iterative scans, so a filter (model, namespace, metadata) still yields k rows."""
-    index = await state(conn)
-    if index is None or not index.valid:
+    row = await conn.fetchrow(
+        "SELECT pg_get_indexdef(i.indexrelid) AS definition, "
+        "(SELECT extversion FROM pg_extension WHERE extname = 'vector') AS version "
+        "FROM pg_index i WHERE i.indexrelid = to_regclass($1) AND i.indisvalid",
+        NAME,
+    )
+    if row is None:
         return "embedding <=> $1"
-    await conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, min(int(k), 1000))}")
-    version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-    if tuple(int(p) for p in str(version).split(".")[:2]) >= (0, 8):
-        await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-    if index.halfvec:
+    major_minor = tuple(int(p) for p in str(row["version"]).split(".")[:2])
+    # SET LOCAL, as set_config(..., true), for both settings in one round trip.
+    await conn.execute(
+        "SELECT set_config('hnsw.ef_search', $1, true)"
+        + (
+            ", set_config('hnsw.iterative_scan', 'strict_order', true)"
+            if major_minor >= (0, 8)
+            else ""
+        ),
+        str(max(40, min(int(k), 1000))),
+    )
+    if "halfvec" in row["definition"]:
         return f"embedding::halfvec({dimension}) <=> $1::halfvec({dimension})"
     return "embedding <=> $1"
