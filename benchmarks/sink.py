@@ -4,8 +4,9 @@ Rows carry real 512-d embeddings of the demo's texts from the local model (``use
 computed once before timing. Both sides write the same rows in the same transactions of
 ``WRITE_ROWS`` rows (the worker's ``batch.write_max_rows``) into an emptied table:
 
-* upsert: ``worker.store.write`` with real ``Change`` objects (staging COPY + INSERT ... ON
-  CONFLICT with version guards + the consumer offsets), as the worker commits them;
+* upsert: ``worker.store.write`` with real ``Change`` objects (at this size: an existence
+  check, COPY of the new keys, INSERT ... ON CONFLICT with version guards for the rest and
+  the consumer offsets), as the worker commits them;
 * COPY: ``copy_records_to_table`` straight into ``embeddings`` (no guard, no offsets).
 
 Both are measured without a vector index and with HNSW (``vector_cosine_ops``, m=16,

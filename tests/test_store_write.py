@@ -1,4 +1,5 @@
-"""store.write: new keys are copied straight in, the rest guarded; races fall back safely."""
+"""store.write: small writes in one statement; from ``DIRECT_FROM_ROWS`` rows on, new keys
+are copied straight in and the rest guarded; races fall back safely."""
 
 from __future__ import annotations
 
@@ -22,11 +23,22 @@ GROUP = "g"
 async def conn(env: Env) -> AsyncIterator[asyncpg.Connection]:
     await migrate_db(env, DIM)
     c = await env.connect()
-    await c.execute(store.CREATE_STAGING)
     try:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture(params=["one-statement", "direct-copy"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both write paths: the same semantics whatever the batch's size."""
+    monkeypatch.setattr(store, "DIRECT_FROM_ROWS", 10**9 if request.param == "one-statement" else 1)
+    return str(request.param)
+
+
+@pytest.fixture
+def direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "DIRECT_FROM_ROWS", 1)
 
 
 def embedded(offset: int, id: str, when: datetime, value: float = 1.0) -> Change:
@@ -56,7 +68,7 @@ async def rows(conn: asyncpg.Connection) -> dict[str, tuple[int, float, int]]:
     }
 
 
-async def test_new_and_existing_keys_in_one_batch(conn: asyncpg.Connection) -> None:
+async def test_new_and_existing_keys_in_one_batch(conn: asyncpg.Connection, path: str) -> None:
     t0 = datetime.now(UTC)
     first = await write(conn, [embedded(0, "a", t0), embedded(1, "b", t0)])
     assert first.upserted == 2
@@ -87,7 +99,9 @@ async def test_new_and_existing_keys_in_one_batch(conn: asyncpg.Connection) -> N
     assert await rows(conn) == {"a": (2, 2.0, 2), "b": (1, 1.0, 1), "c": (1, 1.0, 3)}
 
 
-async def test_a_newer_tombstone_keeps_an_older_upsert_out(conn: asyncpg.Connection) -> None:
+async def test_a_newer_tombstone_keeps_an_older_upsert_out(
+    conn: asyncpg.Connection, path: str
+) -> None:
     t0 = datetime.now(UTC)
     await write(conn, [deleted(5, "x", t0)])
     result = await write(conn, [embedded(6, "x", t0 - timedelta(seconds=1))])
@@ -98,7 +112,7 @@ async def test_a_newer_tombstone_keeps_an_older_upsert_out(conn: asyncpg.Connect
 
 
 async def test_a_row_inserted_in_between_falls_back_to_the_guarded_path(
-    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, direct: None
 ) -> None:
     t0 = datetime.now(UTC)
     await write(conn, [embedded(0, "a", t0)])
@@ -110,7 +124,7 @@ async def test_a_row_inserted_in_between_falls_back_to_the_guarded_path(
 
 
 async def test_a_delete_committed_in_between_falls_back_to_the_guarded_path(
-    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, direct: None
 ) -> None:
     t0 = datetime.now(UTC)
     await write(conn, [deleted(5, "y", t0)])
@@ -122,7 +136,7 @@ async def test_a_delete_committed_in_between_falls_back_to_the_guarded_path(
 
 
 async def test_within_joins_the_transaction_and_its_redo(
-    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, direct: None
 ) -> None:
     await conn.execute("CREATE TABLE side (n int)")
     calls = 0
@@ -143,3 +157,18 @@ async def test_within_joins_the_transaction_and_its_redo(
     assert calls == 1
     assert [r["n"] for r in await conn.fetch("SELECT n FROM side")] == [1]
     assert await rows(conn) == {"a": (2, 1.0, 1)}
+
+
+async def test_a_failing_within_leaves_neither_rows_nor_offsets(
+    conn: asyncpg.Connection, path: str
+) -> None:
+    async def within(c: store.Conn) -> None:
+        raise RuntimeError("analysis failed")
+
+    t0 = datetime.now(UTC)
+    changes = [embedded(0, "a", t0), deleted(1, "b", t0)]
+    with pytest.raises(RuntimeError):
+        await store.write(conn, changes, {("t", 0): 2}, GROUP, "m", DIM, within=within)
+    assert await rows(conn) == {}
+    assert await store.load_offsets(conn, GROUP, "t") == {}
+    assert await conn.fetchval("SELECT count(*) FROM embedding_tombstones") == 0

@@ -188,7 +188,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         """Give in-flight work of revoked partitions a moment to be stored, then drop it.
 
         Dropped work is never stored with its offsets (epochs fence it), so the next owner
-        redoes it; offsets in Postgres never move backwards (see store.STORE_OFFSETS).
+        redoes it; offsets in Postgres never move backwards (see store.UPSERT_AND_STORE_OFFSETS).
         """
         tps = {(tp.topic, tp.partition) for tp in revoked}
         self._revoking |= tps

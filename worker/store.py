@@ -7,12 +7,15 @@ event arriving late never overwrites a newer one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import numpy as np
 from asyncpg.pool import PoolConnectionProxy
+from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
 from worker.decode import Change
@@ -35,34 +38,52 @@ UPSERT_COLUMNS = (
     "event_time",
 )
 
-CREATE_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS staging_upserts (
-    namespace text, id text, embedding vector, content text, content_hash bytea,
-    text_type text, metadata jsonb, truncated boolean, source_topic text,
-    source_partition integer, source_offset bigint, event_time timestamptz
-) ON COMMIT DELETE ROWS
+# Rows and offsets in one statement, so in one round trip, and in its own transaction when
+# nothing else has to join it. The rows arrive as arrays and take the version guards: a
+# newer tombstone keeps a row out, and an older event never overwrites a newer row. (Under
+# load the writer's time went to round trips, each waiting for a busy event loop.)
+UPSERT_AND_STORE_OFFSETS = f"""
+WITH s AS (
+    SELECT * FROM unnest($3::text[], $4::text[], $5::vector[], $6::text[], $7::bytea[],
+        $8::text[], $9::jsonb[], $10::bool[], $11::text[], $12::int[], $13::bigint[],
+        $14::timestamptz[])
+    AS s({", ".join(UPSERT_COLUMNS)})
+), upserted AS (
+    INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
+        model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
+        event_time)
+    SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
+        s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset,
+        s.event_time
+    FROM s
+    WHERE NOT EXISTS (
+        SELECT 1 FROM embedding_tombstones d
+        WHERE d.namespace = s.namespace AND d.id = s.id
+          AND (d.event_time, d.source_offset) >= (s.event_time, s.source_offset))
+    ON CONFLICT (namespace, id) DO UPDATE SET
+        embedding = EXCLUDED.embedding, content = EXCLUDED.content,
+        content_hash = EXCLUDED.content_hash, text_type = EXCLUDED.text_type,
+        model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
+        truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
+        source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
+        event_time = EXCLUDED.event_time, version = t.version + 1, updated_at = now()
+    WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
+    RETURNING 1
+), stored AS (
+    -- GREATEST: a worker that lost its partition in a rebalance never moves one back.
+    INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
+    SELECT $15, * FROM unnest($16::text[], $17::int[], $18::bigint[])
+    ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+        next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()
+)
+SELECT count(*) FROM upserted
 """
 
-UPSERT = """
-INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
-    model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
-    event_time)
-SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
-    s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset, s.event_time
-FROM staging_upserts s
-WHERE NOT EXISTS (
-    SELECT 1 FROM embedding_tombstones d
-    WHERE d.namespace = s.namespace AND d.id = s.id
-      AND (d.event_time, d.source_offset) >= (s.event_time, s.source_offset))
-ON CONFLICT (namespace, id) DO UPDATE SET
-    embedding = EXCLUDED.embedding, content = EXCLUDED.content,
-    content_hash = EXCLUDED.content_hash, text_type = EXCLUDED.text_type,
-    model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
-    truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
-    source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-    event_time = EXCLUDED.event_time, version = t.version + 1, updated_at = now()
-WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
-"""
+# From this many rows to embed on, a write first copies the new keys straight into the
+# table (binary COPY, no guard: there is nothing to guard against), in an explicit
+# transaction: more round trips, which a busy writer's bigger transactions amortise, and
+# less work per row.
+DIRECT_FROM_ROWS = 100
 
 # Keys of a batch that already have a row or a tombstone (any version): those take the
 # guarded upsert; the others are new and are copied straight into the table. $1 holds the
@@ -119,15 +140,6 @@ WHERE t.namespace = s.namespace AND t.id = s.id
   AND (t.event_time, t.source_offset) < (s.event_time, s.source_offset)
 """
 
-# GREATEST: a worker that lost its partition in a rebalance can never move an offset back.
-STORE_OFFSETS = """
-INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
-SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])
-ON CONFLICT (group_id, topic, partition) DO UPDATE SET
-    next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()
-"""
-
-
 # Postgres is down, restarting or unreachable: wait and retry, never drop or dead-letter.
 # Retrying a write is always safe: a repeated transaction is a no-op (strict version guards,
 # GREATEST for offsets), even when the first attempt committed and only its reply was lost.
@@ -156,9 +168,13 @@ class WriteResult:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await register_vector(conn)
-    await conn.execute(CREATE_STAGING)
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, without asyncpg's reset query (a round trip per write).
+
+    The worker leaves no session state on a pooled connection: its settings are transaction
+    local (``set_config(..., true)``) and its locks transaction-scoped; an open transaction
+    is rolled back by asyncpg before this is called.
+    """
 
 
 async def connect_unchecked(dsn: str) -> asyncpg.Connection:
@@ -180,7 +196,7 @@ async def connect(dsn: str, dimension: int) -> asyncpg.Connection:
 
 async def create_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        dsn, min_size=min_size, max_size=max_size, init=register_vector, reset=_keep_session
     )
     assert pool is not None
     return pool
@@ -264,21 +280,116 @@ async def write(
 ) -> WriteResult:
     """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction).
 
-    Rows for keys that have neither a row nor a tombstone are copied straight into the table
-    (binary COPY, no staging, no guard: there is nothing to guard against); the rest go
-    through the staging table and the guarded upsert. Should another writer insert one of
-    those keys in between (two workers during a rebalance), the COPY fails on the primary
-    key; should one be deleted in between, a second look after the COPY sees its tombstone:
-    either way the whole transaction rolls back and is redone with every row guarded (so the
-    direct path is never less safe than the guarded statement, whose tombstone check sees
-    the snapshot of its own start). Both redo triggers come before ``within`` is called, so it
-    runs once, in the transaction that commits.
+    A small write of embedded rows alone is one statement (``UPSERT_AND_STORE_OFFSETS``).
+    From ``DIRECT_FROM_ROWS`` rows on, rows for keys that have neither a row nor a tombstone
+    are first copied straight into the table; the rest take the guarded statement. Should
+    another writer insert one of those keys in between (two workers during a rebalance),
+    the COPY fails on the primary key; should one be deleted in between, a second look
+    after the COPY sees its tombstone: either way the whole transaction rolls back and is
+    redone with every row guarded (so the direct path is never less safe than the guarded
+    statement, whose tombstone check sees the snapshot of its own start). Both redo
+    triggers come before ``within`` is called, so it runs once, in the transaction that
+    commits.
     """
-    args = (conn, changes, offsets, group_id, model, dimension, store_text, within)
+    latest = newest_per_key(changes)
+    split = _Split(
+        embedded=[c for c in latest if c.op == "upsert" and c.vector is not None],
+        unchanged=[c for c in latest if c.op == "upsert" and c.vector is None and c.unchanged],
+        deletes=[c for c in latest if c.op == "delete"],
+    )
+    args = (conn, split, offsets, group_id, model, dimension, store_text, within)
     try:
-        return await _write(*args, direct=True)
+        return await _write(*args, direct=len(split.embedded) >= DIRECT_FROM_ROWS)
     except _Redo:
         return await _write(*args, direct=False)
+
+
+@dataclass
+class _Split:
+    embedded: list[Change]
+    unchanged: list[Change]
+    deletes: list[Change]
+
+
+async def _write(
+    conn: Conn,
+    split: _Split,
+    offsets: dict[tuple[str, int], int],
+    group_id: str,
+    model: str,
+    dimension: int,
+    store_text: bool,
+    within: Callable[[Conn], Awaitable[None]] | None,
+    *,
+    direct: bool,
+) -> WriteResult:
+    result = WriteResult(offsets=offsets)
+    alone = not (direct or split.unchanged or split.deletes or within)
+    async with contextlib.nullcontext() if alone else conn.transaction():
+        guarded = split.embedded
+        if direct:
+            guarded = await _copy_new(conn, split.embedded, model, dimension, store_text)
+            result.upserted += len(split.embedded) - len(guarded)
+        result.upserted += await conn.fetchval(
+            UPSERT_AND_STORE_OFFSETS,
+            model,
+            dimension,
+            *_columns(guarded, store_text),
+            group_id,
+            *_offset_columns(offsets),
+        )
+        if split.unchanged:
+            result.touched = await _touch(conn, split.unchanged)
+        if split.deletes:
+            args = (
+                *_keys(split.deletes),
+                [c.event_time for c in split.deletes],
+                [c.offset for c in split.deletes],
+            )
+            await conn.execute(TOMBSTONE, *args)
+            status = await conn.execute(DELETE, *args)
+            result.deleted = int(status.split()[-1])
+        if within is not None:
+            await within(conn)
+    return result
+
+
+async def _copy_new(
+    conn: Conn, embedded: list[Change], model: str, dimension: int, store_text: bool
+) -> list[Change]:
+    """COPY the rows whose keys are new; return the others, to be guarded."""
+    ns, ids = _keys(embedded)
+    existing = {(r[0], r[1]) for r in await conn.fetch(EXISTING, sorted(set(ns)), ids)}
+    new = [c for c in embedded if c.key not in existing]
+    if new:
+        try:
+            await conn.copy_records_to_table(
+                "embeddings",
+                records=[(*_row(c, store_text), model, dimension) for c in new],
+                columns=DIRECT_COLUMNS,
+            )
+        except asyncpg.UniqueViolationError:
+            raise _Redo from None
+        new_ns, new_ids = _keys(new)
+        if await conn.fetchval(TOMBSTONED_SINCE, sorted(set(new_ns)), new_ids):
+            raise _Redo
+    return [c for c in embedded if c.key in existing]
+
+
+async def _touch(conn: Conn, unchanged: list[Change]) -> int:
+    ns, ids = _keys(unchanged)
+    status = await conn.execute(
+        TOUCH,
+        ns,
+        ids,
+        [c.metadata_json for c in unchanged],
+        [c.topic for c in unchanged],
+        [c.partition for c in unchanged],
+        [c.offset for c in unchanged],
+        [c.event_time for c in unchanged],
+        [c.content_hash for c in unchanged],
+    )
+    return int(status.split()[-1])
 
 
 def _row(c: Change, store_text: bool) -> tuple[object, ...]:
@@ -298,79 +409,16 @@ def _row(c: Change, store_text: bool) -> tuple[object, ...]:
     )
 
 
-async def _write(
-    conn: Conn,
-    changes: Sequence[Change],
-    offsets: dict[tuple[str, int], int],
-    group_id: str,
-    model: str,
-    dimension: int,
-    store_text: bool,
-    within: Callable[[Conn], Awaitable[None]] | None,
-    *,
-    direct: bool,
-) -> WriteResult:
-    result = WriteResult(offsets=offsets)
-    latest = newest_per_key(changes)
-    embedded = [c for c in latest if c.op == "upsert" and c.vector is not None]
-    unchanged = [c for c in latest if c.op == "upsert" and c.vector is None and c.unchanged]
-    deletes = [c for c in latest if c.op == "delete"]
-    async with conn.transaction():
-        guarded = embedded
-        if embedded and direct:
-            ns, ids = _keys(embedded)
-            existing = {(r[0], r[1]) for r in await conn.fetch(EXISTING, sorted(set(ns)), ids)}
-            new = [c for c in embedded if c.key not in existing]
-            guarded = [c for c in embedded if c.key in existing]
-            if new:
-                try:
-                    await conn.copy_records_to_table(
-                        "embeddings",
-                        records=[(*_row(c, store_text), model, dimension) for c in new],
-                        columns=DIRECT_COLUMNS,
-                    )
-                except asyncpg.UniqueViolationError:
-                    raise _Redo from None
-                new_ns, new_ids = _keys(new)
-                if await conn.fetchval(TOMBSTONED_SINCE, sorted(set(new_ns)), new_ids):
-                    raise _Redo
-                result.upserted += len(new)
-        if guarded:
-            await conn.copy_records_to_table(
-                "staging_upserts",
-                records=[_row(c, store_text) for c in guarded],
-                columns=UPSERT_COLUMNS,
-            )
-            status = await conn.execute(UPSERT, model, dimension)
-            result.upserted += int(status.split()[-1])
-        if unchanged:
-            ns, ids = _keys(unchanged)
-            status = await conn.execute(
-                TOUCH,
-                ns,
-                ids,
-                [c.metadata_json for c in unchanged],
-                [c.topic for c in unchanged],
-                [c.partition for c in unchanged],
-                [c.offset for c in unchanged],
-                [c.event_time for c in unchanged],
-                [c.content_hash for c in unchanged],
-            )
-            result.touched = int(status.split()[-1])
-        if deletes:
-            args = (*_keys(deletes), [c.event_time for c in deletes], [c.offset for c in deletes])
-            await conn.execute(TOMBSTONE, *args)
-            status = await conn.execute(DELETE, *args)
-            result.deleted = int(status.split()[-1])
-        if within is not None:
-            await within(conn)
-        if offsets:
-            items = list(offsets.items())
-            await conn.execute(
-                STORE_OFFSETS,
-                group_id,
-                [tp[0] for tp, _ in items],
-                [tp[1] for tp, _ in items],
-                [off for _, off in items],
-            )
-    return result
+def _columns(changes: list[Change], store_text: bool) -> list[list[object]]:
+    """``UPSERT_COLUMNS`` as arrays (vectors wrapped: asyncpg would read an array as rows)."""
+    columns: list[list[object]] = [[] for _ in UPSERT_COLUMNS]
+    for c in changes:
+        for column, value in zip(columns, _row(c, store_text), strict=True):
+            column.append(value)
+    columns[2] = [Vector(np.asarray(c.vector, dtype=np.float32)) for c in changes]
+    return columns
+
+
+def _offset_columns(offsets: dict[tuple[str, int], int]) -> list[list[Any]]:
+    items = list(offsets.items())
+    return [[tp[0] for tp, _ in items], [tp[1] for tp, _ in items], [o for _, o in items]]
