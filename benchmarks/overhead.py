@@ -204,7 +204,7 @@ async def run(ctx: Context) -> list[Figure]:
 # 'label={"batch": {...}}'`` on the command line replaces them.
 WHAT_IF: dict[str, dict[str, dict[str, Any]]] = {
     "provider.max_texts_per_request=64": {"provider": {"max_texts_per_request": 64}},
-    "provider.max_concurrency=16": {"provider": {"max_concurrency": 16}},
+    "provider.max_concurrency=4 (the default before 16)": {"provider": {"max_concurrency": 4}},
     "provider.max_texts_per_request=64, max_concurrency=8": {
         "provider": {"max_texts_per_request": 64, "max_concurrency": 8},
     },

@@ -113,6 +113,15 @@ def test_local_default_max_texts_is_64_unless_set() -> None:
     assert s.provider.max_texts_per_request == 16
 
 
+def test_concurrency_defaults_to_16_for_an_api_and_4_for_the_local_model() -> None:
+    api = {"kind": "dashscope", "api_key": SECRET}
+    assert load_settings(provider=api).provider.max_concurrency == 16
+    assert load_settings(provider={"kind": "local"}).provider.max_concurrency == 4
+    assert load_settings(provider={**api, "max_concurrency": 3}).provider.max_concurrency == 3
+    local = load_settings(provider={"kind": "local", "max_concurrency": 8})
+    assert local.provider.max_concurrency == 8
+
+
 def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDDING_WORKER_KAFKA__GROUP_ID", "group-from-env")
     monkeypatch.setenv("EMBEDDING_WORKER_BATCH__LINGER_MS", "7")

@@ -45,7 +45,7 @@ async def test_metrics_move_as_events_flow(env: Env, fake_api: FakeEmbeddingServ
         before = await _metrics(worker)
         assert before["events_consumed_total"] == 0
         assert before["circuit_state{state=closed}"] == 1
-        assert before["concurrency_limit"] == 4
+        assert before["concurrency_limit"] == 16  # the default for an API
 
         high = await env.produce([*_events(100), {"id": "bad", "text": ""}])
         await env.wait_for_offsets(high)

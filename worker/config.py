@@ -71,6 +71,7 @@ class OversizePolicy(StrEnum):
 
 DASHSCOPE_DIMENSIONS = (2048, 1536, 1024, 768, 512, 256, 128, 64)
 LOCAL_DIMENSIONS = {LocalModel.USE: 512, LocalModel.E5: 384}
+LOCAL_MAX_CONCURRENCY = 4
 DEFAULT_URLS = {
     ProviderKind.DASHSCOPE: "https://dashscope-intl.aliyuncs.com/api/v1",
     ProviderKind.OPENAI: "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
@@ -127,7 +128,11 @@ class ProviderSettings(BaseModel):
     max_tokens_per_text: int = Field(default=8192, ge=1)
     max_tokens_per_request: int = Field(default=80_000, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
-    max_concurrency: int = Field(default=4, ge=1)
+    # Requests in flight (adaptive, see min_concurrency). An API needs latency x request
+    # rate of them: DashScope's 6,000 QPM (100/s) at ~150 ms is 15, so 16; a lower cap left
+    # most of the quota unused, and queued requests behind it even with an instant provider.
+    # The local model computes one batch at a time: it defaults to 4 (enough to overlap).
+    max_concurrency: int = Field(default=16, ge=1)
     # Adaptive concurrency (AIMD) moves the in-flight limit within [min, max] on 429s/timeouts.
     min_concurrency: int = Field(default=1, ge=1)
     # Client-side quotas, smoothed per second like the provider's; None = unlimited.
@@ -318,6 +323,8 @@ class Settings(BaseSettings):
             if "max_texts_per_request" not in p.model_fields_set:
                 # No per-request limit in-process; larger batches amortise the forward pass.
                 p.max_texts_per_request = 64
+            if "max_concurrency" not in p.model_fields_set:
+                p.max_concurrency = LOCAL_MAX_CONCURRENCY
             return self
         p.model = p.model or "text-embedding-v4"
         p.dimension = p.dimension or 1024
