@@ -45,6 +45,8 @@ class Figure:
     limit: float | None = None
     limit_label: str = ""
     higher_is_better: bool = True
+    # False: the limit is a reference (e.g. a capacity), not a target: no ✅/❌.
+    judged: bool = True
     notes: str = ""
     # Median CPU per process over the runs, percent of one core.
     cpu: dict[str, float] = field(default_factory=dict)
@@ -62,7 +64,7 @@ class Figure:
 
     @property
     def meets(self) -> bool | None:
-        if self.limit is None or not self.runs:
+        if self.limit is None or not self.runs or not self.judged:
             return None
         if self.higher_is_better:
             return self.median >= self.limit

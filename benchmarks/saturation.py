@@ -129,6 +129,7 @@ async def _measure(
             rates,
             limit=capacity,
             limit_label=f"quota capacity {capacity:,.0f} texts/s (TPM-bound)",
+            judged=False,  # the target is the ratio below
             cpu=median_cpu(cpus),
             notes=setup + "; rate between 20 % and 95 % of the events stored",
             extra={"tpm": tpm, "rpm": RPM, "tokens_per_text": round(tokens, 2)},
