@@ -129,8 +129,8 @@ class ProviderSettings(BaseModel):
     max_tokens_per_request: int = Field(default=80_000, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
     # Requests in flight (adaptive, see min_concurrency). An API needs latency x request
-    # rate of them: DashScope's 6,000 QPM (100/s) at ~150 ms is 15, so 16; a lower cap left
-    # most of the quota unused, and queued requests behind it even with an instant provider.
+    # rate of them: 6,000 QPM (100/s, DashScope's v3 page) at ~150 ms is 15, so 16; a lower
+    # cap left most of the quota unused, and queued requests even behind an instant provider.
     # The local model computes one batch at a time: it defaults to 4 (enough to overlap).
     max_concurrency: int = Field(default=16, ge=1)
     # Adaptive concurrency (AIMD) moves the in-flight limit within [min, max] on 429s/timeouts.
