@@ -114,7 +114,9 @@ async def _produce_steady(
                 }
                 key, raw = doc_id.encode(), json.dumps(value).encode()
                 partition = sent % PARTITIONS
-                batch = batches.setdefault(partition, producer.create_batch())
+                if partition not in batches:
+                    batches[partition] = producer.create_batch()
+                batch = batches[partition]
                 if batch.append(key=key, value=raw, timestamp=None) is None:  # full
                     pending.append(await producer.send_batch(batch, topic, partition=partition))
                     batches[partition] = batch = producer.create_batch()

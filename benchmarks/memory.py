@@ -2,7 +2,7 @@
 
 A backlog of ``memory_events`` (1,000,000 in the full run) upserts sits in the topic before
 the worker starts; the fake answers after 300-400 ms, so the worker (defaults: 10 texts per
-request, 4 in flight, ``max_in_flight`` 2,000) stores ~100 events/s and the backlog stays
+request, 16 in flight, ``max_in_flight`` 2,000) stores ~450 events/s and the backlog stays
 for the whole window. RSS of the worker process is sampled every 0.25 s from the first
 stored offset for ``memory_window_s`` seconds. Flat means: the highest sample of the last
 third exceeds the highest of the middle third by at most ``GROWTH_LIMIT_MB``.

@@ -177,7 +177,7 @@ async def run(ctx: Context) -> list[Figure]:
             cpu=median_cpu(cpus),
             notes=(
                 f"{total:,} events produced beforehand, 4 partitions, 1024-d base64, worker "
-                "defaults (10 texts/request, 4 requests in flight, ≤ 500 rows/transaction)"
+                "defaults (10 texts/request, 16 requests in flight, ≤ 500 rows/transaction)"
             ),
             extra=extra,
         )
