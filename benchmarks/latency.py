@@ -13,6 +13,11 @@ after the run reads ``(source_partition, source_offset, event_time)`` of every r
 event's latency is the first poll that saw its partition's offset past it minus its
 ``event_time`` (so it is over-stated by up to one poll interval, ~5 ms on average).
 
+Each run's p99 is also given for its first and second half (by event time): the embedded
+broker's in-memory engine lists every stored batch of a partition on each fetch, so its cost
+grows with the topic, and the halves show how much of the tail comes with that growth. The
+broker alone is measured the same way and for as long.
+
 The target is issue 6's ``linger + 2 x provider p99``: linger is the batcher's
 ``batch.linger_ms`` (the only wait the worker adds by configuration: the writer writes what
 is ready at once) and the provider's p99 is read from the worker's own request-latency
@@ -140,6 +145,19 @@ def _undelivered(futures: list[asyncio.Future[Any]]) -> list[asyncio.Future[Any]
     return [f for f in futures if not f.done()]
 
 
+def p99_by_half(samples: list[tuple[float, float]], middle: float) -> tuple[float, float]:
+    """p99 of ``(event time, latency)`` samples before and from ``middle``."""
+    first = [lat for t, lat in samples if t < middle]
+    second = [lat for t, lat in samples if t >= middle]
+    return _p99(first), _p99(second)
+
+
+def _p99(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
 async def _warm_up(ctx: Context, topic: str, worker: LiveWorker) -> int:
     """One event per partition, stored: the group is joined and every partition assigned."""
     producer = AIOKafkaProducer(bootstrap_servers=ctx.stack.bootstrap, acks="all")
@@ -154,10 +172,10 @@ async def _warm_up(ctx: Context, topic: str, worker: LiveWorker) -> int:
     return 4
 
 
-async def broker_alone(ctx: Context, rate: float, seconds: float, i: int) -> tuple[float, float]:
-    """(p50, p99) ms from an event's timestamp to its arrival in a bare aiokafka consumer with
-    the worker's fetch wait (``kafka.fetch_max_wait_ms`` on this stack): what the broker alone
-    adds."""
+async def broker_alone(ctx: Context, rate: float, seconds: float, i: int) -> dict[str, float]:
+    """p50, p99 (and the p99 of each half) in ms from an event's timestamp to its arrival in a
+    bare aiokafka consumer with the worker's fetch wait (``kafka.fetch_max_wait_ms`` on this
+    stack): what the broker alone adds."""
     from aiokafka import AIOKafkaConsumer
 
     topic = f"bench.latency.broker{i}"
@@ -172,29 +190,31 @@ async def broker_alone(ctx: Context, rate: float, seconds: float, i: int) -> tup
         heartbeat_interval_ms=3_000,
     )
     await consumer.start()
-    latencies: list[float] = []
+    samples: list[tuple[float, float]] = []  # (event time s, latency ms)
     expected = int(rate * seconds)
     try:
         while not consumer.assignment():
             await consumer.getmany(timeout_ms=100)
 
         async def consume() -> None:
-            while len(latencies) < expected:
+            while len(samples) < expected:
                 batches = await consumer.getmany(timeout_ms=200)
                 now = time.time()
                 for messages in batches.values():
                     for m in messages:
                         stamp = json.loads(m.value)["timestamp"]
-                        latencies.append(now * 1000 - stamp)
+                        samples.append((stamp / 1000, now * 1000 - stamp))
 
         task = asyncio.create_task(consume())
+        started = time.time()
         sent = await _produce_steady(ctx.stack.bootstrap, topic, rate, seconds, f"brk{i}")
         expected = sent
         await asyncio.wait_for(task, 60)
     finally:
         await consumer.stop()
-    q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return q[49], q[98]
+    q = statistics.quantiles([lat for _, lat in samples], n=100, method="inclusive")
+    first, second = p99_by_half(samples, started + seconds / 2)
+    return {"p50": q[49], "p99": q[98], "p99_first_half": first, "p99_second_half": second}
 
 
 async def one_run(ctx: Context, rate: float, seconds: float, i: int) -> dict[str, Any]:
@@ -226,6 +246,7 @@ async def one_run(ctx: Context, rate: float, seconds: float, i: int) -> dict[str
         cpu = worker.cpu_window()
         cpu.start()
         try:
+            started = time.time()
             sent = await _produce_steady(ctx.stack.bootstrap, topic, rate, seconds, f"lat{i}")
             await worker.wait_for(warm + sent, 120, every_s=0.05)
             usage = cpu.stop()
@@ -241,15 +262,19 @@ async def one_run(ctx: Context, rate: float, seconds: float, i: int) -> dict[str
         p99_provider = await provider_p99(port)
     finally:
         await worker.stop()
-    latencies = []
+    samples = []  # (event time s, latency ms)
     for r in rows:
         seen = next(t for t, o in polls[r["source_partition"]] if o > r["source_offset"])
-        latencies.append(1000 * (seen - r["event_time"].timestamp()))
-    latencies.sort()
+        event_time = r["event_time"].timestamp()
+        samples.append((event_time, 1000 * (seen - event_time)))
+    latencies = sorted(lat for _, lat in samples)
     q = statistics.quantiles(latencies, n=100, method="inclusive")
+    first, second = p99_by_half(samples, started + seconds / 2)
     return {
         "p50": q[49],
         "p99": q[98],
+        "p99_first_half": first,
+        "p99_second_half": second,
         "max": latencies[-1],
         "rows": len(rows),
         "rate": sent / seconds,
@@ -266,13 +291,16 @@ async def run(ctx: Context) -> list[Figure]:
     runs = ctx.slow_runs
     for i in range(runs):
         r = await one_run(ctx, rate, seconds, i)
-        r["broker_p50"], r["broker_p99"] = await broker_alone(ctx, rate, seconds / 2, i)
+        r["broker"] = await broker_alone(ctx, rate, seconds, i)
         results.append(r)
+        b = r["broker"]
         log(
             f"latency run {i + 1}/{runs}: {r['rate']:,.0f} events/s offered, p50 "
-            f"{r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, max {r['max']:.0f} ms; provider p99 "
+            f"{r['p50']:.0f} ms, p99 {r['p99']:.0f} ms (halves {r['p99_first_half']:.0f}, "
+            f"{r['p99_second_half']:.0f}), max {r['max']:.0f} ms; provider p99 "
             f"{r['provider_p99_ms']:.1f} ms ({r['rows']} rows); broker alone p50 "
-            f"{r['broker_p50']:.0f} ms, p99 {r['broker_p99']:.0f} ms"
+            f"{b['p50']:.0f} ms, p99 {b['p99']:.0f} ms (halves {b['p99_first_half']:.0f}, "
+            f"{b['p99_second_half']:.0f})"
         )
     provider = statistics.median(r["provider_p99_ms"] for r in results)
     target = LINGER_MS + 2 * provider
@@ -307,15 +335,40 @@ async def run(ctx: Context) -> list[Figure]:
         ),
         Figure(
             SCENARIO,
+            "end-to-end latency p99, first half of each run",
+            "ms",
+            [r["p99_first_half"] for r in results],
+        ),
+        Figure(
+            SCENARIO,
+            "end-to-end latency p99, second half of each run",
+            "ms",
+            [r["p99_second_half"] for r in results],
+            notes=(
+                "halves by event time; the embedded broker's in-memory engine lists every "
+                "stored batch of a partition on each fetch, so its cost grows over a run"
+            ),
+        ),
+        Figure(
+            SCENARIO,
             "broker alone p99 (timestamp -> a bare consumer, same fetch settings)",
             "ms",
-            [r["broker_p99"] for r in results],
+            [r["broker"]["p99"] for r in results],
             notes=(
-                "the same rate into a bare aiokafka consumer with the worker's "
+                "the same rate, for as long, into a bare aiokafka consumer with the worker's "
                 f"fetch_max_wait_ms ({FETCH_MAX_WAIT_MS} ms): the embedded broker (Tansu) holds "
                 "a fetch for that long when the partition is empty at the request"
             ),
-            extra={"p50_ms": [r["broker_p50"] for r in results]},
+            extra={
+                "p50_ms": [r["broker"]["p50"] for r in results],
+                "p99_first_half_ms": [r["broker"]["p99_first_half"] for r in results],
+            },
+        ),
+        Figure(
+            SCENARIO,
+            "broker alone p99, second half of each run",
+            "ms",
+            [r["broker"]["p99_second_half"] for r in results],
         ),
         Figure(
             SCENARIO,
