@@ -15,6 +15,7 @@ from worker.config import (
     ProviderKind,
     Settings,
     load_settings,
+    usable_cpus,
 )
 
 SECRET = "sk-very-secret-4242"
@@ -120,6 +121,28 @@ def test_concurrency_defaults_to_16_for_an_api_and_4_for_the_local_model() -> No
     assert load_settings(provider={**api, "max_concurrency": 3}).provider.max_concurrency == 3
     local = load_settings(provider={"kind": "local", "max_concurrency": 8})
     assert local.provider.max_concurrency == 8
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),  # no cgroup files: the affinity alone
+        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ({"cpu.max": "150000 100000\n"}, 2),  # v2, 1.5 CPUs: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ],
+)
+def test_usable_cpus_counts_a_cgroup_cpu_limit(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    got = usable_cpus(tmp_path)
+    assert got == (affinity if expected is None else min(affinity, expected))
 
 
 def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ provider's conventional ``DASHSCOPE_API_KEY``. A file named by ``EMBEDDING_WORKE
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from contextvars import ContextVar
@@ -42,11 +43,31 @@ from worker.analysis.config import (
 )
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), not every CPU of the host."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use, not every CPU of the host: its affinity, capped by its
+    cgroup's CPU quota rounded up (a container's ``--cpus``, a Kubernetes CPU limit), which
+    the affinity does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        return max(1, min(cpus or 1, math.ceil(quota)))
+    return cpus or 1
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup may use (v2 ``cpu.max``, else v1 CFS files),
+    or None: unlimited or unknown. Read where a container mounts its own cgroup."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 class ConfigError(Exception):
@@ -157,7 +178,7 @@ class ProviderSettings(BaseModel):
     # Local model: BLAS threads of its forward pass, in its own process. Default: all but
     # one of the CPUs this process may use, at least 1 (the pipeline keeps a core: on 2 cores
     # a second model thread gave +7 % end to end and took 12 % from the pipeline, benchmark
-    # scenario 4); in a container with a CPU limit, set it from that limit.
+    # scenario 4). A container's CPU limit counts (see ``usable_cpus``).
     local_threads: int | None = Field(default=None, ge=1)
 
     @property
