@@ -71,7 +71,9 @@ class LiveWorker:
         config = worker_config(ctx, topic, dsn, name, fake, overrides)
         if provider is not None:
             config["provider"] = provider
-        self = cls(ctx, topic, label, dimension, config, fake, dsn=dsn, name=name)
+        # The fake that serves this worker (the shared one unless given), for its CPU.
+        serving = None if provider is not None else fake or ctx.fake
+        self = cls(ctx, topic, label, dimension, config, serving, dsn=dsn, name=name)
         self.conn = await asyncpg.connect(dsn)
         env = environment_for(config)
         log_path = ctx.work / f"{name}.log"
