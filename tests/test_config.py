@@ -130,6 +130,8 @@ def test_concurrency_defaults_to_16_for_an_api_and_4_for_the_local_model() -> No
         ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
         ({"cpu.max": "150000 100000\n"}, 2),  # v2, 1.5 CPUs: rounded up
         ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "50000 0\n"}, None),  # nonsense is ignored, not a crash at start
+        ({"cpu.max": "garbage\n"}, None),
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
     ],
