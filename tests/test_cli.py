@@ -178,6 +178,47 @@ async def test_dead_letters_are_listed_then_replayed_once_the_limit_is_fixed(env
     assert len(await env.dead_letters(2)) == 2, "the invalid JSON was not replayed"
 
 
+async def test_a_replay_does_not_roll_back_a_version_stored_since(env: Env) -> None:
+    """The letter's event is older than the version stored after it: replaying it once the
+    cause is fixed must leave the newer version in place (the record keeps its timestamp)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    await migrate_db(env, 512)
+    old = {
+        "id": "doc",
+        "text": "The first version, with too much metadata.",
+        "metadata": {"files": [f"scan-{i:03}.pdf" for i in range(100)]},
+    }
+    await env.produce([old])
+    await asyncio.sleep(0.05)  # a later record time for the newer version
+    high = await env.produce([{"id": "doc", "text": "The second version."}])
+    async with running(env.settings(max_metadata_bytes=1000)):
+        await env.wait_for_offsets(high)
+    code, out, err = await _cli("dead-letters", "--replay", **_env(env))
+    assert code == 0, err
+    assert f"replayed 1 events to {env.topic}" in out
+
+    [(partition, newer)] = high.items()  # one key, one partition
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(env.topic, partition)
+        assert (await consumer.end_offsets([tp]))[tp] == newer + 2, "nothing was replayed"
+    finally:
+        await consumer.stop()
+    async with running(env.settings()):  # the default limit would take the old version
+        await env.wait_for_offsets({partition: newer + 1})
+    conn = await env.connect()
+    try:
+        row = await conn.fetchrow(
+            "SELECT source_offset, metadata::text FROM embeddings WHERE id = 'doc'"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    assert tuple(row) == (newer, "{}"), "the replayed old version overwrote the newer one"
+
+
 @pytest.mark.parametrize("args", [["--help"], ["search", "--help"]])
 async def test_help(args: list[str]) -> None:
     code, out, _ = await _cli(*args)

@@ -4,10 +4,12 @@ A dead letter carries the original key and value and where the event came from
 (``worker.events.DeadLetter``). This reads the dead-letter topic from the beginning up to
 its end, keeps the letters that match the filters, and lists them or
 produces the original events to the input topic again, each with a ``replayed-from``
-header naming its letter. A replayed event is a new event: it is applied like any other,
-over a newer version of the same id too, so replay what was fixed (a reason, a namespace,
-a time), not everything. Letters whose value was cut to fit the topic, and tombstones, are
-counted but cannot be replayed.
+header naming its letter and the original record's timestamp. Versions are ordered by event
+time (the event's ``timestamp``, else the record's), so a replayed event is applied unless a
+newer version of the same id was stored since it was first sent: a replay never rolls a
+document back. Replay what was fixed (a reason, a namespace, a time), not everything.
+Letters whose value was cut to fit the topic, and tombstones, are counted but cannot be
+replayed.
 """
 
 from __future__ import annotations
@@ -126,7 +128,11 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
             origin = f"{dlq_topic}/{f.partition}/{f.offset}".encode()
             futures.append(
                 await producer.send(
-                    k.input_topic, key=key, value=value, headers=[(REPLAYED_FROM, origin)]
+                    k.input_topic,
+                    key=key,
+                    value=value,
+                    headers=[(REPLAYED_FROM, origin)],
+                    timestamp_ms=f.letter.source.timestamp_ms,
                 )
             )
         for fut in futures:
