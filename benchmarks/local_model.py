@@ -70,9 +70,7 @@ async def run(ctx: Context) -> list[Figure]:
         after, after_cpu = raw_rate(texts)
         raw = (before + after) / 2
         raws.append(raw)
-        raw_cpus.append(
-            {k: (before_cpu[k] + after_cpu.get(k, before_cpu[k])) / 2 for k in before_cpu}
-        )
+        raw_cpus.append({k: (before_cpu[k] + after_cpu[k]) / 2 for k in before_cpu})
         ends.append(rate)
         ratios.append(rate / raw)
         log(

@@ -47,11 +47,10 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use, not every CPU of the host: its affinity, capped by its
     cgroup's CPU quota rounded up (a container's ``--cpus``, a Kubernetes CPU limit), which
     the affinity does not show."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
     quota = cgroup_cpu_quota(cgroup_root)
-    if quota is not None:
-        return max(1, min(cpus or 1, math.ceil(quota)))
-    return cpus or 1
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
 
 
 def cgroup_cpu_quota(root: Path) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import numpy as np
@@ -415,7 +415,7 @@ def _columns(changes: list[Change], store_text: bool) -> list[list[object]]:
     for c in changes:
         for column, value in zip(columns, _row(c, store_text), strict=True):
             column.append(value)
-    columns[2] = [Vector(np.asarray(c.vector, dtype=np.float32)) for c in changes]
+    columns[2] = [Vector(cast(np.ndarray, v)) for v in columns[2]]
     return columns
 
 
