@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
+import sys
 from pathlib import Path
 
 import httpx
@@ -149,3 +151,114 @@ async def test_a_running_worker_never_logs_its_secrets(
     log = worker.log()
     assert '"event dead-lettered"' in log and "retrying" in log
     assert API_KEY not in log and "pg-pass-7531" not in log
+    # Every line is JSON, the libraries' debug records (aiokafka, asyncpg) included.
+    loggers = {json.loads(line)["logger"] for line in log.splitlines()}
+    assert any(name.startswith("aiokafka") for name in loggers), loggers
+
+
+SECRETS = ("sk-deep0123456789", "hunter2-deep", "tok.deep-42", "sk-key0123456789")
+
+
+def test_every_record_is_one_json_line_with_no_secret_at_any_depth() -> None:
+    """structlog events and stdlib records of libraries alike: nested fields, dict keys,
+    exception objects, tracebacks and a record's %-args are all redacted."""
+    key, password, token, key_in_key = SECRETS
+    dsn = f"postgresql://app:{password}@db:5432/x"
+    out = io.StringIO()
+    logs.configure("info", "json", file=out)
+    try:
+        log = structlog.get_logger("worker.test")
+        log.warning(
+            "nested",
+            request={"headers": [{"auth": (f"Bearer {token}",)}], "pool": {"dsn": {"x": dsn}}},
+            keys={key_in_key: "value"},
+            error=RuntimeError(f"refused key {key}"),
+        )
+        try:
+            raise ConnectionError(f"cannot reach {dsn}")
+        except ConnectionError as exc:
+            log.exception("store failed")
+            logging.getLogger("asyncpg.pool").error("reconnect failed", exc_info=exc)
+        logging.getLogger("aiokafka.conn").warning("auth with %s as %s", f"Bearer {token}", key)
+        logging.getLogger("asyncio").error("Task exception was never retrieved: %r", dsn)
+        logging.getLogger("aiokafka.consumer").info("INFO chatter stays out at level info")
+    finally:
+        logs.configure("info", "json")
+    text = out.getvalue()
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert [(e["logger"], e["level"]) for e in entries] == [
+        ("worker.test", "warning"),
+        ("worker.test", "error"),
+        ("asyncpg.pool", "error"),
+        ("aiokafka.conn", "warning"),
+        ("asyncio", "error"),
+    ]
+    assert all(e["timestamp"] for e in entries)
+    assert "ConnectionError: cannot reach postgresql://app:***@" in entries[2]["exception"]
+    assert entries[3]["event"] == "auth with Bearer *** as sk-***"
+    assert entries[0]["request"]["pool"]["dsn"]["x"] == "postgresql://app:***@db:5432/x"
+    for secret in SECRETS:
+        assert secret not in text
+
+
+def test_library_loggers_are_quiet_below_warning_unless_debug() -> None:
+    out = io.StringIO()
+    try:
+        logs.configure("info", "json", file=out)
+        logging.getLogger("aiokafka.consumer").info("chatter at info")
+        structlog.get_logger("worker.test").info("own info at info")
+        logs.configure("debug", "json", file=out)
+        logging.getLogger("aiokafka.consumer").debug("chatter at debug")
+        logs.configure("error", "json", file=out)
+        logging.getLogger("aiokafka.consumer").warning("warning at error")
+        structlog.get_logger("worker.test").warning("own warning at error")
+        structlog.get_logger("worker.test").error("own error at error")
+    finally:
+        logs.configure("info", "json")
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events == ["own info at info", "chatter at debug", "own error at error"]
+
+
+# A real library's own records, a Python warning and asyncio's unretrieved-task report, in a
+# process of their own: stderr must hold nothing but JSON lines.
+_LIBRARY_NOISE = """
+import asyncio, gc, warnings
+from aiokafka import AIOKafkaProducer
+from worker import logs
+
+logs.configure("info", "json")
+warnings.warn("a library's warning")
+
+async def failing() -> None:
+    raise ValueError("lost task with Bearer tok.deep-42")
+
+async def main() -> None:
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+    try:
+        await producer.start()
+    except Exception:
+        pass
+    task = asyncio.ensure_future(failing())
+    await asyncio.sleep(0.05)
+    del task
+    gc.collect()
+
+asyncio.run(main())
+"""
+
+
+async def test_library_output_in_a_real_process_is_json_lines() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _LIBRARY_NOISE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    entries = [json.loads(line) for line in err.decode().splitlines()]
+    loggers = {e["logger"] for e in entries}
+    assert "py.warnings" in loggers and "asyncio" in loggers
+    assert any(name.startswith("aiokafka") for name in loggers), loggers
+    assert "tok.deep-42" not in err.decode()
