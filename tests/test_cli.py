@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Env, migrate_db, running, wait_until
+from worker.cli import _parser
+from worker.kafka import read_topic
 
 
 async def _cli(*args: str, **env: str) -> tuple[int, str, str]:
@@ -223,3 +229,140 @@ async def test_a_replay_does_not_roll_back_a_version_stored_since(env: Env) -> N
 async def test_help(args: list[str]) -> None:
     code, out, _ = await _cli(*args)
     assert code == 0 and "usage" in out
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    [sub] = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def _help(command: str) -> str:
+    out = StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        _parser().parse_args([command, "--help"])
+    return " ".join(out.getvalue().split())  # argparse wraps lines where it likes
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_every_command_help_shows_its_defaults(command: str) -> None:
+    text = _help(command)
+    for action in _commands()[command]._actions:
+        default = action.default
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            continue
+        assert f"(default: {default})" in text, (command, action.dest)
+    assert "--config FILE" in text  # accepted after the command too
+
+
+@pytest.mark.parametrize(
+    ("command", "formats"),
+    [
+        ("produce", ["JSON Lines", '{"id": "a-1", "text": "Hello"']),
+        ("evaluate", ["JSON Lines", "`text` and `label`"]),
+        ("dead-letters", ["ISO 8601"]),
+        ("search", ["as JSON when it is JSON", "else as a string"]),
+        ("similar", ["as JSON when it is JSON", "else as a string"]),
+    ],
+)
+def test_help_describes_input_formats(command: str, formats: list[str]) -> None:
+    text = _help(command)
+    for part in formats:
+        assert part in text, part
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "q", "-k", "0"],
+        ["search", "q", "-k", "-3"],
+        ["search", "q", "-k", "many"],
+        ["similar", "some-id", "-k", "0"],
+        ["cluster", "-k", "-1"],
+        ["search", "q", "--where", "lang"],
+        ["search", "q", "--where", "=en"],
+    ],
+)
+async def test_bad_arguments_are_refused_before_any_work(args: list[str]) -> None:
+    code, out, err = await _cli(*args)
+    assert code == 2 and out == ""
+    assert "error: argument" in err and "Traceback" not in err
+    assert "must be at least 1" in err or "expected" in err
+
+
+def _config_file(env: Env, path: Path) -> Path:
+    """The topic and broker from a TOML file instead of the environment."""
+    path.write_text(
+        f'[kafka]\nbootstrap_servers = "{env.stack.bootstrap}"\ninput_topic = "{env.topic}"\n'
+    )
+    return path
+
+
+async def _input_values(env: Env) -> list[bytes]:
+    values: list[bytes] = []
+    for partition in range(4):
+        values += await read_topic(env.stack.bootstrap, env.topic, partition)
+    return values
+
+
+EVENTS = [{"id": "p-1", "text": "first"}, {"id": "p-2", "text": "second", "metadata": {"n": 1}}]
+
+
+async def test_produce_takes_config_before_or_after_the_command(env: Env, tmp_path: Path) -> None:
+    config = _config_file(env, tmp_path / "w.toml")
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(e) for e in EVENTS) + "\n\n")
+    for args in (
+        ["--config", str(config), "produce", str(events)],
+        ["produce", str(events), "--config", str(config)],
+    ):
+        code, out, err = await _cli(*args)
+        assert (code, out.strip()) == (0, f"produced 2 events to {env.topic}"), err
+    assert len(await _input_values(env)) == 4
+
+
+@pytest.mark.parametrize(
+    ("lines", "named"),
+    [
+        (
+            ['{"id": "ok", "text": "fine"}', "not json", "[1, 2]", '{"text": "no id"}'],
+            ["line 2: invalid_json", "line 3: schema_violation", "line 4: schema_violation"],
+        ),
+        (
+            ['{"id": "ok", "text": "fine"}', "", '{"id": "blank", "text": "  "}'],
+            ["line 3: empty_text"],
+        ),
+        (['{"id": "nan", "text": "x", "metadata": {"score": NaN}}'], ["line 1: invalid_json"]),
+    ],
+)
+async def test_produce_refuses_a_file_with_lines_that_are_not_events(
+    env: Env, tmp_path: Path, lines: list[str], named: list[str]
+) -> None:
+    """Nothing is sent, and every bad line is named with the reason the worker would give."""
+    config = _config_file(env, tmp_path / "w.toml")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, out, err = await _cli("produce", str(path), "--config", str(config))
+    assert code == 2 and out == ""
+    assert "nothing produced" in err and "Traceback" not in err
+    for part in named:
+        assert part in err
+    assert len([line for line in err.splitlines() if line.startswith("  line ")]) == len(named)
+    assert await _input_values(env) == []
+
+    code, out, err = await _cli("produce", str(path), "--allow-invalid", "--config", str(config))
+    sent = [line for line in lines if line.strip()]
+    assert code == 0, err
+    assert out.strip() == (
+        f"produced {len(sent) - len(named)} events to {env.topic}, "
+        f"and {len(named)} invalid lines (the worker dead-letters them)"
+    )
+    assert sorted(await _input_values(env)) == sorted(line.encode() for line in sent)
+
+
+@pytest.mark.parametrize("missing", ["nowhere.jsonl", "."])
+async def test_produce_an_unreadable_file_is_a_clear_error(tmp_path: Path, missing: str) -> None:
+    code, out, err = await _cli("produce", str(tmp_path / missing))
+    assert code == 2 and out == ""
+    assert f"cannot read {tmp_path / missing}" in err and "Traceback" not in err

@@ -187,7 +187,13 @@ def _corpus() -> list[dict[str, Any]]:
             "id": f"{topic}-{i}",
             "text": text,
             "namespace": "news",
-            "metadata": {"lang": "en" if i < 4 else "xx", "topic": topic},
+            # A number and a boolean too, for the typed --where filters.
+            "metadata": {
+                "lang": "en" if i < 4 else "xx",
+                "topic": topic,
+                "rank": i,
+                "lead": i == 0,
+            },
         }
         for topic, texts in TOPICS.items()
         for i, text in enumerate(texts)
@@ -243,6 +249,34 @@ async def test_similar_ranks_the_near_duplicate_first_and_excludes_the_query(
     [line] = out.splitlines()
     score, name, *_ = line.split()
     assert name == "news/space-dup" and 0 < float(score) <= 1
+
+
+async def test_where_matches_numbers_and_booleans_as_well_as_strings(filled: Env) -> None:
+    """`--where` values are JSON when they parse as JSON: rank=0 is the number 0 (a string
+    "0" matches no row), lead=true the boolean, topic="space" a quoted string."""
+
+    async def ids(*args: str) -> set[str]:
+        return {h["id"] for h in await _json_lines(filled, *args, "-k", "20")}
+
+    leads = {"space-0", "baking-0", "finance-0"}
+    assert await ids("search", "news", "--where", "rank=0") == leads
+    assert await ids("search", "news", "--where", "lead=true") == leads
+    assert await ids("search", "news", "--where", "rank=4", "--where", "lang=xx") == {
+        "space-4",
+        "baking-4",
+        "finance-4",
+    }
+    assert await ids("search", "news", "--where", 'rank="0"') == set()
+    assert await ids("search", "news", "--where", 'topic="space"', "--where", "lead=false") == {
+        "space-1",
+        "space-2",
+        "space-3",
+        "space-4",
+    }
+    assert await ids("similar", QUERY_ID, "--namespace", "news", "--where", "lead=true") == {
+        "baking-0",
+        "finance-0",
+    }
 
 
 async def test_similar_unknown_id_is_a_clear_error(filled: Env) -> None:

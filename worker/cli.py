@@ -27,95 +27,169 @@ EXIT_SCHEMA = 3
 EXIT_PROVIDER = 4
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help, unless it has none (None, off, an empty list);
+    descriptions and epilogs keep their line breaks (the input formats)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+WHERE_HELP = (
+    "metadata filter, repeatable (all must match); VALUE is read as JSON when it is JSON "
+    '(5, 2.5, true, null, "5" a string, ["a"] an array holding "a"), else as a string '
+    "(lang=en)"
+)
+PRODUCE_FORMAT = """\
+FILE is JSON Lines: one event per line, the input topic's format, e.g.
+  {"id": "a-1", "text": "Hello", "namespace": "news", "metadata": {"lang": "en"}}
+  {"id": "a-1", "op": "delete"}
+Blank lines are skipped. Every line is checked as the worker would, with these settings;
+if a line is not a valid event (not JSON, not an object, no id, empty text, ...), nothing is
+produced and the lines are listed with their dead-letter reason (exit 2), unless
+--allow-invalid. Each event's id is its record key."""
+EVALUATE_FORMAT = """\
+FILE is JSON Lines, an object with `text` and `label` per line, e.g.
+  {"text": "Buy cheap watches now!", "label": "spam"}
+Rows with an empty text are skipped; a line that is not such an object is an error."""
+
+
 def _parser() -> argparse.ArgumentParser:
+    # --config before or after the command: the sub-commands' copy has no default, so that
+    # it only overrides the top-level one when given.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML settings file (environment variables override it)",
+    )
     parser = argparse.ArgumentParser(
         prog="embedding-worker",
         description="Kafka content events -> embeddings -> Postgres/pgvector.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--config", help="TOML settings file (env vars override it)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (environment variables override it)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="consume, embed and store until SIGTERM")
-    sub.add_parser("migrate", help="apply pending SQL migrations")
-    search = sub.add_parser("search", help="semantic search over the stored vectors")
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=5, help="number of results")
-    search.add_argument("--namespace")
+
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=epilog,
+            parents=[config],
+            formatter_class=_HelpFormatter,
+        )
+
+    command("run", "consume, embed and store until SIGTERM")
+    command("migrate", "apply pending SQL migrations")
+    search = command("search", "semantic search over the stored vectors")
+    search.add_argument("query", help="the text to search for")
+    search.add_argument("-k", type=_positive, default=5, help="number of results")
+    search.add_argument("--namespace", help="only this namespace (default: all)")
     search.add_argument(
-        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter"
+        "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
     search.add_argument("--json", action="store_true", help="one JSON object per hit")
-    similar = sub.add_parser("similar", help="the stored rows nearest a stored row (same model)")
-    similar.add_argument("id")
+    similar = command("similar", "the stored rows nearest a stored row (same model)")
+    similar.add_argument("id", help="the stored row's id")
     similar.add_argument("--namespace", help="the row's namespace (default: default_namespace)")
     similar.add_argument("-k", type=_positive, default=5, help="number of results")
     similar.add_argument(
-        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter"
+        "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
     similar.add_argument("--json", action="store_true", help="one JSON object per hit")
-    cluster = sub.add_parser("cluster", help="k-means over a namespace, with nearest members")
+    cluster = command("cluster", "k-means over a namespace, with nearest members")
     cluster.add_argument("--namespace", help="default: default_namespace")
-    cluster.add_argument("-k", type=_positive, default=8, help="number of clusters (8)")
+    cluster.add_argument("-k", type=_positive, default=8, help="number of clusters")
     cluster.add_argument(
         "--sample",
         type=_positive,
         default=10_000,
         help="rows to fit on (a seeded reservoir sample)",
     )
-    cluster.add_argument("--seed", type=int, default=0)
-    cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster (3)")
+    cluster.add_argument("--seed", type=int, default=0, help="seed of the sample and the fit")
+    cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
-    hnsw = sub.add_parser("index", help="create, inspect or drop the HNSW index search uses")
-    hnsw.add_argument("action", choices=("create", "status", "drop"))
-    hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node (16)")
+    hnsw = command("index", "create, inspect or drop the HNSW index search uses")
+    hnsw.add_argument("action", choices=("create", "status", "drop"), help="what to do")
+    hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node")
+    hnsw.add_argument("--ef-construction", type=int, default=64, help="HNSW build candidate list")
     hnsw.add_argument(
-        "--ef-construction", type=int, default=64, help="HNSW build candidate list (64)"
+        "--maintenance-work-mem",
+        help="memory for the build, e.g. 2GB (faster when it fits; default: the server's)",
     )
-    hnsw.add_argument(
-        "--maintenance-work-mem", help="memory for the build, e.g. 2GB (faster when it fits)"
+    produce = command(
+        "produce", "produce a JSONL file of events to the input topic", PRODUCE_FORMAT
     )
-    produce = sub.add_parser("produce", help="produce a JSONL file of events to the input topic")
-    produce.add_argument("file", type=Path)
-    letters = sub.add_parser(
-        "dead-letters", help="list the dead letters, or replay the original events once fixed"
+    produce.add_argument("file", type=Path, help="JSON Lines file of events (format below)")
+    produce.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="send the invalid lines too (the worker dead-letters them: for testing the DLQ)",
+    )
+    letters = command(
+        "dead-letters", "list the dead letters, or replay the original events once fixed"
     )
     letters.add_argument(
         "--reason",
         action="append",
         default=[],
         choices=[r.value for r in Reason],
-        help="only this reason (repeatable)",
+        help="only this reason (repeatable; default: all)",
     )
     letters.add_argument("--namespace", help="only this namespace")
     letters.add_argument(
-        "--since", type=datetime.fromisoformat, help="only letters from this time (ISO 8601)"
+        "--since",
+        type=datetime.fromisoformat,
+        help="only letters from this time, ISO 8601 (2026-05-01T12:00, UTC unless an offset)",
     )
-    letters.add_argument("--limit", type=int, default=20, help="letters listed (20, latest)")
+    letters.add_argument("--limit", type=int, default=20, help="latest letters listed")
     letters.add_argument("--json", action="store_true", help="every matching letter as JSON")
     letters.add_argument(
         "--replay",
         action="store_true",
         help="produce the matching original events to the input topic again",
     )
-    evaluate = sub.add_parser(
+    evaluate = command(
         "evaluate",
-        help="classification or anomaly quality on a labeled JSONL file (embedded stack)",
+        "classification or anomaly quality on a labeled JSONL file (embedded stack)",
+        EVALUATE_FORMAT,
     )
     evaluate.add_argument("file", type=Path, help="JSONL with `text` and `label` per line")
-    evaluate.add_argument("--task", choices=("classify", "anomaly"), default="classify")
     evaluate.add_argument(
-        "--labels", type=Path, help="analysis file with the label set (descriptions, parameters)"
+        "--task", choices=("classify", "anomaly"), default="classify", help="what to measure"
+    )
+    evaluate.add_argument(
+        "--labels",
+        type=Path,
+        help="analysis file (TOML) with the label set (descriptions, parameters)",
     )
     evaluate.add_argument("--namespace", help="which of the file's namespaces (default: first)")
     evaluate.add_argument(
         "--shots", type=int, default=0, help="labeled examples per label taken from the file"
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw (0)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw")
     evaluate.add_argument("--positive", help="also report P/R/F1 of this label (e.g. spam)")
     evaluate.add_argument("--normal", default="normal", help="the label of normal rows (anomaly)")
     evaluate.add_argument("--dedupe", action="store_true", help="drop repeated texts")
-    evaluate.add_argument("--limit", type=int, help="only the first N rows")
+    evaluate.add_argument("--limit", type=int, help="only the first N rows (default: all)")
     evaluate.add_argument("--json", action="store_true", help="the report as JSON")
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded stack")
+    demo = command("demo", "the whole pipeline on the embedded stack")
     demo.add_argument("--keep-logs", action="store_true", help="show the worker's log lines")
     return parser
 
@@ -173,24 +247,25 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dead-letters":
         return await _dead_letters(args, settings)
     if args.command == "produce":
-        from worker.produce import produce_file
-
-        count = await produce_file(settings.kafka, settings.kafka.input_topic, args.file)
-        print(f"produced {count} events to {settings.kafka.input_topic}")
-        return 0
+        return await _produce(args, settings)
     raise AssertionError(args.command)
 
 
-def _filters(pairs: list[str]) -> dict[str, Any] | None:
-    if not pairs:
-        return None
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--where takes KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
+def _where(pair: str) -> tuple[str, Any]:
+    """KEY=VALUE, VALUE typed as JSON when it is JSON (a number, true, null, "a string",
+    an array or object), else the text itself: `lang=en` and `year=2024` both do what they
+    look like; `code="2024"` is the string. Matched by jsonb containment (`metadata @>`)."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
+    return dict(pairs) if pairs else None
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
@@ -218,10 +293,46 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _positive(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+async def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.produce import check_file, produce_file
+
+    topic = settings.kafka.input_topic
+    try:
+        checked = check_file(args.file, settings)
+    except OSError as exc:
+        print(f"embedding-worker: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    bad = checked.invalid
+    if bad and not args.allow_invalid:
+        print(
+            f"embedding-worker: {args.file}: {len(bad)} of {len(checked.values)} lines are not "
+            "valid events; nothing produced (fix them, or --allow-invalid to send them to be "
+            "dead-lettered):",
+            file=sys.stderr,
+        )
+        for b in bad[:_LISTED]:
+            print(f"  line {b.line}: {b.reason}: {_snippet(b.message, 100)}", file=sys.stderr)
+        if len(bad) > _LISTED:
+            print(f"  ... and {len(bad) - _LISTED} more", file=sys.stderr)
+        return EXIT_CONFIG
+    await produce_file(settings.kafka, topic, checked.values)
+    print(
+        f"produced {len(checked.values) - len(bad)} events to {topic}"
+        + (f", and {len(bad)} invalid lines (the worker dead-letters them)" if bad else "")
+    )
+    return 0
+
+
+_LISTED = 20  # invalid lines named in produce's refusal
 
 
 async def _similar(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,14 +1,22 @@
-"""Produce events to Kafka: the demo's sample file, or an operator's JSONL file."""
+"""Produce events to Kafka: the demo's sample file, or an operator's JSONL file.
+
+An operator's file is checked line by line by the worker's own decoder before anything is
+sent, so that "produced N events" counts events the worker will store, never lines it would
+dead-letter (the demo sends its invalid lines on purpose, through `produce_values`).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from worker.config import KafkaSettings
+from worker.config import KafkaSettings, Settings
+from worker.decode import Limits, Record, decode
+from worker.events import DeadLetter
 from worker.kafka import make_producer
 
 
@@ -42,12 +50,46 @@ def read_lines(path: Path) -> list[bytes]:
     return [line for line in path.read_bytes().splitlines() if line.strip()]
 
 
-async def produce_file(k: KafkaSettings, topic: str, path: Path) -> int:
-    lines = read_lines(path)
+@dataclass(frozen=True)
+class Invalid:
+    """A line of the file the worker would dead-letter, and why (its dead-letter reason)."""
+
+    line: int  # 1-based, counting blank lines
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    values: list[bytes]  # every non-blank line, in order
+    invalid: list[Invalid]
+
+
+def check_file(path: Path, settings: Settings) -> CheckedFile:
+    """Each non-blank line through `decode` with the limits of `settings`; raises OSError
+    when the file cannot be read."""
+    limits = Limits(
+        default_namespace=settings.default_namespace,
+        max_tokens_per_text=settings.provider.max_tokens_per_text,
+        oversize_policy=settings.oversize_policy,
+        max_metadata_bytes=settings.max_metadata_bytes,
+    )
+    values: list[bytes] = []
+    invalid: list[Invalid] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        values.append(line)
+        verdict = decode(Record("file", 0, number, None, line), limits)
+        if isinstance(verdict, DeadLetter):
+            invalid.append(Invalid(number, verdict.reason.value, verdict.message))
+    return CheckedFile(values, invalid)
+
+
+async def produce_file(k: KafkaSettings, topic: str, values: list[bytes]) -> None:
     producer = make_producer(k)
     await producer.start()
     try:
-        await produce_values(producer, topic, lines)
+        await produce_values(producer, topic, values)
     finally:
         await producer.stop()
-    return len(lines)
