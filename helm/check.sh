@@ -107,7 +107,7 @@ trap 'rm -rf "$tmp"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 # Scenarios: "default" (values.yaml alone) and each $CHART/ci/NAME-values.yaml on top of it.
-SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing)
+SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing networkpolicy)
 values_file() { [[ "$1" == default ]] || echo "$CHART/ci/$1-values.yaml"; }
 values_args() {  # sets VALUES to the helm arguments of scenario $1
     VALUES=()
@@ -191,7 +191,8 @@ indentation: {spaces: consistent, indent-sequences: whatever}}}" "$rendered"
     kinds="$(grep -c '^kind:' "$rendered")"
     echo "ok   $s: $kinds manifests, identical from Helm 3 and 4, valid for Kubernetes ${KUBE_VERSIONS[*]}"
     partitions="$("$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["inputTopicPartitions"])' "$tmp/$s.values.json")"
-    "$BIN/python" helm/check_rendered.py "$rendered" --partitions "$partitions" --name "$s"
+    "$BIN/python" helm/check_rendered.py "$rendered" --partitions "$partitions" --name "$s" \
+        --values "$tmp/$s.values.json"
 done
 
 # ------------------------------------------------------------------ 4b. analysis
@@ -261,6 +262,11 @@ expect_failure "keda.enabled and hpa.enabled are mutually exclusive" \
 expect_failure "is a secret" --set env.EMBEDDING_WORKER_POSTGRES__DSN=postgresql://u:p@db/x
 expect_failure "is a secret" --set env.DASHSCOPE_API_KEY=sk-123
 expect_failure "set containerPort instead" --set env.EMBEDDING_WORKER_HTTP__PORT=9090
+expect_failure "set bindAddress instead" --set env.EMBEDDING_WORKER_HTTP__HOST=0.0.0.0
+expect_failure "is a loopback address" --set bindAddress=127.0.0.1
+expect_failure "is a loopback address" --set bindAddress=::1
+expect_failure "without rules would cut the worker off" \
+    --set networkPolicy.enabled=true --set networkPolicy.egress.restrict=true
 expect_failure "set resources.requests.cpu" --set hpa.enabled=true --set resources.requests=null
 expect_failure "minAvailable or maxUnavailable, not both" --set podDisruptionBudget.minAvailable=1
 expect_failure "keda.minReplicaCount >= 1" \

@@ -1,6 +1,7 @@
 """Checks of a rendered embedding-worker release that a schema cannot express.
 
 Usage: python helm/check_rendered.py RENDERED.yaml --partitions N [--name SCENARIO]
+       [--values MERGED_VALUES.json]
 
 Run by helm/check.sh on the output of `helm template` for each CI scenario, after
 kubernetes-validate. It checks:
@@ -16,6 +17,8 @@ kubernetes-validate. It checks:
   image, settings and secrets as the worker and is not selected by the worker's selector;
   at most one autoscaler, the Deployment leaves replicas to it, and no autoscaler's maximum
   exceeds the partition count;
+* the NetworkPolicy, when rendered: it selects exactly the worker pods and admits ingress to
+  the http port only; the bind address is not a loopback address (probes use the pod IP);
 * the analysis stage: off, nothing of it is rendered; on, the worker (only: the Job runs before
   the ConfigMap exists) mounts the analysis ConfigMap read-only where
   EMBEDDING_WORKER_ANALYSIS__FILE points, the pods roll on its content (checksum/analysis), and
@@ -26,6 +29,7 @@ kubernetes-validate. It checks:
 from __future__ import annotations
 
 import argparse
+import json
 import posixpath
 import sys
 import tempfile
@@ -209,6 +213,7 @@ def main() -> int:
     parser.add_argument("rendered")
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--name", help="scenario name for the messages")
+    parser.add_argument("--values", help="the scenario's merged values (JSON)")
     args = parser.parse_args()
     with open(args.rendered) as f:
         docs: list[Doc] = [d for d in yaml.safe_load_all(f) if d]
@@ -231,6 +236,7 @@ def main() -> int:
     hpa = one(docs, "HorizontalPodAutoscaler")
     pdb = one(docs, "PodDisruptionBudget")
     monitor = one(docs, "ServiceMonitor")
+    policy = one(docs, "NetworkPolicy")
     if cm is None or deploy is None or service is None:
         print("check_rendered: ConfigMap, Deployment and Service are required", file=sys.stderr)
         return 1
@@ -284,6 +290,31 @@ def main() -> int:
             {k: v for k, v in env.items() if k not in config} == worker_env,
             "Job secrets/extra env != worker's",
         )
+
+    host = config.get("EMBEDDING_WORKER_HTTP__HOST", "")
+    check(
+        bool(host) and not host.startswith("127.") and host not in ("localhost", "::1"),
+        f"the probe port binds {host!r}: the probes would be refused",
+    )
+    if args.values:
+        with open(args.values) as f:
+            values = json.load(f)
+        check(host == values["bindAddress"], f"the ConfigMap's bind address {host!r}")
+        check(
+            (policy is not None) == values["networkPolicy"]["enabled"],
+            "a NetworkPolicy rendered without networkPolicy.enabled, or missing with it",
+        )
+    if policy is not None:
+        spec = policy["spec"]
+        check(spec["podSelector"]["matchLabels"] == selector, "NetworkPolicy selector")
+        check("Ingress" in spec["policyTypes"], "NetworkPolicy does not isolate ingress")
+        admitted = [p for rule in spec.get("ingress", []) for p in rule.get("ports", [None])]
+        check(
+            admitted == [{"port": "http", "protocol": "TCP"}],
+            f"NetworkPolicy admits {admitted}, not the http port only",
+        )
+        if "Egress" in spec["policyTypes"]:
+            check(bool(spec.get("egress")), "NetworkPolicy denies all egress")
 
     check_analysis(pod, worker, analysis_cm, job, config)
 

@@ -83,8 +83,8 @@ toString would print as 1e+06: whole numbers are printed as integers.
 {{- end }}
 
 {{/*
-Non-secret settings: the `env` map plus the probe port (taken from containerPort so the two
-cannot disagree). Rendered as the ConfigMap's data and, for the migration Job, inline.
+Non-secret settings: the `env` map plus the probe port and bind address (taken from
+containerPort and bindAddress so that the probes and the Service cannot disagree with them). Rendered as the ConfigMap's data and, for the migration Job, inline.
 */}}
 {{- define "embedding-worker.configData" -}}
 {{- $data := dict }}
@@ -92,6 +92,7 @@ cannot disagree). Rendered as the ConfigMap's data and, for the migration Job, i
 {{- $_ := set $data $key (include "embedding-worker.string" $value) }}
 {{- end }}
 {{- $_ := set $data "EMBEDDING_WORKER_HTTP__PORT" (toString .Values.containerPort) }}
+{{- $_ := set $data "EMBEDDING_WORKER_HTTP__HOST" (toString .Values.bindAddress) }}
 {{- toYaml $data }}
 {{- end }}
 
@@ -285,6 +286,16 @@ template that depends on them, so `helm template` / `install` fail before anythi
 {{- end }}
 {{- if hasKey .Values.env "EMBEDDING_WORKER_HTTP__PORT" }}
 {{- fail "env.EMBEDDING_WORKER_HTTP__PORT is set by the chart from containerPort (the probes and the Service use it too): set containerPort instead." }}
+{{- end }}
+{{- if hasKey .Values.env "EMBEDDING_WORKER_HTTP__HOST" }}
+{{- fail "env.EMBEDDING_WORKER_HTTP__HOST is set by the chart from bindAddress: set bindAddress instead." }}
+{{- end }}
+{{- $bind := toString .Values.bindAddress }}
+{{- if or (hasPrefix "127." $bind) (eq $bind "localhost" "::1" "0:0:0:0:0:0:0:1") }}
+{{- fail (printf "bindAddress %s is a loopback address: the kubelet's probes and Prometheus connect to the pod IP and would be refused. Keep 0.0.0.0 (or :: on IPv6) and restrict access with networkPolicy.enabled." $bind) }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.restrict (not .Values.networkPolicy.egress.rules) }}
+{{- fail "networkPolicy.egress.restrict without rules would cut the worker off DNS, Kafka, Postgres and the embedding API: list them in networkPolicy.egress.rules, or leave egress open (restrict: false)." }}
 {{- end }}
 {{- range $key := list "EMBEDDING_WORKER_POSTGRES__DSN" "DASHSCOPE_API_KEY" "EMBEDDING_WORKER_DASHSCOPE_API_KEY" "EMBEDDING_WORKER_PROVIDER__API_KEY" "EMBEDDING_WORKER_KAFKA__SASL_PASSWORD" }}
 {{- if hasKey $.Values.env $key }}
