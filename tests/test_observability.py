@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import structlog
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakeapi import FakeEmbeddingServer
@@ -18,6 +19,8 @@ from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_un
 from tests.processes import WorkerProcess
 from worker import logs
 from worker.app import Worker
+from worker.config import HttpSettings
+from worker.probes import ProbeServer
 
 
 def _events(n: int, start: int = 0) -> list[dict[str, object]]:
@@ -262,3 +265,21 @@ async def test_library_output_in_a_real_process_is_json_lines() -> None:
     assert "py.warnings" in loggers and "asyncio" in loggers
     assert any(name.startswith("aiokafka") for name in loggers), loggers
     assert "tok.deep-42" not in err.decode()
+
+
+async def test_probe_port_bind_address_is_a_setting_reachable_off_loopback_by_default() -> None:
+    """Kubelet probes and Prometheus connect to the pod IP, not to 127.0.0.1: the default
+    (0.0.0.0) answers on another local address (127.0.0.2 stands in for the pod IP), and
+    http.host=127.0.0.1 does not."""
+    for host, reachable in ((HttpSettings().host, True), ("127.0.0.1", False)):
+        server = ProbeServer(CollectorRegistry(), lambda: {"ok": True})
+        port = await server.start(host, 0)
+        try:
+            async with httpx.AsyncClient() as client:
+                try:
+                    status = (await client.get(f"http://127.0.0.2:{port}/healthz")).status_code
+                except httpx.ConnectError:
+                    status = None
+        finally:
+            await server.stop()
+        assert (status == 200) is reachable, (host, status)
