@@ -302,6 +302,7 @@ def _area(frames: list[str]) -> str:
         ("h11", "httpx/httpcore (HTTP client)"),
         ("pgvector", "pgvector codec"),
         ("structlog", "logging"),
+        ("logging/", "logging"),  # the stdlib handler structlog renders through
         ("prometheus_client", "metrics"),
         ("pydantic", "pydantic (event validation)"),
         ("json/", "json"),

@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="rows to fit on (a seeded reservoir sample)",
     )
     cluster.add_argument("--seed", type=int, default=0, help="seed of the sample and the fit")
-    cluster.add_argument("--members", type=int, default=3, help="rows shown per cluster")
+    cluster.add_argument("--members", type=_non_negative, default=3, help="rows shown per cluster")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
     hnsw = command("index", "create, inspect or drop the HNSW index search uses")
     hnsw.add_argument("action", choices=("create", "status", "drop"), help="what to do")
@@ -158,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
         type=datetime.fromisoformat,
         help="only letters from this time, ISO 8601 (2026-05-01T12:00, UTC unless an offset)",
     )
-    letters.add_argument("--limit", type=int, default=20, help="latest letters listed")
+    letters.add_argument(
+        "--limit", type=_non_negative, default=20, help="latest letters listed (0: counts only)"
+    )
     letters.add_argument("--json", action="store_true", help="every matching letter as JSON")
     letters.add_argument(
         "--replay",
@@ -181,13 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--namespace", help="which of the file's namespaces (default: first)")
     evaluate.add_argument(
-        "--shots", type=int, default=0, help="labeled examples per label taken from the file"
+        "--shots",
+        type=_non_negative,
+        default=0,
+        help="labeled examples per label taken from the file",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw")
     evaluate.add_argument("--positive", help="also report P/R/F1 of this label (e.g. spam)")
     evaluate.add_argument("--normal", default="normal", help="the label of normal rows (anomaly)")
     evaluate.add_argument("--dedupe", action="store_true", help="drop repeated texts")
-    evaluate.add_argument("--limit", type=int, help="only the first N rows (default: all)")
+    evaluate.add_argument("--limit", type=_positive, help="only the first N rows (default: all)")
     evaluate.add_argument("--json", action="store_true", help="the report as JSON")
     demo = command("demo", "the whole pipeline on the embedded stack")
     demo.add_argument("--keep-logs", action="store_true", help="show the worker's log lines")
@@ -292,14 +297,22 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
+def _whole(value: str, minimum: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
     return number
+
+
+def _positive(value: str) -> int:
+    return _whole(value, 1)
+
+
+def _non_negative(value: str) -> int:
+    return _whole(value, 0)
 
 
 async def _produce(args: argparse.Namespace, settings: Settings) -> int:
@@ -360,8 +373,6 @@ async def _cluster(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker.search import cluster
 
-    if args.members < 0:
-        raise ConfigError(f"--members must be 0 or more, got {args.members}")
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
     try:
         namespace = args.namespace or settings.default_namespace
