@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, migrate_db, running, wait_until
-from worker.cli import _parser
+from worker.cli import _parser, _where
 from worker.kafka import read_topic
 
 
@@ -295,6 +295,29 @@ async def test_bad_arguments_are_refused_before_any_work(args: list[str]) -> Non
     assert code == 2 and out == ""
     assert "error: argument" in err and "Traceback" not in err
     assert "must be at least" in err or "expected" in err
+
+
+@pytest.mark.parametrize(
+    ("pair", "typed"),
+    [
+        ("lang=en", "en"),
+        ("year=2024", 2024),
+        ("score=0.5", 0.5),
+        ("draft=false", False),
+        ("note=null", None),
+        ('code="2024"', "2024"),
+        ('tags=["a"]', ["a"]),
+        ("url=a=b", "a=b"),
+        ("empty=", ""),
+        # Python's json reads these, Postgres' jsonb would refuse them: kept as text.
+        ("score=NaN", "NaN"),
+        ("score=1e400", "1e400"),
+    ],
+)
+def test_where_values_are_json_when_they_are_json_else_strings(pair: str, typed: Any) -> None:
+    key, value = _where(pair)
+    assert (key, value) == (pair.partition("=")[0], typed)
+    assert type(value) is type(typed)
 
 
 def _config_file(env: Env, path: Path) -> Path:

@@ -264,9 +264,11 @@ def _where(pair: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
     try:
-        return key, json.loads(value)
+        typed = json.loads(value)
+        json.dumps(typed, allow_nan=False)  # NaN, Infinity, 1e400: no JSON that jsonb takes
     except ValueError:
         return key, value
+    return key, typed
 
 
 def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
