@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fakeapi import FakeEmbeddingServer
-from tests.conftest import Env, dashscope, highest, migrate_db, running
-from worker.events import Reason
-from worker.kafka import make_producer
-from worker.replay import Filters, replay, scan
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
-Header = tuple[str, bytes]
+from fakeapi import FakeEmbeddingServer
+from tests.broker_limits import (
+    UNLIMITED_BROKER_OVER_BYTES,
+    Parts,
+    sized,
+    topic_max_message_bytes,
+)
+from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
+from tests.test_cli import _cli as cli
+from worker.deadletter import DeadLetterSink
+from worker.decode import Record
+from worker.envelope import dead_letter, digest, headers_digest
+from worker.events import DeadLetter, Reason, SourcePosition
+from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
+from worker.replay import REPLAYED_FROM, Filters, replay, scan
+
+Header = tuple[str, bytes | None]
 FullRecord = tuple[bytes | None, bytes | None, Sequence[Header], int | None]
 
 
@@ -132,8 +147,263 @@ async def test_a_text_the_provider_refused_is_replayed_and_stored_once_allowed(
         async def stored() -> bool:
             return ("news", "p1") in await _rows(env)
 
-        from tests.conftest import wait_until
-
         await wait_until(stored, 60, "the replayed event was not stored")
         assert pipeline.stats.dead_lettered == {}
     assert set(await _rows(env)) == {("news", "p0"), ("news", "p1")}
+
+
+# --- records at the brokers' size limits --------------------------------------------------------
+
+BUILDS: dict[str, tuple[Callable[[str, int], Parts], str]] = {
+    # A tombstone whose key (its id) is as large as a record may be.
+    "key": (lambda tag, n: (b"k" * n, None, []), "schema_violation"),
+    "value": (
+        lambda tag, n: (
+            tag.encode(),
+            _json({"id": tag, "text": "t", "metadata": {"b": "z" * n}}),
+            [],
+        ),
+        "metadata_too_large",
+    ),
+    "one-header": (
+        lambda tag, n: (tag.encode(), b"{not json", [("blob", b"h" * n)]),
+        "invalid_json",
+    ),
+    "many-headers": (
+        lambda tag, n: (
+            tag.encode(),
+            b"{not json",
+            [*[("h", b"x" * 90)] * (n // 93), ("r", b"y" * (n % 93))],
+        ),
+        "invalid_json",
+    ),
+}
+
+
+async def _limits(env: Env) -> dict[str, int]:
+    """Record sizes just under the producer's limit and, where the broker takes more, just
+    over it (at the broker's own limit, or 2 MiB on a broker that names none)."""
+    broker = await topic_max_message_bytes(env.stack.bootstrap, env.topic)
+    sizes = {"under": min(AIOKAFKA_MAX_REQUEST_SIZE, broker or AIOKAFKA_MAX_REQUEST_SIZE)}
+    over = UNLIMITED_BROKER_OVER_BYTES if broker is None else broker
+    if over > AIOKAFKA_MAX_REQUEST_SIZE:
+        sizes["over"] = over
+    return sizes
+
+
+async def _read_input(env: Env) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, fetch_max_wait_ms=10)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        tps = [TopicPartition(env.topic, p) for p in range(4)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            batch = await consumer.getmany(*tps, timeout_ms=1000)
+            out += [m for ms in batch.values() for m in ms]
+            behind = [
+                tp for tp in tps if await consumer.position(tp) < (consumer.highwater(tp) or 0)
+            ]
+            if not batch and not behind:
+                return out
+    finally:
+        await consumer.stop()
+
+
+async def test_records_at_the_size_limits_are_dead_lettered_within_the_topic_limit_and_replayed(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """Key, value, one big header, many small headers: each just under the producer's limit
+    and just over it. The worker keeps going, each is dead-lettered with its reason in a letter
+    that fits the topic, and replay sends the exact original again, read from its source."""
+    await migrate_db(env, 256)
+    sizes = await _limits(env)
+    originals: dict[str, Parts] = {}
+    records: list[FullRecord] = []
+    for name, (build, _) in BUILDS.items():
+        for label, size in sizes.items():
+            tag = f"{name}-{label}"
+            originals[tag] = sized(size, lambda n, b=build, t=tag: b(t, n))  # type: ignore[misc]
+            records.append((*originals[tag], None))
+            records.append(
+                (f"good-{tag}".encode(), _json({"id": f"good-{tag}", "text": tag}), [], None)
+            )
+    largest = max(sizes.values())
+    settings = env.settings(dashscope(fake_api))
+    producer = make_producer(settings.kafka, max_request_size=largest + 1024)
+    await producer.start()
+    try:
+        sent = [await producer.send(env.topic, key=k, value=v, headers=h) for k, v, h, _ in records]
+        positions = [(m.partition, m.offset) for m in [await f for f in sent]]
+    finally:
+        await producer.stop()
+
+    async with running(settings) as worker:
+        await env.wait_for_offsets(highest(positions), seconds=120)
+        assert worker.pipeline is not None and worker.pipeline.fatal is None
+    assert set(await _rows(env)) == {("default", f"good-{tag}") for tag in originals}
+
+    letters = await _dlq(env)
+    assert len(letters) == len(originals)
+    limit = settings.kafka.dlq_max_message_bytes
+    for key, raw in letters:
+        assert len(raw) + len(key or b"") < limit, "a dead letter must fit its topic"
+    by_offset = {
+        (x["source"]["partition"], x["source"]["offset"]): x
+        for _, x in ((k, json.loads(v)) for k, v in letters)
+    }
+    for (name, (_, reason)), label in [(b, label) for b in BUILDS.items() for label in sizes]:
+        tag = f"{name}-{label}"
+        key, value, headers = originals[tag]
+        position = positions[[r[:3] for r in records].index((key, value, headers))]
+        letter = by_offset[position]
+        assert letter["reason"] == reason, (tag, letter["message"])
+        assert letter["key_truncated"] or letter["value_truncated"] or letter["headers_truncated"]
+        assert letter["value_size"] == (None if value is None else len(value))
+        assert letter["key_sha256"] == digest(key) and letter["value_sha256"] == digest(value)
+        assert letter["headers_sha256"] == headers_digest(headers)
+
+    found = await scan(settings.kafka, Filters())
+    result = await replay(settings.kafka, found.letters, found.topic)
+    assert (result.events, result.from_source, dict(result.skipped)) == (
+        len(originals),
+        len(originals),
+        {},
+    )
+    everything = await _read_input(env)
+    replayed = [m for m in everything if any(h[0] == REPLAYED_FROM for h in m.headers)]
+    first_sent = {(m.key, m.value, tuple(m.headers)): m.timestamp for m in everything}
+    again = sorted(
+        ((m.key, m.value, tuple(h for h in m.headers if h[0] != REPLAYED_FROM)), m.timestamp)
+        for m in replayed
+    )
+    assert [parts for parts, _ in again] == sorted(
+        (k, v, tuple(h)) for k, v, h in originals.values()
+    ), "replay must send the exact original records"
+    assert all(first_sent[parts] == timestamp for parts, timestamp in again)
+
+
+async def _dlq(env: Env) -> list[tuple[bytes | None, bytes]]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        tp = TopicPartition(env.dlq, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        out: list[tuple[bytes | None, bytes]] = []
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            out += [(m.key, m.value) for m in batch.get(tp, []) if m.value is not None]
+            if not batch and await consumer.position(tp) >= (consumer.highwater(tp) or 0):
+                return out
+    finally:
+        await consumer.stop()
+
+
+# --- the last line of defence, and originals that are gone ---------------------------------------
+
+
+def _letter(env: Env, offset: int, value: bytes, topic: str | None = None) -> DeadLetter:
+    record = Record(topic or env.topic, 0, offset, b"k", value, 1_700_000_000_000, (("a", b"b"),))
+    return dead_letter(record, Reason.INVALID_JSON, "the value is not JSON")
+
+
+async def _send(env: Env, max_request_size: int, *letters: DeadLetter) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.stack.bootstrap, max_request_size=max_request_size, acks="all"
+    )
+    await producer.start()
+    try:
+        await DeadLetterSink(producer, env.dlq).send([(b"k", x) for x in letters])
+    finally:
+        await producer.stop()
+
+
+async def _accepts(env: Env, topic: str, size: int) -> bool:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.stack.bootstrap, max_request_size=2 * size, acks="all"
+    )
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"x" * size))
+    except (MessageSizeTooLargeError, RecordListTooLargeError):
+        return False
+    finally:
+        await producer.stop()
+    return True
+
+
+def _assert_stripped(letter: dict[str, Any], original: bytes) -> None:
+    assert letter["value_truncated"] and letter["value_b64"] == "" and letter["headers"] == []
+    assert letter["value_size"] == len(original) and letter["value_sha256"] == digest(original)
+    assert letter["source"]["offset"] == 5
+
+
+async def test_a_letter_refused_by_the_client_for_its_size_goes_without_copies(env: Env) -> None:
+    """Should a letter still be too large for the producer, it is sent with its source
+    position, sizes and hashes only, not raised (which would stop the worker)."""
+    big, small = b"{" * 30_000, b"{"
+    await _send(env, 20_000, _letter(env, 5, big), _letter(env, 6, small))
+    letters = {x["source"]["offset"]: x for x in await env.dead_letters(expected=2)}
+    _assert_stripped(letters[5], big)
+    assert base64.b64decode(letters[6]["value_b64"]) == small and not letters[6]["value_truncated"]
+
+
+async def test_a_letter_refused_by_the_broker_for_its_size_goes_without_copies(env: Env) -> None:
+    """The same when the broker refuses it (MESSAGE_TOO_LARGE): a DLQ topic whose limit is
+    below the worker's setting."""
+    small_dlq, probe = f"{env.dlq}.small", f"{env.dlq}.probe"
+    admin = AIOKafkaAdminClient(bootstrap_servers=env.stack.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(name, 1, 1, topic_configs={"max.message.bytes": "20000"})
+                for name in (small_dlq, probe)
+            ]
+        )
+    finally:
+        await admin.close()
+    if await _accepts(env, probe, 30_000):
+        pytest.skip("this broker (Tansu) keeps but does not enforce max.message.bytes")
+    env.dlq = small_dlq
+    big = b"{" * 30_000
+    await _send(env, 10 * AIOKAFKA_MAX_REQUEST_SIZE, _letter(env, 5, big))
+    [letter] = await env.dead_letters(expected=1)
+    _assert_stripped(letter, big)
+
+
+async def test_a_cut_letter_whose_original_is_gone_or_changed_is_not_replayed(env: Env) -> None:
+    """Replay reads a cut letter's original from its source offset and checks its SHA-256:
+    an original that is not there, or not the same, is counted with the reason."""
+    [(partition, offset)] = await produce_full(env, [(b"k", b"{" * 50, [], None)])
+    assert partition in range(4)
+    big = b"{" * 30_000
+    gone = _letter(env, 12_345, big).stripped()  # past the end of the source partition
+    missing_topic = _letter(env, 0, big, topic=f"{env.topic}.deleted").stripped()
+    other = (
+        _letter(env, offset, big)
+        .stripped()
+        .model_copy(
+            update={"source": SourcePosition(topic=env.topic, partition=partition, offset=offset)}
+        )
+    )  # the record there is another one
+    await _send(env, AIOKAFKA_MAX_REQUEST_SIZE, gone, missing_topic, other)
+    code, out, err = await cli(
+        "dead-letters",
+        "--replay",
+        EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=env.stack.bootstrap,
+        EMBEDDING_WORKER_KAFKA__INPUT_TOPIC=env.topic,
+        EMBEDDING_WORKER_KAFKA__DLQ_TOPIC=env.dlq,
+    )
+    assert code == 0, err
+    assert (
+        f"replayed 0 events to {env.topic}; 3 could not be "
+        "(original no longer at its source offset: 2, "
+        "record at the source offset is not the original: 1)"
+    ) in out
