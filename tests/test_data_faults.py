@@ -7,6 +7,7 @@ import base64
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -226,7 +227,7 @@ async def test_records_at_the_size_limits_are_dead_lettered_within_the_topic_lim
     for name, (build, _) in BUILDS.items():
         for label, size in sizes.items():
             tag = f"{name}-{label}"
-            originals[tag] = sized(size, lambda n, b=build, t=tag: b(t, n))  # type: ignore[misc]
+            originals[tag] = sized(size, partial(build, tag))
             records.append((*originals[tag], None))
             records.append(
                 (f"good-{tag}".encode(), _json({"id": f"good-{tag}", "text": tag}), [], None)
