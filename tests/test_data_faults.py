@@ -29,7 +29,7 @@ from worker.decode import Record
 from worker.envelope import dead_letter, digest, headers_digest
 from worker.events import DeadLetter, Reason, SourcePosition
 from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
-from worker.replay import REPLAYED_FROM, Filters, replay, scan
+from worker.replay import OLD_TOMBSTONE, REPLAYED_FROM, Filters, replay, scan
 
 Header = tuple[str, bytes | None]
 FullRecord = tuple[bytes | None, bytes | None, Sequence[Header], int | None]
@@ -408,3 +408,43 @@ async def test_a_cut_letter_whose_original_is_gone_or_changed_is_not_replayed(en
         "(original no longer at its source offset: 2, "
         "record at the source offset is not the original: 1)"
     ) in out
+
+
+async def test_letters_written_before_headers_were_kept_still_replay(env: Env) -> None:
+    """Letters of the previous format (no headers, sizes or hashes): a value replays as before;
+    a tombstone cannot (its namespace header was not kept) and is counted as such."""
+    value = _json({"id": "a", "text": "an older letter"})
+    source = {"topic": env.topic, "partition": 0, "offset": 3, "timestamp_ms": 1_700_000_000_000}
+    common = {"reason": "metadata_too_large", "message": "m", "failed_at": "2026-11-24T03:20:44Z"}
+    old = [
+        {
+            **common,
+            "key_b64": "YQ==",
+            "value_b64": base64.b64encode(value).decode(),
+            "value_truncated": False,
+            "value_size": len(value),
+            "source": source,
+        },
+        {
+            **common,
+            "key_b64": "Yg==",
+            "value_b64": None,
+            "value_truncated": False,
+            "value_size": None,
+            "source": {**source, "offset": 4},
+        },
+    ]
+    producer = make_producer(env.settings().kafka)
+    await producer.start()
+    try:
+        for letter in old:
+            await (await producer.send(env.dlq, json.dumps(letter).encode()))
+    finally:
+        await producer.stop()
+    k = env.settings().kafka
+    found = await scan(k, Filters())
+    assert len(found.letters) == 2 and found.unreadable == 0
+    result = await replay(k, found.letters, found.topic)
+    assert (result.events, dict(result.skipped)) == (1, {OLD_TOMBSTONE: 1})
+    [again] = [m for m in await _read_input(env) if m.value == value]
+    assert again.key == b"a" and again.timestamp == 1_700_000_000_000

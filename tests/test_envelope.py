@@ -81,7 +81,7 @@ def boundary(make: Make, budget: int = BUDGET) -> int:
     lo, hi = 0, budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if letter(make(mid), budget).whole:
+        if not letter(make(mid), budget).cut:
             lo = mid
         else:
             hi = mid - 1
@@ -94,8 +94,8 @@ def test_just_under_the_budget_is_copied_whole_and_just_over_is_cut(part: str) -
     n = boundary(make)
     assert n > BUDGET // 2, "a part that fits must be copied whole"
     under, over = letter(make(n)), letter(make(n + 91))  # 91: one more of the many headers
-    assert under.whole and size(under) <= BUDGET
-    assert not over.whole and size(over) <= BUDGET
+    assert not under.cut and size(under) <= BUDGET
+    assert over.cut and size(over) <= BUDGET
     assert_describes(under, make(n))
     assert_describes(over, make(n + 91))
 
@@ -106,7 +106,7 @@ def test_a_record_at_the_producer_limit_fits_the_default_budget(part: str) -> No
     budget = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
     r = PARTS[part](1_048_576)
     x = letter(r, budget)
-    assert size(x) <= budget and not x.whole
+    assert size(x) <= budget and x.cut
     assert_describes(x, r)
     # Most of the room went to the copy: cutting is no excuse for dropping everything.
     assert size(x) > budget * 0.9
@@ -131,7 +131,7 @@ def test_long_message_and_out_of_range_names_do_not_escape_the_budget() -> None:
 def test_stripped_letter_keeps_position_sizes_and_hashes() -> None:
     r = rec(key=b"k" * 5000, value=b"v" * 5000, headers=(("a", b"b"),))
     x = letter(r).stripped()
-    assert size(x) < 2000 and not x.whole
+    assert size(x) < 2000 and x.cut
     assert x.key_truncated and x.value_truncated and x.headers_truncated
     assert_describes(x, r)
 
@@ -139,7 +139,7 @@ def test_stripped_letter_keeps_position_sizes_and_hashes() -> None:
 def test_null_key_value_and_header_values_are_kept_apart_from_empty_ones() -> None:
     r = rec(key=None, value=None, headers=(("n", None), ("e", b"")))
     x = letter(r)
-    assert x.whole and x.key_b64 is None and x.value_b64 is None
+    assert not x.cut and x.key_b64 is None and x.value_b64 is None
     assert [(h.key, h.value_b64) for h in x.headers] == [("n", None), ("e", "")]
     assert headers_digest(r.headers) != headers_digest((("n", b""), ("e", b"")))
 

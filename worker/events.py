@@ -119,10 +119,9 @@ class DeadLetter(BaseModel):
     worker: str = "embedding-worker"
 
     @property
-    def whole(self) -> bool:
-        """The copies are the original record (nothing cut, headers known)."""
-        cut = self.key_truncated or self.value_truncated or self.headers_truncated
-        return not cut and self.headers_size is not None
+    def cut(self) -> bool:
+        """Some copy is not whole: the original must be read again from ``source``."""
+        return self.key_truncated or self.value_truncated or self.headers_truncated
 
     def stripped(self) -> DeadLetter:
         """No copies, only the source position, sizes and hashes: always small."""

@@ -147,11 +147,11 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
     still there and its SHA-256 matches the letter's."""
     out = Replayed()
     chosen: list[tuple[Found, Original]] = []
-    cut = [f for f in letters if _cut(f.letter)]
+    cut = [f for f in letters if f.letter.cut]
     fetched = await _fetch(k, [f.letter.source for f in cut]) if cut else {}
     for f in letters:
         letter = f.letter
-        if not _cut(letter):
+        if not letter.cut:
             if letter.value_b64 is None and letter.headers_size is None:
                 out.skipped[OLD_TOMBSTONE] += 1
                 continue
@@ -189,10 +189,6 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
         await producer.stop()
     out.events = len(chosen)
     return out
-
-
-def _cut(letter: DeadLetter) -> bool:
-    return letter.key_truncated or letter.value_truncated or letter.headers_truncated
 
 
 def _copied(letter: DeadLetter) -> Original:
