@@ -448,3 +448,40 @@ async def test_letters_written_before_headers_were_kept_still_replay(env: Env) -
     assert (result.events, dict(result.skipped)) == (1, {OLD_TOMBSTONE: 1})
     [again] = [m for m in await _read_input(env) if m.value == value]
     assert again.key == b"a" and again.timestamp == 1_700_000_000_000
+
+
+async def test_a_dead_lettered_tombstone_replays_with_its_namespace_header(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """A producer clock ten minutes fast stamps a tombstone past the skew; once the skew is
+    raised, replay sends it again with its headers, so it deletes in its own namespace."""
+    await migrate_db(env, 256)
+    fast_ms = int((datetime.now(UTC) + timedelta(minutes=10)).timestamp() * 1000)
+    upsert = _json({"id": "t1", "namespace": "news", "text": "soon deleted"})
+    settings = env.settings(dashscope(fake_api))
+    high = highest(
+        await produce_full(
+            env, [(b"t1", upsert, [], None), (b"t1", None, [("namespace", b"news")], fast_ms)]
+        )
+    )
+    async with running(settings):
+        await env.wait_for_offsets(high)
+    [letter] = await env.dead_letters(expected=1)
+    assert (letter["reason"], letter["namespace"], letter["id"]) == (
+        "timestamp_out_of_range",
+        "news",
+        "t1",
+    )
+    assert set(await _rows(env)) == {("news", "t1")}
+
+    found = await scan(settings.kafka, Filters())
+    assert (await replay(settings.kafka, found.letters, found.topic)).events == 1
+    async with running(env.settings(dashscope(fake_api), max_clock_skew_s=3600)) as worker:
+        assert worker.pipeline is not None
+        pipeline = worker.pipeline
+
+        async def deleted() -> bool:
+            return pipeline.stats.deleted == 1
+
+        await wait_until(deleted, 60, "the replayed tombstone was not applied")
+    assert await _rows(env) == {}
