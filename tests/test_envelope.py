@@ -136,6 +136,17 @@ def test_stripped_letter_keeps_position_sizes_and_hashes() -> None:
     assert_describes(x, r)
 
 
+def test_stripping_a_cut_letter_keeps_it_cut() -> None:
+    """The sink strips letters the topic still refuses, cut ones too: what was cut stays
+    flagged, or replay would take the empty copies for the original."""
+    r = rec(key=b"", value=None, headers=(("namespace", b"n" * 30_000),))
+    cut = letter(r)
+    assert cut.headers_truncated
+    again = cut.model_copy(update={"headers": []}).stripped()
+    assert again.cut and again.headers_truncated
+    assert_describes(again, r)
+
+
 def test_null_key_value_and_header_values_are_kept_apart_from_empty_ones() -> None:
     r = rec(key=None, value=None, headers=(("n", None), ("e", b"")))
     x = letter(r)

@@ -130,8 +130,8 @@ class DeadLetter(BaseModel):
                 "key_b64": None if self.key_b64 is None else "",
                 "value_b64": None if self.value_b64 is None else "",
                 "headers": [],
-                "key_truncated": bool(self.key_size),
-                "value_truncated": bool(self.value_size),
-                "headers_truncated": bool(self.headers),
+                "key_truncated": self.key_truncated or bool(self.key_size),
+                "value_truncated": self.value_truncated or bool(self.value_size),
+                "headers_truncated": self.headers_truncated or bool(self.headers),
             }
         )
