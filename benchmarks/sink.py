@@ -37,7 +37,7 @@ from benchmarks.harness import (
     unique,
 )
 from worker import store
-from worker.decode import Change, content_hash
+from worker.decode import Change, Record, content_hash
 from worker.events import TextType
 
 SCENARIO = "5-sink"
@@ -74,9 +74,7 @@ def changes(texts: list[str], vectors: np.ndarray, repeat: int = 1) -> list[Chan
     for i, (text, vector) in enumerate(pairs):
         out.append(
             Change(
-                topic=TOPIC,
-                partition=i % 4,
-                offset=i // 4,
+                record=Record(TOPIC, i % 4, i // 4, None, None),
                 namespace="bench",
                 id=f"sink-{i:07d}",
                 op="upsert",

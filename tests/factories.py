@@ -10,7 +10,7 @@ from typing import Any
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import dashscope
 from worker.config import load_settings
-from worker.decode import Change
+from worker.decode import Change, Record
 from worker.embed import EmbedStage
 from worker.embedders import create_embedder
 from worker.events import TextType
@@ -26,9 +26,7 @@ def upsert(
 ) -> Change:
     """An upsert as decode would produce it (tokens estimated unless given)."""
     return Change(
-        topic="t",
-        partition=0,
-        offset=offset,
+        record=Record("t", 0, offset, None, None),
         namespace="ns",
         id=id or f"doc-{offset}",
         op="upsert",

@@ -25,12 +25,14 @@ def limits(
     policy: OversizePolicy = OversizePolicy.TRUNCATE,
     max_metadata_bytes: int = 64_000,
     default_namespace: str = "default",
+    max_clock_skew_s: float = 300.0,
 ) -> Limits:
     return Limits(
         default_namespace=default_namespace,
         max_tokens_per_text=max_tokens,
         oversize_policy=policy,
         max_metadata_bytes=max_metadata_bytes,
+        max_clock_skew_s=max_clock_skew_s,
     )
 
 
@@ -317,8 +319,8 @@ def test_epoch_millis_and_iso_timestamps_agree() -> None:
     assert iso.endswith("Z") and offset.endswith("+09:00")
     times = []
     for ts in (TS_MS, float(TS_MS), iso, offset):
-        # The record's own timestamp differs: the event's time must win over it.
-        rec = record({"id": "a", "text": "x", "timestamp": ts}, timestamp_ms=42)
+        # The record's own timestamp differs (a minute later): the event's time must win.
+        rec = record({"id": "a", "text": "x", "timestamp": ts}, timestamp_ms=TS_MS + 60_000)
         times.append(as_change(decode(rec, limits())).event_time)
     assert times == [expected] * 4
     assert all(t.tzinfo is not None for t in times)
@@ -541,4 +543,129 @@ def test_huge_values_are_cut_in_the_dead_letter_and_say_so() -> None:
     value = json.dumps({"id": "a", "text": "t", "metadata": {"b": "z" * 900_000}}).encode()
     letter = as_letter(decode(record(value), limits()))
     assert letter.value_truncated and letter.value_size == len(value)
-    assert letter.value_b64 is not None and len(letter.value_b64) < 800_000
+    assert letter.value_b64 is not None and value.startswith(base64.b64decode(letter.value_b64))
+    assert len(letter.model_dump_json()) <= limits().dead_letter_bytes
+
+
+# --- one identity check for upserts, deletes and tombstones -----------------------------------
+
+
+def _by_path(path: str, id: str, namespace: str | None) -> Record:
+    """The same (namespace, id) arriving as an upsert, a delete event or a tombstone."""
+    if path == "tombstone":
+        headers = () if namespace is None else (("namespace", namespace.encode()),)
+        return record(None, key=id.encode(), headers=headers)
+    event: dict[str, Any] = {"id": id, "op": path, "text": "t"}
+    if namespace is not None:
+        event["namespace"] = namespace
+    return record(event, key=id.encode())
+
+
+PATHS = ["upsert", "delete", "tombstone"]
+OVER_LIMITS = [
+    pytest.param("i" * 513, None, "the id is 513 characters; at most 512", id="id-513-chars"),
+    pytest.param(
+        "\U0001f600" * 300, None, "the id is 1200 bytes as UTF-8; at most 1024", id="id-1200-bytes"
+    ),
+    pytest.param("a", "n" * 201, "the namespace is 201 characters; at most 200", id="ns-201-chars"),
+    pytest.param(
+        "a", "\u3042" * 200, "the namespace is 600 bytes as UTF-8; at most 512", id="ns-600-bytes"
+    ),
+    pytest.param("a", "", "the namespace is empty", id="ns-empty"),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("id", "namespace", "message"), OVER_LIMITS)
+def test_id_and_namespace_limits_are_the_same_for_every_kind_of_event(
+    path: str, id: str, namespace: str | None, message: str
+) -> None:
+    letter = as_letter(decode(_by_path(path, id, namespace), limits()))
+    assert (letter.reason, letter.message) == (Reason.SCHEMA_VIOLATION, message)
+    assert letter.id is None, "a letter names only an id that could key a row"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_id_and_namespace_at_their_limits_are_accepted_for_every_kind_of_event(path: str) -> None:
+    id, namespace = "\u3042" * 341 + "i", "n" * 200  # 1,024 bytes; 200 characters
+    change = as_change(decode(_by_path(path, id, namespace), limits()))
+    assert change.key == (namespace, id)
+    long_ascii = as_change(decode(_by_path(path, "i" * 512, "\u3042" * 170), limits()))
+    assert len(long_ascii.id) == 512
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_id_is_refused_for_every_kind_of_event(path: str) -> None:
+    letter = as_letter(decode(_by_path(path, "", "ns"), limits()))
+    assert (letter.reason, letter.message) == (Reason.SCHEMA_VIOLATION, "the id is empty")
+
+
+# --- clock skew: a version far ahead would freeze its document --------------------------------
+
+YEARS = 5 * 365 * 86400 * 1000
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": TS_MS + YEARS}), id="event-years-ahead"
+        ),
+        pytest.param(
+            record({"id": "a", "op": "delete", "timestamp": TS_MS + YEARS}),
+            id="delete-years-ahead",
+        ),
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": TS_MS + 301_000}), id="event-301s-ahead"
+        ),
+        pytest.param(
+            record({"id": "a", "text": "x"}, timestamp_ms=_now_ms() + YEARS),
+            id="record-time-years-ahead",
+        ),
+        pytest.param(
+            record(None, key=b"a", timestamp_ms=_now_ms() + YEARS), id="tombstone-years-ahead"
+        ),
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": _now_ms() + 3_600_000}, timestamp_ms=None),
+            id="no-record-time-event-an-hour-ahead-of-the-clock",
+        ),
+    ],
+)
+def test_a_version_far_ahead_is_dead_lettered(rec: Record) -> None:
+    letter = as_letter(decode(rec, limits()))
+    assert letter.reason is Reason.TIMESTAMP_OUT_OF_RANGE
+    assert "max_clock_skew_s" in letter.message
+    assert letter.source.offset == rec.offset
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        pytest.param(record({"id": "a", "text": "x", "timestamp": TS_MS + 300_000}), id="300s"),
+        pytest.param(record({"id": "a", "text": "x", "timestamp": TS_MS - YEARS}), id="past"),
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": _now_ms()}, timestamp_ms=None),
+            id="no-record-time",
+        ),
+        pytest.param(record(None, key=b"a", timestamp_ms=_now_ms() + 60_000), id="tombstone-60s"),
+        # Ordered by the event's own time: the record's bad clock freezes nothing.
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": TS_MS}, timestamp_ms=_now_ms() + YEARS),
+            id="record-ahead-event-time-fine",
+        ),
+    ],
+)
+def test_a_version_within_the_skew_is_accepted(rec: Record) -> None:
+    as_change(decode(rec, limits()))
+
+
+def test_clock_skew_is_a_setting() -> None:
+    rec = record({"id": "a", "text": "x", "timestamp": TS_MS + 10_000})
+    assert (
+        as_letter(decode(rec, limits(max_clock_skew_s=9))).reason is Reason.TIMESTAMP_OUT_OF_RANGE
+    )
+    as_change(decode(rec, limits(max_clock_skew_s=10)))

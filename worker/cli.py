@@ -457,15 +457,16 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
                 f"{letter.namespace or '-'}/{letter.id or '-'}  {_snippet(letter.message, 60)}"
             )
     if args.replay:
-        count = await replay(k, found.letters, found.topic)
-        skipped = len(found.letters) - count
+        done = await replay(k, found.letters, found.topic)
+        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(done.skipped.items()))
         print(
-            f"replayed {count} events to {k.input_topic}"
+            f"replayed {done.events} events to {k.input_topic}"
             + (
-                f"; {skipped} could not be (value cut to fit the topic, or a tombstone)"
-                if skipped
+                f" ({done.from_source} read again from their source offset)"
+                if done.from_source
                 else ""
-            ),
+            )
+            + (f"; {done.skipped.total()} could not be ({why})" if why else ""),
             file=sys.stderr if args.json else sys.stdout,
         )
     return 0

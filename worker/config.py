@@ -106,6 +106,10 @@ class KafkaSettings(BaseModel):
     client_id: str = "embedding-worker"
     input_topic: str = "content.events"
     dlq_topic: str = "content.events.dlq"
+    # The largest dead-letter record (JSON envelope, key, framing) the DLQ topic takes: under
+    # Kafka's 1 MiB defaults (broker message.max.bytes, aiokafka max_request_size). Copies of
+    # big records are cut to fit (worker/envelope.py); raise it with the topic's limit.
+    dlq_max_message_bytes: int = Field(default=1_000_000, ge=65_536)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
@@ -275,6 +279,9 @@ class Settings(BaseSettings):
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
+    # A version time (event `timestamp`, else the record's) further ahead than this of the
+    # record's own time (or the worker's clock, if earlier) is dead-lettered: README, Ordering.
+    max_clock_skew_s: float = Field(default=300.0, ge=0)
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     dashscope_api_key: SecretStr | None = Field(

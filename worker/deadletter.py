@@ -7,11 +7,15 @@ from collections.abc import Sequence
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from worker.events import DeadLetter
 from worker.publish import publish
 
 log = structlog.get_logger(__name__)
+
+# The broker (or the client) refused a record for its size: no retry can fix that.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 class DeadLetterSink:
@@ -21,12 +25,27 @@ class DeadLetterSink:
         self.counts: Counter[str] = Counter()
 
     async def send(self, letters: Sequence[tuple[bytes | None, DeadLetter]]) -> None:
-        """Publish ``(original key, envelope)`` pairs; returns once all are acknowledged."""
-        await publish(
-            self.producer,
-            self.topic,
-            [(key, letter.model_dump_json().encode("utf-8")) for key, letter in letters],
-        )
+        """Publish ``(original key, envelope)`` pairs; returns once all are acknowledged.
+
+        Envelopes are built to fit ``kafka.dlq_max_message_bytes``; should the topic take
+        less than that, the refused letters go again without copies (source position, sizes
+        and hashes only; replay reads the original from its source) rather than stop the
+        worker. A letter the batch already delivered may then be sent twice (at least once).
+        """
+        try:
+            await publish(self.producer, self.topic, [(k, _json(x)) for k, x in letters])
+        except TOO_LARGE:
+            for key, letter in letters:
+                try:
+                    await publish(self.producer, self.topic, [(key, _json(letter))])
+                except TOO_LARGE as exc:
+                    log.warning(
+                        "dead letter too large for its topic; sent without copies",
+                        topic=self.topic,
+                        bytes=len(_json(letter)),
+                        error=repr(exc),
+                    )
+                    await publish(self.producer, self.topic, [(key, _json(letter.stripped()))])
         for _, letter in letters:
             self.counts[letter.reason.value] += 1
             log.warning(
@@ -39,3 +58,7 @@ class DeadLetterSink:
                 partition=letter.source.partition,
                 offset=letter.source.offset,
             )
+
+
+def _json(letter: DeadLetter) -> bytes:
+    return letter.model_dump_json().encode("utf-8")

@@ -6,7 +6,6 @@ never costs a request and never reaches Postgres (which cannot store NUL charact
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -18,7 +17,15 @@ import numpy as np
 from pydantic import ValidationError
 
 from worker.config import OversizePolicy
-from worker.events import ContentEvent, DeadLetter, Reason, SourcePosition, TextType
+from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, envelope_budget
+from worker.events import (
+    ID_MAX_CHARS,
+    NAMESPACE_MAX_CHARS,
+    ContentEvent,
+    DeadLetter,
+    Reason,
+    TextType,
+)
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 NAMESPACE_HEADER = "namespace"
@@ -39,16 +46,15 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass(slots=True)
 class Change:
-    """A valid event on its way to Postgres."""
+    """A valid event on its way to Postgres, with the Kafka record it came from (a later
+    stage that refuses it, e.g. the provider, dead-letters that record, replayable as is)."""
 
-    topic: str
-    partition: int
-    offset: int
+    record: Record
     namespace: str
     id: str
     op: Literal["upsert", "delete"]
@@ -65,6 +71,18 @@ class Change:
     epoch: int = 0
 
     @property
+    def topic(self) -> str:
+        return self.record.topic
+
+    @property
+    def partition(self) -> int:
+        return self.record.partition
+
+    @property
+    def offset(self) -> int:
+        return self.record.offset
+
+    @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.id)
 
@@ -75,6 +93,10 @@ class Limits:
     max_tokens_per_text: int
     oversize_policy: OversizePolicy
     max_metadata_bytes: int
+    # How far a version's time may run ahead of the record's own time (or the worker's clock).
+    max_clock_skew_s: float = 300.0
+    # What a dead letter's JSON may take (see worker.envelope).
+    dead_letter_bytes: int = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
 
 
 class Rejected(Exception):
@@ -91,51 +113,25 @@ def content_hash(text: str, text_type: TextType) -> bytes:
     return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
 
 
-# A dead letter must fit the topic's message limit (1 MB by default) after base64 (4/3).
-MAX_DEAD_LETTER_VALUE_BYTES = 512 * 1024
-
-
-def dead_letter(
-    record: Record,
-    reason: Reason,
-    message: str,
-    provider_code: str | None = None,
-    namespace: str | None = None,
-    id: str | None = None,
-) -> DeadLetter:
-    value = record.value
-    truncated = value is not None and len(value) > MAX_DEAD_LETTER_VALUE_BYTES
-    if truncated:
-        assert value is not None
-        value = value[:MAX_DEAD_LETTER_VALUE_BYTES]
-    return DeadLetter(
-        reason=reason,
-        message=message,
-        provider_code=provider_code,
-        namespace=namespace,
-        id=id,
-        key_b64=None if record.key is None else base64.b64encode(record.key[:4096]).decode(),
-        value_b64=None if value is None else base64.b64encode(value).decode(),
-        value_truncated=truncated,
-        value_size=None if record.value is None else len(record.value),
-        source=SourcePosition(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp_ms,
-        ),
-    )
-
-
 def decode(record: Record, limits: Limits) -> Change | DeadLetter:
     """Never raises: whatever the bytes, the answer is a change or a dead letter."""
     try:
         return _decode(record, limits)
     except Rejected as exc:
-        return dead_letter(record, exc.reason, exc.message, namespace=exc.namespace, id=exc.id)
+        return dead_letter(
+            record,
+            exc.reason,
+            exc.message,
+            namespace=exc.namespace,
+            id=exc.id,
+            budget=limits.dead_letter_bytes,
+        )
     except Exception as exc:  # a check we did not foresee must not stop the worker
         return dead_letter(
-            record, Reason.SCHEMA_VIOLATION, f"the event could not be read: {exc!r}"[:500]
+            record,
+            Reason.SCHEMA_VIOLATION,
+            f"the event could not be read: {exc!r}"[:500],
+            budget=limits.dead_letter_bytes,
         )
 
 
@@ -159,13 +155,52 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _check_key_sizes(namespace: str, id: str) -> None:
-    if len(id.encode("utf-8")) > MAX_ID_BYTES:
-        raise Rejected(Reason.SCHEMA_VIOLATION, f"the id is over {MAX_ID_BYTES} bytes")
-    if len(namespace.encode("utf-8")) > MAX_NAMESPACE_BYTES:
+def identity_problem(namespace: str, id: str) -> str | None:
+    """Why (namespace, id) cannot key a row, or None. The one check for upserts, deletes and
+    tombstones alike, so an id is accepted or refused the same way whichever way it came."""
+    for name, value, max_chars, max_bytes in (
+        ("id", id, ID_MAX_CHARS, MAX_ID_BYTES),
+        ("namespace", namespace, NAMESPACE_MAX_CHARS, MAX_NAMESPACE_BYTES),
+    ):
+        if not value:
+            return f"the {name} is empty"
+        if len(value) > max_chars:
+            return f"the {name} is {len(value)} characters; at most {max_chars}"
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            return f"the {name} is {size} bytes as UTF-8; at most {max_bytes}"
+    return None
+
+
+def _check_identity(namespace: str, id: str) -> None:
+    problem = identity_problem(namespace, id)
+    if problem is not None:
+        raise Rejected(Reason.SCHEMA_VIOLATION, problem)
+
+
+def _check_time(version_time: datetime, record: Record, limits: Limits) -> None:
+    """A version stamped far ahead would make every later upsert and delete of its id a
+    no-op (versions order by time): refuse it. The reference is the record's own time, so
+    that the answer does not change when the record is read again later, but never later
+    than the worker's clock (a producer's clock can be wrong too)."""
+    if version_time == NO_TIME:
+        return
+    now = datetime.now(UTC)
+    record_time = _record_time(record)
+    reference = now if record_time == NO_TIME else min(record_time, now)
+    ahead = (version_time - reference).total_seconds()
+    if ahead > limits.max_clock_skew_s:
+        against = "the worker's clock" if reference is now else "the record's own time"
         raise Rejected(
-            Reason.SCHEMA_VIOLATION, f"the namespace is over {MAX_NAMESPACE_BYTES} bytes"
+            Reason.TIMESTAMP_OUT_OF_RANGE,
+            f"the version time {version_time.isoformat()} is {ahead:.0f} s ahead of {against} "
+            f"({reference.isoformat()}); at most {limits.max_clock_skew_s:g} s "
+            "(max_clock_skew_s) is accepted, or it would hide every later version of this id",
         )
+
+
+def _short(text: str, width: int = 80) -> str:
+    return repr(text) if len(text) <= width else repr(text[:width]) + f"... ({len(text)} chars)"
 
 
 def _key(record: Record) -> str | None:
@@ -201,60 +236,62 @@ def _decode(record: Record, limits: Limits) -> Change:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
         raise Rejected(Reason.SCHEMA_VIOLATION, _describe(exc)) from None
+    namespace = limits.default_namespace if event.namespace is None else event.namespace
     try:
-        return _checked(record, key, event, limits)
+        return _checked(record, key, namespace, event, limits)
     except Rejected as exc:
-        exc.namespace, exc.id = event.namespace or limits.default_namespace, event.id
+        if identity_problem(namespace, event.id) is None:  # the letter names valid ids only
+            exc.namespace, exc.id = namespace, event.id
         raise
 
 
-def _checked(record: Record, key: str | None, event: ContentEvent, limits: Limits) -> Change:
+def _checked(
+    record: Record, key: str | None, namespace: str, event: ContentEvent, limits: Limits
+) -> Change:
+    _check_identity(namespace, event.id)
     if key is not None and key != event.id:
         raise Rejected(
             Reason.KEY_MISMATCH,
-            f"the record key {key!r} differs from the event id {event.id!r} "
+            f"the record key {_short(key)} differs from the event id {_short(event.id)} "
             "(the key must be the content id so that one id stays in one partition)",
         )
-    namespace = event.namespace or limits.default_namespace
-    _check_key_sizes(namespace, event.id)
     change = Change(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
+        record=record,
         namespace=namespace,
         id=event.id,
         op=event.op,
         event_time=event.timestamp or _record_time(record),
     )
+    _check_time(change.event_time, record, limits)
     if event.op == "delete":
         return change
     return _with_text(change, event, limits)
 
 
 def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
-    if not key:
+    if key is None:
         raise Rejected(Reason.SCHEMA_VIOLATION, "a tombstone (null value) needs the id as key")
     _check_strings(key, "key")
     namespace = limits.default_namespace
     for name, value in record.headers:
         if name == NAMESPACE_HEADER:
+            if value is None:
+                raise Rejected(Reason.SCHEMA_VIOLATION, "the namespace header is null")
             try:
                 namespace = value.decode("utf-8")
             except UnicodeDecodeError:
                 raise Rejected(Reason.INVALID_UTF8, "the namespace header is not UTF-8") from None
-            if not namespace:
-                raise Rejected(Reason.SCHEMA_VIOLATION, "the namespace header is empty")
             _check_strings(namespace, "namespace header")
-    _check_key_sizes(namespace, key)
-    return Change(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        namespace=namespace,
-        id=key,
-        op="delete",
-        event_time=_record_time(record),
+    _check_identity(namespace, key)
+    change = Change(
+        record=record, namespace=namespace, id=key, op="delete", event_time=_record_time(record)
     )
+    try:
+        _check_time(change.event_time, record, limits)
+    except Rejected as exc:
+        exc.namespace, exc.id = namespace, key
+        raise
+    return change
 
 
 def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:

@@ -14,15 +14,21 @@ class TextType(StrEnum):
     QUERY = "query"
 
 
+# Limits of (namespace, id), checked by ``worker.decode.identity_problem`` for upserts, deletes
+# and tombstones alike (with byte limits that keep the primary key's btree entry small).
+ID_MAX_CHARS = 512
+NAMESPACE_MAX_CHARS = 200
+
+
 class ContentEvent(BaseModel):
     """One content change. The Kafka key is the content id; a null value deletes it."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    id: str = Field(min_length=1, max_length=512)
+    id: str
     op: Literal["upsert", "delete"] = "upsert"
     text: str | None = None
-    namespace: str | None = Field(default=None, min_length=1, max_length=200)
+    namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     text_type: TextType = TextType.DOCUMENT
     timestamp: AwareDatetime | None = None
@@ -65,6 +71,7 @@ class Reason(StrEnum):
     TEXT_TOO_LONG = "text_too_long"
     METADATA_TOO_LARGE = "metadata_too_large"
     PROVIDER_REJECTED = "provider_rejected"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
 
 
 class SourcePosition(BaseModel):
@@ -74,16 +81,35 @@ class SourcePosition(BaseModel):
     timestamp_ms: int | None = None
 
 
+class HeaderCopy(BaseModel):
+    key: str
+    value_b64: str | None
+
+
 class DeadLetter(BaseModel):
-    """What the dead-letter topic carries: enough to understand, fix and replay the event."""
+    """What the dead-letter topic carries: enough to understand, fix and replay the event.
+
+    The copies of the original key, value and headers share the topic's size budget
+    (``worker.envelope``): a part that did not fit is cut to a prefix (``*_truncated``), and
+    every part keeps its size and SHA-256, so replay can fetch the original from ``source``.
+    """
 
     reason: Reason
     message: str
     key_b64: str | None
     value_b64: str | None
-    # Set when the original value was too large for the dead-letter topic and was cut.
+    headers: list[HeaderCopy] = Field(default_factory=list)
+    key_truncated: bool = False
     value_truncated: bool = False
+    headers_truncated: bool = False
+    # The original parts: bytes and SHA-256 (hex); None where the record had no key / value.
+    # headers_size is None in letters written before headers were kept.
+    key_size: int | None = None
+    key_sha256: str | None = None
     value_size: int | None = None
+    value_sha256: str | None = None
+    headers_size: int | None = None
+    headers_sha256: str | None = None
     source: SourcePosition
     # Known when the event could be read that far.
     namespace: str | None = None
@@ -91,3 +117,21 @@ class DeadLetter(BaseModel):
     provider_code: str | None = None
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     worker: str = "embedding-worker"
+
+    @property
+    def cut(self) -> bool:
+        """Some copy is not whole: the original must be read again from ``source``."""
+        return self.key_truncated or self.value_truncated or self.headers_truncated
+
+    def stripped(self) -> DeadLetter:
+        """No copies, only the source position, sizes and hashes: always small."""
+        return self.model_copy(
+            update={
+                "key_b64": None if self.key_b64 is None else "",
+                "value_b64": None if self.value_b64 is None else "",
+                "headers": [],
+                "key_truncated": self.key_truncated or bool(self.key_size),
+                "value_truncated": self.value_truncated or bool(self.value_size),
+                "headers_truncated": self.headers_truncated or bool(self.headers),
+            }
+        )

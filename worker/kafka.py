@@ -9,6 +9,8 @@ from aiokafka.helpers import create_ssl_context
 
 from worker.config import KafkaSettings
 
+AIOKAFKA_MAX_REQUEST_SIZE = 1_048_576
+
 
 def common_options(k: KafkaSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
@@ -51,10 +53,17 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
-def make_producer(k: KafkaSettings) -> AIOKafkaProducer:
-    # Not idempotent: results and dead letters are at-least-once by design, and the
-    # idempotent producer is not available on every broker (see DESIGN.md).
-    return AIOKafkaProducer(acks="all", linger_ms=5, **common_options(k))
+def make_producer(k: KafkaSettings, max_request_size: int = 0) -> AIOKafkaProducer:
+    """Not idempotent: results and dead letters are at-least-once by design, and the
+    idempotent producer is not available on every broker (see DESIGN.md). Requests may
+    be as large as a dead letter (``dlq_max_message_bytes``) or ``max_request_size``,
+    and never less than aiokafka's default (1 MiB)."""
+    return AIOKafkaProducer(
+        acks="all",
+        linger_ms=5,
+        max_request_size=max(AIOKAFKA_MAX_REQUEST_SIZE, k.dlq_max_message_bytes, max_request_size),
+        **common_options(k),
+    )
 
 
 async def read_topic(bootstrap_servers: str, topic: str, partition: int = 0) -> list[bytes]:

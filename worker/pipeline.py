@@ -28,9 +28,10 @@ from worker.analysis.stage import AnalysisStage
 from worker.batcher import MicroBatcher
 from worker.config import Settings
 from worker.deadletter import DeadLetterSink
-from worker.decode import NO_TIME, Change, Limits, Record, dead_letter, decode
+from worker.decode import NO_TIME, Change, Limits, Record, decode
 from worker.embed import EmbedStage
 from worker.embedders.base import ConfigurationFault, Embedder
+from worker.envelope import dead_letter, envelope_budget
 from worker.events import DeadLetter, Reason
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
@@ -101,6 +102,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             max_tokens_per_text=settings.provider.max_tokens_per_text,
             oversize_policy=settings.oversize_policy,
             max_metadata_bytes=settings.max_metadata_bytes,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
         )
         self.batcher = MicroBatcher(
             max_texts=embedder.max_texts,
@@ -411,16 +414,16 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
         for change, error in outcome.refused:
-            record = Record(change.topic, change.partition, change.offset, None, None)
             letter = dead_letter(
-                record,
+                change.record,
                 Reason.PROVIDER_REJECTED,
                 error.message,
                 error.code,
                 namespace=change.namespace,
                 id=change.id,
+                budget=self.limits.dead_letter_bytes,
             )
-            letters.append((change.id.encode("utf-8"), letter))
+            letters.append((change.record.key, letter))
             settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
             self._release([change])
         await self._dead_letter(letters)

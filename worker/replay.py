@@ -1,19 +1,22 @@
 """``embedding-worker dead-letters``: what was dead-lettered, and replaying it once fixed.
 
-A dead letter carries the original key and value and where the event came from
+A dead letter carries the original key, value and headers and where the record came from
 (``worker.events.DeadLetter``). This reads the dead-letter topic from the beginning up to
-its end, keeps the letters that match the filters, and lists them or
-produces the original events to the input topic again, each with a ``replayed-from``
-header naming its letter and the original record's timestamp. Versions are ordered by event
-time (the event's ``timestamp``, else the record's), so a replayed event is applied unless a
-newer version of the same id was stored since it was first sent: a replay never rolls a
-document back. Replay what was fixed (a reason, a namespace, a time), not everything.
-Letters whose value was cut to fit the topic, and tombstones, are counted but cannot be
-replayed.
+its end, keeps the letters that match the filters, and lists them or produces the original
+records to the input topic again (tombstones included), each with its own headers plus a
+``replayed-from`` header naming its letter, and the original record's timestamp. Versions are
+ordered by event time (the event's ``timestamp``, else the record's), so a replayed event is
+applied unless a newer version of the same id was stored since it was first sent: a replay
+never rolls a document back. Replay what was fixed (a reason, a namespace, a time), not
+everything. A letter whose copy was cut to fit its topic is replayed from the original,
+read again at its source offset and checked against the letter's SHA-256; if it is gone
+(retention, compaction, a restarted in-memory broker) the letter is counted as not
+replayable, with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections import Counter
 from collections.abc import Sequence
@@ -21,10 +24,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from worker.config import KafkaSettings
-from worker.events import DeadLetter, Reason
+from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
+from worker.events import DeadLetter, Reason, SourcePosition
 from worker.kafka import common_options, make_producer
 
 REPLAYED_FROM = "replayed-from"
@@ -53,10 +58,6 @@ class Found:
     @property
     def where(self) -> str:
         return f"{self.partition}/{self.offset}"
-
-    @property
-    def replayable(self) -> bool:
-        return self.letter.value_b64 is not None and not self.letter.value_truncated
 
 
 @dataclass
@@ -115,23 +116,70 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
     return sorted(consumer.partitions_for_topic(topic) or ())
 
 
-async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> int:
-    """Produce the replayable letters' original events to the input topic (acknowledged)."""
-    chosen = [f for f in letters if f.replayable]
-    producer = make_producer(k)
+@dataclass(frozen=True)
+class Original:
+    """A record to produce again: the letter's copies, or the source record they were cut from."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+    @property
+    def size(self) -> int:
+        return len(self.key or b"") + len(self.value or b"") + headers_size(self.headers)
+
+
+@dataclass
+class Replayed:
+    events: int = 0  # produced to the input topic
+    from_source: int = 0  # of which read again from their source offset (the copy was cut)
+    skipped: Counter[str] = field(default_factory=Counter)  # not replayable, by why
+
+
+OLD_TOMBSTONE = "tombstone in an older letter without its headers"
+GONE = "original no longer at its source offset"
+DIFFERS = "record at the source offset is not the original"
+
+
+async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> Replayed:
+    """Produce the letters' original records to the input topic again (acknowledged): the
+    copies when whole, else the record read from its source topic/partition/offset, if it is
+    still there and its SHA-256 matches the letter's."""
+    out = Replayed()
+    chosen: list[tuple[Found, Original]] = []
+    cut = [f for f in letters if f.letter.cut]
+    fetched = await _fetch(k, [f.letter.source for f in cut]) if cut else {}
+    for f in letters:
+        letter = f.letter
+        if not letter.cut:
+            if letter.value_b64 is None and letter.headers_size is None:
+                out.skipped[OLD_TOMBSTONE] += 1
+                continue
+            chosen.append((f, _copied(letter)))
+            continue
+        record = fetched.get(_position(letter.source))
+        if record is None:
+            out.skipped[GONE] += 1
+        elif not _same(letter, record):
+            out.skipped[DIFFERS] += 1
+        else:
+            out.from_source += 1
+            chosen.append((f, record))
+    if not chosen:
+        return out
+    largest = max(o.size for _, o in chosen)
+    producer = make_producer(k, max_request_size=largest + RECORD_OVERHEAD_BYTES)
     await producer.start()
     try:
         futures = []
-        for f in chosen:
-            value = base64.b64decode(f.letter.value_b64 or "")
-            key = base64.b64decode(f.letter.key_b64) if f.letter.key_b64 is not None else None
+        for f, original in chosen:
             origin = f"{dlq_topic}/{f.partition}/{f.offset}".encode()
             futures.append(
                 await producer.send(
                     k.input_topic,
-                    key=key,
-                    value=value,
-                    headers=[(REPLAYED_FROM, origin)],
+                    key=original.key,
+                    value=original.value,
+                    headers=[*original.headers, (REPLAYED_FROM, origin)],
                     timestamp_ms=f.letter.source.timestamp_ms,
                 )
             )
@@ -139,4 +187,85 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
             await fut
     finally:
         await producer.stop()
-    return len(chosen)
+    out.events = len(chosen)
+    return out
+
+
+def _copied(letter: DeadLetter) -> Original:
+    return Original(
+        key=_decoded(letter.key_b64),
+        value=_decoded(letter.value_b64),
+        headers=[(h.key, _decoded(h.value_b64)) for h in letter.headers],
+    )
+
+
+def _decoded(b64: str | None) -> bytes | None:
+    return None if b64 is None else base64.b64decode(b64)
+
+
+def _same(letter: DeadLetter, original: Original) -> bool:
+    if letter.headers_size is None:  # an older letter: only the value's size and prefix
+        copy = _decoded(letter.value_b64) or b""
+        value = original.value or b""
+        return len(value) == letter.value_size and value.startswith(copy)
+    return (
+        digest(original.key) == letter.key_sha256
+        and digest(original.value) == letter.value_sha256
+        and headers_digest(original.headers) == letter.headers_sha256
+    )
+
+
+Position = tuple[str, int, int]
+
+
+def _position(source: SourcePosition) -> Position:
+    return (source.topic, source.partition, source.offset)
+
+
+async def _fetch(k: KafkaSettings, sources: Sequence[SourcePosition]) -> dict[Position, Original]:
+    """The records still at these positions (a missing one is simply absent)."""
+    consumer = AIOKafkaConsumer(
+        enable_auto_commit=False,
+        auto_offset_reset="none",  # a position before the log's start is gone, not "latest"
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
+        **common_options(k),
+    )
+    await consumer.start()
+    out: dict[Position, Original] = {}
+    try:
+        topics = await consumer.topics()  # all topics, without asking for (creating) any
+        for source in sources:
+            position = _position(source)
+            if position in out or source.topic not in topics:
+                continue
+            if source.partition not in (consumer.partitions_for_topic(source.topic) or ()):
+                continue
+            tp = TopicPartition(source.topic, source.partition)
+            consumer.assign([tp])
+            consumer.seek(tp, source.offset)
+            record = await _record_at(consumer, tp, source.offset)
+            if record is not None:
+                out[position] = record
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _record_at(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, seconds: float = 10.0
+) -> Original | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        try:
+            batch = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        except OffsetOutOfRangeError:
+            return None
+        for m in batch.get(tp, []):
+            if m.offset != offset:  # compacted away: the next record came instead
+                return None
+            return Original(m.key, m.value, list(m.headers or ()))
+        high = consumer.highwater(tp)
+        if not batch and high is not None and offset >= high:
+            return None
+    return None

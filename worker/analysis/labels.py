@@ -20,7 +20,7 @@ import structlog
 
 from worker.analysis.config import Classification, Focus, NamespaceAnalysis
 from worker.config import ConfigError
-from worker.decode import NO_TIME, Change
+from worker.decode import NO_TIME, Change, Record
 from worker.embed import EmbedStage
 from worker.events import TextType
 from worker.store import Conn
@@ -127,9 +127,7 @@ def stage_embedder(stage: EmbedStage, max_texts: int, max_tokens: int) -> Embed:
             text = truncate_to_tokens(text, max_tokens)
             changes.append(
                 Change(
-                    topic="labels",
-                    partition=0,
-                    offset=i,
+                    record=Record("labels", 0, i, None, None),
                     namespace="labels",
                     id=str(i),
                     op="upsert",
