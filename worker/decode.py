@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import ValidationError
 
-from worker.config import OversizePolicy
+from worker.config import OversizePolicy, Settings
 from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, envelope_budget
 from worker.events import (
     ID_MAX_CHARS,
@@ -97,6 +97,18 @@ class Limits:
     max_clock_skew_s: float = 300.0
     # What a dead letter's JSON may take (see worker.envelope).
     dead_letter_bytes: int = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The limits a worker with ``settings`` decodes with (``produce`` checks files alike)."""
+        return cls(
+            default_namespace=settings.default_namespace,
+            max_tokens_per_text=settings.provider.max_tokens_per_text,
+            oversize_policy=settings.oversize_policy,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
+        )
 
 
 class Rejected(Exception):

@@ -31,7 +31,7 @@ from worker.deadletter import DeadLetterSink
 from worker.decode import NO_TIME, Change, Limits, Record, decode
 from worker.embed import EmbedStage
 from worker.embedders.base import ConfigurationFault, Embedder
-from worker.envelope import dead_letter, envelope_budget
+from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
@@ -97,14 +97,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self.tracker = OffsetTracker()
         self.stats = Stats()
-        self.limits = Limits(
-            default_namespace=settings.default_namespace,
-            max_tokens_per_text=settings.provider.max_tokens_per_text,
-            oversize_policy=settings.oversize_policy,
-            max_metadata_bytes=settings.max_metadata_bytes,
-            max_clock_skew_s=settings.max_clock_skew_s,
-            dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
-        )
+        self.limits = Limits.of(settings)
         self.batcher = MicroBatcher(
             max_texts=embedder.max_texts,
             max_tokens=settings.provider.max_tokens_per_request,

@@ -68,12 +68,7 @@ class CheckedFile:
 def check_file(path: Path, settings: Settings) -> CheckedFile:
     """Each non-blank line through `decode` with the limits of `settings`; raises OSError
     when the file cannot be read."""
-    limits = Limits(
-        default_namespace=settings.default_namespace,
-        max_tokens_per_text=settings.provider.max_tokens_per_text,
-        oversize_policy=settings.oversize_policy,
-        max_metadata_bytes=settings.max_metadata_bytes,
-    )
+    limits = Limits.of(settings)
     values: list[bytes] = []
     invalid: list[Invalid] = []
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
