@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from worker.config import KafkaSettings
@@ -77,7 +78,7 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     await consumer.start()
     out = Scan(k.dlq_topic)
     try:
-        partitions = await _partitions(consumer, k.dlq_topic)
+        partitions = await _partitions(k, k.dlq_topic)
         tps = [TopicPartition(k.dlq_topic, p) for p in partitions]
         if not tps:
             return out
@@ -109,10 +110,19 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     return out
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    if topic not in await consumer.topics():
-        return []
-    return sorted(consumer.partitions_for_topic(topic) or ())
+async def _partitions(k: KafkaSettings, topic: str) -> list[int]:
+    """Asked of the cluster: an unassigned consumer's metadata has no partitions for a topic
+    (Apache Kafka answers a metadata request for no topics with none)."""
+    admin = AIOKafkaAdminClient(**common_options(k))
+    await admin.start()
+    try:
+        # Listed first: a describe would create a missing topic on the embedded broker.
+        if topic not in await admin.list_topics():
+            return []
+        (described,) = await admin.describe_topics([topic])
+        return sorted(p["partition"] for p in described["partitions"])
+    finally:
+        await admin.close()
 
 
 async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> int:
