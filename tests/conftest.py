@@ -223,6 +223,11 @@ async def wait_until(
 
 @pytest.fixture
 async def env(stack: DevStack) -> Env:
+    return await make_env(stack)
+
+
+async def make_env(stack: DevStack) -> Env:
+    """A database, a 4-partition input topic and a dead-letter topic of their own."""
     name = f"t{next(_counter)}_{uuid.uuid4().hex[:8]}"
     dsn = await stack.create_database(name)
     await stack.create_topics([f"{name}.events"], partitions=4)
