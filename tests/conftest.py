@@ -1,10 +1,11 @@
 """Shared fixtures: one embedded stack per session, a fresh database and topics per test.
 
 The stack's broker is Tansu unless ``EMBEDDING_WORKER_DEVSTACK_BROKER`` says otherwise
-(``make test-kafka`` sets ``kafka``). On Apache Kafka only the tests that use a broker run
-(those that use the ``stack`` fixture or are marked ``devstack``): the others do not depend
-on the broker and ran in ``make test`` already. Tests marked ``kafka_only`` need what only
-Apache Kafka has (data that survives a broker restart, replicas) and are skipped on Tansu.
+(``make test-kafka`` sets ``kafka``). On Apache Kafka only the tests that use a broker run:
+those that use the ``stack`` fixture or are marked ``devstack`` or ``kafka_only``; the others
+do not depend on the broker and ran in ``make test`` already. Tests marked ``kafka_only``
+need what only Apache Kafka has (data that survives a broker restart, replicas) and are
+skipped on Tansu.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         keep = [
             i
             for i in items
-            if "stack" in getattr(i, "fixturenames", ()) or i.get_closest_marker("devstack")
+            if "stack" in getattr(i, "fixturenames", ())
+            or i.get_closest_marker("devstack")
+            or i.get_closest_marker("kafka_only")
         ]
         if len(keep) < len(items):
             config.hook.pytest_deselected(items=[i for i in items if i not in keep])
