@@ -28,7 +28,7 @@ from worker.devstack.broker import Broker, free_port, log_tail
 PROJECT = Path(__file__).resolve().parents[2] / "devstack" / "kafka"
 POM = PROJECT / "pom.xml"
 LOG4J = PROJECT / "log4j2.properties"
-HEAP = os.environ.get("EMBEDDING_WORKER_DEVSTACK_KAFKA_HEAP", "-Xmx512m")
+HEAP = "-Xmx512m"  # the default 1 GB times three nodes is too much beside the tests
 START_TIMEOUT_S = 120.0
 RESOLVE_TIMEOUT_S = 900.0
 
