@@ -94,9 +94,7 @@ async def _demo(verbose: bool) -> int:
     started = time.monotonic()
     logs.configure("info" if verbose else "error", "console")
     stack = DevStack()
-    _say(
-        f"Starting the embedded stack ({stack.broker.name} broker + PostgreSQL 18 with pgvector)..."
-    )
+    _say(f"Starting the embedded stack ({stack.broker.label} + PostgreSQL 18 with pgvector)...")
     try:
         await stack.start()
         settings = load_settings(

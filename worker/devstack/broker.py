@@ -30,7 +30,8 @@ class Broker(abc.ABC):
     Apache Kafka needs none, so code written for it works on a real cluster as it is.
     """
 
-    name: str = ""
+    name: str = ""  # the value of EMBEDDING_WORKER_DEVSTACK_BROKER
+    label: str = ""  # for people
     bootstrap: str = ""
     replication_factor: int = 1
 

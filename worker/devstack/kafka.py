@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from worker.devstack.broker import Broker, free_port, log_tail
 
@@ -155,7 +156,7 @@ class KafkaNode:
         return [
             _require("java", "Java 17 or newer"),
             HEAP,
-            "-XX:+UseSerialGC",
+            "-XX:+UseSerialGC",  # one GC thread: a small heap on a 2-core machine
             f"-Dlog4j2.configurationFile={LOG4J}",
             "-cp",
             jars,
@@ -212,6 +213,7 @@ class KafkaBroker(Broker):
 
     def __init__(self, nodes: int = 1) -> None:
         self.name = "kafka" if nodes == 1 else "kafka-cluster"
+        self.label = "Apache Kafka, " + ("one node" if nodes == 1 else f"{nodes} nodes")
         self.replication_factor = min(nodes, 3)
         self.size = nodes
         self.nodes: list[KafkaNode] = []
@@ -231,6 +233,7 @@ class KafkaBroker(Broker):
         for node in self.nodes:
             node.launch(self.jars)
         await self.wait_ready()
+        await self._create_offsets_topic()
 
     async def wait_ready(self, within_s: float = START_TIMEOUT_S) -> None:
         """Until every running node accepts connections and is a registered broker.
@@ -255,6 +258,22 @@ class KafkaBroker(Broker):
             await asyncio.sleep(0.2)
         tails = "\n".join(f"--- {n.log_path}\n{log_tail(n.log_path)}" for n in self.nodes)
         raise RuntimeError(f"Apache Kafka did not start (last error: {last!r}):\n{tails}")
+
+    async def _create_offsets_topic(self) -> None:
+        """Kafka creates ``__consumer_offsets`` when a group first needs a coordinator, and
+        aiokafka logs an error for each try until it exists: ask once here, until it does."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            for _ in range(300):
+                try:
+                    await admin.find_coordinator("embedding-worker-devstack")
+                    return
+                except KafkaError:
+                    await asyncio.sleep(0.1)
+            raise RuntimeError("Apache Kafka found no group coordinator within 30 s")
+        finally:
+            await admin.close()
 
     async def _registered(self) -> set[int]:
         admin = AIOKafkaAdminClient(

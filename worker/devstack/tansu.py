@@ -18,6 +18,7 @@ from worker.devstack.broker import Broker, free_port, log_tail
 
 class TansuBroker(Broker):
     name = "tansu"
+    label = "Tansu broker"
     # Tansu holds a fetch for the whole ``fetch_max_wait_ms`` whenever the partition was empty
     # at the request (a real broker answers as soon as data arrives): at the worker's default
     # (100 ms) that was most of the broker's share of an event's latency. Clients of this
