@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-kafka lint format install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The tests that use a broker, on Apache Kafka (one KRaft node, and a 3-node cluster for the
+# failover tests): needs Java 17+ and Maven; the first run resolves the jars from Maven Central.
+test-kafka: $(STAMP)
+	EMBEDDING_WORKER_DEVSTACK_BROKER=kafka $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -287,8 +287,7 @@ def postmaster_pid(stack: DevStack) -> int:
 
 
 def stack_roots(stack: DevStack) -> dict[str, int]:
-    assert stack.broker is not None
-    return {"broker": stack.broker.pid, "postgres": postmaster_pid(stack)}
+    return {"broker": stack.broker.pids()[0], "postgres": postmaster_pid(stack)}
 
 
 # --------------------------------------------------------------------------- data

@@ -1,7 +1,7 @@
 """Scenario 7, latency: event timestamp -> stored, at about half of scenario 1's capacity.
 
 Set-up as scenario 1 (instant fake, 1024-d base64, worker defaults: ``batch.linger_ms`` 50;
-the embedded broker's ``kafka.fetch_max_wait_ms``, see ``DevStack.FETCH_MAX_WAIT_MS``), but
+the embedded broker's ``kafka.fetch_max_wait_ms``, see ``TansuBroker.FETCH_MAX_WAIT_MS``), but
 the topic starts empty and the harness produces at a steady rate (half of scenario 1's
 median, in bursts every 10 ms: one batch per partition, round robin) while the worker runs.
 Each event carries its wall-clock ``timestamp`` (ms), set as it joins its batch (before the
@@ -43,9 +43,10 @@ from benchmarks.harness import Figure, log, median_cpu, sample_texts
 from benchmarks.live import LiveWorker
 from worker import store
 from worker.config import BatchSettings
-from worker.devstack import DevStack, free_port
+from worker.devstack import free_port
+from worker.devstack.tansu import TansuBroker
 
-FETCH_MAX_WAIT_MS = DevStack.FETCH_MAX_WAIT_MS
+FETCH_MAX_WAIT_MS = TansuBroker.FETCH_MAX_WAIT_MS
 
 SCENARIO = "7-latency"
 DIMENSION = 1024

@@ -48,7 +48,7 @@ async def main_async(args: argparse.Namespace) -> int:
         variants[label] = json.loads("{" + overrides)
     work = Path(tempfile.mkdtemp(prefix="embedding-bench-"))
     figures: list[Figure] = []
-    async with DevStack() as stack:
+    async with DevStack("tansu") as stack:  # the published figures are on Tansu
         fake = await FakeProvider().start()
         try:
             ctx = Context(stack, fake, sizes, args.runs, args.out, work, args.what_if, variants)

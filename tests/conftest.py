@@ -1,4 +1,12 @@
-"""Shared fixtures: one embedded stack per session, a fresh database and topics per test."""
+"""Shared fixtures: one embedded stack per session, a fresh database and topics per test.
+
+The stack's broker is Tansu unless ``EMBEDDING_WORKER_DEVSTACK_BROKER`` says otherwise
+(``make test-kafka`` sets ``kafka``). On Apache Kafka only the tests that use a broker run:
+those that use the ``stack`` fixture or are marked ``devstack`` or ``kafka_only``; the others
+do not depend on the broker and ran in ``make test`` already. Tests marked ``kafka_only``
+need what only Apache Kafka has (data that survives a broker restart, replicas) and are
+skipped on Tansu.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
@@ -18,13 +27,37 @@ from fakeapi import FakeConfig, FakeEmbeddingServer
 from worker import store
 from worker.app import Worker
 from worker.config import Settings, environment_for, load_settings
-from worker.devstack import DevStack
+from worker.devstack import BROKER_ENV, DevStack
 from worker.kafka import make_producer
 from worker.migrate import migrate
 from worker.produce import produce_values
 
 API_KEY = "sk-test-0123456789"
 _counter = itertools.count()
+
+
+def broker_kind() -> str:
+    return os.environ.get(BROKER_ENV, "tansu").strip().lower() or "tansu"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kind = broker_kind()
+    if kind != "tansu":
+        keep = [
+            i
+            for i in items
+            if "stack" in getattr(i, "fixturenames", ())
+            or i.get_closest_marker("devstack")
+            or i.get_closest_marker("kafka_only")
+        ]
+        if len(keep) < len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+            items[:] = keep
+        return
+    skip = pytest.mark.skip(reason="needs Apache Kafka (make test-kafka)")
+    for item in items:
+        if item.get_closest_marker("kafka_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -193,6 +226,11 @@ async def wait_until(
 
 @pytest.fixture
 async def env(stack: DevStack) -> Env:
+    return await make_env(stack)
+
+
+async def make_env(stack: DevStack) -> Env:
+    """A database, a 4-partition input topic and a dead-letter topic of their own."""
     name = f"t{next(_counter)}_{uuid.uuid4().hex[:8]}"
     dsn = await stack.create_database(name)
     await stack.create_topics([f"{name}.events"], partitions=4)

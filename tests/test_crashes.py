@@ -126,8 +126,16 @@ async def test_three_workers_share_partitions_and_survive_one_kill(
     await victim.kill()
 
     await env.wait_for_offsets(high, seconds=120)
-    survivors = {p for w in workers for p in assigned_partitions(w.log())}
-    assert set(taken) <= survivors, "the survivors did not take over the killed worker's partitions"
+
+    # Waited for, not read once: the group rebalances only when the killed member's session
+    # times out, and the other partitions' work may be done before then (Apache Kafka showed
+    # it, when the victim's partition was already stored at the kill).
+    async def taken_over() -> bool:
+        return set(taken) <= {p for w in workers for p in assigned_partitions(w.log())}
+
+    await wait_until(
+        taken_over, 60, "the survivors did not take over the killed worker's partitions"
+    )
     for w in workers:
         assert await w.terminate() == 0
     await check_store(env, texts)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import broker_kind
 from tests.test_cli import _cli
 from worker.config import ConfigError
+from worker.devstack import BROKER_ENV
 from worker.evaluate import Row, read_rows, split
 
 SPORTS = [
@@ -39,6 +41,10 @@ description = "Cooking: recipes, ingredients, kitchens, baking and meals."
 """
 
 
+# `evaluate` starts its own stack: on the broker the suite runs on.
+BROKER = {BROKER_ENV: broker_kind()}
+
+
 def corpus(path: Path) -> None:
     rows = [{"text": t.format(t=x), "label": "sports"} for t in SPORTS for x in TEAMS] + [
         {"text": t.format(t=x), "label": "cooking"} for t in COOKING for x in FOODS
@@ -47,12 +53,13 @@ def corpus(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.devstack
 async def test_classification_report_is_accurate_and_deterministic(tmp_path: Path) -> None:
     data, labels = tmp_path / "topics.jsonl", tmp_path / "labels.toml"
     corpus(data)
     labels.write_text(LABELS)
     args = ("evaluate", str(data), "--labels", str(labels), "--shots", "4", "--json")
-    code, out, err = await _cli(*args)
+    code, out, err = await _cli(*args, **BROKER)
     assert code == 0, err
     report = json.loads(out)
     assert report["rows"] == 40 and report["task"] == "classify"
@@ -61,12 +68,13 @@ async def test_classification_report_is_accurate_and_deterministic(tmp_path: Pat
     m = report["metrics"]
     assert m["accuracy"] >= 0.9, m
     assert sum(s["support"] for s in m["per_label"].values()) == 32
-    code, again, _ = await _cli(*args)
+    code, again, _ = await _cli(*args, **BROKER)
     assert code == 0
     first, second = json.loads(again)["metrics"], m
     assert first == second, "same file and seed, same report"
 
 
+@pytest.mark.devstack
 async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Path) -> None:
     rng = random.Random(5)
     lines = [
@@ -87,7 +95,7 @@ async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Pat
     config = tmp_path / "a.toml"
     config.write_text("[namespaces.log.anomaly]\nwarm_up = 50\nhorizon = 10\nneighbours = 5\n")
     code, out, err = await _cli(
-        "evaluate", str(data), "--task", "anomaly", "--labels", str(config), "--json"
+        "evaluate", str(data), "--task", "anomaly", "--labels", str(config), "--json", **BROKER
     )
     assert code == 0, err
     m = json.loads(out)["metrics"]

@@ -93,8 +93,8 @@ async def run_demo(verbose: bool = False) -> int:
 async def _demo(verbose: bool) -> int:
     started = time.monotonic()
     logs.configure("info" if verbose else "error", "console")
-    _say("Starting the embedded stack (Tansu broker + PostgreSQL 18 with pgvector)...")
     stack = DevStack()
+    _say(f"Starting the embedded stack ({stack.broker.label} + PostgreSQL 18 with pgvector)...")
     try:
         await stack.start()
         settings = load_settings(

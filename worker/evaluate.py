@@ -263,7 +263,7 @@ async def _run(
         await stack.start()
         settings = load_settings(
             kafka={
-                "bootstrap_servers": stack.bootstrap,
+                **stack.kafka_settings(),
                 "group_id": name,
                 "input_topic": f"{name}.events",
                 "dlq_topic": f"{name}.dlq",

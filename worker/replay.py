@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
@@ -78,7 +79,7 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     await consumer.start()
     out = Scan(k.dlq_topic)
     try:
-        partitions = await _partitions(consumer, k.dlq_topic)
+        partitions = await _partitions(k, k.dlq_topic)
         tps = [TopicPartition(k.dlq_topic, p) for p in partitions]
         if not tps:
             return out
@@ -110,10 +111,19 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     return out
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    if topic not in await consumer.topics():
-        return []
-    return sorted(consumer.partitions_for_topic(topic) or ())
+async def _partitions(k: KafkaSettings, topic: str) -> list[int]:
+    """Asked of the cluster: an unassigned consumer's metadata has no partitions for a topic
+    (Apache Kafka answers a metadata request for no topics with none)."""
+    admin = AIOKafkaAdminClient(**common_options(k))
+    await admin.start()
+    try:
+        # Listed first: a describe would create a missing topic on the embedded broker.
+        if topic not in await admin.list_topics():
+            return []
+        (described,) = await admin.describe_topics([topic])
+        return sorted(p["partition"] for p in described["partitions"])
+    finally:
+        await admin.close()
 
 
 @dataclass(frozen=True)
@@ -233,12 +243,10 @@ async def _fetch(k: KafkaSettings, sources: Sequence[SourcePosition]) -> dict[Po
     await consumer.start()
     out: dict[Position, Original] = {}
     try:
-        topics = await consumer.topics()  # all topics, without asking for (creating) any
+        partitions = {t: await _partitions(k, t) for t in {s.topic for s in sources}}
         for source in sources:
             position = _position(source)
-            if position in out or source.topic not in topics:
-                continue
-            if source.partition not in (consumer.partitions_for_topic(source.topic) or ()):
+            if position in out or source.partition not in partitions[source.topic]:
                 continue
             tp = TopicPartition(source.topic, source.partition)
             consumer.assign([tp])

