@@ -43,6 +43,8 @@ def _env(env: Env, **extra: str) -> dict[str, str]:
         "EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS": env.stack.bootstrap,
         "EMBEDDING_WORKER_KAFKA__INPUT_TOPIC": env.topic,
         "EMBEDDING_WORKER_KAFKA__DLQ_TOPIC": env.dlq,
+        # Any free port: a worker started by hand (or another test run) may hold 8080.
+        "EMBEDDING_WORKER_HTTP__PORT": "0",
         **extra,
     }
 
