@@ -278,8 +278,11 @@ async def test_kafka_unreachable_at_start_waits_not_ready_and_stops_on_sigterm(
         assert await proc.terminate(within_s=30) == 0
         log = proc.log()
     assert "Traceback" not in log, log
-    attempt = next(e for e in log_entries(log) if e.get("event") == "waiting for kafka")
+    entries = log_entries(log)
+    attempt = next(e for e in entries if e.get("event") == "waiting for kafka")
     assert attempt["level"] == "warning" and attempt["bootstrap_servers"] == dead
+    # One warning per attempt, not an error from aiokafka besides it.
+    assert [e for e in entries if e["level"] in ("error", "critical")] == []
 
 
 # ---- SIGTERM while the provider refuses the key -------------------------------------------

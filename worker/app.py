@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -147,25 +148,38 @@ class Worker:
         """
         self._reached["kafka"] = False
         attempt = 0
-        while not stop.is_set():
-            try:
-                if await _unless_stopped(start(), stop):
-                    self._reached["kafka"] = True
-                    return True
-                return False
-            except KafkaConnectionError as exc:
-                delay = _backoff(attempt)
-                attempt += 1
-                log.warning(
-                    "waiting for kafka",
-                    client=client,
-                    bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                    error=str(exc),
-                    delay_s=delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-        return False
+        noise = _BootstrapNoise()
+        logging.getLogger("aiokafka").addFilter(noise)
+        try:
+            while not stop.is_set():
+                try:
+                    if await _unless_stopped(start(), stop):
+                        self._reached["kafka"] = True
+                        return True
+                    return False
+                except KafkaConnectionError as exc:
+                    delay = _backoff(attempt)
+                    attempt += 1
+                    log.warning(
+                        "waiting for kafka",
+                        client=client,
+                        bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                        error=str(exc),
+                        delay_s=delay,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            return False
+        finally:
+            logging.getLogger("aiokafka").removeFilter(noise)
+
+
+class _BootstrapNoise(logging.Filter):
+    """aiokafka logs an error for every bootstrap server it cannot reach; while the worker
+    waits for Kafka at start, its own warning says so, once per attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable connect to")
 
 
 def _backoff(attempt: int) -> float:
