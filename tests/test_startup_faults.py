@@ -185,15 +185,19 @@ def with_user(dsn: str, user: str) -> str:
     return f"{scheme}://{user}:{PASSWORD}@{rest.split('@', 1)[-1]}"
 
 
-@pytest.mark.parametrize("refusal", ["no-such-database", "no-such-role"])
+@pytest.mark.parametrize("refusal", ["no-such-database", "no-such-role", "unknown-setting"])
 @pytest.mark.parametrize("command", ["run", "migrate"])
 async def test_postgres_refusing_the_connection_exits_2(
     env: Env, refusal: str, command: str
 ) -> None:
     if refusal == "no-such-database":
         dsn, because = with_database(env.dsn, "no_such_db"), '"no_such_db" does not exist'
-    else:
+    elif refusal == "no-such-role":
         dsn, because = with_user(env.dsn, "no_such_role"), '"no_such_role" does not exist'
+    else:  # asyncpg sends a query parameter it does not know to the server as a setting
+        separator = "&" if "?" in env.dsn else "?"
+        dsn = f"{env.dsn}{separator}no_such_setting=1"
+        because = 'unrecognized configuration parameter "no_such_setting"'
     code, out, err = await cli(
         command,
         timeout_s=60,
@@ -250,6 +254,43 @@ async def readyz(port: int) -> tuple[int, dict[str, Any]] | None:
     except httpx.TransportError:
         return None
     return answer.status_code, answer.json()
+
+
+async def test_postgres_unreachable_at_start_waits_not_ready_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    http_port = free_port()
+    settings = {
+        "EMBEDDING_WORKER_POSTGRES__DSN": f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/x",
+        "EMBEDDING_WORKER_HTTP__HOST": "127.0.0.1",
+        "EMBEDDING_WORKER_HTTP__PORT": str(http_port),
+    }
+    seen: dict[str, Any] = {}
+    async with worker_process(settings, tmp_path / "worker.log") as proc:
+
+        async def waiting() -> bool:
+            assert proc.alive(), proc.log()
+            answer = await readyz(http_port)
+            attempts = [
+                e for e in log_entries(proc.log()) if e.get("event") == "waiting for postgres"
+            ]
+            if answer is None or len(attempts) < 2:
+                return False
+            seen["readyz"] = answer
+            return True
+
+        await wait_until(waiting, 60, "the worker did not wait for Postgres")
+        assert seen["readyz"] == (
+            503,
+            {"ready": False, "checks": {"started": False, "postgres": False}},
+        )
+        assert await proc.terminate(within_s=30) == 0
+        log = proc.log()
+    assert "Traceback" not in log, log
+    assert PASSWORD not in log
+    entries = log_entries(log)
+    assert {e["level"] for e in entries if e.get("event") == "waiting for postgres"} == {"warning"}
+    assert [e for e in entries if e["level"] in ("error", "critical")] == []
 
 
 async def test_kafka_unreachable_at_start_waits_not_ready_and_stops_on_sigterm(

@@ -39,7 +39,8 @@ class Worker:
     def checks(self) -> dict[str, bool]:
         if self.pipeline is None:
             return {"started": False, **self._reached}
-        return self.pipeline.checks()
+        waiting = {name: False for name, reached in self._reached.items() if not reached}
+        return {**self.pipeline.checks(), **waiting}
 
     async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
         stop = stop or asyncio.Event()
@@ -91,13 +92,13 @@ class Worker:
                 self.metrics,
                 analysis,
             )
+            self.pipeline = pipeline
             # Embeds the label sets: held, like any request, while the provider refuses the key.
             if not await _unless_stopped(pipeline.prepare(), stop):
                 return
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)
             if not await self._wait_for_kafka("consumer", consumer.start, stop):
                 return
-            self.pipeline = pipeline
             log.info(
                 "worker started",
                 topic=s.kafka.input_topic,
