@@ -272,3 +272,78 @@ def test_api_key_never_appears_in_repr_or_json(via: str, monkeypatch: pytest.Mon
 
 def test_settings_is_the_class_load_settings_builds() -> None:
     assert isinstance(load_settings(), Settings)
+
+
+DSN_SECRET = "pw-Zq7xK93secret"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        (f"postgresql://app:{DSN_SECRET}@db:54x2/app", "not a number"),
+        (f"postgresql://app:{DSN_SECRET}@db:5432,db2:x/app", "not a number"),
+        (f"postgresql://app:{DSN_SECRET}@db:99999/app", "99999 is out of range"),
+        (f"postgresql://app:{DSN_SECRET}@/app?host=db&port=0", "0 is out of range"),
+        (f"postgres+asyncpg://app:{DSN_SECRET}@db/app", "postgresql://"),
+        (f"db:5432/app?password={DSN_SECRET}", "postgresql://"),
+        (f"host=db dbname=app password={DSN_SECRET}", "URI form"),
+        (f"postgresql://app:{DSN_SECRET}@db/app?sslmode=true", "sslmode"),
+        (f"postgresql://app:{DSN_SECRET}@db/app?keepalives=1&sslmode=require", "keepalives"),
+        (f"postgresql://app:{DSN_SECRET}@db/app?target_session_attrs=any-old", "target_session"),
+        (f"postgresql://app:{DSN_SECRET}@db/app?sslmode", "key=value"),
+        (f"postgresql://app:{DSN_SECRET}@@db/app", "%40"),
+        (f"postgresql://app:{DSN_SECRET}@db/app?sslmode=require&sslcert=/no/cert.pem", "file"),
+        (f"postgresql://app:{DSN_SECRET}@db/app\n", "white space"),
+    ],
+)
+def test_malformed_dsn_is_refused_without_its_password(dsn: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(postgres={"dsn": dsn})
+    message = str(err.value)
+    assert "postgres.dsn (EMBEDDING_WORKER_POSTGRES__DSN)" in message
+    assert reason in message
+    assert DSN_SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres@localhost:5432/postgres",
+        f"postgres://app:{DSN_SECRET}@db.internal/app?sslmode=require&application_name=w",
+        "postgresql://app@db1:5432,db2:5433/app?target_session_attrs=read-write",
+        "postgresql://app@[::1]:5432/app",
+        "postgresql:///app?host=/var/run/postgresql",
+        "postgresql://app:p%40ss@db/app",  # an encoded '@'
+    ],
+)
+def test_well_formed_dsn_is_accepted(dsn: str) -> None:
+    assert load_settings(postgres={"dsn": dsn}).postgres.dsn.get_secret_value() == dsn
+
+
+@pytest.mark.parametrize(
+    "url", ["localhost:8000/v1", "ftp://h/v1", "http://", "https://:80/v1", "http://h:99999/v1"]
+)
+def test_provider_base_url_must_be_http_with_a_host(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"provider\.base_url .*http"):
+        load_settings(provider={"kind": "openai", "api_key": SECRET, "base_url": url})
+
+
+@pytest.mark.parametrize(
+    ("servers", "reason"),
+    [
+        ("kafka:abc", "not a number"),
+        ("kafka:99999", "1-65535"),
+        ("kafka://broker:9092", "not host:port"),
+        ("b1:9092,", "not host:port"),
+        ("", "not host:port"),
+    ],
+)
+def test_malformed_bootstrap_servers_are_refused(servers: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match="EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS") as err:
+        load_settings(kafka={"bootstrap_servers": servers})
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("servers", ["b1:9092,b2:9093", "[::1]:9092", "broker"])
+def test_well_formed_bootstrap_servers_are_accepted(servers: str) -> None:
+    assert load_settings(kafka={"bootstrap_servers": servers}).kafka.bootstrap_servers == servers

@@ -209,7 +209,7 @@ async def test_worker_started_while_postgres_is_down_waits_then_works(
     seen_waiting = False
     while not restart.done():
         assert not task.done(), "the worker gave up instead of waiting for Postgres"
-        seen_waiting |= worker.checks() == {"started": False}
+        seen_waiting |= worker.checks() == {"started": False, "postgres": False}
         await asyncio.sleep(0.05)
     await restart
     assert seen_waiting

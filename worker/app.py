@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 import structlog
+from aiokafka.errors import KafkaConnectionError
 
 from worker import store
 from worker.analysis.stage import AnalysisStage
-from worker.config import Settings
+from worker.config import ConfigError, Settings
 from worker.deadletter import DeadLetterSink
 from worker.embedders import create_embedder
 from worker.embedders.local import LocalEmbedder
@@ -30,11 +33,14 @@ class Worker:
         self.pipeline: Pipeline | None = None
         self.metrics = Metrics()
         self.http_port: int | None = None
+        # Until the pipeline runs: each service waited for, and whether it was reached.
+        self._reached: dict[str, bool] = {}
 
     def checks(self) -> dict[str, bool]:
         if self.pipeline is None:
-            return {"started": False}
-        return self.pipeline.checks()
+            return {"started": False, **self._reached}
+        waiting = {name: False for name, reached in self._reached.items() if not reached}
+        return {**self.pipeline.checks(), **waiting}
 
     async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
         stop = stop or asyncio.Event()
@@ -45,7 +51,13 @@ class Worker:
         s = self.settings
         probes = ProbeServer(self.metrics.registry, self.checks)
         if s.http.enabled:
-            self.http_port = await probes.start(s.http.host, s.http.port)
+            try:
+                self.http_port = await probes.start(s.http.host, s.http.port)
+            except OSError as exc:  # in use, not an address of this host, a privileged port
+                raise ConfigError(
+                    f"http.host/http.port (EMBEDDING_WORKER_HTTP__HOST/__PORT): cannot listen "
+                    f"on {s.http.host}:{s.http.port}: {exc.strerror or exc}"
+                ) from None
         try:
             await self._run(stop)
         finally:
@@ -64,7 +76,8 @@ class Worker:
         try:
             if isinstance(embedder, LocalEmbedder):
                 await embedder.warm_up()
-            await producer.start()
+            if not await self._wait_for_kafka("producer", producer.start, stop):
+                return
             analysis = (
                 AnalysisStage(s.analysis, producer, embedder.model)
                 if s.analysis.spec.namespaces
@@ -80,9 +93,12 @@ class Worker:
                 analysis,
             )
             self.pipeline = pipeline
-            await pipeline.prepare()
+            # Embeds the label sets: held, like any request, while the provider refuses the key.
+            if not await _unless_stopped(pipeline.prepare(), stop):
+                return
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)
-            await consumer.start()
+            if not await self._wait_for_kafka("consumer", consumer.start, stop):
+                return
             log.info(
                 "worker started",
                 topic=s.kafka.input_topic,
@@ -107,18 +123,86 @@ class Worker:
         A wrong schema or dimension is not waited out: it stops the worker with its reason.
         Returns False when asked to stop while waiting.
         """
+        self._reached["postgres"] = False
         attempt = 0
         while not stop.is_set():
             try:
                 await (await store.connect(dsn, self.settings.provider.dim)).close()
+                self._reached["postgres"] = True
                 return True
-            except store.PG_UNAVAILABLE as exc:
-                delay = min(10.0, 0.2 * 2 ** min(attempt, 10))
+            except (store.Unreachable, *store.PG_UNAVAILABLE) as exc:
+                delay = _backoff(attempt)
                 attempt += 1
-                log.warning("waiting for postgres", error=repr(exc), delay_s=delay)
+                log.warning("waiting for postgres", error=repr(exc.__cause__ or exc), delay_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         return False
+
+    async def _wait_for_kafka(
+        self, client: str, start: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> bool:
+        """Start a Kafka client even if no broker answers yet: wait (not ready), as for Postgres.
+
+        aiokafka's ``start()`` raises ``KafkaConnectionError`` when no bootstrap server
+        answers, and may simply be called again. A stop request ends the wait at once, even
+        in the middle of an attempt. Returns False when asked to stop while waiting.
+        """
+        self._reached["kafka"] = False
+        attempt = 0
+        noise = _BootstrapNoise()
+        logging.getLogger("aiokafka").addFilter(noise)
+        try:
+            while not stop.is_set():
+                try:
+                    if await _unless_stopped(start(), stop):
+                        self._reached["kafka"] = True
+                        return True
+                    return False
+                except KafkaConnectionError as exc:
+                    delay = _backoff(attempt)
+                    attempt += 1
+                    log.warning(
+                        "waiting for kafka",
+                        client=client,
+                        bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                        error=str(exc),
+                        delay_s=delay,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            return False
+        finally:
+            logging.getLogger("aiokafka").removeFilter(noise)
+
+
+class _BootstrapNoise(logging.Filter):
+    """aiokafka logs an error for every bootstrap server it cannot reach; while the worker
+    waits for Kafka at start, its own warning says so, once per attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable connect to")
+
+
+def _backoff(attempt: int) -> float:
+    return min(10.0, 0.2 * 2.0 ** min(attempt, 10))
+
+
+async def _unless_stopped(operation: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run ``operation`` unless ``stop`` is set first (then cancel it): True if it ran."""
+    task = asyncio.ensure_future(operation)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (stopped, task):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    if task.cancelled():
+        return False
+    task.result()  # raises what the operation raised
+    return True
 
 
 def _summary(pipeline: Pipeline) -> dict[str, object]:

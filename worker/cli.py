@@ -11,20 +11,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from worker import index, logs, store
 from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
 from worker.events import Reason
 from worker.migrate import MigrationError, migrate
-from worker.store import SchemaError
+from worker.store import SchemaError, Unreachable
 
 EXIT_NOT_FOUND = 1
 EXIT_CONFIG = 2
 EXIT_SCHEMA = 3
 EXIT_PROVIDER = 4
+EXIT_UNREACHABLE = 5
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -223,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationFault as exc:
         print(f"embedding-worker: provider configuration fault: {exc}", file=sys.stderr)
         return EXIT_PROVIDER
+    except Unreachable as exc:  # `run` waits instead; a one-shot command says so and stops
+        print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
 
@@ -234,7 +236,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         await Worker(settings).run(handle_signals=True)
         return 0
     if args.command == "migrate":
-        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
             applied = await migrate(conn, settings.provider.dim)
         finally:

@@ -8,8 +8,10 @@ provider's conventional ``DASHSCOPE_API_KEY``. A file named by ``EMBEDDING_WORKE
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from enum import StrEnum
@@ -17,12 +19,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from aiokafka.conn import collect_hosts
 from pydantic import (
     AliasChoices,
+    AnyHttpUrl,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,6 +36,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -41,6 +47,7 @@ from worker.analysis.config import (
     finish,
     load_analysis,
 )
+from worker.dsn import dsn_problem
 
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -98,6 +105,9 @@ DEFAULT_URLS = {
 }
 
 
+_HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
 class KafkaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -129,6 +139,22 @@ class KafkaSettings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        """``host:port[,host:port]`` as aiokafka reads it: a typo is refused at start, where
+        a client would wait forever for a broker that cannot answer (or raise a traceback)."""
+        for server in value.split(","):
+            if not server.strip() or "://" in server or "/" in server:
+                raise ValueError(f"{server.strip()!r} is not host:port (host:port,host:port...)")
+            try:
+                [(host, port, _)] = collect_hosts(server)
+            except ValueError:
+                raise ValueError(f"{server.strip()!r}: the port is not a number") from None
+            if not host or not 0 < port < 65536:
+                raise ValueError(f"{server.strip()!r} is not host:port with a port in 1-65535")
+        return value
+
 
 class PostgresSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -137,6 +163,15 @@ class PostgresSettings(BaseModel):
     dsn: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
     pool_min_size: int = Field(default=1, ge=1)
     pool_max_size: int = Field(default=4, ge=1)
+
+    @field_validator("dsn")
+    @classmethod
+    def _readable_dsn(cls, value: SecretStr) -> SecretStr:
+        """Refused at start for every command, not at the first connection (see dsn.py)."""
+        problem = dsn_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class ProviderSettings(BaseModel):
@@ -187,6 +222,20 @@ class ProviderSettings(BaseModel):
     @property
     def model_threads(self) -> int:
         return self.local_threads or max(1, usable_cpus() - 1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host, or the first request fails with an obscure error."""
+        if value is not None:
+            try:
+                _HTTP_URL.validate_python(value)
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"]
+                raise ValueError(
+                    f"must be an http:// or https:// URL with a host ({reason})"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> ProviderSettings:
@@ -392,6 +441,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(_explain_source(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     finally:
@@ -422,3 +473,38 @@ def _explain(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  - {where} ({env}): {msg}" if err["loc"] else f"  - {msg}")
     return "\n".join(lines)
+
+
+def _explain_source(exc: SettingsError) -> str:
+    """A value pydantic-settings could not even parse: JSON for a nested setting that is not.
+
+    Its message names only the top-level field ("kafka"); the variables that hold it are
+    found again here, so the message names the one to fix (never its value: it may hold a
+    password).
+    """
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match.group(1) if match else "settings"
+    prefix = "EMBEDDING_WORKER_" + field.upper()
+    culprits = sorted(
+        name
+        for name, value in os.environ.items()
+        if (name.upper() == prefix or name.upper().startswith(prefix + "__"))
+        and _not_json(name.upper() == prefix, value)
+    )
+    where = ", ".join(culprits) or f"{prefix} or {prefix}__*"
+    if len(culprits) == 1:  # the nested setting itself: analysis.namespaces, not analysis
+        field = culprits[0][len("EMBEDDING_WORKER_") :].lower().replace("__", ".")
+    why = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    return f"invalid configuration:\n  - {field} ({where}): not valid JSON{why}"
+
+
+def _not_json(whole: bool, value: str) -> bool:
+    """Whether pydantic-settings would have failed to decode ``value`` as JSON (it decodes a
+    whole section, or a nested value that looks like an object or a list)."""
+    if not whole and value.lstrip()[:1] not in ("{", "["):
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False

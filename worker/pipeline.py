@@ -244,7 +244,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             raise self.fatal
 
     async def _drain(self, timeout_s: float = 30.0) -> None:
-        """Graceful stop: embed and store what was fetched, within a bounded time."""
+        """Graceful stop: embed and store what was fetched, within a bounded time.
+
+        While the provider refuses the key nothing left can be embedded: once what is
+        embedded is stored, waiting out the timeout would only delay the exit.
+        """
         if self.fatal is not None:
             return
         self._flush_batcher()
@@ -252,11 +256,14 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         while (self.tracker.in_flight or self._writing) and self.fatal is None:
             if time.monotonic() > deadline:
                 break
+            if self.stage.fault is not None and not (self._writing or self._ready):
+                break
             await asyncio.sleep(0.02)
         if self.tracker.in_flight:
             log.warning(
                 "stopping with unstored events; they will be redone after restart",
                 events=self.tracker.in_flight,
+                provider_refuses_key=self.stage.fault is not None,
             )
 
     def _poll_timeout_ms(self) -> int:

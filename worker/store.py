@@ -8,7 +8,7 @@ event arriving late never overwrites a newer one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -18,6 +18,7 @@ from asyncpg.pool import PoolConnectionProxy
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
+from worker.config import ConfigError
 from worker.decode import Change
 
 # A plain connection or one borrowed from a pool.
@@ -156,6 +157,13 @@ PG_UNAVAILABLE = (
 )
 
 
+DSN_SETTING = "postgres.dsn (EMBEDDING_WORKER_POSTGRES__DSN)"
+
+
+class Unreachable(Exception):
+    """No usable answer to a connection attempt: an outage to wait out, not a configuration."""
+
+
 class SchemaError(Exception):
     """The database is not ready for this configuration (a start-up error, not a data error)."""
 
@@ -179,12 +187,13 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def connect_unchecked(dsn: str) -> asyncpg.Connection:
     """A plain connection: for migrations and offsets, which need no vector codec."""
-    return await asyncpg.connect(dsn)
+    async with connecting():
+        return await asyncpg.connect(dsn)
 
 
 async def connect(dsn: str, dimension: int) -> asyncpg.Connection:
     """One checked connection with the vector codec (for the command line)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await connect_unchecked(dsn)
     try:
         await check_schema(conn, dimension)
         await register_vector(conn)
@@ -195,11 +204,33 @@ async def connect(dsn: str, dimension: int) -> asyncpg.Connection:
 
 
 async def create_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=register_vector, reset=_keep_session
-    )
+    async with connecting():
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=register_vector, reset=_keep_session
+        )
     assert pool is not None
     return pool
+
+
+@contextlib.asynccontextmanager
+async def connecting() -> AsyncIterator[None]:
+    """Sort what a connection attempt raises: configuration, or an outage.
+
+    A server that answers and refuses the connection is misconfigured, not down: a database
+    or role that does not exist, a wrong password, a ``pg_hba.conf`` without an entry, a
+    setting from the DSN it does not know. Waiting fixes none of them, and retrying forever
+    would hide them: ``ConfigError`` naming ``postgres.dsn`` (exit 2). A server that does not
+    answer, is starting up or shutting down, or has no connection left is ``Unreachable``:
+    ``run`` waits for it, a one-shot command stops (exit 5).
+    """
+    try:
+        yield
+    except asyncpg.ClientConfigurationError as exc:  # an InterfaceError: before PG_UNAVAILABLE
+        raise ConfigError(f"{DSN_SETTING}: {exc}") from None
+    except PG_UNAVAILABLE as exc:
+        raise Unreachable(f"{DSN_SETTING}: postgres is unreachable: {exc!r}") from exc
+    except asyncpg.PostgresError as exc:
+        raise ConfigError(f"{DSN_SETTING}: the server refused the connection: {exc}") from None
 
 
 async def check_schema(conn: Conn, dimension: int) -> None:
