@@ -58,7 +58,9 @@ SOURCES = {
         "705258e118ce9611ebbd5ab2a4841b0066547293",
         "GPL-3.0",
     ),
-    "mainlp/xsid": Source("mainlp/xsid", "761d926c3f2e9f6bea13192d2f39cec1d04d9777", "CC-BY-SA-4.0"),
+    "mainlp/xsid": Source(
+        "mainlp/xsid", "761d926c3f2e9f6bea13192d2f39cec1d04d9777", "CC-BY-SA-4.0"
+    ),
 }
 
 # HWU64 (Liu et al., IWSDS 2019): the 64 intents' rows of the authors' first cross-validation
@@ -169,7 +171,7 @@ def ethos(read: Read) -> list[Row]:
 def _conll_sentences(data: bytes) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     current: dict[str, str] = {}
-    for line in data.decode("utf-8").splitlines() + [""]:
+    for line in [*data.decode("utf-8").splitlines(), ""]:
         if line.startswith("# ") and " = " in line:
             key, value = line[2:].split(" = ", 1)
             current[key.strip()] = value.strip()
@@ -207,6 +209,26 @@ def xsid(read: Read) -> list[Row]:
 
 
 @dataclass(frozen=True)
+class SuiteSet:
+    """How a set is measured: ``evaluate`` on ``file``, the baselines on ``protocol``."""
+
+    name: str
+    file: str
+    labels: str  # the evaluate config in evaluation/
+    shots: int
+    positive: str | None = None
+    protocol: str | None = None  # the out-of-scope protocol's file (default: ``file``)
+
+
+SUITE = (
+    SuiteSet("hwu64", "hwu64.jsonl", "hwu64.toml", 10),
+    SuiteSet("hwu64_oos", "hwu64_oos_known.jsonl", "hwu64_oos.toml", 10, None, "hwu64_oos.jsonl"),
+    SuiteSet("ethos", "ethos.jsonl", "ethos.toml", 32, "hate"),
+    SuiteSet("xsid", "xsid.jsonl", "xsid.toml", 8),
+)
+
+
+@dataclass(frozen=True)
 class Output:
     file: str
     rows: list[Row]
@@ -220,12 +242,18 @@ def convert(read: Read, listing: Callable[[str, str], list[str]]) -> list[Output
     hwu = hwu64_sample(hwu64_pool(read, listing))
     known, protocol = hwu64_oos(hwu)
     hwu_src = [src("xliuhw/NLU-Evaluation-Data", f"{HWU_DIR}/{{trainset,testset/csv}}/*.csv")]
-    xsid_src = [src("mainlp/xsid", f"{XSID_DIR}/{{{','.join(XSID_LANGUAGES)}}}.{{valid,test}}.conll")]
+    xsid_src = [
+        src("mainlp/xsid", f"{XSID_DIR}/{{{','.join(XSID_LANGUAGES)}}}.{{valid,test}}.conll")
+    ]
     return [
         Output("hwu64.jsonl", hwu, hwu_src),
         Output("hwu64_oos_known.jsonl", known, hwu_src),
         Output("hwu64_oos.jsonl", protocol, hwu_src),
-        Output("ethos.jsonl", ethos(read), [src("intelligence-csd-auth-gr/Ethos-Hate-Speech-Dataset", ETHOS_PATH)]),
+        Output(
+            "ethos.jsonl",
+            ethos(read),
+            [src("intelligence-csd-auth-gr/Ethos-Hate-Speech-Dataset", ETHOS_PATH)],
+        ),
         Output("xsid.jsonl", xsid(read), xsid_src),
     ]
 
@@ -290,12 +318,25 @@ class GitSources:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.datasets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.datasets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=["build", "check"])
-    parser.add_argument("--out", type=Path, default=None, help="default: $EMBEDDING_WORKER_EVAL_DATA or ../evaluation-data")
-    parser.add_argument("--repo", action="append", default=[], metavar="OWNER/NAME=PATH",
-                        help="a local git copy of a source repository (default: the fetch mirror)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: $EMBEDDING_WORKER_EVAL_DATA or ../evaluation-data",
+    )
+    parser.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        metavar="OWNER/NAME=PATH",
+        help="a local git copy of a source repository (default: the fetch mirror)",
+    )
     parser.add_argument("--update-manifest", action="store_true")
     args = parser.parse_args(argv)
     out_dir: Path = args.out or data_dir()
@@ -310,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out_dir / out.file}: {len(out.rows)} rows")
         if args.update_manifest:
             manifest = {
-                "sources": {k: {"commit": s.commit, "licence": s.licence, "url": f"https://github.com/{k}"}
-                            for k, s in SOURCES.items()},
+                "sources": {
+                    k: {"commit": s.commit, "licence": s.licence, "url": f"https://github.com/{k}"}
+                    for k, s in SOURCES.items()
+                },
                 "files": {out.file: manifest_entry(out) for out in outputs},
             }
             MANIFEST.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
