@@ -147,8 +147,10 @@ async def run(
     ex_vectors = await cache.embed([r.text for r in examples], TextType.DOCUMENT)
     test_vectors = await cache.embed([r.text for r in test], TextType.DOCUMENT)
     by_name = {label.name: label for label in spec.labels}
+    flat = [(n, d) for n in names for d in by_name[n].descriptions]
+    flat_vectors = await cache.embed([d for _, d in flat], spec.description_type)
     description_vectors = [
-        await cache.embed(by_name[n].descriptions, spec.description_type) for n in names
+        flat_vectors[[i for i, (m, _) in enumerate(flat) if m == n]] for n in names
     ]
     ex_labels = [r.label for r in examples]
     truth = [r.label for r in test if r.label != oos_label]
