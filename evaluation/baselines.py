@@ -81,7 +81,9 @@ class VectorCache:
                 await embedder.aclose()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             keys = np.array(sorted(self.vectors))
-            np.savez(self.path, keys=keys, vectors=np.stack([self.vectors[k] for k in keys]))
+            partial = self.path.with_suffix(".partial.npz")
+            np.savez(partial, keys=keys, vectors=np.stack([self.vectors[k] for k in keys]))
+            partial.replace(self.path)  # a run stopped mid-write leaves the old cache whole
         return np.stack([self.vectors[self.key(t, text_type)] for t in texts])
 
 
@@ -172,6 +174,7 @@ async def run(
         "file": str(path),
         "model": model,
         "rows": len(rows),
+        "seed": seed,
         "examples": len(examples),
         "test_in_scope": len(truth),
         "test_oos": int(is_oos.sum()),
@@ -186,31 +189,42 @@ async def run(
         if is_oos.any():
             result["oos_auroc"] = round(quality.auroc(is_oos.tolist(), unknown_score.tolist()), 4)
         out[method] = result
+    # Zero-shot needs no examples: also over every in-scope row, the rows `--shots 0` tests.
+    all_vectors = await cache.embed([r.text for r in in_scope], TextType.DOCUMENT)
+    everything = (all_vectors @ zs.T).argmax(axis=1)
+    out["zero_shot_all_rows"] = dict(
+        scores([r.label for r in in_scope], [names[i] for i in everything])
+    )
+    if positive is not None:
+        out["zero_shot_all_rows"]["positive"] = positive_scores(
+            [r.label for r in in_scope], [names[i] for i in everything], positive
+        )
     return out
 
 
-def suite(out: Path, models: Sequence[str], seed: int) -> None:
-    """Every set of the suite with every model, as JSON lines in ``out``."""
-    with out.open("w") as f:
-        for entry in SUITE:
-            spec = _label_set(HERE / entry.labels, None)
-            path = data_dir() / (entry.protocol or entry.file)
-            for model in models:
-                result = asyncio.run(
-                    run(
-                        path,
-                        spec,
-                        model,
-                        entry.shots,
-                        seed,
-                        "oos",
-                        entry.positive,
-                        data_dir() / "vectors",
+def suite(out: Path, models: Sequence[str], seeds: Sequence[int]) -> None:
+    """Every set of the suite with every model and seed, appended as JSON lines to ``out``."""
+    with out.open("a") as f:
+        for seed in seeds:
+            for entry in SUITE:
+                spec = _label_set(HERE / entry.labels, None)
+                path = data_dir() / (entry.protocol or entry.file)
+                for model in models:
+                    result = asyncio.run(
+                        run(
+                            path,
+                            spec,
+                            model,
+                            entry.shots,
+                            seed,
+                            "oos",
+                            entry.positive,
+                            data_dir() / "vectors",
+                        )
                     )
-                )
-                f.write(json.dumps({"set": entry.name, **result}) + "\n")
-                f.flush()
-                print(f"{entry.name} {model}: done", file=sys.stderr)
+                    f.write(json.dumps({"set": entry.name, **result}) + "\n")
+                    f.flush()
+                    print(f"{entry.name} {model} seed {seed}: done", file=sys.stderr)
 
 
 def _label_set(path: Path, namespace: str | None) -> Classification:
@@ -241,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         "--suite",
         type=Path,
         metavar="OUT.jsonl",
-        help="run every set of evaluation.datasets.SUITE, results to OUT",
+        help="run every set of evaluation.datasets.SUITE, results appended to OUT",
     )
     args = parser.parse_args(argv)
     models = args.model or MODELS
     if args.suite:
-        suite(args.suite, models, args.seed)
+        suite(args.suite, models, [args.seed])
         return 0
     if args.file is None or args.labels is None or args.shots < 1:
         parser.error("FILE, --labels and --shots N (N >= 1) are needed without --suite")

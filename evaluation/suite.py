@@ -5,8 +5,10 @@
     python -m evaluation.suite table             # the Markdown table of what was run
 
 For every set of ``evaluation.datasets.SUITE`` and both local models: ``embedding-worker
-evaluate`` with the set's config at its shots and seed 0, and zero-shot (``--shots 0``); then
-``evaluation.baselines`` on the same rows. Results go to DATA/results (outside the repo).
+evaluate`` with the set's config at its shots for each ``--seed`` (default 0; repeatable),
+and zero-shot (``--shots 0``, once: it draws nothing); then ``evaluation.baselines`` on the
+same rows and seeds. Results go to DATA/results (outside the repo); the table gives the mean
+over the seeds run, with the standard deviation of the accuracy.
 """
 
 from __future__ import annotations
@@ -16,22 +18,27 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from evaluation.baselines import MODELS
 from evaluation.datasets import HERE, SUITE, SuiteSet, data_dir
 
 
-def worker_result(results: Path, entry: SuiteSet, shots: int, model: str) -> Path:
-    return results / f"worker.{entry.name}.{shots}.{model}.json"
+def worker_result(results: Path, entry: SuiteSet, shots: int, seed: int, model: str) -> Path:
+    return results / f"worker.{entry.name}.{shots}.seed{seed}.{model}.json"
 
 
-def run_worker(results: Path, models: list[str]) -> None:
+def run_worker(results: Path, models: list[str], seeds: list[int]) -> None:
     for model in models:
         for entry in SUITE:
-            for shots in (entry.shots, 0):
-                out = worker_result(results, entry, shots, model)
+            # Zero-shot draws nothing: one run, whatever the seed.
+            runs = [(entry.shots, seed) for seed in seeds] + ([(0, 0)] if 0 in seeds else [])
+            for shots, seed in runs:
+                out = worker_result(results, entry, shots, seed, model)
                 command = [
                     str(Path(sys.executable).parent / "embedding-worker"),
                     "evaluate",
@@ -41,12 +48,12 @@ def run_worker(results: Path, models: list[str]) -> None:
                     "--shots",
                     str(shots),
                     "--seed",
-                    "0",
+                    str(seed),
                     "--json",
                     *(["--positive", entry.positive] if entry.positive else []),
                 ]
                 env = {**os.environ, "EMBEDDING_WORKER_PROVIDER__MODEL": model}
-                print(f"{entry.name} {model} shots {shots}", file=sys.stderr)
+                print(f"{entry.name} {model} shots {shots} seed {seed}", file=sys.stderr)
                 done = subprocess.run(command, env=env, capture_output=True, check=False)
                 if done.returncode != 0:
                     sys.stderr.write(done.stderr.decode())
@@ -54,50 +61,67 @@ def run_worker(results: Path, models: list[str]) -> None:
                 out.write_bytes(done.stdout)
 
 
-def _pct(value: float) -> str:
-    return f"{value:.3f}"
+def _cell(values: list[dict[str, Any]], positive: str | None) -> str:
+    """Accuracy (macro-F1), mean over the seeds with the standard deviation of the accuracy,
+    and the positive label's F1 when the set has one."""
+    if not values:
+        return "not run"
+    acc = np.array([v["accuracy"] for v in values])
+    f1 = np.mean([v["macro_f1"] for v in values])
+    cell = f"{acc.mean():.3f} ({f1:.3f})"
+    if len(values) > 1:
+        cell += f" ±{acc.std(ddof=1):.3f}"
+    if positive is not None:
+        cell += f"; F1({positive}) {np.mean([v['positive']['f1'] for v in values]):.3f}"
+    return cell
 
 
 def table(results: Path) -> str:
     """One row per set and model: the worker (with examples, zero-shot) and the baselines."""
-    base: dict[tuple[str, str], dict[str, Any]] = {}
+    base: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for line in (results / "baselines.jsonl").read_text().splitlines():
         r = json.loads(line)
-        base[(r["set"], r["model"])] = r
+        base[(r["set"], r["model"])].append(r)
     lines = [
-        "| set | model | worker, N per label | worker, zero-shot | nearest centroid "
-        "| logistic regression (C) | zero-shot descriptions | out-of-scope AUROC: "
-        "LR / centroid / zero-shot |",
-        "|---|---|---|---|---|---|---|---|",
+        "| set | model | seeds | worker, N per label | nearest centroid "
+        "| logistic regression (C) | worker, zero-shot (all rows) | zero-shot descriptions "
+        "(all rows) | out-of-scope AUROC: LR / centroid / zero-shot |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in SUITE:
         for model in MODELS:
-            b = base.get((entry.name, model))
-            cells = [entry.name, model]
-            for shots in (entry.shots, 0):
-                path = worker_result(results, entry, shots, model)
+            b = {r["seed"]: r for r in base[(entry.name, model)]}  # the last run of a seed
+            seeds = sorted(b)
+            worker = {}
+            for seed in seeds:
+                path = worker_result(results, entry, entry.shots, seed, model)
                 if path.is_file():
-                    m = json.loads(path.read_text())["metrics"]
-                    cells.append(f"{_pct(m['accuracy'])} ({_pct(m['macro_f1'])})")
-                else:
-                    cells.append("not run")
-            if b is None:
-                cells += ["not run"] * 4
-            else:
-                for method in ("centroid", "logreg", "zero_shot"):
-                    s = b[method]
-                    cell = f"{_pct(s['accuracy'])} ({_pct(s['macro_f1'])})"
-                    if method == "logreg":
-                        cell += f" C={b['logreg_C']:g}"
-                    cells.append(cell)
-                if b["test_oos"]:
-                    cells.append(
-                        " / ".join(
-                            _pct(b[m]["oos_auroc"]) for m in ("logreg", "centroid", "zero_shot")
-                        )
+                    worker[seed] = json.loads(path.read_text())["metrics"]
+            zero = worker_result(results, entry, 0, 0, model)
+            cs = sorted({b[s]["logreg_C"] for s in seeds})
+            cells = [
+                entry.name,
+                model,
+                ", ".join(map(str, seeds)) if worker.keys() == b.keys() else "mismatch",
+                _cell([worker[s] for s in seeds if s in worker], entry.positive),
+                _cell([b[s]["centroid"] for s in seeds], entry.positive),
+                _cell([b[s]["logreg"] for s in seeds], entry.positive)
+                + f" C={'/'.join(f'{c:g}' for c in cs)}",
+                _cell(
+                    [json.loads(zero.read_text())["metrics"]] if zero.is_file() else [],
+                    entry.positive,
+                ),
+                _cell([b[seeds[0]]["zero_shot_all_rows"]] if seeds else [], entry.positive),
+            ]
+            if seeds and b[seeds[0]]["test_oos"]:
+                cells.append(
+                    " / ".join(
+                        f"{np.mean([b[s][m]['oos_auroc'] for s in seeds]):.3f}"
+                        for m in ("logreg", "centroid", "zero_shot")
                     )
-                else:
-                    cells.append("–")
+                )
+            else:
+                cells.append("–")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,21 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["run", "table"])
     parser.add_argument("--results", type=Path, default=None, help="default: DATA/results")
     parser.add_argument("--model", action="append", choices=MODELS, help="default: both")
+    parser.add_argument("--seed", type=int, action="append", help="default: 0 (repeatable)")
     parser.add_argument("--skip-worker", action="store_true")
     parser.add_argument("--skip-baselines", action="store_true")
     args = parser.parse_args(argv)
     results: Path = args.results or data_dir() / "results"
     models = args.model or list(MODELS)
+    seeds = args.seed or [0]
     if args.action == "table":
         print(table(results))
         return 0
     results.mkdir(parents=True, exist_ok=True)
     if not args.skip_worker:
-        run_worker(results, models)
+        run_worker(results, models, seeds)
     if not args.skip_baselines:
         from evaluation.baselines import suite
 
-        suite(results / "baselines.jsonl", models, 0)
+        suite(results / "baselines.jsonl", models, seeds)
     return 0
 
 
