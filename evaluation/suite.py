@@ -83,7 +83,7 @@ def table(results: Path) -> str:
         r = json.loads(line)
         base[(r["set"], r["model"])].append(r)
     lines = [
-        "| set | model | seeds | worker, N per label | nearest centroid "
+        "| set, examples | model | seeds | worker (defaults) | nearest centroid "
         "| logistic regression (C) | worker, zero-shot (all rows) | zero-shot descriptions "
         "(all rows) | out-of-scope AUROC: LR / centroid / zero-shot |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -100,7 +100,7 @@ def table(results: Path) -> str:
             zero = worker_result(results, entry, 0, 0, model)
             cs = sorted({b[s]["logreg_C"] for s in seeds})
             cells = [
-                entry.name,
+                f"{entry.name}, {entry.shots}/label",
                 model,
                 ", ".join(map(str, seeds)) if worker.keys() == b.keys() else "mismatch",
                 _cell([worker[s] for s in seeds if s in worker], entry.positive),
