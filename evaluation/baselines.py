@@ -142,7 +142,8 @@ async def run(
     rows = read_rows(path)
     in_scope = [r for r in rows if r.label != oos_label]
     examples, test_in = split(in_scope, shots, seed)
-    test: list[Row] = [r for r in rows if r.label == oos_label or r in set(test_in)]
+    tested = {r.index for r in test_in}
+    test: list[Row] = [r for r in rows if r.label == oos_label or r.index in tested]
     is_oos = np.array([r.label == oos_label for r in test])
     names = sorted({r.label for r in in_scope})
     cache = VectorCache(cache_dir, model)
