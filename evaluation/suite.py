@@ -14,6 +14,7 @@ over the seeds run, with the standard deviation of the accuracy.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -61,6 +62,61 @@ def run_worker(results: Path, models: list[str], seeds: list[int]) -> None:
                 out.write_bytes(done.stdout)
 
 
+def oos_result(results: Path, entry: SuiteSet, seed: int, model: str) -> Path:
+    return results / f"worker_oos.{entry.name}.seed{seed}.{model}.json"
+
+
+async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
+    """The worker on the out-of-scope protocol: every test row, in scope or not, streamed.
+
+    ``evaluate`` reports labels, not each row's probabilities, so this streams the
+    protocol's test rows through the same pipeline (``worker.evaluate._run``; evaluate.py is
+    left as it is) and scores 1 - top probability. The test rows are streamed in an order
+    shuffled with the seed: the unknown intents arrive among the known ones, as they would
+    in production (the file puts them last), and self-training sees them too.
+    """
+    from worker.analysis.config import NamespaceAnalysis
+    from worker.analysis.quality import accuracy, auroc, macro_f1
+    from worker.config import load_settings
+    from worker.evaluate import _run, label_set, read_rows, split
+
+    assert entry.protocol is not None
+    rows = read_rows(data_dir() / entry.protocol)
+    in_scope = [r for r in rows if r.label != "oos"]
+    examples, test_in = split(in_scope, entry.shots, seed)
+    tested = {r.index for r in test_in}
+    test = [r for r in rows if r.label == "oos" or r.index in tested]
+    test = [test[int(i)] for i in np.random.default_rng(seed).permutation(len(test))]
+    spec = label_set(in_scope, examples, HERE / entry.labels, None)
+    base = load_settings(provider={"kind": "local", "model": model})
+    got = await _run(base, NamespaceAnalysis(classify=spec), test, progress=False)
+    top = [max(float(s["score"]) for s in got[r.index]["labels"]) for r in test]
+    kept = [r for r in test if r.label != "oos"]
+    predicted = [got[r.index]["label"] for r in kept]
+    truth = [r.label for r in kept]
+    return {
+        "set": entry.name,
+        "model": model,
+        "seed": seed,
+        "test_in_scope": len(kept),
+        "test_oos": len(test) - len(kept),
+        "accuracy": round(accuracy(truth, predicted), 4),
+        "macro_f1": round(macro_f1(truth, predicted), 4),
+        "oos_auroc": round(auroc([r.label == "oos" for r in test], [1 - t for t in top]), 4),
+    }
+
+
+def run_worker_oos(results: Path, models: list[str], seeds: list[int]) -> None:
+    for model in models:
+        for entry in SUITE:
+            if entry.protocol is None:
+                continue
+            for seed in seeds:
+                print(f"{entry.name} {model} out-of-scope stream, seed {seed}", file=sys.stderr)
+                result = asyncio.run(worker_oos(entry, model, seed))
+                oos_result(results, entry, seed, model).write_text(json.dumps(result) + "\n")
+
+
 def _cell(values: list[dict[str, Any]], positive: str | None) -> str:
     """Accuracy (macro-F1), mean over the seeds with the standard deviation of the accuracy,
     and the positive label's F1 when the set has one."""
@@ -85,7 +141,7 @@ def table(results: Path) -> str:
     lines = [
         "| set, examples | model | seeds | worker (defaults) | nearest centroid "
         "| logistic regression (C) | worker, zero-shot (all rows) | zero-shot descriptions "
-        "(all rows) | out-of-scope AUROC: LR / centroid / zero-shot |",
+        "(all rows) | out-of-scope AUROC: worker / LR / centroid / zero-shot |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in SUITE:
@@ -114,10 +170,18 @@ def table(results: Path) -> str:
                 _cell([b[seeds[0]]["zero_shot_all_rows"]] if seeds else [], entry.positive),
             ]
             if seeds and b[seeds[0]]["test_oos"]:
+                paths = [oos_result(results, entry, s, model) for s in seeds]
+                streamed = [json.loads(p.read_text()) for p in paths if p.is_file()]
+                worker_auroc = (
+                    f"{np.mean([r['oos_auroc'] for r in streamed]):.3f}" if streamed else "not run"
+                )
                 cells.append(
                     " / ".join(
-                        f"{np.mean([b[s][m]['oos_auroc'] for s in seeds]):.3f}"
-                        for m in ("logreg", "centroid", "zero_shot")
+                        [worker_auroc]
+                        + [
+                            f"{np.mean([b[s][m]['oos_auroc'] for s in seeds]):.3f}"
+                            for m in ("logreg", "centroid", "zero_shot")
+                        ]
                     )
                 )
             else:
@@ -132,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument(
+        "action",
+        choices=["run", "oos", "table"],
+        help="oos: only the worker's out-of-scope streams",
+    )
     parser.add_argument("--results", type=Path, default=None, help="default: DATA/results")
     parser.add_argument("--model", action="append", choices=MODELS, help="default: both")
     parser.add_argument("--seed", type=int, action="append", help="default: 0 (repeatable)")
@@ -146,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         return 0
     results.mkdir(parents=True, exist_ok=True)
+    if args.action == "oos":
+        run_worker_oos(results, models, seeds)
+        return 0
     if not args.skip_worker:
         run_worker(results, models, seeds)
+        run_worker_oos(results, models, seeds)
     if not args.skip_baselines:
         from evaluation.baselines import suite
 
