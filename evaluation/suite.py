@@ -1,12 +1,14 @@
 """Run the development suite and render its table (docs/analysis.md, "Development suite").
 
     python -m evaluation.datasets build          # once: the data, checked against the manifest
-    python -m evaluation.suite run               # the worker (evaluate) and the baselines
+    python -m evaluation.suite run               # the worker (evaluate, out-of-scope streams)
+                                                 # and the baselines
     python -m evaluation.suite table             # the Markdown table of what was run
 
 For every set of ``evaluation.datasets.SUITE`` and both local models: ``embedding-worker
 evaluate`` with the set's config at its shots for each ``--seed`` (default 0; repeatable),
-and zero-shot (``--shots 0``, once: it draws nothing); then ``evaluation.baselines`` on the
+and zero-shot (``--shots 0``, once: it draws nothing); the out-of-scope protocol's test
+rows streamed through the worker (``worker_oos``); then ``evaluation.baselines`` on the
 same rows and seeds. Results go to DATA/results (outside the repo); the table gives the mean
 over the seeds run, with the standard deviation of the accuracy.
 """
