@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev,bench,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +29,7 @@ test-kafka: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker fakeapi tests benchmarks
+	$(BIN)/mypy worker fakeapi tests benchmarks evaluation
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck scripts/*.sh helm/check.sh
 	$(MAKE) --no-print-directory lock-check chart-check
