@@ -8,6 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
+# A one-shot command that has not exited by then is hanging (a test failure, not a wait).
+CLI_TIMEOUT_S = 120
+
 
 class WorkerProcess:
     """``python -m worker run`` with the given settings as environment variables."""
@@ -58,3 +61,27 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+async def cli(*args: str, **env: str) -> tuple[int, str, str]:
+    """``python -m worker ARGS`` with only ``env`` as its settings; (exit code, out, err)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.pop("DASHSCOPE_API_KEY", None)
+    environ.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        raise AssertionError(f"still running after {CLI_TIMEOUT_S} s:\n{err.decode()}") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import sys
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -15,26 +13,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, migrate_db, running, wait_until
+from tests.processes import cli
 from worker.cli import _parser, _where
 from worker.kafka import read_topic
-
-
-async def _cli(*args: str, **env: str) -> tuple[int, str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.pop("DASHSCOPE_API_KEY", None)
-    environ.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _env(env: Env, **extra: str) -> dict[str, str]:
@@ -50,37 +31,37 @@ def _env(env: Env, **extra: str) -> dict[str, str]:
 
 
 async def test_missing_api_key_fails_fast_with_the_variable_named(env: Env) -> None:
-    code, _, err = await _cli("run", **_env(env, EMBEDDING_WORKER_PROVIDER__KIND="dashscope"))
+    code, _, err = await cli("run", **_env(env, EMBEDDING_WORKER_PROVIDER__KIND="dashscope"))
     assert code == 2
     assert "DASHSCOPE_API_KEY" in err
 
 
 async def test_invalid_setting_names_its_variable(env: Env) -> None:
-    code, _, err = await _cli("run", **_env(env, EMBEDDING_WORKER_BATCH__LINGER_MS="soon"))
+    code, _, err = await cli("run", **_env(env, EMBEDDING_WORKER_BATCH__LINGER_MS="soon"))
     assert code == 2
     assert "EMBEDDING_WORKER_BATCH__LINGER_MS" in err
 
 
 async def test_unmigrated_database_is_a_clear_start_up_error(env: Env) -> None:
-    code, _, err = await _cli("run", **_env(env))
+    code, _, err = await cli("run", **_env(env))
     assert code == 3
     assert "embedding-worker migrate" in err
 
 
 async def test_dimension_mismatch_is_a_clear_start_up_error(env: Env) -> None:
     await migrate_db(env, 256)
-    code, _, err = await _cli("run", **_env(env))  # the local model makes 512-d vectors
+    code, _, err = await cli("run", **_env(env))  # the local model makes 512-d vectors
     assert code == 3
     assert "256-d" in err and "512-d" in err
 
 
 async def test_migrate_command_is_idempotent(env: Env) -> None:
-    code, out, _ = await _cli("migrate", **_env(env))
+    code, out, _ = await cli("migrate", **_env(env))
     assert (code, out.splitlines()) == (
         0,
         ["applied 0001_embeddings.sql", "applied 0002_analysis.sql", "applied 0003_focus.sql"],
     )
-    code, out, _ = await _cli("migrate", **_env(env))
+    code, out, _ = await cli("migrate", **_env(env))
     assert (code, out.strip()) == (0, "up to date")
 
 
@@ -120,15 +101,13 @@ async def test_local_model_end_to_end_and_search_command(env: Env) -> None:
     async with running(env.settings()):
         await env.wait_for_offsets(high)
 
-    code, out, err = await _cli(
-        "search", "launch of a spacecraft", "-k", "2", "--json", **_env(env)
-    )
+    code, out, err = await cli("search", "launch of a spacecraft", "-k", "2", "--json", **_env(env))
     assert code == 0, err
     hits = [json.loads(line) for line in out.splitlines()]
     assert {h["id"] for h in hits} == {"moon", "mond"}
     assert hits[0]["score"] >= hits[1]["score"]
 
-    code, out, err = await _cli(
+    code, out, err = await cli(
         "search", "how to bake bread", "-k", "1", "--where", "lang=es", "--json", **_env(env)
     )
     assert code == 0, err
@@ -148,10 +127,10 @@ async def test_dead_letters_are_listed_then_replayed_once_the_limit_is_fixed(env
     async with running(env.settings(max_metadata_bytes=1000)):
         await env.wait_for_offsets(high)
 
-    code, out, err = await _cli("dead-letters", **_env(env))
+    code, out, err = await cli("dead-letters", **_env(env))
     assert code == 0, err
     assert f"{env.dlq}: 2 letters, 2 matching (invalid_json: 1, metadata_too_large: 1)" in out
-    code, out, err = await _cli(
+    code, out, err = await cli(
         "dead-letters", "--reason", "metadata_too_large", "--json", **_env(env)
     )
     assert code == 0, err
@@ -162,7 +141,7 @@ async def test_dead_letters_are_listed_then_replayed_once_the_limit_is_fixed(env
         0,
     )
 
-    code, out, err = await _cli(
+    code, out, err = await cli(
         "dead-letters", "--reason", "metadata_too_large", "--replay", **_env(env)
     )
     assert code == 0, err
@@ -202,7 +181,7 @@ async def test_a_replay_does_not_roll_back_a_version_stored_since(env: Env) -> N
     high = await env.produce([{"id": "doc", "text": "The second version."}])
     async with running(env.settings(max_metadata_bytes=1000)):
         await env.wait_for_offsets(high)
-    code, out, err = await _cli("dead-letters", "--replay", **_env(env))
+    code, out, err = await cli("dead-letters", "--replay", **_env(env))
     assert code == 0, err
     assert f"replayed 1 events to {env.topic}" in out
 
@@ -229,7 +208,7 @@ async def test_a_replay_does_not_roll_back_a_version_stored_since(env: Env) -> N
 
 @pytest.mark.parametrize("args", [["--help"], ["search", "--help"]])
 async def test_help(args: list[str]) -> None:
-    code, out, _ = await _cli(*args)
+    code, out, _ = await cli(*args)
     assert code == 0 and "usage" in out
 
 
@@ -293,7 +272,7 @@ def test_help_describes_input_formats(command: str, formats: list[str]) -> None:
     ],
 )
 async def test_bad_arguments_are_refused_before_any_work(args: list[str]) -> None:
-    code, out, err = await _cli(*args)
+    code, out, err = await cli(*args)
     assert code == 2 and out == ""
     assert "error: argument" in err and "Traceback" not in err
     assert "must be at least" in err or "expected" in err
@@ -348,7 +327,7 @@ async def test_produce_takes_config_before_or_after_the_command(env: Env, tmp_pa
         ["--config", str(config), "produce", str(events)],
         ["produce", str(events), "--config", str(config)],
     ):
-        code, out, err = await _cli(*args)
+        code, out, err = await cli(*args)
         assert (code, out.strip()) == (0, f"produced 2 events to {env.topic}"), err
     assert len(await _input_values(env)) == 4
 
@@ -374,7 +353,7 @@ async def test_produce_refuses_a_file_with_lines_that_are_not_events(
     config = _config_file(env, tmp_path / "w.toml")
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    code, out, err = await _cli("produce", str(path), "--config", str(config))
+    code, out, err = await cli("produce", str(path), "--config", str(config))
     assert code == 2 and out == ""
     assert "nothing produced" in err and "Traceback" not in err
     for part in named:
@@ -382,7 +361,7 @@ async def test_produce_refuses_a_file_with_lines_that_are_not_events(
     assert len([line for line in err.splitlines() if line.startswith("  line ")]) == len(named)
     assert await _input_values(env) == []
 
-    code, out, err = await _cli("produce", str(path), "--allow-invalid", "--config", str(config))
+    code, out, err = await cli("produce", str(path), "--allow-invalid", "--config", str(config))
     sent = [line for line in lines if line.strip()]
     assert code == 0, err
     assert out.strip() == (
@@ -394,6 +373,6 @@ async def test_produce_refuses_a_file_with_lines_that_are_not_events(
 
 @pytest.mark.parametrize("missing", ["nowhere.jsonl", "."])
 async def test_produce_an_unreadable_file_is_a_clear_error(tmp_path: Path, missing: str) -> None:
-    code, out, err = await _cli("produce", str(tmp_path / missing))
+    code, out, err = await cli("produce", str(tmp_path / missing))
     assert code == 2 and out == ""
     assert f"cannot read {tmp_path / missing}" in err and "Traceback" not in err

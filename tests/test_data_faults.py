@@ -23,7 +23,7 @@ from tests.broker_limits import (
     topic_max_message_bytes,
 )
 from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
-from tests.test_cli import _cli as cli
+from tests.processes import cli
 from worker.deadletter import DeadLetterSink
 from worker.decode import Record
 from worker.envelope import dead_letter, digest, headers_digest

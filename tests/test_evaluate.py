@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import broker_kind
-from tests.test_cli import _cli
+from tests.processes import cli
 from worker.config import ConfigError
 from worker.devstack import BROKER_ENV
 from worker.evaluate import Row, read_rows, split
@@ -59,7 +59,7 @@ async def test_classification_report_is_accurate_and_deterministic(tmp_path: Pat
     corpus(data)
     labels.write_text(LABELS)
     args = ("evaluate", str(data), "--labels", str(labels), "--shots", "4", "--json")
-    code, out, err = await _cli(*args, **BROKER)
+    code, out, err = await cli(*args, **BROKER)
     assert code == 0, err
     report = json.loads(out)
     assert report["rows"] == 40 and report["task"] == "classify"
@@ -68,7 +68,7 @@ async def test_classification_report_is_accurate_and_deterministic(tmp_path: Pat
     m = report["metrics"]
     assert m["accuracy"] >= 0.9, m
     assert sum(s["support"] for s in m["per_label"].values()) == 32
-    code, again, _ = await _cli(*args, **BROKER)
+    code, again, _ = await cli(*args, **BROKER)
     assert code == 0
     first, second = json.loads(again)["metrics"], m
     assert first == second, "same file and seed, same report"
@@ -94,7 +94,7 @@ async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Pat
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
     config = tmp_path / "a.toml"
     config.write_text("[namespaces.log.anomaly]\nwarm_up = 50\nhorizon = 10\nneighbours = 5\n")
-    code, out, err = await _cli(
+    code, out, err = await cli(
         "evaluate", str(data), "--task", "anomaly", "--labels", str(config), "--json", **BROKER
     )
     assert code == 0, err
@@ -107,7 +107,7 @@ async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Pat
 async def test_zero_shot_without_descriptions_is_a_clear_error(tmp_path: Path) -> None:
     data = tmp_path / "topics.jsonl"
     corpus(data)
-    code, _, err = await _cli("evaluate", str(data))
+    code, _, err = await cli("evaluate", str(data))
     assert code == 2
     assert "--labels" in err
 

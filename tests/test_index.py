@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import Env, migrate_db
-from tests.test_cli import _cli, _env
+from tests.processes import cli
+from tests.test_cli import _env
 from worker import index
 from worker.config import ConfigError
 from worker.search import nearest
@@ -136,17 +137,15 @@ async def test_bad_parameters_are_refused_before_anything_is_built(env: Env) -> 
 async def test_index_command(env: Env) -> None:
     await fill(env, 512, rows=40)
     settings = _env(env)
-    code, out, err = await _cli("index", "status", **settings)
+    code, out, err = await cli("index", "status", **settings)
     assert code == 0, err
     assert "search is exact" in out
-    code, out, err = await _cli(
-        "index", "create", "--m", "8", "--ef-construction", "32", **settings
-    )
+    code, out, err = await cli("index", "create", "--m", "8", "--ef-construction", "32", **settings)
     assert code == 0, err
     assert "m='8'" in out and "valid" in out
-    code, out, _ = await _cli("index", "status", **settings)
+    code, out, _ = await cli("index", "status", **settings)
     assert "hnsw" in out and "valid" in out
-    code, _, err = await _cli("index", "create", "--ef-construction", "8", **settings)
+    code, _, err = await cli("index", "create", "--ef-construction", "8", **settings)
     assert code == 2 and "at least 2 x m" in err
-    code, out, _ = await _cli("index", "drop", **settings)
+    code, out, _ = await cli("index", "drop", **settings)
     assert (code, out.strip()) == (0, f"dropped {index.NAME}")

@@ -13,7 +13,8 @@ import numpy.typing as npt
 import pytest
 
 from tests.conftest import Env, migrate_db, running
-from tests.test_cli import _cli, _env
+from tests.processes import cli
+from tests.test_cli import _env
 from worker.cluster import Reservoir, Summarizer, spherical_kmeans, unit_rows
 
 # --- k-means math --------------------------------------------------------------------------
@@ -215,7 +216,7 @@ async def filled(env: Env) -> Env:
 
 
 async def _json_lines(env: Env, *args: str) -> list[dict[str, Any]]:
-    code, out, err = await _cli(*args, "--json", **_env(env))
+    code, out, err = await cli(*args, "--json", **_env(env))
     assert code == 0, err
     return [json.loads(line) for line in out.splitlines()]
 
@@ -242,7 +243,7 @@ async def test_similar_ranks_the_near_duplicate_first_and_excludes_the_query(
     assert hits and {h["metadata"]["topic"] for h in hits} == {"finance"}
 
     # Plain output: one line per hit, score first.
-    code, out, err = await _cli(
+    code, out, err = await cli(
         "similar", QUERY_ID, "--namespace", "news", "-k", "1", **_env(filled)
     )
     assert code == 0, err
@@ -280,19 +281,19 @@ async def test_where_matches_numbers_and_booleans_as_well_as_strings(filled: Env
 
 
 async def test_similar_unknown_id_is_a_clear_error(filled: Env) -> None:
-    code, out, err = await _cli("similar", "no-such-id", "--namespace", "news", **_env(filled))
+    code, out, err = await cli("similar", "no-such-id", "--namespace", "news", **_env(filled))
     assert code == 1
     assert out == ""
     assert "no-such-id" in err and "news" in err
     assert "Traceback" not in err
     # The id exists, but in another namespace than the default one.
-    code, _, err = await _cli("similar", QUERY_ID, **_env(filled))
+    code, _, err = await cli("similar", QUERY_ID, **_env(filled))
     assert code == 1 and "'default'" in err
 
 
 async def test_cluster_groups_the_planted_topics(filled: Env) -> None:
     args = ("cluster", "--namespace", "news", "-k", "3", "--members", "2", "--seed", "1")
-    code, out, err = await _cli(*args, "--json", **_env(filled))
+    code, out, err = await cli(*args, "--json", **_env(filled))
     assert code == 0, err
     report = json.loads(out)
     assert set(report) == {"namespace", "model", "rows", "fitted_on", "clusters", "k", "seed"}
@@ -315,11 +316,11 @@ async def test_cluster_groups_the_planted_topics(filled: Env) -> None:
     assert [c["size"] for c in clusters] == [6, 5, 5]
 
     # Deterministic: the same command prints the same report.
-    code, again, _ = await _cli(*args, "--json", **_env(filled))
+    code, again, _ = await cli(*args, "--json", **_env(filled))
     assert code == 0 and again == out
 
     # Plain output: a header, then each cluster with its members.
-    code, text, err = await _cli(*args, **_env(filled))
+    code, text, err = await cli(*args, **_env(filled))
     assert code == 0, err
     lines = text.splitlines()
     assert lines[0].startswith("news (use-multilingual-v3): 16 rows, 3 clusters")
@@ -328,12 +329,12 @@ async def test_cluster_groups_the_planted_topics(filled: Env) -> None:
 
 
 async def test_cluster_empty_namespace_and_more_clusters_than_rows(filled: Env) -> None:
-    code, out, err = await _cli("cluster", "--namespace", "nothing-here", "--json", **_env(filled))
+    code, out, err = await cli("cluster", "--namespace", "nothing-here", "--json", **_env(filled))
     assert code == 0, err
     report = json.loads(out)
     assert (report["rows"], report["clusters"]) == (0, [])
 
-    code, out, err = await _cli("cluster", "--namespace", "elsewhere", "--json", **_env(filled))
+    code, out, err = await cli("cluster", "--namespace", "elsewhere", "--json", **_env(filled))
     assert code == 0, err
     report = json.loads(out)
     assert report["rows"] == 1 and report["k"] == 8
@@ -387,7 +388,7 @@ async def test_cluster_fits_on_a_sample_then_assigns_every_row(env: Env) -> None
     )
 
     args = ("cluster", "--namespace", "big", "-k", "4", "--sample", "40", "--members", "5")
-    code, out, err = await _cli(*args, "--json", **_env(env))
+    code, out, err = await cli(*args, "--json", **_env(env))
     assert code == 0, err
     report = json.loads(out)
     assert (report["rows"], report["fitted_on"]) == (600, 40)
@@ -397,6 +398,6 @@ async def test_cluster_fits_on_a_sample_then_assigns_every_row(env: Env) -> None
         assert not any(m["id"].startswith("other") for m in c["members"])
 
     # Another seed draws another sample, but the planted groups are found all the same.
-    code, other, err = await _cli(*args, "--seed", "5", "--json", **_env(env))
+    code, other, err = await cli(*args, "--seed", "5", "--json", **_env(env))
     assert code == 0, err
     assert [c["size"] for c in json.loads(other)["clusters"]] == [150] * 4

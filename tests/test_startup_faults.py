@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,35 +17,11 @@ import pytest
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, wait_until
-from tests.processes import WorkerProcess
+from tests.processes import WorkerProcess, cli
 from worker.app import Worker
 
 PASSWORD = "pw-Zq7xK93secret"
 DSN_VARIABLE = "postgres.dsn (EMBEDDING_WORKER_POSTGRES__DSN)"
-
-
-async def cli(*args: str, timeout_s: float = 120, **env: str) -> tuple[int, str, str]:
-    """``python -m worker ARGS`` with only ``env`` as its settings; (exit code, out, err)."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.pop("DASHSCOPE_API_KEY", None)
-    environ.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        raise AssertionError(f"still running after {timeout_s} s:\n{err.decode()}") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def assert_one_clear_line(code: int, out: str, err: str, *expected: str) -> None:
@@ -167,7 +141,7 @@ MALFORMED: list[tuple[str, dict[str, str], tuple[str, ...]]] = [
 async def test_malformed_setting_exits_2_with_one_line(
     command: str, env: dict[str, str], expected: tuple[str, ...]
 ) -> None:
-    code, out, err = await cli(command, timeout_s=60, **env)
+    code, out, err = await cli(command, **env)
     assert_one_clear_line(code, out, err, *expected)
     assert len(err.strip().splitlines()) == 2  # "invalid configuration:" and the setting
 
@@ -200,7 +174,6 @@ async def test_postgres_refusing_the_connection_exits_2(
         because = 'unrecognized configuration parameter "no_such_setting"'
     code, out, err = await cli(
         command,
-        timeout_s=60,
         EMBEDDING_WORKER_POSTGRES__DSN=dsn,
         EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=env.stack.bootstrap,
         EMBEDDING_WORKER_HTTP__HOST="127.0.0.1",
@@ -222,7 +195,6 @@ async def test_http_port_in_use_exits_2_before_anything_starts(fault: str) -> No
             host = "192.0.2.1"  # TEST-NET-1: bound nowhere, so not on this machine either
         code, out, err = await cli(
             "run",
-            timeout_s=60,
             EMBEDDING_WORKER_HTTP__HOST=host,
             EMBEDDING_WORKER_HTTP__PORT=str(port),
             # Nothing listens here: had the worker gone on, it would wait for Postgres.
@@ -384,7 +356,6 @@ async def test_postgres_unreachable_for_a_one_shot_command_exits_5() -> None:
     """``run`` waits for Postgres (test_crashes.py); a command run once says so and stops."""
     code, out, err = await cli(
         "migrate",
-        timeout_s=60,
         EMBEDDING_WORKER_POSTGRES__DSN=f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/x",
     )
     assert code == 5, err
