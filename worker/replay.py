@@ -4,7 +4,8 @@ A dead letter carries the original key, value and headers and where the record c
 (``worker.events.DeadLetter``). This reads the dead-letter topic from the beginning up to
 its end, keeps the letters that match the filters, and lists them or produces the original
 records to the input topic again (tombstones included), each with its own headers plus a
-``replayed-from`` header naming its letter, and the original record's timestamp. Versions are
+``replayed-from`` header naming its letter (left off when the original filled the input
+topic's size limit), and the original record's timestamp. Versions are
 ordered by event time (the event's ``timestamp``, else the record's), so a replayed event is
 applied unless a newer version of the same id was stored since it was first sent: a replay
 never rolls a document back. Replay what was fixed (a reason, a namespace, a time), not
@@ -23,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.errors import MessageSizeTooLargeError, OffsetOutOfRangeError
+from aiokafka.structs import RecordMetadata
 from pydantic import ValidationError
 
 from worker.config import KafkaSettings
@@ -149,6 +151,7 @@ class Replayed:
 OLD_TOMBSTONE = "tombstone in an older letter without its headers"
 GONE = "original no longer at its source offset"
 DIFFERS = "record at the source offset is not the original"
+TOO_LARGE = "larger than the input topic takes"
 
 
 async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> Replayed:
@@ -184,21 +187,44 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
         futures = []
         for f, original in chosen:
             origin = f"{dlq_topic}/{f.partition}/{f.offset}".encode()
-            futures.append(
-                await producer.send(
-                    k.input_topic,
-                    key=original.key,
-                    value=original.value,
-                    headers=[*original.headers, (REPLAYED_FROM, origin)],
-                    timestamp_ms=f.letter.source.timestamp_ms,
-                )
-            )
-        for fut in futures:
-            await fut
+            futures.append(await _send(producer, k.input_topic, f, original, origin))
+        refused: list[tuple[Found, Original]] = []
+        for (f, original), fut in zip(chosen, futures, strict=True):
+            try:
+                await fut
+            except MessageSizeTooLargeError:
+                refused.append((f, original))
+        # An original that filled the topic's limit fits again without the marker header.
+        for f, original in refused:
+            try:
+                await (await _send(producer, k.input_topic, f, original, None))
+            except MessageSizeTooLargeError:
+                out.skipped[TOO_LARGE] += 1
+                if f.letter.cut:
+                    out.from_source -= 1
     finally:
         await producer.stop()
-    out.events = len(chosen)
+    out.events = len(chosen) - out.skipped[TOO_LARGE]
     return out
+
+
+async def _send(
+    producer: AIOKafkaProducer,
+    topic: str,
+    found: Found,
+    original: Original,
+    origin: bytes | None,
+) -> asyncio.Future[RecordMetadata]:
+    """Queue ``original`` for ``topic`` with its own timestamp, marked ``replayed-from``
+    ``origin`` unless None; the future resolves when the broker acknowledged it."""
+    marker = [] if origin is None else [(REPLAYED_FROM, origin)]
+    return await producer.send(  # type: ignore[no-any-return]
+        topic,
+        key=original.key,
+        value=original.value,
+        headers=[*original.headers, *marker],
+        timestamp_ms=found.letter.source.timestamp_ms,
+    )
 
 
 def _copied(letter: DeadLetter) -> Original:
