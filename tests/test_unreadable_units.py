@@ -3,11 +3,16 @@ meets an unparsable record raises and leaves the partition's position where it w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 from aiokafka.errors import CorruptRecordException
 
+from tests.pipeline_fakes import FakePool, NoDeadLetters
+from tests.test_writer import InstantEmbedder
+from worker import pipeline as pl
+from worker.config import load_settings
 from worker.events import Reason
 from worker.unreadable import Unreadable, isolate
 
@@ -29,12 +34,14 @@ class FakeConsumer:
         self.polled: list[TopicPartition] = []
         self.paused_tps: set[TopicPartition] = set()
         self.transient: set[TopicPartition] = set()  # fails once, reads the next time
+        self.on_poll: Callable[[], None] = lambda: None
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[object]]:
         [tp] = partitions
         self.polled.append(tp)
+        self.on_poll()
         log, start = self.logs[tp], self.positions[tp]
         chunk = log[start : start + (max_records or len(log))]
         if None in chunk or tp in self.transient:
@@ -54,6 +61,9 @@ class FakeConsumer:
 
     def paused(self) -> set[TopicPartition]:
         return self.paused_tps
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.logs)
 
 
 def offsets(fetched: dict[TopicPartition, list[object]]) -> dict[int, list[int]]:
@@ -113,3 +123,47 @@ def test_the_letter_has_no_copies_and_names_the_error() -> None:
     assert (letter.source.topic, letter.source.partition, letter.source.offset) == (T, 3, 7)
     assert (letter.key_b64, letter.value_b64, letter.headers, letter.cut) == (None, None, [], False)
     assert "CorruptRecordException" in letter.message
+
+
+def _read_to_2(consumer: FakeConsumer) -> pl.Pipeline:
+    """A pipeline that has read P0 to 2 (0 and 1 in hand), the consumer left at 4 by the
+    poll that failed (it drained 2 and failed on 3)."""
+    settings = load_settings(
+        kafka={"input_topic": T},
+        provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
+        http={"enabled": False},
+    )
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakePool(), InstantEmbedder())  # type: ignore[arg-type]
+    p.tracker.assign((T, 0), 0)
+    for offset in (0, 1):
+        p.tracker.track((T, 0), offset)
+    consumer.positions[P0] = 4
+    return p
+
+
+async def test_a_partition_assigned_again_during_isolation_goes_back_to_its_stored_offset() -> None:
+    """The pipeline had read P0 to 2 (0 and 1 in flight, 0 stored). A rebalance during the
+    isolation gives P0 back at its stored offset 0; the isolation then reads 2 and skips 3.
+    Nothing of it may be kept, and P0 must be read again from 0 (else 0 to 3 are lost)."""
+    consumer = FakeConsumer({P0: [0, 1, 2, None, 4]})
+    p = _read_to_2(consumer)
+
+    def rebalance() -> None:
+        consumer.on_poll = lambda: None
+        p.tracker.revoke((T, 0))
+        p.tracker.assign((T, 0), 0)
+        consumer.seek(P0, 0)
+
+    consumer.on_poll = rebalance
+    fetched, found = await p._isolate()
+    assert (fetched, found) == ({}, [])
+    assert consumer.positions[P0] == 0
+
+
+async def test_isolation_reads_on_from_where_the_pipeline_read_to() -> None:
+    consumer = FakeConsumer({P0: [0, 1, 2, None, 4]})
+    p = _read_to_2(consumer)
+    fetched, found = await p._isolate()
+    assert offsets(fetched) == {0: [2]}
+    assert [(u.partition, u.offset) for u in found] == [(0, 3)]
+    assert consumer.positions[P0] == 4

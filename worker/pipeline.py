@@ -283,20 +283,36 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _poll(self) -> tuple[dict[TopicPartition, list[object]], list[Unreadable]]:
         """One fetch; a record the client cannot parse is isolated (``worker.unreadable``)."""
-        max_records = self.settings.kafka.max_poll_records
         try:
             batches = await self.consumer.getmany(
-                timeout_ms=self._poll_timeout_ms(), max_records=max_records
+                timeout_ms=self._poll_timeout_ms(),
+                max_records=self.settings.kafka.max_poll_records,
             )
         except UNREADABLE_ERRORS as exc:
             log.warning("a fetched record cannot be parsed; isolating it", error=repr(exc))
-            read_to = {
-                TopicPartition(*key): offset
-                for key in ((tp.topic, tp.partition) for tp in self.consumer.assignment())
-                if (offset := self.tracker.read_to(key)) is not None
-            }
-            return await isolate(self.consumer, read_to, max_records)
+            return await self._isolate()
         return batches, []
+
+    async def _isolate(self) -> tuple[dict[TopicPartition, list[object]], list[Unreadable]]:
+        """``isolate`` from where each partition was read to. A partition assigned again
+        meanwhile (a rebalance) keeps nothing of it and goes back to its new start."""
+        tps = {(tp.topic, tp.partition): tp for tp in self.consumer.assignment()}
+        before = {key: self.tracker.epoch(key) for key in tps}
+        read_to = {
+            tp: offset
+            for key, tp in tps.items()
+            if (offset := self.tracker.read_to(key)) is not None
+        }
+        fetched, found = await isolate(self.consumer, read_to, self.settings.kafka.max_poll_records)
+        moved = {key for key, epoch in before.items() if self.tracker.epoch(key) != epoch}
+        for key in moved:
+            start = self.tracker.read_to(key)
+            if start is not None and tps[key] in self.consumer.assignment():
+                self.consumer.seek(tps[key], start)
+        return (
+            {tp: rs for tp, rs in fetched.items() if (tp.topic, tp.partition) not in moved},
+            [u for u in found if (u.topic, u.partition) not in moved],
+        )
 
     async def _ingest(
         self, batches: dict[TopicPartition, list[object]], unreadable: Sequence[Unreadable] = ()

@@ -28,12 +28,13 @@ it (then each offset of that gap is dead-lettered in turn; nothing readable is s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import TopicPartition
-from aiokafka.errors import CorruptRecordException
+from aiokafka.errors import CorruptRecordException, IllegalStateError
 
 from worker.envelope import MAX_MESSAGE_CHARS
 from worker.events import DeadLetter, Reason, SourcePosition
@@ -92,28 +93,41 @@ async def isolate(
     ``read_to`` is, per partition, the offset after the last record the caller has taken in
     hand: what the failed call drained is fetched again from there. A partition known to be
     at its high-water mark is not polled (nothing to wait for). Whatever is not found this
-    time (records arrived since) fails the next poll again, and is found then.
+    time (records arrived since) fails the next poll again, and is found then. A partition
+    revoked meanwhile is left out (its next owner reads it); the caller must drop what it
+    gets for one that was revoked and assigned again meanwhile (its position was reset).
     """
     for tp, offset in read_to.items():
-        if await consumer.position(tp) != offset:
-            consumer.seek(tp, offset)
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+            if await consumer.position(tp) != offset:
+                consumer.seek(tp, offset)
     fetched: Fetched = {}
     found: list[Unreadable] = []
-    paused = consumer.paused()
     for tp in sorted(read_to, key=lambda t: (t.topic, t.partition)):
-        high = consumer.highwater(tp)
-        if tp in paused or (high is not None and await consumer.position(tp) >= high):
-            continue
         try:
-            fetched.update(await consumer.getmany(tp, timeout_ms=wait_ms, max_records=max_records))
-        except UNREADABLE_ERRORS:
-            # It failed within the first ``max_records`` records: read them one at a time.
-            records, unreadable = await _step(consumer, tp, max_records, wait_ms)
-            if records:
-                fetched[tp] = records
-            if unreadable is not None:
-                found.append(unreadable)
+            records, unreadable = await _read(consumer, tp, max_records, wait_ms)
+        except IllegalStateError:
+            continue
+        if records:
+            fetched[tp] = records
+        if unreadable is not None:
+            found.append(unreadable)
     return fetched, found
+
+
+async def _read(
+    consumer: Consumer, tp: TopicPartition, max_records: int, wait_ms: int
+) -> tuple[list[object], Unreadable | None]:
+    """The partition alone, at most as far as the failed call read into it."""
+    high = consumer.highwater(tp)
+    if tp in consumer.paused() or (high is not None and await consumer.position(tp) >= high):
+        return [], None
+    try:
+        got = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=max_records)
+    except UNREADABLE_ERRORS:
+        # It failed within the first ``max_records`` records: read them one at a time.
+        return await _step(consumer, tp, max_records, wait_ms)
+    return got.get(tp, []), None
 
 
 async def _step(
