@@ -33,6 +33,7 @@ class FakeConsumer:
         self.commits: list[dict[TopicPartition, int]] = []
         self.commit_gate = asyncio.Event()
         self.commit_gate.set()
+        self.positions: dict[TopicPartition, int] = {}
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
         try:
@@ -51,8 +52,14 @@ class FakeConsumer:
     def highwater(self, tp: TopicPartition) -> None:
         return None
 
-    def seek(self, tp: TopicPartition, offset: int) -> None: ...
-    async def seek_to_beginning(self, tp: TopicPartition) -> None: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.positions[tp] = 0
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         await self.commit_gate.wait()

@@ -72,6 +72,7 @@ class Reason(StrEnum):
     METADATA_TOO_LARGE = "metadata_too_large"
     PROVIDER_REJECTED = "provider_rejected"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    UNREADABLE_RECORD = "unreadable_record"
 
 
 class SourcePosition(BaseModel):

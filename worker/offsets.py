@@ -54,6 +54,11 @@ class OffsetTracker:
             return None
         return part.pending[0] if part.pending else part.next_offset
 
+    def read_to(self, tp: TP) -> int | None:
+        """The offset after the last one tracked (or the assigned position); None if unknown."""
+        part = self._parts.get(tp)
+        return None if part is None else part.next_offset
+
     def assign(self, tp: TP, position: int | None = None) -> int:
         """Start a new epoch; records below a known ``position`` are ignored as re-deliveries."""
         self._epochs += 1

@@ -35,6 +35,7 @@ from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
+from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -169,13 +170,17 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         stored = await self._pg("load offsets", lambda c: store.load_offsets(c, group, topic))
         for tp in assigned:
             position = stored.get(tp.partition)
-            self.tracker.assign((tp.topic, tp.partition), position)
             if position is not None:
                 self.consumer.seek(tp, position)
-            elif self.settings.kafka.auto_offset_reset == "earliest":
-                await self.consumer.seek_to_beginning(tp)
             else:
-                await self.consumer.seek_to_end(tp)
+                if self.settings.kafka.auto_offset_reset == "earliest":
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    await self.consumer.seek_to_end(tp)
+                # Known from the start, so that what a failed poll lost is read again
+                # (worker.unreadable).
+                position = await self.consumer.position(tp)
+            self.tracker.assign((tp.topic, tp.partition), position)
         if self._paused:
             self.consumer.pause(*assigned)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
@@ -217,11 +222,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             while not stop.is_set() and self.fatal is None:
                 self.last_poll = time.monotonic()
                 self._backpressure()
-                batches = await self.consumer.getmany(
-                    timeout_ms=self._poll_timeout_ms(),
-                    max_records=self.settings.kafka.max_poll_records,
-                )
-                await self._ingest(batches)
+                await self._ingest(*await self._poll())
                 for batch in self.batcher.due(time.monotonic()):
                     self._submit(batch)
             await self._drain()
@@ -287,7 +288,42 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # ---- fetch, decode, skip unchanged -------------------------------------------------
 
-    async def _ingest(self, batches: dict[TopicPartition, list[object]]) -> None:
+    async def _poll(self) -> tuple[dict[TopicPartition, list[object]], list[Unreadable]]:
+        """One fetch; a record the client cannot parse is isolated (``worker.unreadable``)."""
+        try:
+            batches = await self.consumer.getmany(
+                timeout_ms=self._poll_timeout_ms(),
+                max_records=self.settings.kafka.max_poll_records,
+            )
+        except UNREADABLE_ERRORS as exc:
+            log.warning("a fetched record cannot be parsed; isolating it", error=repr(exc))
+            return await self._isolate()
+        return batches, []
+
+    async def _isolate(self) -> tuple[dict[TopicPartition, list[object]], list[Unreadable]]:
+        """``isolate`` from where each partition was read to. A partition assigned again
+        meanwhile (a rebalance) keeps nothing of it and goes back to its new start."""
+        tps = {(tp.topic, tp.partition): tp for tp in self.consumer.assignment()}
+        before = {key: self.tracker.epoch(key) for key in tps}
+        read_to = {
+            tp: offset
+            for key, tp in tps.items()
+            if (offset := self.tracker.read_to(key)) is not None
+        }
+        fetched, found = await isolate(self.consumer, read_to, self.settings.kafka.max_poll_records)
+        moved = {key for key, epoch in before.items() if self.tracker.epoch(key) != epoch}
+        for key in moved:
+            start = self.tracker.read_to(key)
+            if start is not None and tps[key] in self.consumer.assignment():
+                self.consumer.seek(tps[key], start)
+        return (
+            {tp: rs for tp, rs in fetched.items() if (tp.topic, tp.partition) not in moved},
+            [u for u in found if (u.topic, u.partition) not in moved],
+        )
+
+    async def _ingest(
+        self, batches: dict[TopicPartition, list[object]], unreadable: Sequence[Unreadable] = ()
+    ) -> None:
         """Decode one fetch, every partition of it, then route it with one hash lookup.
 
         Every partition is decoded and tracked under its current epoch before the first
@@ -299,6 +335,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         settled: list[Item] = []
         for tp, messages in batches.items():
             self._decode(tp, messages, changes, letters, settled)
+        for record in unreadable:  # tracked after the records read before it
+            self._unreadable(record, letters, settled)
         await self._dead_letter(letters)
         self._enqueue(settled)
         await self._route(changes)
@@ -335,6 +373,20 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
+
+    def _unreadable(
+        self,
+        record: Unreadable,
+        letters: list[tuple[bytes | None, DeadLetter]],
+        settled: list[Item],
+    ) -> None:
+        key = (record.topic, record.partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self._revoking or not self.tracker.track(key, record.offset):
+            return
+        self.stats.consumed += 1
+        letters.append((None, record.letter()))
+        settled.append(Settled(record.topic, record.partition, record.offset, epoch))
 
     async def _route(self, changes: list[Change]) -> None:
         """Deletes go straight to the writer; upserts skip the API when nothing changed."""

@@ -34,6 +34,7 @@ from worker.config import KafkaSettings
 from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
 from worker.events import DeadLetter, Reason, SourcePosition
 from worker.kafka import common_options, make_producer
+from worker.unreadable import UNREADABLE_ERRORS
 
 REPLAYED_FROM = "replayed-from"
 
@@ -152,6 +153,8 @@ OLD_TOMBSTONE = "tombstone in an older letter without its headers"
 GONE = "original no longer at its source offset"
 DIFFERS = "record at the source offset is not the original"
 TOO_LARGE = "larger than the input topic takes"
+UNREADABLE = "record this client cannot read (unreadable_record)"
+SOURCE_UNREADABLE = "record at the source offset cannot be read by this client"
 
 
 async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> Replayed:
@@ -164,15 +167,21 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
     fetched = await _fetch(k, [f.letter.source for f in cut]) if cut else {}
     for f in letters:
         letter = f.letter
+        if letter.reason is Reason.UNREADABLE_RECORD:  # no copies, and no way to read it
+            out.skipped[UNREADABLE] += 1
+            continue
         if not letter.cut:
             if letter.value_b64 is None and letter.headers_size is None:
                 out.skipped[OLD_TOMBSTONE] += 1
                 continue
             chosen.append((f, _copied(letter)))
             continue
-        record = fetched.get(_position(letter.source))
-        if record is None:
+        position = _position(letter.source)
+        record = fetched.get(position)
+        if position not in fetched:
             out.skipped[GONE] += 1
+        elif record is None:
+            out.skipped[SOURCE_UNREADABLE] += 1
         elif not _same(letter, record):
             out.skipped[DIFFERS] += 1
         else:
@@ -258,8 +267,11 @@ def _position(source: SourcePosition) -> Position:
     return (source.topic, source.partition, source.offset)
 
 
-async def _fetch(k: KafkaSettings, sources: Sequence[SourcePosition]) -> dict[Position, Original]:
-    """The records still at these positions (a missing one is simply absent)."""
+async def _fetch(
+    k: KafkaSettings, sources: Sequence[SourcePosition]
+) -> dict[Position, Original | None]:
+    """The records still at these positions (a missing one is simply absent, one the client
+    cannot parse, or that shares a batch with such a record before it, is None)."""
     consumer = AIOKafkaConsumer(
         enable_auto_commit=False,
         auto_offset_reset="none",  # a position before the log's start is gone, not "latest"
@@ -267,7 +279,7 @@ async def _fetch(k: KafkaSettings, sources: Sequence[SourcePosition]) -> dict[Po
         **common_options(k),
     )
     await consumer.start()
-    out: dict[Position, Original] = {}
+    out: dict[Position, Original | None] = {}
     try:
         partitions = {t: await _partitions(k, t) for t in {s.topic for s in sources}}
         for source in sources:
@@ -277,7 +289,11 @@ async def _fetch(k: KafkaSettings, sources: Sequence[SourcePosition]) -> dict[Po
             tp = TopicPartition(source.topic, source.partition)
             consumer.assign([tp])
             consumer.seek(tp, source.offset)
-            record = await _record_at(consumer, tp, source.offset)
+            try:
+                record = await _record_at(consumer, tp, source.offset)
+            except UNREADABLE_ERRORS:
+                out[position] = None
+                continue
             if record is not None:
                 out[position] = record
     finally:
