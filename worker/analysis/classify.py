@@ -146,6 +146,7 @@ def build(
         label=labels.names[classified.label],
         labels=[LabelScore(label=n, score=round(s, 6)) for n, s in ranked],
         method=method_of(labels),
+        out_of_scope=round(1.0 - float(probs.max()), 6),
         action=action,
         rule=None if rule is None else f"{rule.label}>={rule.min_score}",
     )

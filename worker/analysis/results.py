@@ -62,6 +62,10 @@ class ClassificationResult(ResultBase):
     label: str = Field(description="the most probable label")
     labels: list[LabelScore]
     method: Method
+    out_of_scope: float = Field(
+        description="how likely the event belongs to none of the labels, in [0, 1] "
+        "(today 1 - the top probability)"
+    )
     action: Action
     # The policy rule that chose the action, as "label>=min_score"; None for the default.
     rule: str | None = None
