@@ -5,8 +5,9 @@ the scenarios in turn on them, and writes ``results.json``, ``README.md`` and PN
 ``docs/benchmarks/`` (``--out``). ``--smoke`` uses tiny sizes (CI: the scripts never rot).
 
 Scenarios (one module each): 1 ``overhead``, 2 ``naive``, 3 ``saturation``, 4 ``local_model``,
-5 ``sink``, 6 ``memory``, 7 ``latency``. Adding one: a module with ``async def run(ctx: Context)
--> list[Figure]`` and a line in ``main_async``; the report needs nothing else.
+5 ``sink``, 6 ``memory``, 7 ``latency``; 1L ``slow_provider`` (scenario 1 at 100 ms).
+Adding one: a module with ``async def run(ctx: Context) -> list[Figure]`` and a line in
+``main_async``; the report needs nothing else.
 """
 
 from __future__ import annotations
@@ -24,14 +25,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import latency, local_model, memory, naive, overhead, report, saturation, sink
+from benchmarks import (
+    latency,
+    local_model,
+    memory,
+    naive,
+    overhead,
+    report,
+    saturation,
+    sink,
+    slow_provider,
+)
 from benchmarks.context import Context, Sizes
 from benchmarks.harness import ROOT, FakeProvider, Figure, log
 from worker.devstack import DevStack
 
 Scenario = Callable[[Context], Awaitable[list[Figure]]]
 
-ALL = ("1", "2", "3", "4", "5", "6", "7")
+ALL = ("1", "1L", "2", "3", "4", "5", "6", "7")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -59,6 +70,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 ours = got[0].runs
                 ctx.shared["overhead_median"] = got[0].median
                 figures += got
+            if "1L" in only:
+                figures += await slow_provider.run(ctx)
             if "2" in only:
                 figures += await naive.run(ctx, ours)
             if "3" in only:
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes (~80 s), for CI")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, smoke 2)")
     p.add_argument(
-        "--only", default="", help="comma-separated scenario numbers (default: all, 1-7)"
+        "--only", default="", help="comma-separated scenario numbers (default: all: 1, 1L, 2-7)"
     )
     p.add_argument("--events", type=int, default=0, help="events for scenario 1")
     p.add_argument("--no-profile", action="store_true")
