@@ -133,6 +133,7 @@ async def test_too_many_inputs_lowers_the_batch_size_once_and_refuses_nothing(
     [
         ("batch size is invalid, it should not be larger than 10.", 32, 10),
         ("batch size 64 > maximum allowed batch size 32", 64, 32),
+        ("HTTP 413 Validation: batch size 1000 > maximum allowed batch size 256", 1000, 256),
         ("too many inputs", 32, None),  # unstated: the stage halves
         ("at most 100 inputs", 32, None),  # not below what was sent: no limit learned
     ],

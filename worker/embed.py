@@ -74,8 +74,10 @@ def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float |
 
 def stated_limit(message: str, sent: int) -> int | None:
     """The texts-per-request limit a "too many inputs" refusal states: the largest number in
-    it below the number sent ("... larger than 10", "64 > maximum allowed batch size 32")."""
-    numbers = [n for n in map(int, _NUMBER.findall(message)) if 0 < n < sent]
+    it below the number sent ("... larger than 10", "64 > maximum allowed batch size 32"),
+    read after the "HTTP <status> <code>: " that worker.embedders.http puts first."""
+    _, sep, said = message.partition(": ")
+    numbers = [n for n in map(int, _NUMBER.findall(said if sep else message)) if 0 < n < sent]
     return max(numbers) if numbers else None
 
 
