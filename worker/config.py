@@ -129,6 +129,17 @@ def is_dashscope_url(url: str) -> bool:
     return host.startswith("dashscope") and host.endswith(".aliyuncs.com")
 
 
+def default_max_texts(kind: ProviderKind, base_url: str | None) -> int:
+    """Texts per request when not configured: the local model's, DashScope's (either dialect;
+    an OpenAI-compatible kind with no URL gets DashScope's endpoint), or another server's."""
+    if kind is ProviderKind.LOCAL:
+        # No per-request limit in-process; larger batches amortise the forward pass.
+        return LOCAL_MAX_TEXTS
+    if kind is ProviderKind.DASHSCOPE or is_dashscope_url(base_url or DEFAULT_URLS[kind]):
+        return DASHSCOPE_MAX_TEXTS
+    return OPENAI_MAX_TEXTS
+
+
 class KafkaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -276,8 +287,10 @@ class ProviderSettings(BaseModel):
 
     @property
     def texts_per_request(self) -> int:
-        assert self.max_texts_per_request is not None  # filled by Settings validation
-        return self.max_texts_per_request
+        """``max_texts_per_request``, or the dialect's own (Settings validation fills it in)."""
+        if self.max_texts_per_request is not None:
+            return self.max_texts_per_request
+        return default_max_texts(self.kind, self.base_url)
 
     @property
     def model_name(self) -> str:
@@ -429,9 +442,7 @@ class Settings(BaseSettings):
                     f"{local.value}, which produces {native}-d vectors"
                 )
             p.dimension = native
-            if p.max_texts_per_request is None:
-                # No per-request limit in-process; larger batches amortise the forward pass.
-                p.max_texts_per_request = LOCAL_MAX_TEXTS
+            p.max_texts_per_request = p.texts_per_request
             if p.max_concurrency is None:
                 p.max_concurrency = LOCAL_MAX_CONCURRENCY
             return self
@@ -454,9 +465,7 @@ class Settings(BaseSettings):
                     "provider.max_texts_per_request is at most 10 for DashScope "
                     "(a larger batch is a 400 that no retry fixes)"
                 )
-        if p.max_texts_per_request is None:
-            dashscope = p.kind is ProviderKind.DASHSCOPE or is_dashscope_url(p.base_url or "")
-            p.max_texts_per_request = DASHSCOPE_MAX_TEXTS if dashscope else OPENAI_MAX_TEXTS
+        p.max_texts_per_request = p.texts_per_request
         return self
 
 
