@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError
+
 from worker import index, logs, store
 from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
@@ -224,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROVIDER
     except Unreachable as exc:  # `run` waits instead; a one-shot command says so and stops
         print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KafkaConnectionError as exc:  # the same for Kafka (`produce`, `dead-letters`)
+        print(
+            "embedding-worker: kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS):"
+            f" no broker answers: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
