@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.analysis import anomaly, classify
 from tests.factories import upsert
+from worker.analysis import anomaly, classify
 from worker.analysis.config import (
     Action,
     AnalysisFileError,
