@@ -14,7 +14,7 @@ from tests.processes import cli
 from worker.analysis import quality
 from worker.config import ConfigError
 from worker.devstack import BROKER_ENV
-from worker.evaluate import Row, flagged_unknown, plan_classification, read_rows, split
+from worker.evaluate import Plan, Row, flagged_unknown, plan_classification, read_rows, split
 
 SPORTS = [
     "The {t} won the final after a late goal in extra time.",
@@ -234,6 +234,25 @@ async def test_train_file_shuffle_rows_and_out_of_scope_report(tmp_path: Path) -
     assert m["actions"].get("review", 0) == sum(flagged)
 
 
+def plan(
+    rows: list[Row],
+    shots: int,
+    seed: int = 0,
+    labels: Path | None = None,
+    train: Path | None = None,
+    unknown: str | None = None,
+) -> Plan:
+    return plan_classification(
+        rows,
+        shots=shots,
+        seed=seed,
+        labels_file=labels,
+        namespace=None,
+        train=train,
+        unknown_label=unknown,
+    )
+
+
 def test_split_line_counts_the_label_files_examples(tmp_path: Path) -> None:
     rows = [Row(i, f"text {i}", "ab"[i % 2], i + 1) for i in range(10)]
     (tmp_path / "ex.jsonl").write_text(
@@ -245,15 +264,14 @@ def test_split_line_counts_the_label_files_examples(tmp_path: Path) -> None:
         '[[namespaces.x.classify.labels]]\nname = "a"\ndescription = "A"\n'
         '[[namespaces.x.classify.labels]]\nname = "b"\ndescription = "B"\n'
     )
-    options = {"seed": 0, "labels_file": labels, "namespace": None, "train": None}
-    plan = plan_classification(rows, shots=0, unknown_label=None, **options)
-    assert (plan.examples, len(plan.test)) == (2, 10)
-    assert plan.how == (
+    got = plan(rows, 0, labels=labels)
+    assert (got.examples, len(got.test)) == (2, 10)
+    assert got.how == (
         f"2 examples in {labels}, 10 test rows; 1 of them with the text of an example"
     )
-    plan = plan_classification(rows, shots=2, unknown_label=None, **options)
-    assert (plan.examples, len(plan.test)) == (6, 6)
-    assert plan.how.startswith(
+    got = plan(rows, 2, labels=labels)
+    assert (got.examples, len(got.test)) == (6, 6)
+    assert got.how.startswith(
         f"seed 0: 2 examples per label drawn with numpy default_rng(0) + "
         f"2 examples in {labels}, 6 test rows"
     )
@@ -262,45 +280,27 @@ def test_split_line_counts_the_label_files_examples(tmp_path: Path) -> None:
 def test_out_of_scope_rows_are_never_examples_nor_a_class(tmp_path: Path) -> None:
     rows = [Row(i, f"t{i}", "abz"[i % 3], i + 1) for i in range(30)]
     for seed in range(5):
-        plan = plan_classification(
-            rows,
-            shots=3,
-            seed=seed,
-            labels_file=None,
-            namespace=None,
-            train=None,
-            unknown_label="z",
-        )
-        assert plan.spec.names == ["a", "b"]
-        assert plan.examples == 6
-        assert sum(r.label == "z" for r in plan.test) == 10
-        assert "(10 of them out of scope, 'z')" in plan.how
+        got = plan(rows, 3, seed=seed, unknown="z")
+        assert got.spec.names == ["a", "b"]
+        assert got.examples == 6
+        assert sum(r.label == "z" for r in got.test) == 10
+        assert "(10 of them out of scope, 'z')" in got.how
     # Rows named `unknown` need --unknown-label: the name is the policy's.
     named = [Row(r.index, r.text, r.label.replace("z", "unknown"), r.line) for r in rows]
     with pytest.raises(ConfigError, match="--unknown-label unknown"):
-        plan_classification(
-            named,
-            shots=3,
-            seed=0,
-            labels_file=None,
-            namespace=None,
-            train=None,
-            unknown_label=None,
-        )
+        plan(named, 3)
 
 
 def test_train_file_draws_shots_from_itself_and_tests_every_row(tmp_path: Path) -> None:
     train = tmp_path / "t.jsonl"
     write_jsonl(train, [{"text": f"ex {i}", "label": "ab"[i % 2]} for i in range(12)])
     rows = [Row(i, f"t{i}", "ab"[i % 2], i + 1) for i in range(8)]
-    plan = plan_classification(
-        rows, shots=2, seed=3, labels_file=None, namespace=None, train=train, unknown_label=None
-    )
-    assert (plan.examples, len(plan.test)) == (4, 8)
-    assert plan.how.startswith(
+    got = plan(rows, 2, seed=3, train=train)
+    assert (got.examples, len(got.test)) == (4, 8)
+    assert got.how.startswith(
         f"seed 3: 2 examples per label drawn with numpy default_rng(3) from {train}, 8 test rows"
     )
-    assert {e for label in plan.spec.labels for e in label.examples} <= {
+    assert {e for label in got.spec.labels for e in label.examples} <= {
         f"ex {i}" for i in range(12)
     }
 
