@@ -232,6 +232,8 @@ async def test_train_file_shuffle_rows_and_out_of_scope_report(tmp_path: Path) -
         "f1": round(expected.f1, 4),
     }
     assert m["actions"].get("review", 0) == sum(flagged)
+    # And it tells something: the off-topic rows score higher (0.94 and 2 of 6 flagged with USE).
+    assert oos["auroc"] >= 0.8 and sum(flagged) >= 1, oos
 
 
 def plan(
