@@ -110,14 +110,23 @@ async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Pat
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
     config = tmp_path / "a.toml"
     config.write_text("[namespaces.log.anomaly]\nwarm_up = 50\nhorizon = 10\nneighbours = 5\n")
+    rows = tmp_path / "rows.jsonl"
     code, out, err = await cli(
-        "evaluate", str(data), "--task", "anomaly", "--labels", str(config), "--json", **BROKER
+        *("evaluate", str(data), "--task", "anomaly", "--labels", str(config), "--json"),
+        *("--rows", str(rows)),
+        **BROKER,
     )
     assert code == 0, err
     m = json.loads(out)["metrics"]
     assert m["base_rate"] == round(2 / 152, 4)
     assert m["auroc"] >= 0.99 and m["pr_auc"] >= 0.9, m
     assert m["recall"] == 1.0, "both injected lines alert"
+    scored = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [(x["line"], x["text"]) for x in scored] == [
+        (i + 1, r["text"]) for i, r in enumerate(lines)
+    ]
+    assert sum(x["anomaly"] for x in scored) == m["alerts"]
+    assert all(x["warm_up"] == (i < 50) for i, x in enumerate(scored))
 
 
 async def test_zero_shot_without_descriptions_is_a_clear_error(tmp_path: Path) -> None:
