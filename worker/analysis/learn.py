@@ -210,7 +210,9 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
             ),
         )
         for (topic, partition), offset in offsets.items():
-            self._read_to[TopicPartition(topic, partition)] = offset
+            tp = TopicPartition(topic, partition)
+            if tp in self._read_to:  # still ours
+                self._read_to[tp] = max(offset, self._read_to[tp])
         self.stats.consumed += len(records) + len(unreadable)
         self.stats.applied += changed
         if changed:
