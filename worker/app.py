@@ -78,7 +78,7 @@ class Worker:
         embedder = create_embedder(s.provider)
         producer = make_producer(s.kafka)
         consumer = make_consumer(s.kafka)
-        learning = make_consumer(s.kafka.model_copy(update={"group_id": group_of(s)}))
+        learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         try:
             if isinstance(embedder, LocalEmbedder):
                 await embedder.warm_up()
@@ -106,6 +106,7 @@ class Worker:
             if not await self._wait_for_kafka("consumer", consumer.start, stop):
                 return
             if analysis is not None and s.analysis.decisions_topic is not None:
+                learning = make_consumer(s.kafka.model_copy(update={"group_id": group_of(s)}))
                 self.learner = self._learner(pipeline, analysis, learning, producer)
                 learning.subscribe([s.analysis.decisions_topic], listener=self.learner)
                 if not await self._wait_for_kafka("decisions consumer", learning.start, stop):
@@ -121,8 +122,9 @@ class Worker:
             await self._run_all(pipeline, stop)
             log.info("worker stopped", **_summary(pipeline))
         finally:
-            with contextlib.suppress(Exception):
-                await learning.stop()
+            if learning is not None:
+                with contextlib.suppress(Exception):
+                    await learning.stop()
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
