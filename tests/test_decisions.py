@@ -314,3 +314,33 @@ async def test_each_decision_is_applied_once_across_crashes_and_restarts(
         await conn.close()
     assert examples == 2, "the example removed from the file is gone"
     assert {("news", r["id"]): r["label"] for r in points} == final, "history relabelled"
+
+
+async def test_every_replica_learns_the_decisions_one_of_them_stored(
+    env: Env, tmp_path: Path
+) -> None:
+    """Two workers share the database; the decisions topic has one partition, so one of them
+    stores the decisions and the other learns them from the namespace's version."""
+    settings, _, decided, _ = await setup(env, tmp_path)
+    events = [{"id": f"a-{i}", "text": t, "namespace": "news"} for i, t in enumerate(ASTRONOMY)]
+    high = await produce(env, env.topic, events) - 1
+    async with running(settings) as one, running(settings) as two:
+
+        async def both_running() -> bool:
+            return all(w.learner is not None and w.learner.running for w in (one, two))
+
+        await wait_until(both_running, 60, "a replica did not start its decisions loop")
+        learners = [w.learner for w in (one, two) if w.learner is not None]
+        await env.wait_for_offsets({0: high})
+        assert all(learner.stage.labels["news"].examples == 3 for learner in learners)
+        end = await produce(
+            env, decided, [{"id": e["id"], "label": "Cooking", "namespace": "news"} for e in events]
+        )
+        await wait_for_decisions(env, settings, decided, end)
+
+        async def both_learned() -> bool:
+            return all(learner.stage.labels["news"].examples == 3 + 6 for learner in learners)
+
+        await wait_until(both_learned, 30, "a replica did not rebuild its label set")
+        assert sum(learner.stats.applied for learner in learners) == len(events), "stored once"
+    assert await decision_rows(env) == {("news", e["id"]): "Cooking" for e in events}
