@@ -186,6 +186,7 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
                 examples.append(built)
         examples = await self._embed_missing(examples, letters)
         if letters:
+            letters.sort(key=lambda kl: (kl[1].source.partition, kl[1].source.offset))
             await self.dead_letters.send(letters)
             for _, letter in letters:
                 self.stats.dead_lettered[letter.reason.value] += 1
