@@ -231,6 +231,7 @@ async def test_bad_decisions_are_dead_lettered_with_their_reason_and_nothing_is_
     dead.dlq = dlq
     letters = await dead.dead_letters(len(expected))
     assert {m["source"]["offset"]: m["reason"] for m in letters} == expected
+    assert [m["source"]["offset"] for m in letters] == sorted(expected), "in decision order"
     assert all(m["source"]["topic"] == decided for m in letters)
     assert len(letters) == len(expected), "each bad decision once"
     assert await decision_rows(env) == {("news", "e-0"): "Sports"}
