@@ -35,7 +35,7 @@ SELECT q.i, n.label, n.similarity
 FROM unnest($1::vector[]) WITH ORDINALITY AS q(v, i)
 CROSS JOIN LATERAL (
     (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM label_vectors
-     WHERE namespace = $2 AND model = $3 AND kind = 'example'
+     WHERE namespace = $2 AND model = $3 AND kind IN ('example', 'decision')
      ORDER BY embedding <=> q.v LIMIT $4)
     UNION ALL
     (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM analysis_points
