@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -245,9 +246,10 @@ async def what_if(ctx: Context, topic: str, total: int) -> list[Figure]:
 
 
 async def start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process | None:
-    exe = shutil.which("py-spy")
+    # The [bench] extra installs it beside this Python, which need not be on PATH.
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if exe is None:
-        log("py-spy not installed: no profile (pip install py-spy)")
+        log("py-spy not installed: no profile (pip install 'embedding-worker[bench]')")
         return None
     proc = await asyncio.create_subprocess_exec(
         exe,
