@@ -74,19 +74,35 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     return lower
 
 
-async def provider_p99(port: int) -> float:
-    """p99 of successful embedding requests (seconds) from the worker's /metrics."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    buckets = []
+def _histogram(text: str, name: str, label: str = "") -> tuple[list[tuple[float, float]], float]:
+    """``(cumulative buckets, count)`` of one Prometheus histogram (lines holding ``label``)."""
+    buckets, count = [], 0.0
     for line in text.splitlines():
-        if (
-            line.startswith("embedding_worker_api_request_seconds_bucket")
-            and 'outcome="ok"' in line
-        ):
+        if label not in line:
+            continue
+        if line.startswith(f"{name}_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
-    return histogram_quantile(0.99, buckets)
+        elif line.startswith(f"{name}_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return buckets, count
+
+
+async def worker_stages(port: int) -> dict[str, float]:
+    """From the worker's /metrics (seconds → ms, interpolated as ``histogram_quantile``): the
+    provider's p99 (requests with outcome ok), the Postgres transactions' p50 and p99, and how
+    many requests and transactions the run took (their sizes: events ÷ these counts)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    request, requests = _histogram(text, "embedding_worker_api_request_seconds", 'outcome="ok"')
+    write, writes = _histogram(text, "embedding_worker_db_write_seconds")
+    return {
+        "provider_p99_ms": 1000 * histogram_quantile(0.99, request),
+        "write_p50_ms": 1000 * histogram_quantile(0.5, write),
+        "write_p99_ms": 1000 * histogram_quantile(0.99, write),
+        "requests": requests,
+        "writes": writes,
+    }
 
 
 async def _produce_steady(
@@ -292,7 +308,7 @@ async def one_run(
             "WHERE id NOT LIKE 'warm-%'"
         )
         await conn.close()
-        p99_provider = await provider_p99(port)
+        stages = await worker_stages(port)
     finally:
         await worker.stop()
         if spy is not None:
@@ -313,7 +329,7 @@ async def one_run(
         "max": latencies[-1],
         "rows": len(rows),
         "rate": sent / seconds,
-        "provider_p99_ms": 1000 * p99_provider,
+        **stages,
         "cpu": usage,
     }
 
@@ -333,7 +349,9 @@ async def run(ctx: Context) -> list[Figure]:
             f"latency run {i + 1}/{runs}: {r['rate']:,.0f} events/s offered, p50 "
             f"{r['p50']:.0f} ms, p99 {r['p99']:.0f} ms (halves {r['p99_first_half']:.0f}, "
             f"{r['p99_second_half']:.0f}), max {r['max']:.0f} ms; provider p99 "
-            f"{r['provider_p99_ms']:.1f} ms ({r['rows']} rows); broker alone p50 "
+            f"{r['provider_p99_ms']:.1f} ms ({r['rows']} rows, {r['requests']:.0f} requests, "
+            f"{r['writes']:.0f} transactions, write p50 {r['write_p50_ms']:.1f} p99 "
+            f"{r['write_p99_ms']:.1f} ms); broker alone p50 "
             f"{b['p50']:.0f} ms, p99 {b['p99']:.0f} ms (halves {b['p99_first_half']:.0f}, "
             f"{b['p99_second_half']:.0f})"
         )
@@ -419,5 +437,20 @@ async def run(ctx: Context) -> list[Figure]:
             "ms",
             [r["provider_p99_ms"] for r in results],
             notes="from embedding_worker_api_request_seconds (outcome ok), interpolated",
+            extra={
+                "requests": [r["requests"] for r in results],
+                "rows": [r["rows"] for r in results],
+            },
+        ),
+        Figure(
+            SCENARIO,
+            "Postgres write transaction p99 as the worker saw it",
+            "ms",
+            [r["write_p99_ms"] for r in results],
+            notes="from embedding_worker_db_write_seconds (rows and offsets, one transaction)",
+            extra={
+                "p50_ms": [r["write_p50_ms"] for r in results],
+                "transactions": [r["writes"] for r in results],
+            },
         ),
     ]

@@ -54,6 +54,8 @@ async def main_async(args: argparse.Namespace) -> int:
         sizes = dataclasses.replace(sizes, profile=False)
     if args.events:
         sizes = dataclasses.replace(sizes, overhead_events=args.events)
+    if args.latency_rate:
+        sizes = dataclasses.replace(sizes, latency_rate=args.latency_rate)
     only = set(args.only.split(",")) if args.only else set(ALL)
     variants = {}
     for spec in args.variant:
@@ -141,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         "record uses kafka (one Apache Kafka node)",
     )
     p.add_argument("--events", type=int, default=0, help="events for scenario 1")
+    p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=0.0,
+        help="scenario 7's events/s when scenario 1 does not run (default 2,000)",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--what-if", action="store_true", help="scenario 1 with settings variants")
     p.add_argument(
