@@ -65,7 +65,7 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         f"Broker: **{broker_label(result)}**"
         + (
-            "; scenario 9 also starts a 3-broker Apache Kafka (and one node if this is not it)."
+            "; scenario 9 starts a 3-node Apache Kafka cluster beside it."
             if any(f["scenario"].startswith("9") for f in result["figures"])
             else "."
         ),
@@ -100,6 +100,11 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"- **{f['name']}**: {f['notes']}" for f in notes]
+    if result.get("left_out"):
+        lines += [
+            "",
+            f"Scenarios left out of this run (`--only`): {', '.join(result['left_out'])}.",
+        ]
     if result.get("not_run"):
         lines += [
             "",

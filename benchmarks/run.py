@@ -81,6 +81,8 @@ async def main_async(args: argparse.Namespace) -> int:
             "figures": [f.to_json() for f in figures],
             "worker_logs": str(work),
         }
+        if out := [n for n in ALL if n not in only]:
+            result["left_out"] = out
         if left := [n for n in ALL if n in only and n not in done]:
             result["not_run"] = left
         analysis = args.out / "analysis.md"
