@@ -127,7 +127,12 @@ async def main_async(args: argparse.Namespace) -> int:
     for f in figures:
         j = f.to_json()
         log(f"{f.scenario} | {f.name}: median {j['median']} ({j['min']}–{j['max']}) {f.unit}")
-    return 0
+    # Counts that must be 0 in every run (events lost) fail the command, smoke sizes included:
+    # they are correctness, not speed, so CI's bench-smoke checks the harness's loss counting.
+    lost = [f for f in figures if f.limit == 0.0 and not f.higher_is_better and any(f.runs)]
+    for f in lost:
+        log(f"FAILED: {f.scenario} | {f.name}: {f.runs} (must be 0 in every run)")
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> None:
