@@ -137,7 +137,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (~80 s), for CI")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, smoke 2)")
     p.add_argument(
         "--only", default="", help="comma-separated scenario numbers (default: all, 1-9)"
