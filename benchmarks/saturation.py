@@ -11,8 +11,8 @@ The worker is configured as an operator who knows the quota would: ``provider.rp
 ``provider.tpm`` set to the quota, everything else at its defaults (the adaptive
 concurrency's ceiling then follows from the quota and the observed latency). A second
 configuration does not tell it the quota: the fake's 429s with ``Retry-After`` and the
-adaptive concurrency must find it. Each run gets
-a new fake (full buckets, zeroed counters), a new database and consumer group. The rate is
+adaptive concurrency must find it. Each run gets a new fake (full buckets, zeroed counters),
+a new database and consumer group. The rate is
 measured between the samples where 20 % and 95 % of the events were stored (the first
 second's burst and the tail excluded). Lost events: produced - rows stored (every event
 has its own id; a dead letter has no row).

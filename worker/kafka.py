@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.helpers import create_ssl_context
@@ -64,6 +66,24 @@ def make_producer(k: KafkaSettings, max_request_size: int = 0) -> AIOKafkaProduc
         max_request_size=max(AIOKAFKA_MAX_REQUEST_SIZE, k.dlq_max_message_bytes, max_request_size),
         **common_options(k),
     )
+
+
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+@asynccontextmanager
+async def started(client: Client) -> AsyncIterator[Client]:
+    """Start, use and stop a client; stopped also when ``start()`` fails (no broker answers),
+    which aiokafka does not do itself: the client would be reported unclosed at exit."""
+    try:
+        await client.start()
+    except BaseException:
+        await client.stop()
+        raise
+    try:
+        yield client
+    finally:
+        await client.stop()
 
 
 async def read_topic(bootstrap_servers: str, topic: str, partition: int = 0) -> list[bytes]:
