@@ -7,8 +7,9 @@ turn on them, and writes ``results.json`` (with the broker), ``README.md`` and P
 
 Scenarios (one module each): 1 ``overhead``, 2 ``naive``, 3 ``saturation``, 4 ``local_model``,
 5 ``sink``, 6 ``memory``, 7 ``latency``, 8 ``scaleout``, 9 ``replicated`` (starts its own
-3-broker Apache Kafka). Adding one: a module with ``async def run(ctx: Context) ->
-list[Figure]`` and a line in ``main_async``; the report needs nothing else.
+3-broker Apache Kafka); 1L ``slow_provider`` (scenario 1 at 100 ms). Adding one: a module
+with ``async def run(ctx: Context) -> list[Figure]`` and a line in ``main_async``; the report
+needs nothing else.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from benchmarks import (
     saturation,
     scaleout,
     sink,
+    slow_provider,
 )
 from benchmarks.context import Context, Sizes
 from benchmarks.harness import ROOT, FakeProvider, Figure, log
@@ -44,7 +46,7 @@ from worker.devstack import BROKER_ENV, BROKERS, DevStack, make_broker
 
 Scenario = Callable[[Context], Awaitable[list[Figure]]]
 
-ALL = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+ALL = ("1", "1L", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -98,6 +100,7 @@ async def main_async(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             ours: list[float] = []
             scenarios: dict[str, Scenario] = {
+                "1L": slow_provider.run,
                 "2": lambda c: naive.run(c, ours),
                 "3": saturation.run,
                 "4": local_model.run,
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, smoke 2)")
     p.add_argument(
-        "--only", default="", help="comma-separated scenario numbers (default: all, 1-9)"
+        "--only", default="", help="comma-separated scenario numbers (default: all: 1, 1L, 2-9)"
     )
     p.add_argument(
         "--broker",

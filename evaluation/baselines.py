@@ -64,7 +64,7 @@ class VectorCache:
         if missing:
             settings = load_settings(provider={"kind": "local", "model": self.model})
             embedder = create_embedder(settings.provider)
-            step = settings.provider.max_texts_per_request
+            step = settings.provider.texts_per_request
             try:
                 for start in range(0, len(missing), step):
                     chunk = missing[start : start + step]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from worker.config import (
+    AUTO_MAX_CONCURRENCY,
     ConfigError,
     LocalModel,
     OversizePolicy,
@@ -114,13 +116,36 @@ def test_local_default_max_texts_is_64_unless_set() -> None:
     assert s.provider.max_texts_per_request == 16
 
 
-def test_concurrency_defaults_to_16_for_an_api_and_4_for_the_local_model() -> None:
+def test_concurrency_is_adaptive_up_to_a_high_ceiling_for_an_api_and_4_for_the_local_model() -> (
+    None
+):
     api = {"kind": "dashscope", "api_key": SECRET}
-    assert load_settings(provider=api).provider.max_concurrency == 16
-    assert load_settings(provider={"kind": "local"}).provider.max_concurrency == 4
-    assert load_settings(provider={**api, "max_concurrency": 3}).provider.max_concurrency == 3
+    auto = load_settings(provider=api).provider
+    assert auto.max_concurrency is None and auto.concurrency_ceiling == AUTO_MAX_CONCURRENCY
+    assert load_settings(provider={"kind": "local"}).provider.concurrency_ceiling == 4
+    assert load_settings(provider={**api, "max_concurrency": 3}).provider.concurrency_ceiling == 3
     local = load_settings(provider={"kind": "local", "max_concurrency": 8})
-    assert local.provider.max_concurrency == 8
+    assert local.provider.concurrency_ceiling == 8
+    with pytest.raises(ConfigError, match="min_concurrency"):
+        load_settings(provider={**api, "min_concurrency": 4, "max_concurrency": 3})
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ({"kind": "dashscope"}, 10),
+        ({"kind": "openai"}, 10),  # the default URL: DashScope's OpenAI-compatible endpoint
+        ({"kind": "openai", "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"}, 10),
+        ({"kind": "openai", "base_url": "http://tei.internal:8080/v1"}, 32),
+        (
+            {"kind": "openai", "base_url": "http://tei.internal/v1", "max_texts_per_request": 500},
+            500,
+        ),
+    ],
+)
+def test_texts_per_request_default_by_dialect(provider: dict[str, Any], expected: int) -> None:
+    s = load_settings(provider={**provider, "api_key": SECRET})
+    assert s.provider.max_texts_per_request == expected == s.provider.texts_per_request
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -10,13 +11,14 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 import worker.embed
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.factories import stage_for as stage_with
 from tests.factories import upsert
 from worker.decode import Change
-from worker.embed import EmbedStage, backoff_delay
+from worker.embed import EmbedStage, backoff_delay, stated_limit
 from worker.embedders.base import ConfigurationFault, TransientError
 from worker.events import TextType
 
@@ -94,6 +96,50 @@ async def test_single_poison_item_costs_one_request(fake_api: FakeEmbeddingServe
         outcome = await stage.run(changes(1, poison_at=(0,)))
     assert outcome.embedded == [] and len(outcome.refused) == 1
     assert outcome.requests == 1
+
+
+async def test_too_many_inputs_lowers_the_batch_size_once_and_refuses_nothing(
+    fake_api: FakeEmbeddingServer,
+) -> None:
+    """Five batches of 10 in parallel against a server that takes 4: one lowering (one log
+    line), every text embedded once, none refused; later batches go out at 4 from the start."""
+    fake_api.configure(max_texts=4)
+    items = changes(60)
+    told: list[int] = []
+    with capture_logs() as logs:
+        async with stage_for(fake_api) as stage:
+            stage.on_max_texts = told.append
+            outcomes = await asyncio.gather(
+                *(stage.run(items[i : i + 10]) for i in range(0, 50, 10))
+            )
+            assert stage.max_texts == stage.embedder.max_texts == 4
+            before = fake_api.stats()["by_status"].get(400, 0)
+            outcomes.append(await stage.run(items[50:]))
+    assert all(not o.refused for o in outcomes)
+    assert sorted(c.id for o in outcomes for c in o.embedded) == sorted(c.id for c in items)
+    assert_right_vectors(items)
+    assert told == [4]
+    lowered = [e for e in logs if e["event"].startswith("provider takes fewer texts")]
+    assert [(e["max_texts"], e["was"]) for e in lowered] == [(4, 10)]
+    stats = fake_api.stats()
+    assert stats["texts"] == 60
+    assert stats["by_status"].get(400, 0) == before, (
+        "a batch of 10 after the lowering is split first"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "sent", "expected"),
+    [
+        ("batch size is invalid, it should not be larger than 10.", 32, 10),
+        ("batch size 64 > maximum allowed batch size 32", 64, 32),
+        ("HTTP 413 Validation: batch size 1000 > maximum allowed batch size 256", 1000, 256),
+        ("too many inputs", 32, None),  # unstated: the stage halves
+        ("at most 100 inputs", 32, None),  # not below what was sent: no limit learned
+    ],
+)
+def test_stated_limit(message: str, sent: int, expected: int | None) -> None:
+    assert stated_limit(message, sent) == expected
 
 
 async def test_transient_errors_are_retried(

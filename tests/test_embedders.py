@@ -23,6 +23,7 @@ from worker.embedders.base import (
     ConfigurationFault,
     Embedder,
     PermanentError,
+    TooManyInputs,
     TransientError,
 )
 from worker.embedders.http import ApiClient, post_json
@@ -202,7 +203,7 @@ async def test_eleven_texts_are_refused_by_the_fake(fake_api: FakeEmbeddingServe
     async with embedder_for(dashscope(fake_api)) as embedder:
         with pytest.raises(PermanentError) as err:
             await embedder.embed(eleven, TextType.DOCUMENT)
-    assert type(err.value) is PermanentError
+    assert type(err.value) is TooManyInputs  # a PermanentError the embed stage splits
     assert err.value.code == "InvalidParameter"
     assert fake_api.stats()["batch_sizes"] == {11: 1}
 

@@ -10,7 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.embedders.base import ConfigurationFault, PermanentError, TransientError
+from worker.embedders.base import (
+    ConfigurationFault,
+    PermanentError,
+    TooManyInputs,
+    TransientError,
+)
 from worker.embedders.http import classify, parse_retry_after
 
 NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
@@ -91,6 +96,34 @@ def test_400_data_inspection_failed_is_permanent_with_its_code(openai: bool) -> 
     )
     assert type(exc) is PermanentError
     assert exc.code == "DataInspectionFailed"
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (400, "batch size is invalid, it should not be larger than 10."),  # DashScope
+        (413, "batch size 64 > maximum allowed batch size 32"),  # TEI
+        (422, "Too many inputs: at most 16 per request"),
+    ],
+)
+def test_a_refused_number_of_texts_is_too_many_inputs(status: int, message: str) -> None:
+    exc = classify(response(status, "InvalidParameter", message, openai=True))
+    assert type(exc) is TooManyInputs
+    assert isinstance(exc, PermanentError)  # split, never a configuration fault
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Range of input length should be [1, 8192]",
+        "Input text exceeds the maximum length of 8192 tokens",
+        "Input data may contain inappropriate content.",
+    ],
+)
+def test_a_refused_text_is_not_too_many_inputs(message: str) -> None:
+    assert type(classify(response(400, "InvalidParameter", message, openai=True))) is (
+        PermanentError
+    )
 
 
 def test_400_about_the_dimension_is_a_configuration_fault() -> None:

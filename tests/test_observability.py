@@ -50,7 +50,9 @@ async def test_metrics_move_as_events_flow(env: Env, fake_api: FakeEmbeddingServ
         before = await _metrics(worker)
         assert before["events_consumed_total"] == 0
         assert before["circuit_state{state=closed}"] == 1
-        assert before["concurrency_limit"] == 16  # the default for an API
+        assert before["concurrency_limit"] == 16  # where the limit starts for an API
+        assert before["concurrency_ceiling"] == 256  # no quota set: the safe high limit
+        assert before["texts_per_request_limit"] == 10  # DashScope's
 
         high = await env.produce([*_events(100), {"id": "bad", "text": ""}])
         await env.wait_for_offsets(high)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import numpy as np
+from structlog.testing import capture_logs
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import Env, dashscope, migrate_db, openai, running
@@ -74,6 +75,36 @@ async def test_openai_dialect_with_base64(env: Env, fake_api: FakeEmbeddingServe
     for e in events:
         assert np.allclose(rows[e["id"]]["embedding"].to_numpy(), fake_vector(e["text"], 128))
     assert fake_api.stats()["max_batch"] <= 16
+
+
+async def test_a_server_that_takes_fewer_texts_lowers_the_batch_size_once_and_loses_nothing(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """An OpenAI-compatible server (not DashScope) gets 32 texts per request by default; this
+    one takes 7 and says so in its 400. The worker lowers its batch size to 7 for good with one
+    log line and sends the refused texts again, split: every event stored, none dead-lettered."""
+    fake_api.configure(max_texts=7)
+    await migrate_db(env, 128)
+    events = [_event(i) for i in range(300)]
+    high = await env.produce(events)
+    settings = env.settings(openai(fake_api, 128))
+    assert settings.provider.max_texts_per_request == 32
+    with capture_logs() as logs:
+        async with running(settings) as worker:
+            await env.wait_for_offsets(high)
+            assert worker.pipeline is not None
+            stats = worker.pipeline.stats
+            assert worker.pipeline.batcher.max_texts == worker.pipeline.stage.max_texts == 7
+    rows = await _rows(env)
+    assert len(rows) == 300
+    for e in events:
+        assert np.allclose(rows[e["id"]]["embedding"].to_numpy(), fake_vector(e["text"], 128))
+    assert not stats.dead_lettered
+    lowered = [e for e in logs if e["event"].startswith("provider takes fewer texts")]
+    assert [(e["max_texts"], e["was"]) for e in lowered] == [(7, 32)]
+    fake = fake_api.stats()
+    assert fake["by_status"].get(400, 0) >= 1
+    assert fake["texts"] == 300, "each text embedded once"
 
 
 async def test_updates_deletes_and_late_older_events(

@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 
 import pytest
 
-from worker.aimd import AdaptiveConcurrency
+from worker.aimd import QUOTA_HEADROOM, AdaptiveConcurrency, quota_ceiling
 from worker.breaker import CircuitBreaker
 from worker.ratelimit import RateLimiter, TokenBucket
 
@@ -225,43 +225,99 @@ def test_aimd_ignores_throttles_of_requests_sent_before_the_decrease() -> None:
     assert gate.limit == 2
 
 
-def test_aimd_bounds() -> None:
+async def busy_successes(gate: AdaptiveConcurrency, n: int) -> None:
+    """``n`` requests succeed while more wait than the limit admits (the gate stays full)."""
+    for _ in range(n):
+        while gate.in_flight < gate.limit:
+            await gate.acquire()
+        gate.release()
+        gate.on_success()
+
+
+async def test_aimd_bounds() -> None:
     clock = VirtualClock()
     gate = AdaptiveConcurrency(3, 8, window_s=0.0, clock=clock)
     for _ in range(5):
         gate.on_throttle()
     assert gate.limit == 3
-    for _ in range(1000):
-        gate.on_success()
+    await busy_successes(gate, 1000)
     assert gate.limit == 8
 
 
-def test_aimd_additive_increase_needs_a_round_of_successes() -> None:
+async def test_aimd_additive_increase_needs_a_round_of_successes() -> None:
     clock = VirtualClock()
     gate = AdaptiveConcurrency(1, 8, clock=clock)
     gate.on_throttle()
     assert gate.limit == 4
-    for _ in range(3):
-        gate.on_success()
+    await busy_successes(gate, 3)
     assert gate.limit == 4
-    gate.on_success()
+    await busy_successes(gate, 1)
     assert gate.limit == 5
-    for _ in range(4):
-        gate.on_success()
+    await busy_successes(gate, 4)
     assert gate.limit == 5
-    gate.on_success()
+    await busy_successes(gate, 1)
     assert gate.limit == 6
 
 
-def test_aimd_throttle_restarts_the_round() -> None:
+async def test_aimd_throttle_restarts_the_round() -> None:
     clock = VirtualClock()
     gate = AdaptiveConcurrency(1, 8, clock=clock)
     gate.on_throttle()
-    for _ in range(3):
-        gate.on_success()
+    await busy_successes(gate, 3)
     gate.on_throttle()  # inside the window: no decrease, but the round starts over
-    gate.on_success()
+    await busy_successes(gate, 1)
     assert gate.limit == 4
+
+
+async def test_aimd_grows_past_its_initial_limit_while_it_is_in_use() -> None:
+    gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
+    assert gate.limit == 16 and gate.ceiling == 256
+    await busy_successes(gate, 16)
+    assert gate.limit == 17
+    await busy_successes(gate, 17 + 18)
+    assert gate.limit == 19
+
+
+async def test_aimd_does_not_grow_while_demand_stays_below_the_limit() -> None:
+    gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
+    for _ in range(1000):  # 15 requests at a time at most: the 16th slot is never used
+        for _ in range(15):
+            await gate.acquire()
+        for _ in range(15):
+            gate.release()
+            gate.on_success()
+    assert gate.limit == 16
+
+
+def test_aimd_initial_limit_is_clamped_to_the_bounds() -> None:
+    assert AdaptiveConcurrency(1, 4, initial=16).limit == 4
+    assert AdaptiveConcurrency(8, 64, initial=2).limit == 8
+    assert AdaptiveConcurrency(1, 8).limit == 8  # no initial: the maximum
+
+
+async def test_aimd_ceiling_caps_the_limit_and_its_growth() -> None:
+    gate = AdaptiveConcurrency(2, 256, initial=16, clock=VirtualClock())
+    gate.set_ceiling(10)
+    assert gate.limit == 10 and gate.ceiling == 10
+    await busy_successes(gate, 500)
+    assert gate.limit == 10
+    gate.set_ceiling(12)
+    await busy_successes(gate, 500)
+    assert gate.limit == 12
+    gate.set_ceiling(0)  # never below the minimum
+    assert gate.limit == 2 and gate.ceiling == 2
+    gate.set_ceiling(None)  # the configured maximum again
+    assert gate.ceiling == 256
+
+
+def test_quota_ceiling_is_rate_times_latency_with_headroom() -> None:
+    assert QUOTA_HEADROOM == 2.0
+    assert quota_ceiling(None, None, 230.0, 0.1) is None  # no quota: no ceiling from it
+    assert quota_ceiling(6_000, None, 230.0, 0.1) == 20  # 100 requests/s x 0.1 s x 2
+    # TPM binds: 1,118,020 / 60 / 233 tokens = 80 requests/s x 0.1 s x 2 = 16.
+    assert quota_ceiling(6_000, 1_118_020, 233.0, 0.1) == 16
+    assert quota_ceiling(None, 60_000, 1_000.0, 0.25) == 1  # 1 request/s x 0.25 s x 2
+    assert quota_ceiling(6_000, None, 0.0, 2.0) == 400
 
 
 def test_aimd_rejects_bad_bounds() -> None:

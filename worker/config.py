@@ -18,6 +18,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from aiokafka.conn import collect_hosts
 from pydantic import (
@@ -99,6 +100,20 @@ class OversizePolicy(StrEnum):
 DASHSCOPE_DIMENSIONS = (2048, 1536, 1024, 768, 512, 256, 128, 64)
 LOCAL_DIMENSIONS = {LocalModel.USE: 512, LocalModel.E5: 384}
 LOCAL_MAX_CONCURRENCY = 4
+# Requests in flight when the AIMD limit starts (the fixed maximum before it could grow):
+# 6,000 QPM (100/s, DashScope's v3 page) at ~150 ms is 15.
+INITIAL_CONCURRENCY = 16
+# The AIMD ceiling when neither max_concurrency nor a quota is set: room for 100 ms x
+# 2,000 requests/s, past what batch.max_in_flight (2,000 events) can fill at 10 texts per
+# request, so events in flight, not this, bound memory.
+AUTO_MAX_CONCURRENCY = 256
+# Texts per request by dialect. DashScope: 10 (text-embedding-v4's documented limit, also on
+# its OpenAI-compatible endpoint). Another OpenAI-compatible server: 32, the smallest
+# common limit (TEI's default max-client-batch-size; OpenAI takes 2,048, vLLM and Ollama
+# set none), so no server at its defaults refuses it, at a third of the requests of 10.
+DASHSCOPE_MAX_TEXTS = 10
+OPENAI_MAX_TEXTS = 32
+LOCAL_MAX_TEXTS = 64
 DEFAULT_URLS = {
     ProviderKind.DASHSCOPE: "https://dashscope-intl.aliyuncs.com/api/v1",
     ProviderKind.OPENAI: "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
@@ -106,6 +121,23 @@ DEFAULT_URLS = {
 
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
+def is_dashscope_url(url: str) -> bool:
+    """DashScope's own endpoints (either dialect), whose per-request limits are known."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host.startswith("dashscope") and host.endswith(".aliyuncs.com")
+
+
+def default_max_texts(kind: ProviderKind, base_url: str | None) -> int:
+    """Texts per request when not configured: the local model's, DashScope's (either dialect;
+    an OpenAI-compatible kind with no URL gets DashScope's endpoint), or another server's."""
+    if kind is ProviderKind.LOCAL:
+        # No per-request limit in-process; larger batches amortise the forward pass.
+        return LOCAL_MAX_TEXTS
+    if kind is ProviderKind.DASHSCOPE or is_dashscope_url(base_url or DEFAULT_URLS[kind]):
+        return DASHSCOPE_MAX_TEXTS
+    return OPENAI_MAX_TEXTS
 
 
 class KafkaSettings(BaseModel):
@@ -183,16 +215,18 @@ class ProviderSettings(BaseModel):
     dimension: int | None = Field(default=None, ge=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
-    max_texts_per_request: int = Field(default=10, ge=1)
+    # Texts per request; None: the dialect's own (see ``Settings._provider_defaults``). An
+    # OpenAI-compatible server that answers "too many inputs" lowers it for the run (embed.py).
+    max_texts_per_request: int | None = Field(default=None, ge=1)
     max_tokens_per_text: int = Field(default=8192, ge=1)
     max_tokens_per_request: int = Field(default=80_000, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
-    # Requests in flight (adaptive, see min_concurrency). An API needs latency x request
-    # rate of them: 6,000 QPM (100/s, DashScope's v3 page) at ~150 ms is 15, so 16; a lower
-    # cap left most of the quota unused, and queued requests even behind an instant provider.
-    # The local model computes one batch at a time: it defaults to 4 (enough to overlap).
-    max_concurrency: int = Field(default=16, ge=1)
-    # Adaptive concurrency (AIMD) moves the in-flight limit within [min, max] on 429s/timeouts.
+    # Most requests in flight. Adaptive (worker.aimd): the limit starts at
+    # INITIAL_CONCURRENCY, grows while latency rather than errors is the bound and halves on
+    # 429s/timeouts. None: AUTO_MAX_CONCURRENCY, lowered to what the quota can keep busy
+    # at the observed latency when rpm/tpm are set. The local model computes one batch at a
+    # time: it defaults to 4 (enough to overlap).
+    max_concurrency: int | None = Field(default=None, ge=1)
     min_concurrency: int = Field(default=1, ge=1)
     # Client-side quotas, smoothed per second like the provider's; None = unlimited.
     rpm: int | None = Field(default=None, ge=1)
@@ -239,12 +273,24 @@ class ProviderSettings(BaseModel):
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> ProviderSettings:
-        if self.min_concurrency > self.max_concurrency:
+        if self.max_concurrency is not None and self.min_concurrency > self.max_concurrency:
             raise ValueError(
                 f"provider.min_concurrency ({self.min_concurrency}) is above "
                 f"provider.max_concurrency ({self.max_concurrency})"
             )
         return self
+
+    @property
+    def concurrency_ceiling(self) -> int:
+        """The most requests ever in flight (the AIMD limit's hard ceiling)."""
+        return self.max_concurrency or AUTO_MAX_CONCURRENCY
+
+    @property
+    def texts_per_request(self) -> int:
+        """``max_texts_per_request``, or the dialect's own (Settings validation fills it in)."""
+        if self.max_texts_per_request is not None:
+            return self.max_texts_per_request
+        return default_max_texts(self.kind, self.base_url)
 
     @property
     def model_name(self) -> str:
@@ -427,10 +473,8 @@ class Settings(BaseSettings):
                     f"{local.value}, which produces {native}-d vectors"
                 )
             p.dimension = native
-            if "max_texts_per_request" not in p.model_fields_set:
-                # No per-request limit in-process; larger batches amortise the forward pass.
-                p.max_texts_per_request = 64
-            if "max_concurrency" not in p.model_fields_set:
+            p.max_texts_per_request = p.texts_per_request
+            if p.max_concurrency is None:
                 p.max_concurrency = LOCAL_MAX_CONCURRENCY
             return self
         p.model = p.model or "text-embedding-v4"
@@ -447,11 +491,12 @@ class Settings(BaseSettings):
                     f"provider.dimension {p.dimension} is not offered by DashScope "
                     f"(one of {', '.join(map(str, DASHSCOPE_DIMENSIONS))})"
                 )
-            if p.max_texts_per_request > 10:
+            if p.max_texts_per_request is not None and p.max_texts_per_request > 10:
                 raise ValueError(
                     "provider.max_texts_per_request is at most 10 for DashScope "
                     "(a larger batch is a 400 that no retry fixes)"
                 )
+        p.max_texts_per_request = p.texts_per_request
         return self
 
 

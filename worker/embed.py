@@ -1,7 +1,10 @@
 """Call the provider for one micro-batch: retry what is transient, isolate what is not.
 
 A permanent refusal (HTTP 400) of a batch is split in halves until the refused items are
-alone, so one bad text costs a few extra requests instead of failing its batch-mates.
+alone, so one bad text costs a few extra requests instead of failing its batch-mates. A
+refusal of the number of texts ("too many inputs") is the worker's batch size, not the data:
+the size is lowered for the rest of the run (to the number the server states, else halved),
+once, with one log line, and the texts are sent again in batches of the new size.
 
 Every request passes, in order: a held auth fault (wait for the key to work again), the
 circuit breaker (wait while the provider is down), the adaptive concurrency gate (in-flight
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,9 +25,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from worker.aimd import AdaptiveConcurrency
+from worker.aimd import AdaptiveConcurrency, quota_ceiling
 from worker.breaker import CircuitBreaker
-from worker.config import ProviderSettings
+from worker.config import INITIAL_CONCURRENCY, ProviderSettings
 from worker.decode import Change
 from worker.embedders.base import (
     ConfigurationFault,
@@ -31,6 +35,7 @@ from worker.embedders.base import (
     EmbeddingError,
     Embeddings,
     PermanentError,
+    TooManyInputs,
     TransientError,
 )
 from worker.embedders.http import CONFIG_CODES
@@ -42,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 # worker.embedders.http words every HTTP error as "HTTP <status> <code>: <message>".
 _AUTH_STATUSES = {"401", "403"}
+_NUMBER = re.compile(r"\d+")
+# Weight of the newest request in the moving averages of latency and tokens per request.
+_EWMA = 0.2
 
 
 @dataclass
@@ -62,6 +70,19 @@ def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float |
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay
+
+
+def stated_limit(message: str, sent: int) -> int | None:
+    """The texts-per-request limit a "too many inputs" refusal states: the largest number in
+    it below the number sent ("... larger than 10", "64 > maximum allowed batch size 32"),
+    read after the "HTTP <status> <code>: " that worker.embedders.http puts first."""
+    _, sep, said = message.partition(": ")
+    numbers = [n for n in map(int, _NUMBER.findall(said if sep else message)) if 0 < n < sent]
+    return max(numbers) if numbers else None
+
+
+def chunks(items: list[Change], size: int) -> list[list[Change]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def cause_of(exc: EmbeddingError) -> str:
@@ -90,7 +111,16 @@ class EmbedStage:
         # Called with (outcome, seconds) for every request: "ok" or the failure's cause.
         self.on_request = on_request
         self.limiter = RateLimiter(settings.rpm, settings.tpm)
-        self.concurrency = AdaptiveConcurrency(settings.min_concurrency, settings.max_concurrency)
+        self.concurrency = AdaptiveConcurrency(
+            settings.min_concurrency, settings.concurrency_ceiling, initial=INITIAL_CONCURRENCY
+        )
+        # Texts per request: the embedder's, until the server says it takes fewer.
+        self.max_texts = embedder.max_texts
+        # Told the new size when it is lowered (the pipeline's batcher).
+        self.on_max_texts: Callable[[int], None] | None = None
+        # Moving averages of successful requests, for the quota's concurrency ceiling.
+        self._latency_s: float | None = None
+        self._tokens_per_request: float | None = None
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
         # Set while the provider rejects the credentials (on_auth_fault="wait"); for readiness.
         self.fault: ConfigurationFault | None = None
@@ -99,12 +129,21 @@ class EmbedStage:
 
     async def run(self, items: Sequence[Change]) -> BatchOutcome:
         outcome = BatchOutcome()
-        await self._embed(list(items), outcome)
+        for chunk in chunks(list(items), self.max_texts):  # batched before a lowering
+            await self._embed(chunk, outcome)
         return outcome
 
     async def _embed(self, items: list[Change], outcome: BatchOutcome) -> None:
         try:
             result = await self._call(items, outcome)
+        except TooManyInputs as exc:
+            if len(items) == 1:  # no batch size is smaller: the text's own refusal
+                outcome.refused.append((items[0], exc))
+                return
+            self._lower_max_texts(len(items), exc)
+            for chunk in chunks(items, self.max_texts):
+                await self._embed(chunk, outcome)
+            return
         except PermanentError as exc:
             if len(items) == 1:
                 outcome.refused.append((items[0], exc))
@@ -117,6 +156,23 @@ class EmbedStage:
         for change, vector in zip(items, result.vectors, strict=True):
             change.vector = vector
         outcome.embedded.extend(items)
+
+    def _lower_max_texts(self, sent: int, exc: TooManyInputs) -> None:
+        """Once per size: the refusals of other requests of the same size change nothing."""
+        stated = stated_limit(exc.message, sent)
+        new = stated if stated is not None else max(1, sent // 2)
+        if new >= self.max_texts:
+            return
+        log.warning(
+            "provider takes fewer texts per request; lowering the batch size for this run",
+            max_texts=new,
+            was=self.max_texts,
+            error=exc.message,
+        )
+        self.max_texts = new
+        self.embedder.max_texts = new
+        if self.on_max_texts is not None:
+            self.on_max_texts(new)
 
     async def _call(self, items: list[Change], outcome: BatchOutcome) -> Embeddings:
         texts = [c.text for c in items]
@@ -177,6 +233,7 @@ class EmbedStage:
                 began = time.monotonic()
                 result = await self.embedder.embed(texts, text_type)
                 self._timed("ok", began)
+                self._observe_success(time.monotonic() - began, estimate)
             except EmbeddingError as exc:
                 self._timed(cause_of(exc), began)
                 self._observe(exc, sent_at, outcome)
@@ -192,6 +249,20 @@ class EmbedStage:
         self.limiter.correct(estimate, result.tokens)
         self._clear_fault()
         return result
+
+    def _observe_success(self, seconds: float, tokens: int) -> None:
+        """With a quota, cap the concurrency at what it can keep busy at this latency."""
+        if self.limiter.unlimited:
+            return
+        if self._latency_s is None or self._tokens_per_request is None:
+            self._latency_s, self._tokens_per_request = seconds, float(tokens)
+        else:
+            self._latency_s += _EWMA * (seconds - self._latency_s)
+            self._tokens_per_request += _EWMA * (tokens - self._tokens_per_request)
+        s = self.settings
+        self.concurrency.set_ceiling(
+            quota_ceiling(s.rpm, s.tpm, self._tokens_per_request, self._latency_s)
+        )
 
     def _timed(self, outcome: str, began: float) -> None:
         if self.on_request is not None:

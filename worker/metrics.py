@@ -159,7 +159,17 @@ class PipelineCollector(Collector):
             "Current AIMD limit of requests in flight.",
             p.stage.concurrency.limit,
         )
+        yield gauge(
+            "concurrency_ceiling",
+            "Most the AIMD limit may grow to now (max_concurrency, or what the quota can use).",
+            p.stage.concurrency.ceiling,
+        )
         yield gauge("api_requests_in_flight", "Requests in flight.", p.stage.concurrency.in_flight)
+        yield gauge(
+            "texts_per_request_limit",
+            "Most texts per request (lowered when the provider refuses a batch's size).",
+            p.stage.max_texts,
+        )
         circuit = GaugeMetricFamily(
             f"{PREFIX}_circuit_state",
             "1 for the circuit breaker's current state.",

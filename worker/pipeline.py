@@ -1,6 +1,6 @@
 """The worker's stages wired together: fetch -> decode -> skip unchanged -> batch -> embed -> write.
 
-One task fetches and decodes, up to ``max_concurrency`` tasks embed, one task writes. The
+One task fetches and decodes, up to the concurrency ceiling of tasks embed, one task writes. The
 only hand-offs are bounded by ``max_in_flight`` (events fetched but not yet stored): past
 it the consumer pauses its partitions and keeps polling (so it stays in the group) until
 the writer catches up.
@@ -104,6 +104,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             max_tokens=settings.provider.max_tokens_per_request,
             linger_s=settings.batch.linger_ms / 1000,
         )
+        self.stage.on_max_texts = self._lower_batch_size
         self._keys_in_flight: Counter[tuple[str, str]] = Counter()
         self._queued: list[list[Change]] = []
         self._embedding = 0
@@ -422,12 +423,15 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         for batch in self.batcher.drain():
             self._submit(batch)
 
+    def _lower_batch_size(self, max_texts: int) -> None:
+        self.batcher.max_texts = max_texts
+
     def _submit(self, batch: list[Change]) -> None:
         self._queued.append(batch)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._queued and self._embedding < self.settings.provider.max_concurrency:
+        while self._queued and self._embedding < self.stage.concurrency.maximum:
             queued = self._queued.pop(0)
             batch = [c for c in queued if self.tracker.is_current(c)]
             self._release([c for c in queued if not self.tracker.is_current(c)])

@@ -43,6 +43,11 @@ class PermanentError(EmbeddingError):
     """The provider refused the request's content (400); retrying it as-is cannot help."""
 
 
+class TooManyInputs(PermanentError):
+    """The server takes fewer texts per request than were sent: the worker's batch size, not
+    the data, is wrong (the embed stage lowers it and sends the texts again, split)."""
+
+
 class ConfigurationFault(EmbeddingError):
     """401/403/arrears or a wrong model/dimension: the worker's setup, not the data, is wrong."""
 

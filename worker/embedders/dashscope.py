@@ -17,7 +17,7 @@ class DashScopeEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
-        self.max_texts = min(settings.max_texts_per_request, 10)
+        self.max_texts = min(settings.texts_per_request, 10)
         self.instruct = settings.instruct
         self._client = ApiClient(settings)
 

@@ -21,6 +21,7 @@ from worker.config import ProviderSettings
 from worker.embedders.base import (
     ConfigurationFault,
     PermanentError,
+    TooManyInputs,
     TransientError,
 )
 from worker.embedders.transport import LeanTransport
@@ -31,6 +32,17 @@ log = structlog.get_logger(__name__)
 _SECONDS = re.compile(r"-?\d+(\.\d+)?")
 # A server asking for more than this is treated as asking for this.
 MAX_RETRY_AFTER_S = 3600.0
+
+# A refusal of the number of texts, as servers word it: DashScope "batch size is invalid, it
+# should not be larger than 10", TEI "batch size 64 > maximum allowed batch size 32", others
+# "too many inputs". Words about a text's length must not match (that is the data's fault).
+_TOO_MANY_INPUTS = re.compile(
+    r"batch size|too many (inputs|texts|items|strings)|(array|list) (size|length)"
+    r"|number of (inputs|texts)",
+    re.IGNORECASE,
+)
+# Statuses servers use for it: 400, TEI's 413 (payload too large), 422 (validation).
+_TOO_MANY_STATUSES = (400, 413, 422)
 
 # Codes that mean "your account or key", whatever status carries them.
 CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
@@ -61,7 +73,7 @@ class ApiClient:
         )
         timeout = httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s))
         self._extensions = {"timeout": timeout.as_dict()}
-        connections = settings.max_concurrency * 2
+        connections = settings.concurrency_ceiling * 2
         proxy = proxy_for(httpx.URL(self._base))
         self._transport: httpx.AsyncBaseTransport
         if proxy is None:
@@ -141,6 +153,8 @@ def classify(response: httpx.Response) -> Exception:
         return TransientError(
             text, code=code or str(status), retry_after=retry_after, status=status
         )
+    if status in _TOO_MANY_STATUSES and _TOO_MANY_INPUTS.search(message):
+        return TooManyInputs(text, code=code or str(status), status=status)
     lowered = message.lower()
     if status == 400 and ("dimension" in lowered or "model" in lowered):
         # A parameter the worker sends for every request: its configuration, not the data.

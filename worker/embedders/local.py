@@ -93,7 +93,7 @@ class LocalEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
-        self.max_texts = settings.max_texts_per_request
+        self.max_texts = settings.texts_per_request
         self._threads = settings.model_threads
         self._pool = self._new_pool()
 

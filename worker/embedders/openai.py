@@ -18,7 +18,7 @@ class OpenAIEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
-        self.max_texts = settings.max_texts_per_request
+        self.max_texts = settings.texts_per_request
         self.encoding_format = settings.encoding_format
         self.send_dimensions = settings.send_dimensions
         self._client = ApiClient(settings)
