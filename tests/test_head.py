@@ -114,6 +114,11 @@ def test_single_examples_fit_without_cross_validation() -> None:
         1.0,
     )
     assert list(fitted.probabilities(np.eye(DIM)[:4]).argmax(axis=1)) == [0, 1, 2, 3]
+    # Nothing held out: the out-of-scope score is 1 - the top probability.
+    logits = fitted.logits(np.eye(DIM)[:6])
+    top = fitted.probabilities(np.eye(DIM)[:6]).max(axis=1)
+    assert np.allclose(fitted.out_of_scope(logits), 1 - top)
+    assert fitted.out_of_scope(logits)[5] > fitted.out_of_scope(logits)[0]
 
 
 def test_two_labels_and_a_missing_fold_label_work() -> None:

@@ -66,7 +66,11 @@ class Head:
         return out
 
     def out_of_scope(self, logits: np.ndarray) -> np.ndarray:
-        """Per row, the share of the examples' held-out energies below its own, in [0, 1]."""
+        """Per row, the share of the examples' held-out energies below its own, in [0, 1];
+        1 - the top probability when nothing was held out (a label with one example)."""
+        if len(self.reference) == 0:
+            top: np.ndarray = 1.0 - softmax(logits, axis=1).max(axis=1)
+            return top
         return rank(self.reference, energy(logits))
 
 
@@ -77,10 +81,7 @@ def energy(logits: np.ndarray) -> np.ndarray:
 
 
 def rank(reference: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Mid-rank of each raw score among the reference scores, as a fraction in [0, 1]."""
-    if len(reference) == 0:
-        clipped: np.ndarray = np.clip(raw, 0.0, 1.0)
-        return clipped
+    """Mid-rank of each raw score among the (sorted, non-empty) reference scores, in [0, 1]."""
     below = np.searchsorted(reference, raw, side="left")
     upto = np.searchsorted(reference, raw, side="right")
     out: np.ndarray = np.asarray((below + upto) / (2.0 * len(reference)), dtype=np.float64)
@@ -105,8 +106,7 @@ def fit(
     if folds < 2:
         c, prior = FALLBACK_C, (FALLBACK_PRIOR if descriptions is not None else 0.0)
         model = _fit_one(x, y, counts, descriptions, c, prior)
-        logits = _logits(model, x, n_labels)
-        return _head(model, n_labels, 1.0, logits, c, prior)
+        return _head(model, n_labels, 1.0, None, c, prior)
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y))
     best: tuple[float, float, float, float, np.ndarray] | None = None  # loss, T, C, prior, oof
     for prior in priors:
@@ -131,7 +131,7 @@ def _head(
     model: LogisticRegression,
     n_labels: int,
     t: float,
-    oof_logits: np.ndarray,
+    oof_logits: np.ndarray | None,
     c: float,
     prior: float,
 ) -> Head:
@@ -142,7 +142,7 @@ def _head(
         weights[1], bias[1] = model.coef_[0], model.intercept_[0]
     else:
         weights[present], bias[present] = model.coef_, model.intercept_
-    reference = np.sort(energy(oof_logits / t))
+    reference = np.sort(energy(oof_logits / t)) if oof_logits is not None else np.zeros(0)
     return Head(weights, bias, t, reference, c, prior)
 
 
