@@ -32,6 +32,7 @@ from scipy.special import log_softmax, logsumexp, softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 # Grids of the cross-validation; the whole suite's C choices fall inside (docs/analysis.md).
 C_GRID = (1.0, 10.0, 100.0, 1000.0)
@@ -94,8 +95,16 @@ def fit(
     """Fit the head on unit example vectors ``examples`` with label indices ``labels``.
 
     ``descriptions`` (labels, dimension) are the label prototypes (the prior), or None.
-    Every label must have at least one example.
+    Every label must have at least one example. One BLAS thread: these matrices are small,
+    and more threads on a busy machine made the fit ten times slower, not faster.
     """
+    with threadpool_limits(1):
+        return _fit(examples, labels, n_labels, descriptions)
+
+
+def _fit(
+    examples: np.ndarray, labels: np.ndarray, n_labels: int, descriptions: np.ndarray | None
+) -> Head:
     x = np.asarray(examples, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(y, minlength=n_labels)
