@@ -141,3 +141,7 @@ def test_fit_is_deterministic() -> None:
     assert np.array_equal(a.weights, b.weights) and np.array_equal(a.bias, b.bias)
     assert (a.temperature, a.c, a.prior) == (b.temperature, b.c, b.prior)
     assert np.array_equal(a.reference, b.reference)
+    # The order the rows come in (Postgres returns them in any order) changes nothing.
+    shuffled = np.random.default_rng(8).permutation(len(y))
+    c = head.fit(x[shuffled], y[shuffled], 4, np.eye(DIM)[:4])
+    assert np.array_equal(a.weights, c.weights) and a.temperature == c.temperature

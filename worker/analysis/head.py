@@ -105,8 +105,7 @@ def fit(
 def _fit(
     examples: np.ndarray, labels: np.ndarray, n_labels: int, descriptions: np.ndarray | None
 ) -> Head:
-    x = np.asarray(examples, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
+    x, y = canonical(np.asarray(examples, dtype=np.float64), np.asarray(labels, dtype=np.int64))
     counts = np.bincount(y, minlength=n_labels)
     if counts.min() < 1:
         raise ValueError("every label needs an example")
@@ -134,6 +133,14 @@ def _fit(
     _, t, c, prior, oof_logits = best
     model = _fit_one(x, y, counts, descriptions, c, prior)
     return _head(model, n_labels, t, oof_logits, c, prior)
+
+
+def canonical(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The examples sorted by label, then by their vector's bytes: the folds, hence the fit,
+    do not depend on the order the rows came in (Postgres returns them in any order)."""
+    keys = [(int(label), row.tobytes()) for label, row in zip(y, x, strict=True)]
+    order = sorted(range(len(y)), key=keys.__getitem__)
+    return x[order], y[order]
 
 
 def _head(
@@ -201,5 +208,5 @@ def temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
         lp = log_softmax(logits / np.exp(log_t), axis=1)
         return float(-lp[np.arange(len(labels)), labels].mean())
 
-    found = minimize_scalar(loss, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    found = minimize_scalar(loss, bounds=(np.log(1e-4), np.log(100.0)), method="bounded")
     return float(np.exp(found.x)), float(found.fun)
