@@ -71,11 +71,11 @@ def oos_result(results: Path, entry: SuiteSet, seed: int, model: str) -> Path:
 async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
     """The worker on the out-of-scope protocol: every test row, in scope or not, streamed.
 
-    ``evaluate`` reports labels, not each row's probabilities, so this streams the
-    protocol's test rows through the same pipeline (``worker.evaluate._run``; evaluate.py is
-    left as it is) and scores 1 - top probability. The test rows are streamed in an order
-    shuffled with the seed: the unknown intents arrive among the known ones, as they would
-    in production (the file puts them last), and self-training sees them too.
+    ``evaluate`` reports labels, not each row's scores, so this streams the protocol's test
+    rows through the same pipeline (``worker.evaluate._run``; evaluate.py is left as it is)
+    and scores the ``out_of_scope`` field of each result. The test rows are streamed in an
+    order shuffled with the seed: the unknown intents arrive among the known ones, as they
+    would in production (the file puts them last).
     """
     from worker.analysis.config import NamespaceAnalysis
     from worker.analysis.quality import accuracy, auroc, macro_f1
@@ -92,7 +92,7 @@ async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
     spec = label_set(in_scope, examples, HERE / entry.labels, None)
     base = load_settings(provider={"kind": "local", "model": model})
     got = await _run(base, NamespaceAnalysis(classify=spec), test, progress=False)
-    top = [max(float(s["score"]) for s in got[r.index]["labels"]) for r in test]
+    unknown = [float(got[r.index]["out_of_scope"]) for r in test]
     kept = [r for r in test if r.label != "oos"]
     predicted = [got[r.index]["label"] for r in kept]
     truth = [r.label for r in kept]
@@ -104,7 +104,7 @@ async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
         "test_oos": len(test) - len(kept),
         "accuracy": round(accuracy(truth, predicted), 4),
         "macro_f1": round(macro_f1(truth, predicted), 4),
-        "oos_auroc": round(auroc([r.label == "oos" for r in test], [1 - t for t in top]), 4),
+        "oos_auroc": round(auroc([r.label == "oos" for r in test], unknown), 4),
     }
 
 

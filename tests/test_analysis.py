@@ -20,7 +20,6 @@ from worker.config import Settings
 
 LABELS = """
 [namespaces.news.classify]
-temperature = 0.05
 top_k = 2
 policy = [
   { label = "Space", min_score = 0.5, action = "review" },

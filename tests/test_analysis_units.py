@@ -20,7 +20,7 @@ from worker.analysis.config import (
     Rule,
     load_analysis,
 )
-from worker.analysis.labels import LabelSet, prototypes
+from worker.analysis.labels import label_set, prototypes
 from worker.analysis.state import Delta, NamespaceState
 
 DIM = 8
@@ -43,61 +43,77 @@ def empty_state() -> NamespaceState:
     return NamespaceState(0, np.zeros(DIM), np.zeros(1000))
 
 
-def label_set(descriptions: bool = True, examples: int = 0, adapt: bool = True) -> LabelSet:
-    names = ["a", "b", "c"]
-    spec = Classification(
+def spec(descriptions: bool = True) -> Classification:
+    return Classification(
         labels=[
-            Label(name=n, descriptions=["d"] if descriptions else [], examples=["e"]) for n in names
-        ],
-        adapt=adapt,
-        min_members=2,
-    )
-    sums = np.vstack([axis(i) * examples for i in range(3)])
-    return LabelSet(
-        namespace="ns",
-        spec=spec,
-        prototypes=np.vstack([axis(i) for i in range(3)]) if descriptions else None,
-        example_sums=sums,
-        example_counts=np.full(3, examples),
+            Label(name=n, descriptions=["d"] if descriptions else [], examples=["e"])
+            for n in ("a", "b", "c")
+        ]
     )
 
 
-def test_zero_shot_picks_the_nearest_description_and_self_trains() -> None:
+def rows(
+    descriptions: bool, examples: int, rng: np.random.Generator, kind: str = "example"
+) -> list[tuple[str, str, np.ndarray]]:
+    """Stored label rows: one description per label on its axis, examples around it."""
+    out = [("description", n, axis(i)) for i, n in enumerate("abc")] if descriptions else []
+    out += [(kind, n, axis(i, 0.4, rng)) for i, n in enumerate("abc") for _ in range(examples)]
+    return out
+
+
+def test_zero_shot_picks_the_nearest_description() -> None:
     rng = np.random.default_rng(0)
-    labels = label_set()
-    vectors = np.vstack([axis(i % 3, 0.3, rng) for i in range(30)])
-    delta = Delta.empty("ns", 0, DIM)
-    out = classify.classify_batch(labels, empty_state(), vectors, None, delta)
+    labels = label_set("ns", spec(), rows(True, 0, rng))
+    assert labels.head is None
+    vectors = np.vstack([axis(i % 3, 0.1, rng) for i in range(30)])
+    out = classify.classify_batch(labels, vectors)
     assert [c.label for c in out] == [i % 3 for i in range(30)]
     assert all(abs(c.probabilities.sum() - 1) < 1e-9 for c in out)
-    assert dict(delta.members) == {"a": 10, "b": 10, "c": 10}
-    assert np.allclose(delta.label_sums["a"], vectors[0::3].sum(axis=0))
+    assert all(0.0 <= c.out_of_scope <= 1.0 for c in out)
     assert classify.method_of(labels) == "zero-shot"
 
 
-def test_no_adaptation_leaves_the_state_alone() -> None:
-    labels = label_set(adapt=False)
-    delta = Delta.empty("ns", 0, DIM)
-    classify.classify_batch(labels, empty_state(), np.vstack([axis(0), axis(1)]), None, delta)
-    assert not delta.members and not delta.label_sums
-
-
-def test_few_shot_vote_follows_the_nearest_labeled_vectors() -> None:
-    """Without descriptions, a vector between two prototypes goes where its neighbours are."""
-    labels = label_set(descriptions=False, examples=4)
-    between = unit(axis(0) + axis(1))
-    # Stored neighbours say "b" (index 1), closely; the prototypes tie.
-    stored = [[(1, 0.99), (1, 0.98), (0, 0.70)]]
-    out = classify.classify_batch(
-        labels, empty_state(), between[None, :], stored, Delta.empty("ns", 0, DIM)
-    )
-    assert out[0].label == 1
-    flipped = [[(0, 0.99), (0, 0.98), (1, 0.70)]]
-    out = classify.classify_batch(
-        labels, empty_state(), between[None, :], flipped, Delta.empty("ns", 0, DIM)
-    )
-    assert out[0].label == 0
+def test_few_shot_uses_the_head_fitted_on_the_examples() -> None:
+    rng = np.random.default_rng(1)
+    labels = label_set("ns", spec(descriptions=False), rows(False, 6, rng))
+    assert labels.head is not None and labels.prototypes is None
+    assert list(labels.example_counts) == [6, 6, 6]
+    vectors = np.vstack([axis(i % 3, 0.3, rng) for i in range(30)])
+    out = classify.classify_batch(labels, vectors)
+    assert sum(c.label == i % 3 for i, c in enumerate(out)) >= 27
     assert classify.method_of(labels) == "few-shot"
+    described = label_set("ns", spec(), rows(True, 6, rng))
+    assert classify.method_of(described) == "zero-shot+few-shot"
+
+
+def test_decision_rows_count_as_examples_and_refit_the_head() -> None:
+    """Moderators' decisions (kind "decision") are examples: adding them refits the head."""
+    rng = np.random.default_rng(2)
+    stored = rows(True, 3, rng)
+    before = label_set("ns", spec(), stored)
+    # Decisions put label "a" somewhere new (axis 4): the refit follows them.
+    decisions = [("decision", "a", axis(4, 0.05, rng)) for _ in range(6)]
+    after = label_set("ns", spec(), stored + decisions)
+    assert list(after.example_counts) == [9, 3, 3]
+    assert before.head is not None and after.head is not None
+    probe = axis(4)[None, :]
+    assert classify.classify_batch(after, probe)[0].label == 0
+    assert after.head.probabilities(probe)[0, 0] > before.head.probabilities(probe)[0, 0], (
+        "the decisions moved label a towards them"
+    )
+    # Deterministic: the same rows give the same classifier, bit for bit.
+    again = label_set("ns", spec(), stored + decisions)
+    assert again.head is not None
+    assert np.array_equal(again.head.weights, after.head.weights)
+    assert again.head.temperature == after.head.temperature
+
+
+def test_a_label_without_examples_lends_its_description() -> None:
+    rng = np.random.default_rng(3)
+    partial = [r for r in rows(True, 4, rng) if not (r[0] == "example" and r[1] == "c")]
+    labels = label_set("ns", spec(), partial)
+    assert labels.head is not None and list(labels.example_counts) == [4, 4, 0]
+    assert classify.classify_batch(labels, axis(2)[None, :])[0].label == 2
 
 
 def test_history_end_excludes_the_horizon_but_never_the_warm_up() -> None:
@@ -246,7 +262,7 @@ def test_unknown_is_reserved_for_the_policy_and_routes_out_of_scope_events() -> 
             labels=[Label(name="a"), Label(name="b")],
             policy=[Rule(label="nope", min_score=0.5, action=Action.REVIEW)],
         )
-    labels = label_set()
+    labels = label_set("ns", spec(), rows(True, 0, np.random.default_rng(0)))
     labels.spec.policy = [
         Rule(label="unknown", min_score=0.5, action=Action.REVIEW),
         Rule(label="a", min_score=0.9, action=Action.BLOCK),
@@ -254,7 +270,10 @@ def test_unknown_is_reserved_for_the_policy_and_routes_out_of_scope_events() -> 
 
     def result(*probs: float) -> tuple[str, float, str | None]:
         got = classify.build(
-            labels, "m", upsert(0, "x"), classify.Classified(np.array(probs), int(np.argmax(probs)))
+            labels,
+            "m",
+            upsert(0, "x"),
+            classify.Classified(np.array(probs), int(np.argmax(probs)), 1.0 - max(probs)),
         )
         return got.action.value, got.out_of_scope, got.rule
 

@@ -30,24 +30,6 @@ def test_zero_shot_ranks_the_nearest_label_first() -> None:
     assert list(np.argmax(probs, axis=1)) == [1, 0]
 
 
-def test_knn_vote_weights_near_neighbours_more() -> None:
-    # Two far votes for label 0 against one near vote for label 1.
-    probs = scoring.knn_vote([[(0, 0.50), (0, 0.50), (1, 0.90)], []], 2, temperature=0.05)
-    assert probs[0, 1] > 0.9
-    assert np.allclose(probs[1], [0.5, 0.5]), "no neighbours: uniform"
-    flat = scoring.knn_vote([[(0, 0.50), (0, 0.50), (1, 0.90)]], 2, temperature=100.0)
-    assert flat[0, 0] == pytest.approx(2 / 3, abs=0.01), "a hot vote is nearly a plain count"
-
-
-def test_combine_mixes_and_accepts_either_alone() -> None:
-    zero, few = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
-    assert np.allclose(scoring.combine(zero, few, 0.25), [[0.75, 0.25]])
-    assert scoring.combine(zero, None, 0.5) is zero
-    assert scoring.combine(None, few, 0.5) is few
-    with pytest.raises(ValueError):
-        scoring.combine(None, None, 0.5)
-
-
 def test_moderation_takes_the_strictest_matching_rule() -> None:
     rules = [
         Rule(label="spam", min_score=0.5, action=Action.REVIEW),

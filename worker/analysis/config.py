@@ -74,19 +74,9 @@ class Classification(BaseModel):
     # JSONL of {"text", "label"}; relative paths are relative to the analysis file.
     examples_file: Path | None = None
     top_k: int = Field(default=3, ge=1)
-    # Scores are divided by this before the softmax that gives the probabilities.
+    # Zero-shot (no examples): cosine similarities to the descriptions are divided by this
+    # before the softmax. With examples the head's temperature is fitted on the examples.
     temperature: float = Field(default=0.1, gt=0)
-    # Weight of the similarity to the label descriptions (zero-shot) next to the prototypes.
-    description_weight: float = Field(default=1.0, ge=0.0)
-    # Few-shot vote: the k nearest labeled vectors (examples, and past events with the label
-    # they were given), each weighing exp(similarity / vote_temperature); 0 turns it off.
-    neighbours: int = Field(default=10, ge=0)
-    vote_temperature: float = Field(default=0.05, gt=0)
-    vote_weight: float = Field(default=1.0, ge=0.0)
-    # Self-training: every classified event joins its label's prototype (and the vote); a
-    # prototype counts once it has this many members (examples included).
-    adapt: bool = True
-    min_members: int = Field(default=5, ge=1)
     # How label descriptions are embedded; e5 and DashScope (with `instruct`) treat
     # "query" texts differently from the "document" texts they are compared with.
     description_type: TextType = TextType.QUERY

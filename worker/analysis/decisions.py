@@ -238,12 +238,6 @@ WITH s AS (
     INSERT INTO decision_state AS d (namespace, model, version)
     SELECT namespace, $1, 1 FROM changed GROUP BY namespace
     ON CONFLICT (namespace, model) DO UPDATE SET version = d.version + 1, updated_at = now()
-), relabelled AS (
-    -- The decided event's place in the self-trained history (what the k-NN vote reads,
-    -- with adapt) takes the decided label too, instead of the one it was given.
-    UPDATE analysis_points p SET label = c.label FROM changed c
-    WHERE p.namespace = c.namespace AND p.model = $1 AND p.id = c.decided_id
-      AND p.label IS NOT NULL
 ), stored AS (
     INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
     SELECT $10, * FROM unnest($11::text[], $12::int[], $13::bigint[])

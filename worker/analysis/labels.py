@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from worker.analysis import head
 from worker.analysis.config import Classification, Focus, NamespaceAnalysis
+from worker.analysis.head import Head
 from worker.config import ConfigError
 from worker.decode import NO_TIME, Change, Record
 from worker.embed import EmbedStage
@@ -55,15 +57,17 @@ class LabelText:
 
 @dataclass
 class LabelSet:
-    """What classification needs in memory: label vectors and the examples' sums."""
+    """What classification needs in memory: the description prototypes and the fitted head."""
 
     namespace: str
     spec: Classification
     # (labels, dimension) unit vectors: mean of each label's descriptions. None when some
     # label has no description (zero-shot then cannot rank every label).
     prototypes: np.ndarray | None
-    # Per label, the sum and count of its examples' unit vectors (the few-shot prototype).
-    example_sums: np.ndarray
+    # The supervised head on the labeled examples (kinds "example" and "decision"); None
+    # without examples (zero-shot).
+    head: Head | None
+    # Labeled examples per label, in ``names`` order.
     example_counts: np.ndarray
 
     @property
@@ -73,14 +77,6 @@ class LabelSet:
     @property
     def examples(self) -> int:
         return int(self.example_counts.sum())
-
-    @property
-    def example_mean(self) -> np.ndarray | None:
-        """The centre the few-shot prototypes are compared around (None without examples)."""
-        if not self.examples:
-            return None
-        mean: np.ndarray = self.example_sums.sum(axis=0) / self.examples
-        return mean
 
 
 def label_texts(spec: Classification) -> list[LabelText]:
@@ -215,35 +211,56 @@ async def sync(
 def label_set(
     namespace: str, spec: Classification, rows: Sequence[tuple[str, str, np.ndarray]]
 ) -> LabelSet:
-    """The label set's description prototypes and example sums, from its stored vectors."""
+    """THE way stored ``label_vectors`` rows become the in-memory classifier.
+
+    Rows of kind ``example`` (from the analysis file) and ``decision`` (from moderators)
+    are the labeled examples the head is fitted on; ``description`` rows are the prototypes
+    and the head's prior. Call it again to refit when rows are added: it is deterministic.
+    A label without examples lends its description as its one example, so a partly
+    labeled set still classifies over every label.
+    """
     names = spec.names
     index = {name: i for i, name in enumerate(names)}
-    descriptions = [(label, v) for kind, label, v in rows if kind == "description"]
-    dimension = len(rows[0][2]) if rows else 0
-    sums = np.zeros((len(names), dimension))
-    counts = np.zeros(len(names), dtype=np.int64)
+    means = description_means([(label, v) for kind, label, v in rows if kind == "description"])
+    protos = np.vstack([means[n] for n in names]) if all(n in means for n in names) else None
+    vectors: list[np.ndarray] = []
+    targets: list[int] = []
     for kind, label, v in rows:
         if kind in EXAMPLE_KINDS and label in index:
-            sums[index[label]] += unit(v.astype(np.float64))
-            counts[index[label]] += 1
+            vectors.append(unit(np.asarray(v, dtype=np.float64)))
+            targets.append(index[label])
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(names))
+    fitted = None
+    if vectors:
+        for i, name in enumerate(names):
+            if counts[i] == 0 and name in means:
+                vectors.append(means[name].astype(np.float64))
+                targets.append(i)
+        got = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(names))
+        if got.min() > 0:  # else some label has neither: classification stays zero-shot
+            fitted = head.fit(np.vstack(vectors), np.asarray(targets), len(names), protos)
     return LabelSet(
-        namespace=namespace,
-        spec=spec,
-        prototypes=prototypes(names, descriptions),
-        example_sums=sums,
-        example_counts=counts,
+        namespace=namespace, spec=spec, prototypes=protos, head=fitted, example_counts=counts
     )
 
 
 def prototypes(names: Sequence[str], rows: Sequence[tuple[str, np.ndarray]]) -> np.ndarray | None:
-    """One unit vector per label: the normalised mean of its description vectors."""
+    """One unit vector per label (the normalised mean of its descriptions); None if one lacks."""
+    means = description_means(rows)
+    if any(name not in means for name in names):
+        return None
+    return np.vstack([means[n] for n in names])
+
+
+def description_means(rows: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per label, the normalised mean of its description vectors (float32)."""
     by_label: dict[str, list[np.ndarray]] = {}
     for label, vector in rows:
         by_label.setdefault(label, []).append(np.asarray(vector, dtype=np.float32))
-    if any(name not in by_label for name in names):
-        return None
-    means = np.vstack([np.mean([unit(v) for v in by_label[n]], axis=0) for n in names])
-    return np.vstack([unit(m) for m in means]).astype(np.float32)
+    return {
+        label: unit(np.mean([unit(v) for v in vs], axis=0)).astype(np.float32)
+        for label, vs in by_label.items()
+    }
 
 
 def unit(vector: np.ndarray) -> np.ndarray:

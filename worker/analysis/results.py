@@ -63,8 +63,9 @@ class ClassificationResult(ResultBase):
     labels: list[LabelScore]
     method: Method
     out_of_scope: float = Field(
-        description="how likely the event belongs to none of the labels, in [0, 1] "
-        "(today 1 - the top probability)"
+        description="how likely the event belongs to none of the labels, in [0, 1]: the "
+        "share of the labeled examples, each scored while held out, that looked more in "
+        "scope than it (zero-shot: 1 - the top probability)"
     )
     action: Action
     # The policy rule that chose the action, as "label>=min_score" ("unknown>=0.5" for a

@@ -1,4 +1,4 @@
-"""The scoring math, pure numpy: probabilities from similarities, votes, quantiles.
+"""The scoring math, pure numpy: probabilities from similarities, moderation, quantiles.
 
 Kept apart from I/O so it is unit-tested directly and shared by the worker and `evaluate`.
 """
@@ -24,36 +24,6 @@ def softmax(similarities: np.ndarray, temperature: float) -> np.ndarray:
 def zero_shot(vectors: np.ndarray, prototypes: np.ndarray, temperature: float) -> np.ndarray:
     """(n, labels) probabilities from the similarity of each vector to each label vector."""
     return softmax(normalise(vectors) @ prototypes.T, temperature)
-
-
-def knn_vote(
-    neighbours: Sequence[Sequence[tuple[int, float]]], labels: int, temperature: float
-) -> np.ndarray:
-    """(n, labels) probabilities: each neighbour votes for its label with weight
-    exp(similarity / temperature), so near examples count more than far ones. A row
-    without neighbours is uniform."""
-    out = np.full((len(neighbours), labels), 1.0 / labels)
-    for row, hits in enumerate(neighbours):
-        if not hits:
-            continue
-        sims = np.array([s for _, s in hits], dtype=np.float64)
-        weights = np.exp((sims - sims.max()) / temperature)
-        votes = np.zeros(labels)
-        np.add.at(votes, [label for label, _ in hits], weights)
-        out[row] = votes / votes.sum()
-    return out
-
-
-def combine(zero: np.ndarray | None, few: np.ndarray | None, few_weight: float) -> np.ndarray:
-    """Mix the two distributions (either may be absent)."""
-    if zero is None and few is None:
-        raise ValueError("nothing to combine")
-    if zero is None:
-        assert few is not None
-        return few
-    if few is None:
-        return zero
-    return (1 - few_weight) * zero + few_weight * few
 
 
 def top_k(probabilities: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:

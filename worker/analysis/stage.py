@@ -70,24 +70,9 @@ async def analyse(
     current = await state.load(conn, namespace, model, vectors.shape[1])
     delta = state.Delta.empty(namespace, current.seen, vectors.shape[1])
     out = Analysed(deltas=[delta])
-    point_labels: list[str | None] = [None] * len(changes)
     if labels is not None:
-        c = labels.spec
-        stored = (
-            await classify.nearest_labeled(conn, labels, model, vectors)
-            if labels.examples and c.neighbours
-            else None
-        )
-        for i, (change, result) in enumerate(
-            zip(
-                changes,
-                classify.classify_batch(labels, current, vectors, stored, delta),
-                strict=True,
-            )
-        ):
+        for change, result in zip(changes, classify.classify_batch(labels, vectors), strict=True):
             out.classifications.append(classify.build(labels, model, change, result))
-            if c.adapt:
-                point_labels[i] = labels.names[result.label]
     if spec.anomaly is not None:
         a = spec.anomaly
         past = await anomaly.fetch_past(conn, a, namespace, model, vectors, current.seen)
@@ -99,7 +84,6 @@ async def analyse(
         ]
     delta.vector_sum += vectors.sum(axis=0)
     delta.ids = [c.id for c in changes]
-    delta.labels = point_labels
     delta.vectors = list(vectors)
     return out
 

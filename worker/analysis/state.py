@@ -1,15 +1,14 @@
 """What analysis remembers per namespace, in Postgres, and how a batch adds to it.
 
-Every figure is a sum (events seen, vector sums, histogram counts, label members), so an
+Every figure is a sum (events seen, vector sums, histogram counts), so an
 update is an addition: replicas that analyse the same namespace add to the same rows, and
 the additions happen in the transaction that stores the batch's offsets, so a crash or a
 replay never counts an event twice. Past events (``analysis_points``) are kept by position
-in the namespace for the k-NN vote and the k-NN anomaly distance, trimmed to ``history``.
+in the namespace for the k-NN anomaly distance, trimmed to ``history``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +19,6 @@ from worker.store import Conn
 
 LOAD_STATE = """
 SELECT seen, vector_sum, score_hist FROM analysis_state WHERE namespace = $1 AND model = $2
-"""
-
-LOAD_LABELS = """
-SELECT label, members, vector_sum FROM label_state WHERE namespace = $1 AND model = $2
 """
 
 # Element-wise addition of two float8[] of the same length.
@@ -39,18 +34,9 @@ ON CONFLICT (namespace, model) DO UPDATE SET
     updated_at = now()
 """
 
-ADD_LABEL = f"""
-INSERT INTO label_state AS s (namespace, model, label, members, vector_sum)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (namespace, model, label) DO UPDATE SET
-    members = s.members + EXCLUDED.members,
-    vector_sum = {_ADD.format("s.vector_sum", "EXCLUDED.vector_sum")},
-    updated_at = now()
-"""
-
 ADD_POINTS = """
-INSERT INTO analysis_points (namespace, model, position, id, label, embedding)
-SELECT $1, $2, * FROM unnest($3::bigint[], $4::text[], $5::text[], $6::vector[])
+INSERT INTO analysis_points (namespace, model, position, id, embedding)
+SELECT $1, $2, * FROM unnest($3::bigint[], $4::text[], $5::vector[])
 ON CONFLICT DO NOTHING
 """
 
@@ -70,8 +56,6 @@ class NamespaceState:
     seen: int
     vector_sum: np.ndarray  # float64 (dimension,): sum of every unit vector seen
     hist: np.ndarray  # float64 (HIST_BINS,): anomaly scores counted after the warm-up
-    members: Counter[str] = field(default_factory=Counter)  # label -> events given it
-    label_sums: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,10 +66,7 @@ class Delta:
     start: int  # the namespace position of the batch's first event
     vector_sum: np.ndarray
     hist: np.ndarray
-    members: Counter[str] = field(default_factory=Counter)
-    label_sums: dict[str, np.ndarray] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
-    labels: list[str | None] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
 
     @classmethod
@@ -104,9 +85,6 @@ async def load(conn: Conn, namespace: str, model: str, dimension: int) -> Namesp
             np.asarray(row["score_hist"], dtype=np.float64),
         )
     )
-    for r in await conn.fetch(LOAD_LABELS, namespace, model):
-        state.members[r["label"]] = int(r["members"])
-        state.label_sums[r["label"]] = np.asarray(r["vector_sum"], dtype=np.float64)
     return state
 
 
@@ -124,15 +102,12 @@ async def apply(conn: Conn, model: str, delta: Delta, history: int) -> None:
     ns = delta.namespace
     count = len(delta.ids)
     await conn.execute(ADD_STATE, ns, model, count, delta.vector_sum.tolist(), delta.hist.tolist())
-    for label, members in sorted(delta.members.items()):
-        await conn.execute(ADD_LABEL, ns, model, label, members, delta.label_sums[label].tolist())
     await conn.execute(
         ADD_POINTS,
         ns,
         model,
         list(range(delta.start, delta.start + count)),
         delta.ids,
-        delta.labels,
         [Vector(v) for v in delta.vectors],
     )
     end = delta.start + count
