@@ -140,7 +140,11 @@ class Anomaly(BaseModel):
     horizon: int = Field(default=100, ge=0)
     # Weight of the centroid distance in the score (the rest is the k-NN distance).
     centroid_weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    # "alerts" sends only anomalies; "all" sends every score (evaluation, dashboards).
+    # Alerts within this many events (and, when both have an event time, this many seconds)
+    # of an incident's last alert join it; a longer gap closes it (docs/analysis.md).
+    incident_gap: int = Field(default=50, ge=0)
+    incident_gap_seconds: float | None = Field(default=600.0, gt=0)
+    # "alerts" sends incident messages only; "all" sends every score as well.
     emit: Literal["alerts", "all"] = "alerts"
     # Optional: score = novelty x P(alert | focus descriptions) instead of novelty alone.
     focus: Focus | None = None
