@@ -233,3 +233,28 @@ def test_analysis_file_examples_and_refusals(tmp_path: Path) -> None:
         load_analysis(good)
     with pytest.raises(ValueError, match="history"):
         NamespaceAnalysis(anomaly=Anomaly(warm_up=100), history=50)
+
+
+def test_with_a_half_life_old_scores_fade_and_the_threshold_follows_the_stream() -> None:
+    rng = np.random.default_rng(3)
+    routine = [axis(i % 3, 0.15, rng) for i in range(60)]
+    burst = [axis(3 + i % 4, 0.01, rng) for i in range(12)]
+    later = [axis(i % 3, 0.15, rng) for i in range(200)]
+    stream = np.vstack([*routine, *burst, *later])
+    kept = Anomaly(warm_up=30, horizon=20, neighbours=5, quantile=0.9)
+    faded = kept.model_copy(update={"half_life": 50})
+    delta = Delta.empty("ns", 0, DIM)
+    past = anomaly.Past([[] for _ in stream], [], [])
+    ids = [str(i) for i in range(len(stream))]
+    with_fade = anomaly.score_batch(faded, empty_state(), stream, ids, past, delta)
+    without = score(stream, kept)
+    end_kept, end_faded = without[-1].threshold, with_fade[-1].threshold
+    assert end_kept is not None and end_faded is not None
+    # Long after the burst its scores no longer hold the threshold up.
+    assert end_faded < end_kept
+    # What the transaction stores: every counted score with weight 1/2 per 50 after it.
+    counted = len(stream) - faded.warm_up
+    assert delta.decays == counted
+    f = anomaly.forgetting(faded)
+    expected = faded.warm_up * f**counted + sum(f**k for k in range(counted))
+    assert delta.hist.sum() == pytest.approx(expected)

@@ -54,9 +54,12 @@ class Analysed:
     incident_results: list[IncidentResult] = field(default_factory=list)
     transitions: dict[str, incidents.Transitions] = field(default_factory=dict)
 
-    async def apply(self, conn: Conn, model: str, history: dict[str, int]) -> None:
+    async def apply(
+        self, conn: Conn, model: str, history: dict[str, int], forgetting: dict[str, float]
+    ) -> None:
         for delta in self.deltas:
-            await state.apply(conn, model, delta, history[delta.namespace])
+            ns = delta.namespace
+            await state.apply(conn, model, delta, history[ns], forgetting.get(ns, 1.0))
         for namespace, transitions in self.transitions.items():
             await incidents.apply(conn, namespace, model, transitions)
 
@@ -138,6 +141,11 @@ class AnalysisStage:
 
     def history(self) -> dict[str, int]:
         return {n: ns.history for n, ns in self.namespaces.items()}
+
+    def forgetting(self) -> dict[str, float]:
+        return {
+            n: anomaly.forgetting(ns.anomaly) for n, ns in self.namespaces.items() if ns.anomaly
+        }
 
     async def run(self, pg: RunPg, changes: Sequence[Change]) -> Analysed:
         """Analyse the freshly embedded changes; publish (acknowledged); return the deltas."""
