@@ -15,6 +15,8 @@ from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running
 from worker import store
+from worker.analysis import anomaly
+from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, ClassificationResult
 from worker.config import Settings
 
@@ -232,8 +234,12 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
     finally:
         await conn.close()
     assert seen == points == 120 + len(stream), "each event counted once, across the restart"
-    # Counted: the 40 warm-up events' seeds, then every later score.
-    assert sum(histogram) == 40 + (120 - 40) + len(stream)
+    # Counted: the 40 warm-up events' seeds, then every later score, each fading by the
+    # forgetting factor once per score counted after it.
+    f = anomaly.forgetting(Anomaly())
+    counted = 120 - 40 + len(stream)
+    expected = 40 * f**counted + sum(f**k for k in range(counted))
+    assert sum(histogram) == pytest.approx(expected)
 
 
 async def test_a_focus_ranks_a_new_failure_above_new_routine_chatter(

@@ -132,8 +132,8 @@ class Anomaly(BaseModel):
     warm_up: int = Field(default=100, ge=0)
     # The alert threshold is this quantile of the namespace's own score distribution, where
     # a score's weight halves every `half_life` scores after it (None: every score forever).
-    quantile: float = Field(default=0.95, gt=0.0, lt=1.0)
-    half_life: int | None = Field(default=None, ge=1)
+    quantile: float = Field(default=0.9, gt=0.0, lt=1.0)
+    half_life: int | None = Field(default=250, ge=1)
     # Nearest past events the k-NN distance averages over.
     neighbours: int = Field(default=50, ge=1)
     # The most recent events (after the warm-up) are left out of the history an event is
