@@ -407,9 +407,10 @@ def render(report: Report) -> str:
         ):
             s = i[name]
             lines.append(
-                f"{what:<34} {s['incidents']:>4} of {s['true_incidents']} true (gap "
-                f"{i['gap']}): P {s['precision']:.4f}  R {s['recall']:.4f}  F1 {s['f1']:.4f}"
-                f"  median delay {s['median_delay_lines']} lines"
+                f"{what:<34} {s['incidents']:>4} incidents, {s['found']} of "
+                f"{s['true_incidents']} true found (gap {i['gap']}): P {s['precision']:.4f}  "
+                f"R {s['recall']:.4f}  F1 {s['f1']:.4f}  median delay "
+                f"{s['median_delay_lines']} lines"
             )
     return "\n".join(lines)
 
