@@ -97,11 +97,13 @@ async def test_a_burst_is_one_incident_and_a_restart_mid_incident_keeps_it(
     for namespace in ("ops", "pager"):
         mine = [m for m in messages if m["namespace"] == namespace]
         incidents = [IncidentResult.model_validate(m) for m in mine if m["kind"] == "incident"]
-        assert [(i.status, i.first.position) for i in incidents] == [
-            ("open", 50),
-            ("closed", 50),
-        ], "one open message for the burst, one close, across the restart"
-        opened, closed = incidents
+        assert {i.first.position for i in incidents} == {50}, "one incident for the burst"
+        statuses = [i.status for i in incidents]
+        assert statuses[0] == "open" and statuses[-1] == "closed", statuses
+        assert set(statuses[1:-1]) <= {"update"}, "one page, one close, across the restart"
+        opened, closed = incidents[0], incidents[-1]
+        counts = [i.count for i in incidents]
+        assert counts == sorted(counts), "updates only grow"
         assert opened.key == closed.key == f"{namespace}/incident-50@{settings.provider.model}"
         assert opened.count == 1 and opened.first.id == f"{namespace}-50"
         # The same scores in both namespaces, so the same alerts; the close counts them all,
@@ -111,7 +113,7 @@ async def test_a_burst_is_one_incident_and_a_restart_mid_incident_keeps_it(
         assert closed.closed_by == "events"
         assert closed.peak.score >= max(s.score for s in scores if s.anomaly) - 1e-6
     pager = [m["kind"] for m in messages if m["namespace"] == "pager"]
-    assert pager == ["incident", "incident"], "emit = alerts sends incidents, not scores"
+    assert set(pager) == {"incident"}, "emit = alerts sends incidents, not scores"
 
     conn = await env.connect()
     try:

@@ -80,15 +80,17 @@ def test_an_incident_closes_on_idle_event_time_even_within_the_event_gap() -> No
     ]
     # Without an event time only the event gap counts.
     untimed: Scored = [(event(0), True, 0.3), (event(1), True, 0.3)]
-    assert [m.status for m in group(spec, [], untimed).messages] == ["open"]
+    assert [m.status for m in group(spec, [], untimed).messages] == ["open", "update"]
     no_seconds = Anomaly(incident_gap=100, incident_gap_seconds=None)
-    assert [m.status for m in group(no_seconds, [], events).messages] == ["open"]
+    assert [m.status for m in group(no_seconds, [], events).messages] == ["open", "update"]
 
 
 def test_a_restart_mid_incident_continues_it_without_a_second_open() -> None:
     spec = Anomaly(incident_gap=4)
     first = group(spec, [], stream({20: 0.5, 22: 0.6}, 24))
-    assert [m.status for m in first.messages] == ["open"]
+    # Opened, then grew within the batch and stays open: one update with count 2.
+    assert [(m.status, m.count) for m in first.messages] == [("open", 1), ("update", 2)]
+    assert first.messages[1].last.position == 22
     # What the transaction stored is what the next batch (after a restart) loads.
     stored = [incident for incident, _ in first.open]
     assert [added for _, added in first.open] == [2]

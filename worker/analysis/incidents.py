@@ -5,9 +5,10 @@ An alert joins the namespace's open incident when it comes within ``incident_gap
 alert; otherwise the open incident closes and the alert opens a new one. An incident also
 closes as soon as a later event, alert or not, shows the gap has passed, so a close does not
 wait for the next alert. The anomalies topic gets one ``open`` message when an incident
-opens and one ``closed`` message (first and last alert, count, peak) when it closes, both
-under the incident's key: a consumer that keeps the last message per key ends with the
-closed one, and a replay sends the same messages under the same keys.
+opens (the page), at most one ``update`` per batch in which it grew and stays open, and one
+``closed`` message (first and last alert, count, peak) when it closes, all under the
+incident's key: a consumer pages on ``open`` and keeps the last message per key, which ends
+with the closed one; a replay sends the same messages under the same keys.
 
 The open incidents live in Postgres (``anomaly_incidents``), read with the rest of the
 namespace state and written in the transaction that stores the batch's offsets: a restart
@@ -25,7 +26,7 @@ from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, IncidentEvent, IncidentResult
 from worker.store import Conn
 
-Status = Literal["open", "closed"]
+Status = Literal["open", "update", "closed"]
 
 LOAD = """
 SELECT first, last, peak, count, threshold FROM anomaly_incidents
@@ -160,6 +161,11 @@ def group(
             live.append(opened)
             added[event.position] = 1
             out.messages.append(message(namespace, model, opened, "open"))
+    # An incident that grew in this batch and stays open: one update with its state so far.
+    told = {m.first.position: m.count for m in out.messages}
+    for incident in live:
+        if added[incident.first.position] and told.get(incident.first.position) != incident.count:
+            out.messages.append(message(namespace, model, incident, "update"))
     out.open = [(i, added[i.first.position]) for i in live]
     return out
 

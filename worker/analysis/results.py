@@ -109,14 +109,16 @@ class IncidentEvent(BaseModel):
 
 
 class IncidentResult(BaseModel):
-    """Consecutive alerts of a namespace as one incident: sent when it opens and when it
-    closes, both under the incident's key (keep the last message per key)."""
+    """Consecutive alerts of a namespace as one incident: sent when it opens, after a batch
+    in which it grew, and when it closes, all under the incident's key (keep the last)."""
 
     kind: Literal["incident"] = "incident"
     key: str = Field(description="namespace/incident-<first alert's position>@model")
     namespace: str
     model: str
-    status: Literal["open", "closed"]
+    status: Literal["open", "update", "closed"] = Field(
+        description="open: the first alert (page on it); update: grew, still open; closed"
+    )
     first: IncidentEvent
     last: IncidentEvent = Field(description="the latest alert (the first, when it opens)")
     peak: IncidentEvent = Field(description="the alert with the highest score")
