@@ -229,7 +229,8 @@ async def _show_analysis(settings: Settings) -> None:
         peak = i["peak"]
         _say(
             f"  {peak['score']:.3f} > {i['threshold']:.3f}  {i['count']} alert(s), "
-            f"{i['status']}  {_clip(texts.get(peak['id']), 46)}"
+            f"{'closed' if i['status'] == 'closed' else 'open'}  "
+            f"{_clip(texts.get(peak['id']), 46)}"
         )
 
 
