@@ -241,7 +241,7 @@ def test_with_a_half_life_old_scores_fade_and_the_threshold_follows_the_stream()
     burst = [axis(3 + i % 4, 0.01, rng) for i in range(12)]
     later = [axis(i % 3, 0.15, rng) for i in range(200)]
     stream = np.vstack([*routine, *burst, *later])
-    kept = Anomaly(warm_up=30, horizon=20, neighbours=5, quantile=0.9)
+    kept = Anomaly(warm_up=30, horizon=20, neighbours=5, quantile=0.9, half_life=0)
     faded = kept.model_copy(update={"half_life": 50})
     delta = Delta.empty("ns", 0, DIM)
     past = anomaly.Past([[] for _ in stream], [], [])

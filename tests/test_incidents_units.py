@@ -81,7 +81,7 @@ def test_an_incident_closes_on_idle_event_time_even_within_the_event_gap() -> No
     # Without an event time only the event gap counts.
     untimed: Scored = [(event(0), True, 0.3), (event(1), True, 0.3)]
     assert [m.status for m in group(spec, [], untimed).messages] == ["open", "update"]
-    no_seconds = Anomaly(incident_gap=100, incident_gap_seconds=None)
+    no_seconds = Anomaly(incident_gap=100, incident_gap_seconds=0)
     assert [m.status for m in group(no_seconds, [], events).messages] == ["open", "update"]
 
 

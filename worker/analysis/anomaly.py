@@ -156,7 +156,7 @@ def score_batch(
 
 def forgetting(spec: Anomaly) -> float:
     """What each counted score multiplies the histogram by before it is added (1: none)."""
-    return 1.0 if spec.half_life is None else 0.5 ** (1.0 / spec.half_life)
+    return 0.5 ** (1.0 / spec.half_life) if spec.half_life else 1.0
 
 
 def focus_weights(

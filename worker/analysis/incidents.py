@@ -94,7 +94,7 @@ def idle(spec: Anomaly, incident: Incident, event: IncidentEvent) -> bool:
         return True
     a, b = incident.last.event_time, event.event_time
     seconds = spec.incident_gap_seconds
-    return seconds is not None and a is not None and b is not None and _gap(a, b) > seconds
+    return seconds > 0 and a is not None and b is not None and _gap(a, b) > seconds
 
 
 def _gap(a: datetime, b: datetime) -> float:
