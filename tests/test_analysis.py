@@ -15,6 +15,8 @@ from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running
 from worker import store
+from worker.analysis import anomaly
+from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, ClassificationResult
 from worker.config import Settings
 
@@ -198,6 +200,7 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
     scored = [
         AnomalyResult.model_validate(m)
         for _, m in await read_topic(env, topics["anomalies_topic"], len(first))
+        if m["kind"] == "anomaly"
     ]
     assert [r.seen for r in scored] == list(range(120)), "one score per event, in stream order"
     assert all(r.warm_up and r.threshold is None and not r.anomaly for r in scored[:40])
@@ -215,6 +218,7 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
     later = [
         AnomalyResult.model_validate(m)
         for _, m in await read_topic(env, topics["anomalies_topic"], 120 + len(stream))
+        if m["kind"] == "anomaly"
     ][120:]
     assert [r.seen for r in later] == list(range(120, 120 + len(stream)))
     assert not any(r.warm_up for r in later)
@@ -229,8 +233,12 @@ async def test_anomalies_flag_off_topic_text_after_warm_up_and_state_survives_re
     finally:
         await conn.close()
     assert seen == points == 120 + len(stream), "each event counted once, across the restart"
-    # Counted: the 40 warm-up events' seeds, then every later score.
-    assert sum(histogram) == 40 + (120 - 40) + len(stream)
+    # Counted: the 40 warm-up events' seeds, then every later score, each fading by the
+    # forgetting factor once per score counted after it.
+    f = anomaly.forgetting(Anomaly())
+    counted = 120 - 40 + len(stream)
+    expected = 40 * f**counted + sum(f**k for k in range(counted))
+    assert sum(histogram) == pytest.approx(expected)
 
 
 async def test_a_focus_ranks_a_new_failure_above_new_routine_chatter(
@@ -251,6 +259,7 @@ async def test_a_focus_ranks_a_new_failure_above_new_routine_chatter(
         for r in (
             AnomalyResult.model_validate(m)
             for _, m in await read_topic(env, topics["anomalies_topic"], len(events))
+            if m["kind"] == "anomaly"
         )
     }
     assert len(results) == len(events)

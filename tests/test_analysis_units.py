@@ -280,3 +280,28 @@ def test_unknown_is_reserved_for_the_policy_and_routes_out_of_scope_events() -> 
     assert result(0.4, 0.35, 0.25) == ("review", 0.6, "unknown>=0.5")
     assert result(0.7, 0.2, 0.1) == ("allow", 0.3, None)  # rounded to 6 places
     assert result(0.95, 0.03, 0.02) == ("block", 0.05, "a>=0.9")
+
+
+def test_with_a_half_life_old_scores_fade_and_the_threshold_follows_the_stream() -> None:
+    rng = np.random.default_rng(3)
+    routine = [axis(i % 3, 0.15, rng) for i in range(60)]
+    burst = [axis(3 + i % 4, 0.01, rng) for i in range(12)]
+    later = [axis(i % 3, 0.15, rng) for i in range(200)]
+    stream = np.vstack([*routine, *burst, *later])
+    kept = Anomaly(warm_up=30, horizon=20, neighbours=5, quantile=0.9, half_life=0)
+    faded = kept.model_copy(update={"half_life": 50})
+    delta = Delta.empty("ns", 0, DIM)
+    past = anomaly.Past([[] for _ in stream], [], [])
+    ids = [str(i) for i in range(len(stream))]
+    with_fade = anomaly.score_batch(faded, empty_state(), stream, ids, past, delta)
+    without = score(stream, kept)
+    end_kept, end_faded = without[-1].threshold, with_fade[-1].threshold
+    assert end_kept is not None and end_faded is not None
+    # Long after the burst its scores no longer hold the threshold up.
+    assert end_faded < end_kept
+    # What the transaction stores: every counted score with weight 1/2 per 50 after it.
+    counted = len(stream) - faded.warm_up
+    assert delta.decays == counted
+    f = anomaly.forgetting(faded)
+    expected = faded.warm_up * f**counted + sum(f**k for k in range(counted))
+    assert delta.hist.sum() == pytest.approx(expected)

@@ -64,6 +64,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0002_analysis.sql",
             "applied 0003_focus.sql",
             "applied 0004_decisions.sql",
+            "applied 0005_incidents.sql",
         ],
     )
     code, out, _ = await cli("migrate", **_env(env))

@@ -127,6 +127,11 @@ async def test_anomaly_report_ranks_injected_off_topic_lines_first(tmp_path: Pat
     ]
     assert sum(x["anomaly"] for x in scored) == m["alerts"]
     assert all(x["warm_up"] == (i < 50) for i, x in enumerate(scored))
+    # 15 lines apart: one true incident (gap 50), found by an incident the worker sent.
+    i = m["incidents"]
+    assert i["gap"] == 50 and i["worker"]["true_incidents"] == 1
+    assert i["worker"]["found"] == 1 and i["worker"]["median_delay_lines"] == 0.0, i
+    assert i["worker"]["incidents"] >= 1 and i["fixed_quantile"]["true_incidents"] == 1
 
 
 async def test_zero_shot_without_descriptions_is_a_clear_error(tmp_path: Path) -> None:

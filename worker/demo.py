@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from worker import logs, store
 from worker.app import Worker
@@ -222,11 +222,23 @@ async def _show_analysis(settings: Settings) -> None:
     for c in shown:
         score, text = c["labels"][0]["score"], _clip(texts.get(c["id"]), 58)
         _say(f"  {score:.2f} {c['label']:<9} {c['action']:<7} {text}")
-    scores = [json.loads(v) for v in await read_topic(bootstrap, a.anomalies_topic)]
-    _say(f"\nAnomalies in the news stream ({a.anomalies_topic}): {len(scores)} after the warm-up")
-    texts = await _texts(settings, [s["id"] for s in scores])
-    for s in sorted(scores, key=lambda s: -s["score"])[:3]:
-        _say(f"  {s['score']:.3f} > {s['threshold']:.3f}  {_clip(texts.get(s['id']), 58)}")
+    incidents: dict[str, Any] = {}  # the last message per key: closed, or still open
+    for v in await read_topic(bootstrap, a.anomalies_topic):
+        m = json.loads(v)
+        incidents[m["key"]] = m
+    alerts = sum(i["count"] for i in incidents.values())
+    _say(
+        f"\nAnomaly incidents in the news stream ({a.anomalies_topic}): {len(incidents)} "
+        f"({alerts} alerts after the warm-up)"
+    )
+    texts = await _texts(settings, [i["peak"]["id"] for i in incidents.values()])
+    for i in sorted(incidents.values(), key=lambda i: -i["peak"]["score"])[:3]:
+        peak = i["peak"]
+        _say(
+            f"  {peak['score']:.3f} > {i['threshold']:.3f}  {i['count']} alert(s), "
+            f"{'closed' if i['status'] == 'closed' else 'open'}  "
+            f"{_clip(texts.get(peak['id']), 46)}"
+        )
 
 
 async def _texts(settings: Settings, ids: list[str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from worker import store
-from worker.analysis import quality
+from worker.analysis import incident_quality, quality
 from worker.analysis.config import (
     UNKNOWN,
     AnalysisFile,
@@ -371,12 +371,17 @@ async def evaluate(
         how = f"unsupervised: all {len(rows)} rows streamed {order}"
     if shuffle is not None:
         test = shuffled(test, shuffle)
-    results = await _run(base, ns, test, progress)
+    incidents: list[dict[str, Any]] = []
+    results = await _run(base, ns, test, progress, incidents)
     report = Report(task, str(path), base.provider.model_name, len(rows), how, examples, len(test))
     if task == "classify":
         report.metrics = classification_metrics(test, results, positive, unknown_label, ns.classify)
     else:
+        assert ns.anomaly is not None
         report.metrics = anomaly_metrics(test, results, normal_label)
+        report.metrics["incidents"] = incident_metrics(
+            test, results, normal_label, ns.anomaly, incidents
+        )
     if rows_out is not None:
         write_rows(rows_out, task, test, results, unknown_label)
     report.seconds = time.monotonic() - started
@@ -493,10 +498,57 @@ def write_rows(
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
+def incident_metrics(
+    rows: Sequence[Row],
+    results: dict[int, dict[str, Any]],
+    normal_label: str,
+    spec: Anomaly,
+    messages: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """Incident-level P/R/F1 of the worker's incident messages, beside baselines on the same
+    scores: a fixed (hindsight) quantile of the whole stream's scores, and the same on the
+    novelty alone; alerts grouped as the worker groups them (``incident_gap`` events).
+
+    True incidents are runs of labeled-anomalous rows with gaps <= ``incident_gap``; those
+    that end inside the warm-up (where nothing alerts) are left out."""
+    gap = spec.incident_gap
+    truth = [
+        t
+        for t in incident_quality.spans([r.label != normal_label for r in rows], gap)
+        if t[1] >= spec.warm_up
+    ]
+    final: dict[str, dict[str, Any]] = {}
+    for m in messages:  # a consumer's view: the last message per key
+        final[m["key"]] = m
+    worker = [(m["first"]["position"], m["last"]["position"]) for m in final.values()]
+    out: dict[str, Any] = {
+        "gap": gap,
+        "worker": incident_quality.incident_prf(truth, sorted(worker)).as_dict(),
+        "closed": sum(m["status"] == "closed" for m in final.values()),
+    }
+    after = [r for r in rows if not results[r.index]["warm_up"]]
+    for name, attribute in (("fixed_quantile", "score"), ("novelty_fixed_quantile", "novelty")):
+        scores = np.array([float(results[r.index][attribute]) for r in after])
+        cut = float(np.quantile(scores, spec.quantile)) if len(scores) else 0.0
+        flags = [
+            not results[r.index]["warm_up"] and float(results[r.index][attribute]) > cut
+            for r in rows
+        ]
+        predicted = incident_quality.spans(flags, gap)
+        out[name] = incident_quality.incident_prf(truth, predicted).as_dict()
+    return out
+
+
 async def _run(
-    base: Settings, analysis: NamespaceAnalysis, rows: Sequence[Row], progress: bool
+    base: Settings,
+    analysis: NamespaceAnalysis,
+    rows: Sequence[Row],
+    progress: bool,
+    incidents: list[dict[str, Any]] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Stream ``rows`` through a worker on a fresh embedded stack; the results by row."""
+    """Stream ``rows`` through a worker on a fresh embedded stack; the results by row.
+
+    Incident messages (anomalies topic) are appended to ``incidents`` when it is given."""
     name = f"evaluate-{uuid.uuid4().hex[:8]}"
     stack = DevStack()
     try:
@@ -551,7 +603,9 @@ async def _run(
         messages = [json.loads(v) for v in await read_topic(stack.bootstrap, topic)]
     finally:
         await stack.stop()
-    by_row = {int(m["id"].removeprefix("row-")): m for m in messages}
+    if incidents is not None:
+        incidents += [m for m in messages if m.get("kind") == "incident"]
+    by_row = {int(m["id"].removeprefix("row-")): m for m in messages if m.get("kind") != "incident"}
     missing = [r.index for r in rows if r.index not in by_row]
     if missing:
         raise RuntimeError(f"no result for {len(missing)} rows (first: row-{missing[0]})")
@@ -600,6 +654,19 @@ def render(report: Report) -> str:
             f"at the learned threshold: {m['alerts']} alerts, P {m['precision']:.4f}  "
             f"R {m['recall']:.4f}  F1 {m['f1']:.4f}",
         ]
+        i = m["incidents"]
+        for name, what in (
+            ("worker", "incidents (worker)"),
+            ("fixed_quantile", "baseline: fixed quantile"),
+            ("novelty_fixed_quantile", "baseline: novelty, fixed quantile"),
+        ):
+            s = i[name]
+            lines.append(
+                f"{what:<34} {s['incidents']:>4} incidents, {s['found']} of "
+                f"{s['true_incidents']} true found (gap {i['gap']}): P {s['precision']:.4f}  "
+                f"R {s['recall']:.4f}  F1 {s['f1']:.4f}  median delay "
+                f"{s['median_delay_lines']} lines"
+            )
     return "\n".join(lines)
 
 

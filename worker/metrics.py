@@ -147,6 +147,7 @@ class PipelineCollector(Collector):
             yield classified
             yield counter("anomaly_scored", "Events given an anomaly score.", a.scored)
             yield counter("anomalies", "Events that crossed the anomaly threshold.", a.anomalies)
+            yield counter("anomaly_incidents", "Anomaly incidents opened.", a.incidents)
 
         yield gauge("in_flight_events", "Events fetched but not yet stored.", p.tracker.in_flight)
         yield gauge(

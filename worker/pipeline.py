@@ -536,7 +536,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         if self.analysis is not None:
             # Results are acknowledged before the offsets are stored (at least once).
             analysed = await self.analysis.run(self._pg, changes)
-            within = partial(analysed.apply, model=model, history=self.analysis.history())
+            within = partial(
+                analysed.apply,
+                model=model,
+                history=self.analysis.history(),
+                forgetting=self.analysis.forgetting(),
+            )
         began = time.monotonic()
         result = await self._pg(
             "write",

@@ -14,7 +14,10 @@ routine ones: a new kind of failure alerts, a new kind of status line much less.
 The threshold is the ``quantile`` of the scores after the warm-up, seeded when the warm-up
 ends with each warm-up event's score against the other warm-up events; nothing alerts
 during the warm-up. Every score counts, alerts included: a threshold that starts too low
-must be able to rise (docs/analysis.md has the measurements behind this and the defaults).
+must be able to rise. Older scores fade with a ``half_life`` (in events), so the threshold
+follows the stream's recent scores: novelty falls as the history grows, and a threshold
+learned on the early, more novel part of a stream would miss every later incident
+(docs/analysis.md has the measurements behind this and the defaults).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def score_batch(
     weights = focus_weights(vectors, focus, spec)
     start = state.seen
     hist = state.hist.copy()
+    decay = forgetting(spec)
     total = state.vector_sum.copy()  # every event before the current one
     recent = {p: v for p, v in past.recent}
     out: list[Scored] = []
@@ -143,10 +147,16 @@ def score_batch(
         out.append(Scored(value, threshold, alert, novelty, weight, centroid_d, neighbour_d, hits))
         if position >= spec.warm_up:
             counts = scoring.histogram([value])
-            hist += counts
-            delta.hist += counts
+            hist = hist * decay + counts
+            delta.hist = delta.hist * decay + counts
+            delta.decays += 1
         total += x
     return out
+
+
+def forgetting(spec: Anomaly) -> float:
+    """What each counted score multiplies the histogram by before it is added (1: none)."""
+    return 0.5 ** (1.0 / spec.half_life) if spec.half_life else 1.0
 
 
 def focus_weights(

@@ -134,8 +134,10 @@ class Anomaly(BaseModel):
 
     # No alert before this many events of the namespace were scored (scores are still kept).
     warm_up: int = Field(default=100, ge=0)
-    # The alert threshold is this quantile of the namespace's own score distribution.
-    quantile: float = Field(default=0.95, gt=0.0, lt=1.0)
+    # The alert threshold is this quantile of the namespace's own score distribution, where
+    # a score's weight halves every `half_life` scores after it (None: every score forever).
+    quantile: float = Field(default=0.9, gt=0.0, lt=1.0)
+    half_life: int = Field(default=250, ge=0)  # 0: no fading
     # Nearest past events the k-NN distance averages over.
     neighbours: int = Field(default=50, ge=1)
     # The most recent events (after the warm-up) are left out of the history an event is
@@ -144,7 +146,11 @@ class Anomaly(BaseModel):
     horizon: int = Field(default=100, ge=0)
     # Weight of the centroid distance in the score (the rest is the k-NN distance).
     centroid_weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    # "alerts" sends only anomalies; "all" sends every score (evaluation, dashboards).
+    # Alerts within this many events (and, when both have an event time, this many seconds)
+    # of an incident's last alert join it; a longer gap closes it (docs/analysis.md).
+    incident_gap: int = Field(default=50, ge=0)
+    incident_gap_seconds: float = Field(default=600.0, ge=0)  # 0: events only
+    # "alerts" sends incident messages only; "all" sends every score as well.
     emit: Literal["alerts", "all"] = "alerts"
     # Optional: score = novelty x P(alert | focus descriptions) instead of novelty alone.
     focus: Focus | None = None

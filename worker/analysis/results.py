@@ -97,3 +97,37 @@ class AnomalyResult(ResultBase):
     neighbour_distance: float
     neighbours: list[Neighbour]
     seen: int = Field(description="events of the namespace scored before this one")
+
+
+class IncidentEvent(BaseModel):
+    """One alert of an incident: which event, where in the namespace and the stream."""
+
+    id: str
+    key: str = Field(description="the alert's own result key")
+    position: int = Field(description="the event's position in its namespace (`seen`)")
+    event_time: datetime | None
+    score: float
+    source: SourcePosition
+
+
+class IncidentResult(BaseModel):
+    """Consecutive alerts of a namespace as one incident: sent when it opens, after a batch
+    in which it grew, and when it closes, all under the incident's key (keep the last)."""
+
+    kind: Literal["incident"] = "incident"
+    key: str = Field(description="namespace/incident-<first alert's position>@model")
+    namespace: str
+    model: str
+    status: Literal["open", "update", "closed"] = Field(
+        description="open: the first alert (page on it); update: grew, still open; closed"
+    )
+    first: IncidentEvent
+    last: IncidentEvent = Field(description="the latest alert (the first, when it opens)")
+    peak: IncidentEvent = Field(description="the alert with the highest score")
+    count: int = Field(description="alerts in the incident so far")
+    threshold: float = Field(description="the threshold the first alert crossed")
+    closed_by: Literal["events", "seconds"] | None = Field(
+        default=None,
+        description="closed because incident_gap events or incident_gap_seconds passed",
+    )
+    analysed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

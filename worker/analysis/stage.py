@@ -18,10 +18,10 @@ from typing import Protocol, TypeVar
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from worker.analysis import anomaly, classify, decisions, scoring, state
+from worker.analysis import anomaly, classify, decisions, incidents, scoring, state
 from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
-from worker.analysis.results import AnomalyResult, ClassificationResult
+from worker.analysis.results import AnomalyResult, ClassificationResult, IncidentResult
 from worker.config import AnalysisSettings
 from worker.decode import Change
 from worker.publish import publish
@@ -41,6 +41,7 @@ class AnalysisStats:
     classified: Counter[str] = field(default_factory=Counter)  # by action
     scored: int = 0
     anomalies: int = 0
+    incidents: int = 0  # opened
 
 
 @dataclass
@@ -50,10 +51,17 @@ class Analysed:
     classifications: list[ClassificationResult] = field(default_factory=list)
     anomalies: list[AnomalyResult] = field(default_factory=list)
     deltas: list[state.Delta] = field(default_factory=list)
+    incident_results: list[IncidentResult] = field(default_factory=list)
+    transitions: dict[str, incidents.Transitions] = field(default_factory=dict)
 
-    async def apply(self, conn: Conn, model: str, history: dict[str, int]) -> None:
+    async def apply(
+        self, conn: Conn, model: str, history: dict[str, int], forgetting: dict[str, float]
+    ) -> None:
         for delta in self.deltas:
-            await state.apply(conn, model, delta, history[delta.namespace])
+            ns = delta.namespace
+            await state.apply(conn, model, delta, history[ns], forgetting.get(ns, 1.0))
+        for namespace, transitions in self.transitions.items():
+            await incidents.apply(conn, namespace, model, transitions)
 
 
 async def analyse(
@@ -82,6 +90,11 @@ async def analyse(
             anomaly.build(change, model, s, current.seen + i, a)
             for i, (change, s) in enumerate(zip(changes, scored, strict=True))
         ]
+        events = [(incidents.event(r), r.anomaly, r.threshold) for r in out.anomalies]
+        opened = await incidents.load(conn, namespace, model)
+        transitions = incidents.group(a, namespace, model, opened, events)
+        out.incident_results = transitions.messages
+        out.transitions[namespace] = transitions
     delta.vector_sum += vectors.sum(axis=0)
     delta.ids = [c.id for c in changes]
     delta.vectors = list(vectors)
@@ -119,6 +132,11 @@ class AnalysisStage:
     def history(self) -> dict[str, int]:
         return {n: ns.history for n, ns in self.namespaces.items()}
 
+    def forgetting(self) -> dict[str, float]:
+        return {
+            n: anomaly.forgetting(ns.anomaly) for n, ns in self.namespaces.items() if ns.anomaly
+        }
+
     async def run(self, pg: RunPg, changes: Sequence[Change]) -> Analysed:
         """Analyse the freshly embedded changes; publish (acknowledged); return the deltas."""
         by_namespace: dict[str, list[Change]] = {}
@@ -140,10 +158,15 @@ class AnalysisStage:
             out.classifications += part.classifications
             out.anomalies += part.anomalies
             out.deltas += part.deltas
+            out.incident_results += part.incident_results
+            out.transitions.update(part.transitions)
         emit_all = {
             n for n, ns in self.namespaces.items() if ns.anomaly and ns.anomaly.emit == "all"
         }
-        alerts = [a for a in out.anomalies if a.anomaly or a.namespace in emit_all]
+        messages: list[AnomalyResult | IncidentResult] = [
+            *(a for a in out.anomalies if a.namespace in emit_all),
+            *out.incident_results,
+        ]
         await publish(
             self.producer,
             self.settings.classifications_topic,
@@ -152,10 +175,11 @@ class AnalysisStage:
         await publish(
             self.producer,
             self.settings.anomalies_topic,
-            [(r.key.encode(), r.model_dump_json().encode()) for r in alerts],
+            [(r.key.encode(), r.model_dump_json().encode()) for r in messages],
         )
         for r in out.classifications:
             self.stats.classified[r.action.value] += 1
         self.stats.scored += len(out.anomalies)
         self.stats.anomalies += sum(a.anomaly for a in out.anomalies)
+        self.stats.incidents += sum(m.status == "open" for m in out.incident_results)
         return out

@@ -23,6 +23,8 @@ SELECT seen, vector_sum, score_hist FROM analysis_state WHERE namespace = $1 AND
 
 # Element-wise addition of two float8[] of the same length.
 _ADD = "(SELECT array_agg(a + b ORDER BY i) FROM unnest({0}, {1}) WITH ORDINALITY u(a, b, i))"
+# The same, the first faded by $6 (the score histogram's forgetting, see anomaly.py).
+_FADE_ADD = _ADD.replace("a + b", "a * $6::float8 + b")
 
 ADD_STATE = f"""
 INSERT INTO analysis_state AS s (namespace, model, seen, vector_sum, score_hist)
@@ -30,7 +32,7 @@ VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (namespace, model) DO UPDATE SET
     seen = s.seen + EXCLUDED.seen,
     vector_sum = {_ADD.format("s.vector_sum", "EXCLUDED.vector_sum")},
-    score_hist = {_ADD.format("s.score_hist", "EXCLUDED.score_hist")},
+    score_hist = {_FADE_ADD.format("s.score_hist", "EXCLUDED.score_hist")},
     updated_at = now()
 """
 
@@ -66,6 +68,8 @@ class Delta:
     start: int  # the namespace position of the batch's first event
     vector_sum: np.ndarray
     hist: np.ndarray
+    # Scores counted: the stored histogram fades by the forgetting factor this many times.
+    decays: int = 0
     ids: list[str] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
 
@@ -98,10 +102,15 @@ async def points_between(
     return [(int(r["position"]), r["embedding"].to_numpy()) for r in rows]
 
 
-async def apply(conn: Conn, model: str, delta: Delta, history: int) -> None:
+async def apply(
+    conn: Conn, model: str, delta: Delta, history: int, forgetting: float = 1.0
+) -> None:
     ns = delta.namespace
     count = len(delta.ids)
-    await conn.execute(ADD_STATE, ns, model, count, delta.vector_sum.tolist(), delta.hist.tolist())
+    fade = forgetting**delta.decays
+    await conn.execute(
+        ADD_STATE, ns, model, count, delta.vector_sum.tolist(), delta.hist.tolist(), fade
+    )
     await conn.execute(
         ADD_POINTS,
         ns,
