@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from worker.config import KafkaSettings
 from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.kafka import common_options, make_producer
+from worker.kafka import common_options, make_producer, start
 from worker.unreadable import UNREADABLE_ERRORS
 
 REPLAYED_FROM = "replayed-from"
@@ -79,7 +79,7 @@ class Scan:
 async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     """Every letter of the dead-letter topic up to its end, filtered, oldest first."""
     consumer = AIOKafkaConsumer(enable_auto_commit=False, **common_options(k))
-    await consumer.start()
+    await start(consumer, k)
     out = Scan(k.dlq_topic)
     try:
         partitions = await _partitions(k, k.dlq_topic)
@@ -118,7 +118,7 @@ async def _partitions(k: KafkaSettings, topic: str) -> list[int]:
     """Asked of the cluster: an unassigned consumer's metadata has no partitions for a topic
     (Apache Kafka answers a metadata request for no topics with none)."""
     admin = AIOKafkaAdminClient(**common_options(k))
-    await admin.start()
+    await start(admin, k)
     try:
         # Listed first: a describe would create a missing topic on the embedded broker.
         if topic not in await admin.list_topics():
@@ -191,7 +191,7 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
         return out
     largest = max(o.size for _, o in chosen)
     producer = make_producer(k, max_request_size=largest + RECORD_OVERHEAD_BYTES)
-    await producer.start()
+    await start(producer, k)
     try:
         futures = []
         for f, original in chosen:
@@ -275,10 +275,11 @@ async def _fetch(
     consumer = AIOKafkaConsumer(
         enable_auto_commit=False,
         auto_offset_reset="none",  # a position before the log's start is gone, not "latest"
+        isolation_level=k.isolation_level,  # what the worker reads
         fetch_max_wait_ms=k.fetch_max_wait_ms,
         **common_options(k),
     )
-    await consumer.start()
+    await start(consumer, k)
     out: dict[Position, Original | None] = {}
     try:
         partitions = {t: await _partitions(k, t) for t in {s.topic for s in sources}}
