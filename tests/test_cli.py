@@ -304,9 +304,8 @@ def test_where_values_are_json_when_they_are_json_else_strings(pair: str, typed:
 
 def _config_file(env: Env, path: Path) -> Path:
     """The topic and broker from a TOML file instead of the environment."""
-    path.write_text(
-        f'[kafka]\nbootstrap_servers = "{env.stack.bootstrap}"\ninput_topic = "{env.topic}"\n'
-    )
+    kafka = {**env.stack.kafka_settings(), "input_topic": env.topic}
+    path.write_text("[kafka]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kafka.items()))
     return path
 
 

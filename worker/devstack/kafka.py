@@ -234,6 +234,9 @@ class KafkaNode:
             # the rebalance delay to 0, and 50 offsets partitions would only slow the start.
             "group.initial.rebalance.delay.ms": 0,
             "offsets.topic.num.partitions": 4,
+            # The log cleaner looks for work every second (default 15 s): a compacted topic
+            # is cleaned within a test's patience.
+            "log.cleaner.backoff.ms": 1000,
             **self._security_props(),
         }
         self.dir.mkdir(parents=True, exist_ok=True)
