@@ -24,6 +24,7 @@ class Sizes:
     memory_window_s: float = 45.0
     latency_rate: float = 2_000.0  # events/s when scenario 1 did not run
     latency_seconds: float = 20.0
+    scaleout_events: int = 6_000
     smoke: bool = False
 
     @staticmethod
@@ -43,6 +44,7 @@ class Sizes:
             memory_window_s=3.0,
             latency_rate=300.0,
             latency_seconds=2.0,
+            scaleout_events=600,
             smoke=True,
         )
 
@@ -64,5 +66,5 @@ class Context:
 
     @property
     def slow_runs(self) -> int:
-        """Runs of the scenarios that last seconds each (3, 4, 6, 7): one in smoke mode."""
+        """Runs of the scenarios that last seconds each (3, 4, 6-9): one in smoke mode."""
         return 1 if self.sizes.smoke else self.runs

@@ -287,7 +287,13 @@ def postmaster_pid(stack: DevStack) -> int:
 
 
 def stack_roots(stack: DevStack) -> dict[str, int]:
-    return {"broker": stack.broker.pids()[0], "postgres": postmaster_pid(stack)}
+    """The stack's processes by name: ``broker`` (or ``broker-1``.. for a cluster's nodes,
+    each its own JVM) and ``postgres``."""
+    pids = stack.broker.pids()
+    brokers = (
+        {"broker": pids[0]} if len(pids) == 1 else {f"broker-{i}": p for i, p in enumerate(pids, 1)}
+    )
+    return {**brokers, "postgres": postmaster_pid(stack)}
 
 
 # --------------------------------------------------------------------------- data

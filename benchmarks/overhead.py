@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -137,7 +138,7 @@ async def one_run(
     async def attach() -> None:
         nonlocal spy
         if profile is not None:
-            spy = await _start_py_spy(proc.pid, profile)
+            spy = await start_py_spy(proc.pid, profile)
 
     try:
         roots = {"worker": proc.pid, "fake-provider": fake.pid, **stack_roots(ctx.stack)}
@@ -244,10 +245,11 @@ async def what_if(ctx: Context, topic: str, total: int) -> list[Figure]:
 # --------------------------------------------------------------------------- profile
 
 
-async def _start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process | None:
-    exe = shutil.which("py-spy")
+async def start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process | None:
+    # The [bench] extra installs it beside this Python, which need not be on PATH.
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if exe is None:
-        log("py-spy not installed: no profile (pip install py-spy)")
+        log("py-spy not installed: no profile (pip install 'embedding-worker[bench]')")
         return None
     proc = await asyncio.create_subprocess_exec(
         exe,
@@ -275,7 +277,7 @@ async def profile_run(ctx: Context, topic: str, total: int) -> dict[str, Any]:
     if not raw.exists():
         return {"available": False}
     summary = summarize_collapsed(raw.read_text())
-    summary["events_per_s_while_profiled"] = round(rate, 1)
+    summary["while_profiled"] = f"{rate:,.0f} events/s"
     shutil.copy(raw, ctx.out / "overhead-profile.collapsed.txt")
     log(f"profile: {summary['samples']} samples; top self: {summary['self'][:5]}")
     return summary

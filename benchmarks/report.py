@@ -39,6 +39,12 @@ def _num(v: float | None, unit: str) -> str:
     return f"{v:,.0f}"
 
 
+def broker_label(result: dict[str, Any]) -> str:
+    """The broker the run used (runs before it was recorded were all on Tansu)."""
+    broker = result.get("broker") or {"name": "tansu", "label": "Tansu broker"}
+    return f"{broker['label']} (`{broker['name']}`)"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -57,6 +63,13 @@ def markdown(result: dict[str, Any]) -> str:
             if result["smoke"]
             else []
         ),
+        f"Broker: **{broker_label(result)}**"
+        + (
+            "; scenario 9 starts a 3-node Apache Kafka cluster beside it."
+            if any(f["scenario"].startswith("9") for f in result["figures"])
+            else "."
+        ),
+        "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['uname']}.",
         "",
         "```",
@@ -87,39 +100,54 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"- **{f['name']}**: {f['notes']}" for f in notes]
-    if result.get("not_yet"):
-        lines += ["", "Not measured yet (extension points in `benchmarks/run.py`):", ""]
-        lines += [f"- {name}" for name in result["not_yet"]]
-    profile = next(
-        (f["extra"]["profile"] for f in result["figures"] if "profile" in f.get("extra", {})),
-        None,
-    )
-    if profile and profile.get("available"):
+    if result.get("left_out"):
         lines += [
             "",
-            "## Profile of the worker process (scenario 1)",
-            "",
-            f"py-spy, 200 Hz, one extra run ({profile['samples']} samples of non-idle "
-            f"threads; {profile['events_per_s_while_profiled']:,.0f} events/s while "
-            "profiled). Raw collapsed stacks: `overhead-profile.collapsed.txt`.",
-            "",
-            "| by area (innermost library frame) | % | | self time (function) | % |",
-            "|---|---:|---|---|---:|",
+            f"Scenarios left out of this run (`--only`): {', '.join(result['left_out'])}.",
         ]
-        areas, selfs = profile["areas"], profile["self"]
-        for i in range(max(len(areas), len(selfs))):
-            a = areas[i] if i < len(areas) else ["", ""]
-            s = selfs[i] if i < len(selfs) else ["", ""]
-            lines.append(
-                f"| {a[0]} | {a[1]} | | `{s[0]}` | {s[1]} |"
-                if s[0]
-                else f"| {a[0]} | {a[1]} | | | |"
-            )
+    if result.get("not_run"):
+        lines += [
+            "",
+            "**Not run (the run stopped or is still going): scenarios "
+            + ", ".join(result["not_run"])
+            + ".**",
+        ]
+    for f in result["figures"]:
+        profile = f.get("extra", {}).get("profile")
+        if profile and profile.get("available"):
+            lines += _profile(f["scenario"], profile)
     if result.get("analysis"):
         lines += ["", "## Analysis", "", result["analysis"]]
     if result.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _profile(scenario: str, profile: dict[str, Any]) -> list[str]:
+    slug = "overhead" if scenario.startswith("1") else "latency"
+    # Runs before the field was a sentence recorded the events/s alone.
+    during = profile.get("while_profiled") or (
+        f"{profile.get('events_per_s_while_profiled', 0):,.0f} events/s"
+    )
+    lines = [
+        "",
+        f"## Profile of the worker process ({scenario})",
+        "",
+        f"py-spy, 200 Hz, one extra run ({profile['samples']} samples of non-idle "
+        f"threads; {during} while profiled). Raw collapsed stacks: "
+        f"`{slug}-profile.collapsed.txt`.",
+        "",
+        "| by area (innermost library frame) | % | | self time (function) | % |",
+        "|---|---:|---|---|---:|",
+    ]
+    areas, selfs = profile["areas"], profile["self"]
+    for i in range(max(len(areas), len(selfs))):
+        a = areas[i] if i < len(areas) else ["", ""]
+        s = selfs[i] if i < len(selfs) else ["", ""]
+        lines.append(
+            f"| {a[0]} | {a[1]} | | `{s[0]}` | {s[1]} |" if s[0] else f"| {a[0]} | {a[1]} | | | |"
+        )
+    return lines
 
 
 def plots(result: dict[str, Any], out: Path) -> list[str]:
@@ -146,6 +174,7 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
             if f["limit"] is not None:
                 ax.plot([f["limit"], f["limit"]], [i - 0.4, i + 0.4], color="#c44e52", lw=2)
         ax.set_xlabel(f"{unit} (median, min–max bars; red: limit)")
+        ax.set_title(f"{broker_label(result).replace('`', '')}, {result['date']}", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.invert_yaxis()
         fig.tight_layout()

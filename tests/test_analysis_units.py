@@ -7,14 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.factories import upsert
 from worker.analysis import anomaly, classify
 from worker.analysis.config import (
+    Action,
     AnalysisFileError,
     Anomaly,
     Classification,
     Focus,
     Label,
     NamespaceAnalysis,
+    Rule,
     load_analysis,
 )
 from worker.analysis.labels import LabelSet, prototypes
@@ -233,3 +236,28 @@ def test_analysis_file_examples_and_refusals(tmp_path: Path) -> None:
         load_analysis(good)
     with pytest.raises(ValueError, match="history"):
         NamespaceAnalysis(anomaly=Anomaly(warm_up=100), history=50)
+
+
+def test_unknown_is_reserved_for_the_policy_and_routes_out_of_scope_events() -> None:
+    with pytest.raises(ValueError, match="'unknown' is reserved"):
+        Classification(labels=[Label(name="unknown"), Label(name="b")])
+    with pytest.raises(ValueError, match="'nope', which is neither a label"):
+        Classification(
+            labels=[Label(name="a"), Label(name="b")],
+            policy=[Rule(label="nope", min_score=0.5, action=Action.REVIEW)],
+        )
+    labels = label_set()
+    labels.spec.policy = [
+        Rule(label="unknown", min_score=0.5, action=Action.REVIEW),
+        Rule(label="a", min_score=0.9, action=Action.BLOCK),
+    ]
+
+    def result(*probs: float) -> tuple[str, float, str | None]:
+        got = classify.build(
+            labels, "m", upsert(0, "x"), classify.Classified(np.array(probs), int(np.argmax(probs)))
+        )
+        return got.action.value, got.out_of_scope, got.rule
+
+    assert result(0.4, 0.35, 0.25) == ("review", 0.6, "unknown>=0.5")
+    assert result(0.7, 0.2, 0.1) == ("allow", 0.3, None)  # rounded to 6 places
+    assert result(0.95, 0.03, 0.02) == ("block", 0.05, "a>=0.9")

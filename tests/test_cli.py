@@ -60,7 +60,12 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
     code, out, _ = await cli("migrate", **_env(env))
     assert (code, out.splitlines()) == (
         0,
-        ["applied 0001_embeddings.sql", "applied 0002_analysis.sql", "applied 0003_focus.sql"],
+        [
+            "applied 0001_embeddings.sql",
+            "applied 0002_analysis.sql",
+            "applied 0003_focus.sql",
+            "applied 0004_decisions.sql",
+        ],
     )
     code, out, _ = await cli("migrate", **_env(env))
     assert (code, out.strip()) == (0, "up to date")

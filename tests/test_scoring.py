@@ -59,6 +59,18 @@ def test_moderation_takes_the_strictest_matching_rule() -> None:
     assert scoring.moderate({"spam": 0.1, "abuse": 0.2}, rules) == (Action.ALLOW, None)
 
 
+def test_a_rule_on_unknown_acts_on_the_out_of_scope_score() -> None:
+    rules = [
+        Rule(label="unknown", min_score=0.5, action=Action.REVIEW),
+        Rule(label="spam", min_score=0.9, action=Action.BLOCK),
+    ]
+    # `unknown` is not a label: its probability is never looked up, out_of_scope is.
+    assert scoring.moderate({"spam": 0.3, "unknown": 0.9}, rules, 0.4) == (Action.ALLOW, None)
+    assert scoring.moderate({"spam": 0.3}, rules, 0.5) == (Action.REVIEW, rules[0])
+    # The strictest matching rule still wins.
+    assert scoring.moderate({"spam": 0.95}, rules, 0.6) == (Action.BLOCK, rules[1])
+
+
 def test_histogram_quantile_tracks_the_true_quantile() -> None:
     rng = np.random.default_rng(0)
     scores = rng.beta(2, 8, size=20_000) * 2  # in [0, 2]

@@ -364,6 +364,25 @@ async def test_postgres_unreachable_for_a_one_shot_command_exits_5() -> None:
     assert PASSWORD not in out + err
 
 
+@pytest.mark.parametrize("command", ["produce", "dead-letters"])
+async def test_kafka_unreachable_for_a_one_shot_command_exits_5(
+    command: str, tmp_path: Path
+) -> None:
+    """As for Postgres: one line naming the setting, exit 5, and no client left unclosed."""
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"id": "a", "text": "hello"}\n')
+    args = [command, str(events)] if command == "produce" else [command]
+    code, _, err = await cli(
+        *args, EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}"
+    )
+    assert code == 5, err
+    assert "Traceback" not in err and "Unclosed" not in err, err
+    assert (
+        "embedding-worker: kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS): "
+        "no broker answers" in err
+    ), err
+
+
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(ConnectionError):
         while data := await reader.read(65536):

@@ -8,9 +8,12 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from worker import store
+from worker.analysis.labels import stage_embedder
+from worker.analysis.learn import Learner, group_of
 from worker.analysis.stage import AnalysisStage
 from worker.config import ConfigError, Settings
 from worker.deadletter import DeadLetterSink
@@ -18,7 +21,7 @@ from worker.embedders import create_embedder
 from worker.embedders.local import LocalEmbedder
 from worker.kafka import make_consumer, make_producer, quiet_bootstrap, refusal
 from worker.metrics import Metrics
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, ShuttingDown
 from worker.probes import ProbeServer
 
 log = structlog.get_logger(__name__)
@@ -30,6 +33,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pipeline: Pipeline | None = None
+        self.learner: Learner | None = None
         self.metrics = Metrics()
         self.http_port: int | None = None
         # Until the pipeline runs: each service waited for, and whether it was reached.
@@ -39,7 +43,8 @@ class Worker:
         if self.pipeline is None:
             return {"started": False, **self._reached}
         waiting = {name: False for name, reached in self._reached.items() if not reached}
-        return {**self.pipeline.checks(), **waiting}
+        learning = self.learner.checks() if self.learner is not None else {}
+        return {**self.pipeline.checks(), **learning, **waiting}
 
     async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
         stop = stop or asyncio.Event()
@@ -73,6 +78,7 @@ class Worker:
             return
         pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
         embedder = create_embedder(s.provider)
+        learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         try:
             if isinstance(embedder, LocalEmbedder):
                 await embedder.warm_up()
@@ -99,6 +105,12 @@ class Worker:
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)
             if not await self._wait_for_kafka("consumer", consumer.start, stop):
                 return
+            if analysis is not None and s.analysis.decisions_topic is not None:
+                learning = make_consumer(s.kafka.model_copy(update={"group_id": group_of(s)}))
+                self.learner = self._learner(pipeline, analysis, learning, producer)
+                learning.subscribe([s.analysis.decisions_topic], listener=self.learner)
+                if not await self._wait_for_kafka("decisions consumer", learning.start, stop):
+                    return
             log.info(
                 "worker started",
                 topic=s.kafka.input_topic,
@@ -107,15 +119,56 @@ class Worker:
                 model=embedder.model,
                 dimension=embedder.dimension,
             )
-            await pipeline.run(stop)
+            await self._run_all(pipeline, stop)
             log.info("worker stopped", **_summary(pipeline))
         finally:
+            if learning is not None:
+                with contextlib.suppress(Exception):
+                    await learning.stop()
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
             await embedder.aclose()
             await pool.close()
+
+    def _learner(
+        self,
+        pipeline: Pipeline,
+        analysis: AnalysisStage,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> Learner:
+        s = self.settings
+        embed = stage_embedder(
+            pipeline.stage, pipeline.embedder.max_texts, s.provider.max_tokens_per_text
+        )
+        sink = DeadLetterSink(producer, s.analysis.decisions_dlq_topic)
+        learner = Learner(s, consumer, sink, pipeline._pg, analysis, embed)
+        self.metrics.bind_learner(learner)
+        return learner
+
+    async def _run_all(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
+        """The pipeline and, if configured, the decisions loop: either failing stops both."""
+        if self.learner is None:
+            await pipeline.run(stop)
+            return
+        learner = self.learner
+        inner = asyncio.Event()
+        learning = asyncio.create_task(learner.run(inner), name="decisions")
+
+        def failed(task: asyncio.Task[None]) -> None:
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, ShuttingDown):
+                pipeline.fatal = error
+
+        learning.add_done_callback(failed)
+        try:
+            await pipeline.run(stop)
+        finally:
+            inner.set()
+            with contextlib.suppress(Exception):
+                await learning
 
     async def _wait_for_postgres(self, dsn: str, stop: asyncio.Event) -> bool:
         """Start even if Postgres is not up yet: wait (not ready) instead of crash-looping.

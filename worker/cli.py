@@ -11,11 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError
+
 from worker import index, logs, store
 from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
 from worker.events import Reason
+from worker.kafka import refusal
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError, Unreachable
 
@@ -59,9 +62,11 @@ if a line is not a valid event (not JSON, not an object, no id, empty text, ...)
 produced and the lines are listed with their dead-letter reason (exit 2), unless
 --allow-invalid. Each event's id is its record key."""
 EVALUATE_FORMAT = """\
-FILE is JSON Lines, an object with `text` and `label` per line, e.g.
+FILE (and --train's) is JSON Lines, an object with `text` and `label` per line, e.g.
   {"text": "Buy cheap watches now!", "label": "spam"}
-Rows with an empty text are skipped; a line that is not such an object is an error."""
+Rows with an empty text are skipped; a line that is not such an object is an error, and
+so is a --positive, --normal or --unknown-label that no row has (exit 2). Progress goes to
+stderr; stdout holds only the report."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,9 +190,35 @@ def _parser() -> argparse.ArgumentParser:
         "--shots",
         type=_non_negative,
         default=0,
-        help="labeled examples per label taken from the file",
+        help="labeled examples per label drawn from the file (from --train's with --train)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw")
+    evaluate.add_argument(
+        "--train",
+        type=Path,
+        metavar="FILE",
+        help="labeled examples from this JSONL file (all of it, or --shots per label); "
+        "every row of FILE above is then a test row",
+    )
+    evaluate.add_argument(
+        "--shuffle",
+        type=int,
+        metavar="SEED",
+        help="stream the test rows in an order shuffled with this seed (default: file order)",
+    )
+    evaluate.add_argument(
+        "--unknown-label",
+        metavar="LABEL",
+        help="rows with this label are out of scope (never examples, not a class): report "
+        "the AUROC of out_of_scope and the precision/recall of the policy's `unknown` rules",
+    )
+    evaluate.add_argument(
+        "--rows",
+        type=Path,
+        metavar="OUT",
+        help="write one JSON line per test row (label, prediction, probabilities, "
+        "out_of_scope, action, rule; anomalies: score, alert) to OUT",
+    )
     evaluate.add_argument("--positive", help="also report P/R/F1 of this label (e.g. spam)")
     evaluate.add_argument("--normal", default="normal", help="the label of normal rows (anomaly)")
     evaluate.add_argument("--dedupe", action="store_true", help="drop repeated texts")
@@ -224,6 +255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROVIDER
     except Unreachable as exc:  # `run` waits instead; a one-shot command says so and stops
         print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KafkaConnectionError as exc:  # the same for Kafka (`produce`, `dead-letters`)
+        # Unless a broker answers and refuses the credentials or the TLS handshake: then it
+        # is a configuration error, which waiting would not fix.
+        why = asyncio.run(refusal(settings.kafka))
+        if why is not None:
+            print(f"embedding-worker: {why}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(
+            "embedding-worker: kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS):"
+            f" no broker answers: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

@@ -327,6 +327,14 @@ class AnalysisSettings(BaseModel):
     namespaces: dict[str, NamespaceAnalysis] = Field(default_factory=dict)
     classifications_topic: str = "content.classifications"
     anomalies_topic: str = "content.anomalies"
+    # Moderation decisions ({"id", "label", "namespace"?}) that add labeled examples; off
+    # unless set. Bad ones go to their own dead-letter topic, replayable to this one.
+    decisions_topic: str | None = None
+    decisions_dlq_topic: str = "content.decisions.dlq"
+    # How often a replica looks for decisions stored by others (and, at most, rebuilds).
+    decisions_refresh_s: float = Field(default=5.0, gt=0)
+    # A decision for an id not stored yet is looked up again until it is this old.
+    decisions_grace_s: float = Field(default=5.0, ge=0)
 
     @cached_property
     def spec(self) -> AnalysisFile:
@@ -408,6 +416,29 @@ class Settings(BaseSettings):
         for name, topic in outputs.items():
             if topic == k.input_topic:
                 raise ValueError(f"{name} must differ from kafka.input_topic ({topic!r})")
+        if a.decisions_topic is not None:
+            taken = {
+                "kafka.input_topic": k.input_topic,
+                **outputs,
+                "analysis.decisions_dlq_topic": a.decisions_dlq_topic,
+            }
+            for name, topic in taken.items():
+                if topic == a.decisions_topic:
+                    raise ValueError(
+                        f"analysis.decisions_topic must differ from {name} ({topic!r})"
+                    )
+            if a.decisions_dlq_topic == k.input_topic:
+                raise ValueError(
+                    f"analysis.decisions_dlq_topic must differ from kafka.input_topic "
+                    f"({k.input_topic!r})"
+                )
+            if not a.spec.namespaces or not any(
+                ns.classify is not None for ns in a.spec.namespaces.values()
+            ):
+                raise ValueError(
+                    "analysis.decisions_topic needs a namespace with a `classify` label set "
+                    "in the analysis file"
+                )
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
+from typing import TextIO
 
 from worker import logs, store
 from worker.app import Worker
@@ -41,18 +42,19 @@ def sample_events() -> list[bytes]:
     return read_lines(data_file("sample_events.jsonl"))
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
+def _say(message: str, stream: TextIO | None = None) -> None:
+    print(message, file=stream or sys.stdout, flush=True)
 
 
 class Progress:
     """A one-line bar in a terminal; a line per quarter when the output is a file or pipe."""
 
-    def __init__(self, total: int, width: int = 32) -> None:
+    def __init__(self, total: int, width: int = 32, stream: TextIO | None = None) -> None:
         self.total, self.width = total, width
+        self.stream = stream or sys.stdout
         self.started = time.monotonic()
         self.shown = -1
-        self.tty = sys.stdout.isatty()
+        self.tty = self.stream.isatty()
 
     def update(self, done: int) -> None:
         if done == self.shown:
@@ -68,12 +70,12 @@ class Progress:
         rate = done / max(1e-6, time.monotonic() - self.started)
         line = f"  [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} events"
         line += f"  {rate:5.0f}/s"
-        sys.stdout.write(f"\r{line}" if self.tty else f"{line}\n")
-        sys.stdout.flush()
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
 
     def close(self) -> None:
         if self.tty:
-            sys.stdout.write("\n")
+            self.stream.write("\n")
 
 
 async def run_demo(verbose: bool = False) -> int:
@@ -145,13 +147,18 @@ async def _demo(verbose: bool) -> int:
 
 
 async def run_until_caught_up(
-    settings: Settings, high: dict[int, int], total: int, progress: bool = True
+    settings: Settings,
+    high: dict[int, int],
+    total: int,
+    progress: bool = True,
+    stream: TextIO | None = None,
 ) -> None:
-    """Run a worker until Postgres stores an offset past ``high`` on every partition."""
+    """Run a worker until Postgres stores an offset past ``high`` on every partition;
+    the progress goes to ``stream`` (default stdout)."""
     worker = Worker(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    bar = Progress(total) if progress else None
+    bar = Progress(total, stream=stream) if progress else None
     conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
     try:
         while True:
@@ -177,7 +184,8 @@ async def run_until_caught_up(
         _say(
             f"  stored {st.stored}, {st.deleted} deletes, {st.unchanged} unchanged, "
             f"dead-lettered {sum(st.dead_lettered.values())}, "
-            f"{st.batches} model batches, {st.transactions} Postgres transactions"
+            f"{st.batches} model batches, {st.transactions} Postgres transactions",
+            stream,
         )
 
 

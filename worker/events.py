@@ -73,6 +73,11 @@ class Reason(StrEnum):
     PROVIDER_REJECTED = "provider_rejected"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
     UNREADABLE_RECORD = "unreadable_record"
+    # Moderation decisions (worker/analysis/decisions.py).
+    UNKNOWN_ID = "unknown_id"
+    NO_CONTENT = "no_content"
+    UNKNOWN_NAMESPACE = "unknown_namespace"
+    UNKNOWN_LABEL = "unknown_label"
 
 
 class SourcePosition(BaseModel):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import collect_hosts, create_conn
@@ -20,7 +21,6 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from worker.config import ConfigError, KafkaSettings
-from worker.store import Unreachable
 
 AIOKAFKA_MAX_REQUEST_SIZE = 1_048_576
 PROBE_TIMEOUT_MS = 10_000
@@ -31,10 +31,6 @@ SASL_REFUSALS = (
 )
 SASL_VARS = "kafka.sasl_mechanism/sasl_username/sasl_password (EMBEDDING_WORKER_KAFKA__SASL_...)"
 TLS_VARS = "kafka.ssl_cafile (EMBEDDING_WORKER_KAFKA__SSL_CAFILE)"
-
-
-class KafkaRefused(ConfigError):
-    """A broker answers and refuses the client: credentials or TLS, which waiting cannot fix."""
 
 
 def ssl_context(k: KafkaSettings) -> ssl.SSLContext:
@@ -124,30 +120,24 @@ def quiet_bootstrap() -> Iterator[None]:
         logging.getLogger("aiokafka").removeFilter(noise)
 
 
-class Startable(Protocol):
-    async def start(self) -> None: ...
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 
-async def start(client: Startable, k: KafkaSettings) -> None:
-    """``client.start()`` for a one-shot command: a broker refusing the credentials or the
-    TLS handshake is a configuration error (exit 2), no broker answering is an outage
-    (exit 5, like Postgres), each named, not aiokafka's "Unable to bootstrap" traceback."""
+@asynccontextmanager
+async def started(client: Client) -> AsyncIterator[Client]:
+    """Start, use and stop a client; stopped also when ``start()`` fails (no broker answers),
+    which aiokafka does not do itself: the client would be reported unclosed at exit. The
+    command then names the cause itself (``worker.cli``), without aiokafka's error lines."""
     try:
         with quiet_bootstrap():
             await client.start()
-    except KafkaConnectionError as exc:
-        # Closed here: the caller's ``finally`` is not reached, and asyncio would report it.
-        close = getattr(client, "stop", None) or getattr(client, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await close()
-        why = await refusal(k)
-        if why is not None:
-            raise KafkaRefused(why) from None
-        raise Unreachable(
-            f"kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS): no broker "
-            f"answers on {k.bootstrap_servers}: {exc}"
-        ) from None
+    except BaseException:
+        await client.stop()
+        raise
+    try:
+        yield client
+    finally:
+        await client.stop()
 
 
 async def refusal(k: KafkaSettings) -> str | None:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from worker.analysis.learn import Learner
     from worker.pipeline import Pipeline
 
 PREFIX = "embedding_worker"
@@ -58,6 +59,40 @@ class Metrics:
 
     def bind(self, pipeline: Pipeline) -> None:
         self.registry.register(PipelineCollector(pipeline))
+
+    def bind_learner(self, learner: Learner) -> None:
+        self.registry.register(LearnerCollector(learner))
+
+
+class LearnerCollector(Collector):
+    """The moderation decisions (``worker.analysis.learn``), read from its stats."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.learner.stats
+        yield CounterMetricFamily(
+            f"{PREFIX}_decisions_consumed", "Records read from the decisions topic.", st.consumed
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_decisions_applied",
+            "Decision examples stored (inserted, or replacing an earlier label).",
+            st.applied,
+        )
+        dead = CounterMetricFamily(
+            f"{PREFIX}_decisions_dead_lettered",
+            "Decisions sent to the decisions' dead-letter topic.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(st.dead_lettered.items()):
+            dead.add_metric([reason], count)
+        yield dead
+        yield CounterMetricFamily(
+            f"{PREFIX}_label_set_rebuilds",
+            "Label sets rebuilt in memory after their decisions changed.",
+            st.rebuilds,
+        )
 
 
 class PipelineCollector(Collector):

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from worker.config import KafkaSettings, Settings
 from worker.decode import Limits, Record, decode
 from worker.events import DeadLetter
-from worker.kafka import make_producer, start
+from worker.kafka import make_producer, started
 
 
 def key_of(value: bytes) -> bytes | None:
@@ -82,9 +82,5 @@ def check_file(path: Path, settings: Settings) -> CheckedFile:
 
 
 async def produce_file(k: KafkaSettings, topic: str, values: list[bytes]) -> None:
-    producer = make_producer(k)
-    await start(producer, k)
-    try:
+    async with started(make_producer(k)) as producer:
         await produce_values(producer, topic, values)
-    finally:
-        await producer.stop()

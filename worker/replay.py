@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from worker.config import KafkaSettings
 from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.kafka import common_options, make_producer, start
+from worker.kafka import common_options, make_producer, started
 from worker.unreadable import UNREADABLE_ERRORS
 
 REPLAYED_FROM = "replayed-from"
@@ -78,10 +78,9 @@ class Scan:
 
 async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     """Every letter of the dead-letter topic up to its end, filtered, oldest first."""
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **common_options(k))
-    await start(consumer, k)
     out = Scan(k.dlq_topic)
-    try:
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **common_options(k))
+    async with started(consumer):
         partitions = await _partitions(k, k.dlq_topic)
         tps = [TopicPartition(k.dlq_topic, p) for p in partitions]
         if not tps:
@@ -108,8 +107,6 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
                 ]
                 if not behind:
                     break
-    finally:
-        await consumer.stop()
     out.letters.sort(key=lambda f: (f.letter.failed_at, f.partition, f.offset))
     return out
 
@@ -118,8 +115,8 @@ async def _partitions(k: KafkaSettings, topic: str) -> list[int]:
     """Asked of the cluster: an unassigned consumer's metadata has no partitions for a topic
     (Apache Kafka answers a metadata request for no topics with none)."""
     admin = AIOKafkaAdminClient(**common_options(k))
-    await start(admin, k)
     try:
+        await admin.start()
         # Listed first: a describe would create a missing topic on the embedded broker.
         if topic not in await admin.list_topics():
             return []
@@ -191,8 +188,7 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
         return out
     largest = max(o.size for _, o in chosen)
     producer = make_producer(k, max_request_size=largest + RECORD_OVERHEAD_BYTES)
-    await start(producer, k)
-    try:
+    async with started(producer):
         futures = []
         for f, original in chosen:
             origin = f"{dlq_topic}/{f.partition}/{f.offset}".encode()
@@ -211,8 +207,6 @@ async def replay(k: KafkaSettings, letters: Sequence[Found], dlq_topic: str) -> 
                 out.skipped[TOO_LARGE] += 1
                 if f.letter.cut:
                     out.from_source -= 1
-    finally:
-        await producer.stop()
     out.events = len(chosen) - out.skipped[TOO_LARGE]
     return out
 
@@ -279,9 +273,8 @@ async def _fetch(
         fetch_max_wait_ms=k.fetch_max_wait_ms,
         **common_options(k),
     )
-    await start(consumer, k)
     out: dict[Position, Original | None] = {}
-    try:
+    async with started(consumer):
         partitions = {t: await _partitions(k, t) for t in {s.topic for s in sources}}
         for source in sources:
             position = _position(source)
@@ -297,8 +290,6 @@ async def _fetch(
                 continue
             if record is not None:
                 out[position] = record
-    finally:
-        await consumer.stop()
     return out
 
 

@@ -35,7 +35,7 @@ SELECT q.i, n.label, n.similarity
 FROM unnest($1::vector[]) WITH ORDINALITY AS q(v, i)
 CROSS JOIN LATERAL (
     (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM label_vectors
-     WHERE namespace = $2 AND model = $3 AND kind = 'example'
+     WHERE namespace = $2 AND model = $3 AND kind IN ('example', 'decision')
      ORDER BY embedding <=> q.v LIMIT $4)
     UNION ALL
     (SELECT label, 1 - (embedding <=> q.v) AS similarity FROM analysis_points
@@ -138,15 +138,18 @@ def build(
     spec = labels.spec
     probs = classified.probabilities
     ranked = scoring.top_k(probs, labels.names, spec.top_k)
+    out_of_scope = round(1.0 - float(probs.max()), 6)
     action, rule = scoring.moderate(
-        {name: float(p) for name, p in zip(labels.names, probs, strict=True)}, spec.policy
+        {name: float(p) for name, p in zip(labels.names, probs, strict=True)},
+        spec.policy,
+        out_of_scope,
     )
     return ClassificationResult(
         **origin(change, model),
         label=labels.names[classified.label],
         labels=[LabelScore(label=n, score=round(s, 6)) for n, s in ranked],
         method=method_of(labels),
-        out_of_scope=round(1.0 - float(probs.max()), 6),
+        out_of_scope=out_of_scope,
         action=action,
         rule=None if rule is None else f"{rule.label}>={rule.min_score}",
     )

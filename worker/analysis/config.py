@@ -49,8 +49,14 @@ class Label(BaseModel):
         return data
 
 
+# The policy's name for "none of these labels": a rule on it compares the result's
+# ``out_of_scope`` score with its ``min_score``. No label set may define it.
+UNKNOWN = "unknown"
+
+
 class Rule(BaseModel):
-    """Moderation: when ``label``'s probability is at least ``min_score``, take ``action``."""
+    """Moderation: when ``label``'s probability (for ``unknown``, the out-of-scope score) is
+    at least ``min_score``, take ``action``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -91,9 +97,17 @@ class Classification(BaseModel):
         names = [label.name for label in self.labels]
         if len(set(names)) != len(names):
             raise ValueError("label names must be unique")
+        if UNKNOWN in names:
+            raise ValueError(
+                f"{UNKNOWN!r} is reserved (a policy rule on it acts on the out-of-scope "
+                "score); name the label otherwise"
+            )
         for rule in self.policy:
-            if rule.label not in names:
-                raise ValueError(f"policy rule names unknown label {rule.label!r}")
+            if rule.label not in names and rule.label != UNKNOWN:
+                raise ValueError(
+                    f"policy rule names {rule.label!r}, which is neither a label of the set "
+                    f"nor {UNKNOWN!r}"
+                )
         return self
 
     @property

@@ -6,7 +6,9 @@ focus descriptions (kind ``focus``); one sync stores them all.
 Rows are content-addressed (namespace, model, kind, label, text hash), so a restart or a
 second replica embeds nothing already stored, and an edited file re-embeds only what changed.
 Rows no longer in the file are removed, under an advisory lock so two replicas that start
-together do not interleave their syncs.
+together do not interleave their syncs. Rows of kind ``decision`` (moderation decisions,
+``worker.analysis.decisions``) are not the file's: sync leaves them, and they count as
+examples.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from worker.tokens import estimate_tokens, truncate_to_tokens
 log = structlog.get_logger(__name__)
 
 SYNC_LOCK = 0x6C61626C  # "labl"
+# Labeled texts: the file's examples and the moderation decisions.
+EXAMPLE_KINDS = ("example", "decision")
 
 Embed = Callable[[list[str], TextType], Awaitable[np.ndarray]]
 
@@ -162,7 +166,7 @@ async def sync(
             (r["kind"], r["label"], bytes(r["text_hash"]))
             for r in await conn.fetch(
                 "SELECT kind, label, text_hash FROM label_vectors "
-                "WHERE namespace = $1 AND model = $2",
+                "WHERE namespace = $1 AND model = $2 AND kind <> 'decision'",
                 namespace,
                 model,
             )
@@ -219,7 +223,7 @@ def label_set(
     sums = np.zeros((len(names), dimension))
     counts = np.zeros(len(names), dtype=np.int64)
     for kind, label, v in rows:
-        if kind == "example" and label in index:
+        if kind in EXAMPLE_KINDS and label in index:
             sums[index[label]] += unit(v.astype(np.float64))
             counts[index[label]] += 1
     return LabelSet(

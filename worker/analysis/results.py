@@ -67,7 +67,8 @@ class ClassificationResult(ResultBase):
         "(today 1 - the top probability)"
     )
     action: Action
-    # The policy rule that chose the action, as "label>=min_score"; None for the default.
+    # The policy rule that chose the action, as "label>=min_score" ("unknown>=0.5" for a
+    # rule on out_of_scope); None for the default.
     rule: str | None = None
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from worker.analysis.config import Action, Rule
+from worker.analysis.config import UNKNOWN, Action, Rule
 
 
 def softmax(similarities: np.ndarray, temperature: float) -> np.ndarray:
@@ -64,9 +64,17 @@ def top_k(probabilities: np.ndarray, names: Sequence[str], k: int) -> list[tuple
 SEVERITY = {Action.ALLOW: 0, Action.REVIEW: 1, Action.BLOCK: 2}
 
 
-def moderate(probabilities: dict[str, float], rules: Sequence[Rule]) -> tuple[Action, Rule | None]:
-    """The strictest action among the rules that match (the first on a tie), else allow."""
-    matched = [r for r in rules if probabilities.get(r.label, 0.0) >= r.min_score]
+def moderate(
+    probabilities: dict[str, float], rules: Sequence[Rule], out_of_scope: float = 0.0
+) -> tuple[Action, Rule | None]:
+    """The strictest action among the rules that match (the first on a tie), else allow.
+    A rule on ``unknown`` matches on the out-of-scope score, the others on their label's
+    probability."""
+    matched = [
+        r
+        for r in rules
+        if (out_of_scope if r.label == UNKNOWN else probabilities.get(r.label, 0.0)) >= r.min_score
+    ]
     if not matched:
         return Action.ALLOW, None
     rule = max(matched, key=lambda r: SEVERITY[r.action])

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from worker.analysis import anomaly, classify, scoring, state
+from worker.analysis import anomaly, classify, decisions, scoring, state
 from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
 from worker.analysis.results import AnomalyResult, ClassificationResult
@@ -113,9 +113,15 @@ class AnalysisStage:
         self.labels: dict[str, LabelSet] = {}
         self.focus: dict[str, np.ndarray] = {}
         self.stats = AnalysisStats()
+        # Per namespace, the decision version its label set was built with (worker.analysis.learn).
+        self.decision_versions: dict[str, int] = {}
 
     async def prepare(self, pg: RunPg, embed: Embed) -> None:
         """Embed and store the label texts (once; later starts find them stored)."""
+        if self.settings.decisions_topic is not None:
+            # Read before the rows: a decision stored in between is loaded again, not missed.
+            op_versions = partial(decisions.versions, model=self.model)
+            self.decision_versions = await pg("decision versions", op_versions)
         for namespace, ns in self.namespaces.items():
             if ns.classify is None and (ns.anomaly is None or ns.anomaly.focus is None):
                 continue
