@@ -256,29 +256,39 @@ async def test_group_scales_1_3_1_with_a_kill_while_events_flow(
 
         return check
 
-    first = await WorkerProcess(settings_env, tmp_path / "w0.log").start()
-    await wait_until(owns_all(first), 60, "the first worker did not take all partitions")
-    await wait_until(lambda: _moved(env, 0), 60, "no progress with one worker")
-    steps.append(produced_during())
-    second = await WorkerProcess(settings_env, tmp_path / "w1.log").start()
-    third = await WorkerProcess(settings_env, tmp_path / "w2.log").start()
-    await wait_until(owns_all(first, second, third), 90, "three workers did not share")
-    steps.append(produced_during())
-    await second.kill()
-    await wait_until(owns_all(first, third), 90, "the killed worker's partitions stayed orphaned")
-    steps.append(produced_during())
-    assert await third.terminate() == 0
-    await wait_until(owns_all(first), 90, "the last worker did not take every partition")
-    steps.append(produced_during())
-    await asyncio.sleep(1.0)  # still flowing while one worker owns everything
-    stop_feeding.set()
-    await feeder
-    steps.append(produced_during())
-    assert steps == sorted(set(steps)), f"events did not flow through every step: {steps}"
-    high = highest(positions)
-    await env.wait_for_offsets(high, seconds=240)
-    assert await first.terminate() == 0
-
+    started: list[WorkerProcess] = []
+    try:
+        first = await WorkerProcess(settings_env, tmp_path / "w0.log").start()
+        started.append(first)
+        await wait_until(owns_all(first), 60, "the first worker did not take all partitions")
+        await wait_until(lambda: _moved(env, 0), 60, "no progress with one worker")
+        steps.append(produced_during())
+        second = await WorkerProcess(settings_env, tmp_path / "w1.log").start()
+        third = await WorkerProcess(settings_env, tmp_path / "w2.log").start()
+        started += [second, third]
+        await wait_until(owns_all(first, second, third), 90, "three workers did not share")
+        steps.append(produced_during())
+        await second.kill()
+        await wait_until(
+            owns_all(first, third), 90, "the killed worker's partitions stayed orphaned"
+        )
+        steps.append(produced_during())
+        assert await third.terminate() == 0
+        await wait_until(owns_all(first), 90, "the last worker did not take every partition")
+        steps.append(produced_during())
+        await asyncio.sleep(1.0)  # still flowing while one worker owns everything
+        stop_feeding.set()
+        await feeder
+        steps.append(produced_during())
+        assert steps == sorted(set(steps)), f"events did not flow through every step: {steps}"
+        high = highest(positions)
+        await env.wait_for_offsets(high, seconds=240)
+        assert await first.terminate() == 0
+    finally:  # a failed step leaves no worker (nor the feed) running
+        feeder.cancel()
+        for w in started:
+            if w.alive():
+                await w.kill()
     produced = len(positions)
     good = {f"doc-{i:06d}": texts[f"doc-{i:06d}"] for i in range(produced) if i % 300 != 299}
     await check_store(env, good)  # stored == produced - bad, 0 applied twice (versions 1)
