@@ -52,6 +52,9 @@ class FakeConsumer:
     def highwater(self, tp: TopicPartition) -> None:
         return None
 
+    def last_stable_offset(self, tp: TopicPartition) -> None:
+        return None
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.positions[tp] = offset
 

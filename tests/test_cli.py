@@ -15,13 +15,14 @@ import pytest
 from tests.conftest import Env, migrate_db, running, wait_until
 from tests.processes import cli
 from worker.cli import _parser, _where
+from worker.config import environment_for
 from worker.kafka import read_topic
 
 
 def _env(env: Env, **extra: str) -> dict[str, str]:
     return {
         "EMBEDDING_WORKER_POSTGRES__DSN": env.dsn,
-        "EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS": env.stack.bootstrap,
+        **environment_for({"kafka": env.stack.kafka_settings()}),
         "EMBEDDING_WORKER_KAFKA__INPUT_TOPIC": env.topic,
         "EMBEDDING_WORKER_KAFKA__DLQ_TOPIC": env.dlq,
         # Any free port: a worker started by hand (or another test run) may hold 8080.
@@ -309,9 +310,8 @@ def test_where_values_are_json_when_they_are_json_else_strings(pair: str, typed:
 
 def _config_file(env: Env, path: Path) -> Path:
     """The topic and broker from a TOML file instead of the environment."""
-    path.write_text(
-        f'[kafka]\nbootstrap_servers = "{env.stack.bootstrap}"\ninput_topic = "{env.topic}"\n'
-    )
+    kafka = {**env.stack.kafka_settings(), "input_topic": env.topic}
+    path.write_text("[kafka]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kafka.items()))
     return path
 
 

@@ -372,3 +372,39 @@ def test_malformed_bootstrap_servers_are_refused(servers: str, reason: str) -> N
 @pytest.mark.parametrize("servers", ["b1:9092,b2:9093", "[::1]:9092", "broker"])
 def test_well_formed_bootstrap_servers_are_accepted(servers: str) -> None:
     assert load_settings(kafka={"bootstrap_servers": servers}).kafka.bootstrap_servers == servers
+
+
+KAFKA_ENV = "kafka (EMBEDDING_WORKER_KAFKA)"
+
+
+@pytest.mark.parametrize(
+    ("kafka", "named", "reason"),
+    [
+        ({"security_protocol": "SASL_SSL", "sasl_password": "pw-secret"}, KAFKA_ENV, "needs"),
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN"}, KAFKA_ENV, "needs"),
+        ({"sasl_mechanism": "SCRAM-SHA-512"}, KAFKA_ENV, "use SASL_SSL"),
+        (
+            {"security_protocol": "SSL", "ssl_cafile": "/no/such/ca.pem"},
+            "kafka.ssl_cafile (EMBEDDING_WORKER_KAFKA__SSL_CAFILE)",
+            "cannot read /no/such/ca.pem",
+        ),
+    ],
+)
+def test_incomplete_sasl_or_unreadable_tls_files_are_refused(
+    kafka: dict[str, str], named: str, reason: str
+) -> None:
+    """At start: aiokafka would raise a traceback from its constructor or first connection."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(kafka=kafka)
+    assert named in str(err.value) and reason in str(err.value)
+    assert "pw-secret" not in str(err.value)
+
+
+def test_a_tls_file_that_is_not_pem_is_a_configuration_error(tmp_path: Path) -> None:
+    from worker.kafka import ssl_context
+
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    settings = load_settings(kafka={"security_protocol": "SSL", "ssl_cafile": str(bad)})
+    with pytest.raises(ConfigError, match="not a usable PEM certificate"):
+        ssl_context(settings.kafka)

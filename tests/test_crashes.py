@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,91 @@ async def test_worker_started_while_postgres_is_down_waits_then_works(
     stop.set()
     await asyncio.wait_for(task, 60)
     await check_store(env, texts)
+
+
+async def test_group_scales_1_3_1_with_a_kill_while_events_flow(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    """One worker, then three in the group, one of them killed with -9, then one again;
+    events are produced all along. Every partition is owned at each step, every event is
+    stored once (row versions 1) or dead-lettered. Dead letters are at-least-once: work a
+    rebalance or the kill took away is redone by the next owner, so a letter may come twice,
+    as an exact copy (same source position, reason and value digest)."""
+    fake_api.configure(latency_ms=20)
+    await migrate_db(env, DIM)
+    records, texts = corpus(40_000, bad_every=300)  # more than ~150 s of the feed
+    positions: list[tuple[int, int]] = []
+    stop_feeding = asyncio.Event()
+
+    async def feed() -> None:
+        for start in range(0, len(records), 150):
+            if stop_feeding.is_set():
+                return
+            positions.extend(await env.produce_records(records[start : start + 150]))
+            await asyncio.sleep(0.5)
+        raise AssertionError("the feed ran out before the last step")
+
+    def produced_during() -> int:
+        return len(positions)
+
+    settings_env = env.worker_env(provider(fake_api))
+    feeder = asyncio.create_task(feed())
+    steps: list[int] = []  # events produced by the end of each step
+
+    def owns_all(*ws: WorkerProcess) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            parts = [assigned_partitions(w.log()) for w in ws]
+            return all(parts) and sorted(p for ps in parts for p in ps) == [0, 1, 2, 3]
+
+        return check
+
+    started: list[WorkerProcess] = []
+    try:
+        first = await WorkerProcess(settings_env, tmp_path / "w0.log").start()
+        started.append(first)
+        await wait_until(owns_all(first), 60, "the first worker did not take all partitions")
+        await wait_until(lambda: _moved(env, 0), 60, "no progress with one worker")
+        steps.append(produced_during())
+        second = await WorkerProcess(settings_env, tmp_path / "w1.log").start()
+        third = await WorkerProcess(settings_env, tmp_path / "w2.log").start()
+        started += [second, third]
+        await wait_until(owns_all(first, second, third), 90, "three workers did not share")
+        steps.append(produced_during())
+        await second.kill()
+        await wait_until(
+            owns_all(first, third), 90, "the killed worker's partitions stayed orphaned"
+        )
+        steps.append(produced_during())
+        assert await third.terminate() == 0
+        await wait_until(owns_all(first), 90, "the last worker did not take every partition")
+        steps.append(produced_during())
+        await asyncio.sleep(1.0)  # still flowing while one worker owns everything
+        stop_feeding.set()
+        await feeder
+        steps.append(produced_during())
+        assert steps == sorted(set(steps)), f"events did not flow through every step: {steps}"
+        high = highest(positions)
+        await env.wait_for_offsets(high, seconds=240)
+        assert await first.terminate() == 0
+    finally:  # a failed step leaves no worker (nor the feed) running
+        feeder.cancel()
+        for w in started:
+            if w.alive():
+                await w.kill()
+    produced = len(positions)
+    good = {f"doc-{i:06d}": texts[f"doc-{i:06d}"] for i in range(produced) if i % 300 != 299}
+    await check_store(env, good)  # stored == produced - bad, 0 applied twice (versions 1)
+    assert await env.stored_offsets() == {p: h + 1 for p, h in high.items()}
+    bad = {positions[i] for i in range(299, produced, 300)}
+    letters = await env.dead_letters(expected=len(bad))
+    lettered = [(x["source"]["partition"], x["source"]["offset"]) for x in letters]
+    assert set(lettered) == bad and len(good) + len(bad) == produced
+    copies = {
+        (x["source"]["partition"], x["source"]["offset"], x["reason"], x["value_sha256"])
+        for x in letters
+    }
+    assert len(copies) == len(bad), "a repeated dead letter differs from the first"
+
+
+async def _moved(env: Env, than: int) -> bool:
+    return await stored_total(env) > than

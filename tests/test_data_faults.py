@@ -24,6 +24,7 @@ from tests.broker_limits import (
 )
 from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
 from tests.processes import cli
+from worker.config import environment_for
 from worker.deadletter import DeadLetterSink
 from worker.decode import Record
 from worker.envelope import dead_letter, digest, headers_digest
@@ -402,7 +403,7 @@ async def test_a_cut_letter_whose_original_is_gone_or_changed_is_not_replayed(en
     code, out, err = await cli(
         "dead-letters",
         "--replay",
-        EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=env.stack.bootstrap,
+        **environment_for({"kafka": env.stack.kafka_settings()}),
         EMBEDDING_WORKER_KAFKA__INPUT_TOPIC=env.topic,
         EMBEDDING_WORKER_KAFKA__DLQ_TOPIC=env.dlq,
     )

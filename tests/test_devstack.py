@@ -29,7 +29,11 @@ def test_an_unknown_backend_names_the_choices(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_only_tansu_gets_workarounds() -> None:
-    assert TansuBroker().client_settings().keys() == {"bootstrap_servers", "fetch_max_wait_ms"}
+    assert TansuBroker().client_settings().keys() == {
+        "bootstrap_servers",
+        "fetch_max_wait_ms",
+        "idempotent_producer",
+    }
     assert KafkaBroker().client_settings().keys() == {"bootstrap_servers"}
 
 

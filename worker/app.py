@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -20,7 +19,7 @@ from worker.config import ConfigError, Settings
 from worker.deadletter import DeadLetterSink
 from worker.embedders import create_embedder
 from worker.embedders.local import LocalEmbedder
-from worker.kafka import make_consumer, make_producer
+from worker.kafka import make_consumer, make_producer, quiet_bootstrap, refusal
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, ShuttingDown
 from worker.probes import ProbeServer
@@ -71,13 +70,14 @@ class Worker:
     async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         dsn = s.postgres.dsn.get_secret_value()
+        # First: TLS files that are not PEM are a configuration error (exit 2).
+        producer = make_producer(s.kafka)
+        consumer = make_consumer(s.kafka)
         # Check the schema before the pool: its connections need the vector type.
         if not await self._wait_for_postgres(dsn, stop):
             return
         pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
         embedder = create_embedder(s.provider)
-        producer = make_producer(s.kafka)
-        consumer = make_consumer(s.kafka)
         learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         try:
             if isinstance(embedder, LocalEmbedder):
@@ -199,41 +199,49 @@ class Worker:
         aiokafka's ``start()`` raises ``KafkaConnectionError`` when no bootstrap server
         answers, and may simply be called again. A stop request ends the wait at once, even
         in the middle of an attempt. Returns False when asked to stop while waiting.
+
+        A broker that answers and refuses the credentials or the TLS handshake raises the
+        same error: then the cause is found (``kafka.refusal``), logged as an error naming
+        the settings, and readiness says ``"kafka_credentials": false``. Waited out too, not
+        a crash loop: credentials or a certificate may be fixed on the broker's side.
         """
         self._reached["kafka"] = False
         attempt = 0
-        noise = _BootstrapNoise()
-        logging.getLogger("aiokafka").addFilter(noise)
-        try:
+        refused: str | None = None
+        with quiet_bootstrap():
             while not stop.is_set():
                 try:
                     if await _unless_stopped(start(), stop):
                         self._reached["kafka"] = True
+                        self._reached.pop("kafka_credentials", None)
                         return True
                     return False
                 except KafkaConnectionError as exc:
                     delay = _backoff(attempt)
                     attempt += 1
-                    log.warning(
-                        "waiting for kafka",
-                        client=client,
-                        bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                        error=str(exc),
-                        delay_s=delay,
-                    )
+                    why = await refusal(self.settings.kafka)
+                    if why is not None:
+                        self._reached["kafka_credentials"] = False
+                        # An error the first time (and when the cause changes), then warnings.
+                        (log.warning if why == refused else log.error)(
+                            "kafka refuses the worker: fix the settings",
+                            client=client,
+                            cause=why,
+                            delay_s=delay,
+                        )
+                        refused = why
+                    else:
+                        self._reached.pop("kafka_credentials", None)
+                        log.warning(
+                            "waiting for kafka",
+                            client=client,
+                            bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                            error=str(exc),
+                            delay_s=delay,
+                        )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
             return False
-        finally:
-            logging.getLogger("aiokafka").removeFilter(noise)
-
-
-class _BootstrapNoise(logging.Filter):
-    """aiokafka logs an error for every bootstrap server it cannot reach; while the worker
-    waits for Kafka at start, its own warning says so, once per attempt."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unable connect to")
 
 
 def _backoff(attempt: int) -> float:

@@ -18,6 +18,7 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.embedders import create_embedder
 from worker.embedders.base import ConfigurationFault
 from worker.events import Reason
+from worker.kafka import refusal
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError, Unreachable
 
@@ -256,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embedding-worker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KafkaConnectionError as exc:  # the same for Kafka (`produce`, `dead-letters`)
+        # Unless a broker answers and refuses the credentials or the TLS handshake: then it
+        # is a configuration error, which waiting would not fix.
+        why = asyncio.run(refusal(settings.kafka))
+        if why is not None:
+            print(f"embedding-worker: {why}", file=sys.stderr)
+            return EXIT_CONFIG
         print(
             "embedding-worker: kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS):"
             f" no broker answers: {exc}",

@@ -162,6 +162,11 @@ class KafkaSettings(BaseModel):
     # What one fetch may buffer (per partition / in all): part of the worker's memory bound.
     max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
     fetch_max_bytes: int = Field(default=16_777_216, ge=1024)
+    # Results and dead letters: a retried produce is not written twice (needs a broker with
+    # the idempotent producer: Apache Kafka 0.11+, Redpanda, MSK; the embedded Tansu has not).
+    idempotent_producer: bool = True
+    # Records of aborted upstream transactions are never read (nor those of open ones yet).
+    isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
     # Passed through to aiokafka for real clusters.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -170,6 +175,36 @@ class KafkaSettings(BaseModel):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        """At start, not at the first connection (where it was a traceback)."""
+        if value is not None:
+            try:
+                Path(value).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        """SASL needs a mechanism, a user and a password, and a SASL protocol to use them."""
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and (self.sasl_mechanism is None or not self.sasl_username or not self._password()):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                f"sasl_mechanism={self.sasl_mechanism} is set but security_protocol is "
+                f"{self.security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        return self
+
+    def _password(self) -> str:
+        return "" if self.sasl_password is None else self.sasl_password.get_secret_value()
 
     @field_validator("bootstrap_servers")
     @classmethod

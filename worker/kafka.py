@@ -1,17 +1,51 @@
-"""aiokafka clients built from settings (SASL/TLS pass through for real clusters)."""
+"""aiokafka clients built from settings (SASL/TLS pass through for real clusters), and why
+a broker refuses them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.helpers import create_ssl_context
 
-from worker.config import KafkaSettings
+from worker.config import ConfigError, KafkaSettings
 
 AIOKAFKA_MAX_REQUEST_SIZE = 1_048_576
+PROBE_TIMEOUT_MS = 10_000
+SASL_REFUSALS = (
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+)
+SASL_VARS = "kafka.sasl_mechanism/sasl_username/sasl_password (EMBEDDING_WORKER_KAFKA__SASL_...)"
+TLS_VARS = "kafka.ssl_cafile (EMBEDDING_WORKER_KAFKA__SSL_CAFILE)"
+
+
+def ssl_context(k: KafkaSettings) -> ssl.SSLContext:
+    """The client's TLS context; files that are not PEM are a configuration error (the
+    settings already checked that they can be read)."""
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile
+        )
+        return context
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            "kafka.ssl_cafile/ssl_certfile/ssl_keyfile (EMBEDDING_WORKER_KAFKA__SSL_...): "
+            f"not a usable PEM certificate or key: {exc}"
+        ) from None
 
 
 def common_options(k: KafkaSettings) -> dict[str, Any]:
@@ -21,9 +55,7 @@ def common_options(k: KafkaSettings) -> dict[str, Any]:
         "security_protocol": k.security_protocol,
     }
     if k.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(
-            cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile
-        )
+        options["ssl_context"] = ssl_context(k)
     if k.sasl_mechanism is not None:
         options["sasl_mechanism"] = k.sasl_mechanism
         options["sasl_plain_username"] = k.sasl_username
@@ -43,6 +75,7 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
     """
     return AIOKafkaConsumer(
         group_id=k.group_id,
+        isolation_level=k.isolation_level,
         fetch_max_wait_ms=k.fetch_max_wait_ms,
         enable_auto_commit=False,
         auto_offset_reset=k.auto_offset_reset,
@@ -56,16 +89,35 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
 
 
 def make_producer(k: KafkaSettings, max_request_size: int = 0) -> AIOKafkaProducer:
-    """Not idempotent: results and dead letters are at-least-once by design, and the
-    idempotent producer is not available on every broker (see DESIGN.md). Requests may
-    be as large as a dead letter (``dlq_max_message_bytes``) or ``max_request_size``,
-    and never less than aiokafka's default (1 MiB)."""
+    """``acks=all`` and, by default, the idempotent producer: a retry after a lost answer
+    (a leader failover mid-request) is not written twice. Results and dead letters are
+    still at-least-once across a worker crash. Requests may be as large as a dead letter
+    (``dlq_max_message_bytes``) or ``max_request_size``, never less than aiokafka's 1 MiB."""
     return AIOKafkaProducer(
         acks="all",
+        enable_idempotence=k.idempotent_producer,
         linger_ms=5,
         max_request_size=max(AIOKAFKA_MAX_REQUEST_SIZE, k.dlq_max_message_bytes, max_request_size),
         **common_options(k),
     )
+
+
+class _BootstrapNoise(logging.Filter):
+    """aiokafka logs an error for every bootstrap server it cannot reach or that refuses it;
+    the worker's own message says so, once per attempt, with the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable connect to")
+
+
+@contextlib.contextmanager
+def quiet_bootstrap() -> Iterator[None]:
+    noise = _BootstrapNoise()
+    logging.getLogger("aiokafka").addFilter(noise)
+    try:
+        yield
+    finally:
+        logging.getLogger("aiokafka").removeFilter(noise)
 
 
 Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
@@ -74,9 +126,11 @@ Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 @asynccontextmanager
 async def started(client: Client) -> AsyncIterator[Client]:
     """Start, use and stop a client; stopped also when ``start()`` fails (no broker answers),
-    which aiokafka does not do itself: the client would be reported unclosed at exit."""
+    which aiokafka does not do itself: the client would be reported unclosed at exit. The
+    command then names the cause itself (``worker.cli``), without aiokafka's error lines."""
     try:
-        await client.start()
+        with quiet_bootstrap():
+            await client.start()
     except BaseException:
         await client.stop()
         raise
@@ -84,6 +138,39 @@ async def started(client: Client) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.stop()
+
+
+async def refusal(k: KafkaSettings) -> str | None:
+    """Why the brokers refuse this client (SASL credentials, TLS trust), or None when none
+    answers at all (an outage, waited out).
+
+    aiokafka reports any failed bootstrap as ``KafkaConnectionError`` and logs the cause;
+    one connection per bootstrap server, as aiokafka makes it, tells the two apart.
+    """
+    options = common_options(k)
+    options.pop("bootstrap_servers")
+    reason: str | None = None
+    for host, port, _ in collect_hosts(k.bootstrap_servers):
+        try:
+            conn = await create_conn(host, port, request_timeout_ms=PROBE_TIMEOUT_MS, **options)
+        except SASL_REFUSALS as exc:
+            reason = (
+                f"{SASL_VARS}: the broker {host}:{port} refused to authenticate "
+                f"{k.sasl_username!r} with {k.sasl_mechanism}: {exc}"
+            )
+        except ssl.SSLCertVerificationError as exc:
+            reason = (
+                f"{TLS_VARS}: the certificate of the broker {host}:{port} is not trusted "
+                f"({exc.verify_message}): set kafka.ssl_cafile to the CA that signed it"
+            )
+        except ssl.SSLError as exc:
+            reason = f"kafka.security_protocol/ssl_*: TLS with {host}:{port} failed: {exc}"
+        except (TimeoutError, OSError, KafkaConnectionError):
+            continue  # this one does not answer: an outage, unless another one refuses
+        else:
+            conn.close()
+            return None  # it answers and accepts: a transient failure, try again
+    return reason
 
 
 async def read_topic(bootstrap_servers: str, topic: str, partition: int = 0) -> list[bytes]:

@@ -142,11 +142,18 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         return all(self.checks().values())
 
     def lag(self) -> dict[TP, int]:
-        """Records not yet durable, per assigned partition (from the last high-water mark)."""
+        """Records not yet durable, per assigned partition: from the end a consumer can read
+        to (the last stable offset under ``read_committed``: records of open transactions
+        are not readable yet; else the high-water mark), as of the last fetch."""
         out: dict[TP, int] = {}
+        committed_only = self.settings.kafka.isolation_level == "read_committed"
         for tp in self.consumer.assignment():
             key = (tp.topic, tp.partition)
-            high, first = self.consumer.highwater(tp), self.tracker.first_unsettled(key)
+            high = self.consumer.highwater(tp)
+            stable = self.consumer.last_stable_offset(tp) if committed_only else None
+            if stable is not None and stable >= 0:
+                high = stable
+            first = self.tracker.first_unsettled(key)
             if high is not None and first is not None:
                 out[key] = max(0, high - first)
         return out
@@ -338,6 +345,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self._decode(tp, messages, changes, letters, settled)
         for record in unreadable:  # tracked after the records read before it
             self._unreadable(record, letters, settled)
+        await self._skipped(settled)
         await self._dead_letter(letters)
         self._enqueue(settled)
         await self._route(changes)
@@ -374,6 +382,25 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
+
+    async def _skipped(self, settled: list[Item]) -> None:
+        """Offsets that hold no record for this worker: transaction markers, and records of
+        aborted transactions under ``read_committed``. The consumer's position moves past
+        them without a record; they are settled like one, so the offset stored in Postgres
+        (and the lag) reaches the end of the partition instead of stopping at a marker."""
+        for tp in self.consumer.assignment():
+            key = (tp.topic, tp.partition)
+            epoch, read_to = self.tracker.epoch(key), self.tracker.read_to(key)
+            if epoch is None or read_to is None or key in self._revoking:
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except KafkaError:  # no longer assigned (IllegalStateError)
+                continue
+            if position <= read_to or self.tracker.epoch(key) != epoch:
+                continue
+            if self.tracker.track(key, position - 1):
+                settled.append(Settled(tp.topic, tp.partition, position - 1, epoch))
 
     def _unreadable(
         self,

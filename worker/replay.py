@@ -269,6 +269,7 @@ async def _fetch(
     consumer = AIOKafkaConsumer(
         enable_auto_commit=False,
         auto_offset_reset="none",  # a position before the log's start is gone, not "latest"
+        isolation_level=k.isolation_level,  # what the worker reads
         fetch_max_wait_ms=k.fetch_max_wait_ms,
         **common_options(k),
     )

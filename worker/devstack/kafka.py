@@ -6,6 +6,10 @@ no network. Each node is one JVM (combined broker + controller) on loopback, wit
 under the stack's temporary directory, so a node killed with SIGKILL starts again on its data.
 One node is the dev stack's ``kafka``; three (replication factor 3, ``min.insync.replicas=2``)
 are ``kafka-cluster``, for the failover tests.
+
+The single node also has the listeners a production cluster has (when ``openssl`` is on PATH):
+SASL_SSL with SCRAM-SHA-512 and a certificate from a CA made at start, and SASL_PLAINTEXT with
+PLAIN (``KafkaBroker.secured``). The stack's own clients use the PLAINTEXT listener.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ import asyncio
 import base64
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from worker.devstack.broker import Broker, free_port, log_tail
+from worker.devstack.tls import BrokerTls, make_broker_tls, openssl
 
 PROJECT = Path(__file__).resolve().parents[2] / "devstack" / "kafka"
 POM = PROJECT / "pom.xml"
@@ -109,6 +117,38 @@ def _cluster_id() -> str:
             return text
 
 
+@dataclass(frozen=True)
+class Secured:
+    """The secured listeners of the single node, and a user that may use them."""
+
+    sasl_ssl: str  # host:port, SCRAM-SHA-512 over TLS
+    sasl_plaintext: str  # host:port, PLAIN
+    cafile: Path  # the CA that signed the broker's certificate
+    username: str
+    scram_password: str
+    plain_password: str
+
+    def client_settings(self, protocol: str) -> dict[str, Any]:
+        """The worker's ``kafka`` settings for ``SASL_SSL`` or ``SASL_PLAINTEXT``."""
+        if protocol == "SASL_SSL":
+            return {
+                "bootstrap_servers": self.sasl_ssl,
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": self.username,
+                "sasl_password": self.scram_password,
+                "ssl_cafile": str(self.cafile),
+            }
+        assert protocol == "SASL_PLAINTEXT", protocol
+        return {
+            "bootstrap_servers": self.sasl_plaintext,
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": self.username,
+            "sasl_password": self.plain_password,
+        }
+
+
 class KafkaNode:
     """One combined broker + controller JVM; it keeps its ports and log dirs across restarts."""
 
@@ -120,20 +160,66 @@ class KafkaNode:
         self.log_path = self.dir / "server.log"
         self.config = self.dir / "server.properties"
         self.process: subprocess.Popen[bytes] | None = None
+        self.secured: Secured | None = None
+        self.tls: BrokerTls | None = None
+        self.scram: list[str] = []  # ``kafka-storage format --add-scram`` arguments
+
+    def secure(self, tls: BrokerTls) -> Secured:
+        """Add a SASL_SSL (SCRAM-SHA-512) and a SASL_PLAINTEXT (PLAIN) listener."""
+        self.tls = tls
+        self.secured = Secured(
+            sasl_ssl=f"127.0.0.1:{free_port()}",
+            sasl_plaintext=f"127.0.0.1:{free_port()}",
+            cafile=tls.cafile,
+            username="worker",
+            scram_password=secrets.token_urlsafe(12),
+            plain_password=secrets.token_urlsafe(12),
+        )
+        s = self.secured
+        self.scram = [f"--add-scram=SCRAM-SHA-512=[name={s.username},password={s.scram_password}]"]
+        return s
+
+    def _security_props(self) -> dict[str, object]:
+        s, tls = self.secured, self.tls
+        if s is None or tls is None:
+            return {}
+        ssl_name, plain_name = "listener.name.sasl_ssl.", "listener.name.sasl_plaintext."
+        return {
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+            ssl_name + "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            ssl_name + "scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            ssl_name + "ssl.keystore.type": "PKCS12",
+            ssl_name + "ssl.keystore.location": tls.keystore,
+            ssl_name + "ssl.keystore.password": tls.password,
+            ssl_name + "ssl.key.password": tls.password,
+            plain_name + "sasl.enabled.mechanisms": "PLAIN",
+            plain_name + "plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'user_{s.username}="{s.plain_password}";'
+            ),
+        }
 
     def write_config(self, voters: str, replication: int) -> None:
         min_isr = min(2, replication)
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if self.secured is not None:
+            listeners += [
+                f"SASL_SSL://{self.secured.sasl_ssl}",
+                f"SASL_PLAINTEXT://{self.secured.sasl_plaintext}",
+            ]
+            protocols += ",SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": self.node_id,
             "controller.quorum.voters": voters,
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": ",".join([*listeners, f"CONTROLLER://127.0.0.1:{self.controller_port}"]),
+            "advertised.listeners": ",".join(listeners),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": self.dir / "data",
             # Like a production cluster: topics exist because someone created them.
             "auto.create.topics.enable": "false",
@@ -148,6 +234,10 @@ class KafkaNode:
             # the rebalance delay to 0, and 50 offsets partitions would only slow the start.
             "group.initial.rebalance.delay.ms": 0,
             "offsets.topic.num.partitions": 4,
+            # The log cleaner looks for work every second (default 15 s): a compacted topic
+            # is cleaned within a test's patience.
+            "log.cleaner.backoff.ms": 1000,
+            **self._security_props(),
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -173,6 +263,7 @@ class KafkaNode:
                 "format",
                 f"--cluster-id={cluster_id}",
                 f"--config={self.config}",
+                *self.scram,
             ),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -218,11 +309,15 @@ class KafkaBroker(Broker):
         self.size = nodes
         self.nodes: list[KafkaNode] = []
         self.jars = ""
+        self.secured: Secured | None = None
 
     async def start(self, tmp: Path) -> None:
         _require("java", "Java 17 or newer")
         self.jars = await classpath()
         self.nodes = [KafkaNode(i, tmp) for i in range(1, self.size + 1)]
+        if self.size == 1 and openssl() is not None:
+            tls = await asyncio.to_thread(make_broker_tls, tmp / "tls")
+            self.secured = self.nodes[0].secure(tls)
         # A static quorum: every node is a voter, known from the start (no --standalone).
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
         for node in self.nodes:

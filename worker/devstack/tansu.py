@@ -79,4 +79,9 @@ class TansuBroker(Broker):
         return [self.process.pid] if self.process is not None else []
 
     def client_settings(self) -> dict[str, Any]:
-        return {**super().client_settings(), "fetch_max_wait_ms": self.FETCH_MAX_WAIT_MS}
+        # Tansu answers InitProducerId with an error: no idempotent producer.
+        return {
+            **super().client_settings(),
+            "fetch_max_wait_ms": self.FETCH_MAX_WAIT_MS,
+            "idempotent_producer": False,
+        }
