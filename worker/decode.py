@@ -48,6 +48,19 @@ class Record:
     timestamp_ms: int | None = None
     headers: tuple[tuple[str, bytes | None], ...] = ()
 
+    @classmethod
+    def of(cls, topic: str, partition: int, msg: Any) -> Record:
+        """From an aiokafka ``ConsumerRecord``."""
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            timestamp_ms=msg.timestamp,
+            headers=tuple(msg.headers or ()),
+        )
+
 
 @dataclass(slots=True)
 class Change:
@@ -228,22 +241,7 @@ def _decode(record: Record, limits: Limits) -> Change:
     key = _key(record)
     if record.value is None:
         return _tombstone(record, key, limits)
-    try:
-        raw = record.value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected(
-            Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
-        ) from None
-    try:
-        # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
-        data = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
-        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
-    if not isinstance(data, dict):
-        raise Rejected(
-            Reason.SCHEMA_VIOLATION, f"the value must be a JSON object, not {type(data).__name__}"
-        )
-    _check_strings(data)
+    data = json_object(record.value, "the value")
     try:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
@@ -255,6 +253,28 @@ def _decode(record: Record, limits: Limits) -> Change:
         if identity_problem(namespace, event.id) is None:  # the letter names valid ids only
             exc.namespace, exc.id = namespace, event.id
         raise
+
+
+def json_object(value: bytes, what: str) -> dict[str, Any]:
+    """A record value as a JSON object Postgres can store, or ``Rejected`` with the reason
+    (invalid UTF-8, not JSON, not an object, a NUL or lone surrogate in a string)."""
+    try:
+        raw = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
+        data = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
+        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
+    if not isinstance(data, dict):
+        raise Rejected(
+            Reason.SCHEMA_VIOLATION, f"{what} must be a JSON object, not {type(data).__name__}"
+        )
+    _check_strings(data)
+    return data
 
 
 def _checked(

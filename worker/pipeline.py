@@ -363,15 +363,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         if epoch is None or key in self._revoking:
             return  # not (or no longer) ours; whoever owns it now reads it again
         for msg in messages:
-            record = Record(
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=msg.offset,  # type: ignore[attr-defined]
-                key=msg.key,  # type: ignore[attr-defined]
-                value=msg.value,  # type: ignore[attr-defined]
-                timestamp_ms=msg.timestamp,  # type: ignore[attr-defined]
-                headers=tuple(msg.headers or ()),  # type: ignore[attr-defined]
-            )
+            record = Record.of(tp.topic, tp.partition, msg)
             if not self.tracker.track(key, record.offset):
                 continue  # delivered again after a seek; already in hand
             self.stats.consumed += 1

@@ -13,17 +13,15 @@ module decides which (``parse`` and ``check`` are pure; ``build`` needs the stor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pgvector import Vector
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.analysis.config import NamespaceAnalysis
-from worker.decode import Record, Rejected, _check_strings, content_hash, identity_problem
+from worker.decode import Record, Rejected, content_hash, identity_problem, json_object
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason, TextType
 from worker.store import Conn
@@ -101,22 +99,7 @@ def _parse(
 ) -> Decided:
     if record.value is None:
         raise Rejected(Reason.SCHEMA_VIOLATION, "a decision needs a value (this one is null)")
-    try:
-        raw = record.value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected(
-            Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
-        ) from None
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
-    if not isinstance(data, dict):
-        raise Rejected(
-            Reason.SCHEMA_VIOLATION,
-            f"a decision must be a JSON object, not {type(data).__name__}",
-        )
-    _check_strings(data)  # NUL or a lone surrogate: Postgres and the letter's JSON refuse them
+    data = json_object(record.value, "a decision")
     try:
         decision = Decision.model_validate(data)
     except ValidationError as exc:

@@ -137,7 +137,9 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
                 generation = self._generation
                 fetched, unreadable = await self._poll()
                 records = [
-                    _record(tp, m) for tp in sorted(fetched, key=_order) for m in fetched[tp]
+                    Record.of(tp.topic, tp.partition, m)
+                    for tp in sorted(fetched, key=_order)
+                    for m in fetched[tp]
                 ]
                 if generation != self._generation:
                     self._rewind()  # assigned again during the poll: keep nothing of it
@@ -313,15 +315,3 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _order(tp: TopicPartition) -> tuple[str, int]:
     return (tp.topic, tp.partition)
-
-
-def _record(tp: TopicPartition, msg: object) -> Record:
-    return Record(
-        topic=tp.topic,
-        partition=tp.partition,
-        offset=msg.offset,  # type: ignore[attr-defined]
-        key=msg.key,  # type: ignore[attr-defined]
-        value=msg.value,  # type: ignore[attr-defined]
-        timestamp_ms=msg.timestamp,  # type: ignore[attr-defined]
-        headers=tuple(msg.headers or ()),  # type: ignore[attr-defined]
-    )
