@@ -75,6 +75,9 @@ class Worker:
         consumer = make_consumer(s.kafka)
         # Check the schema before the pool: its connections need the vector type.
         if not await self._wait_for_postgres(dsn, stop):
+            # Never started, but aiokafka reports a client it did not stop as unclosed.
+            await consumer.stop()
+            await producer.stop()
             return
         pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
         embedder = create_embedder(s.provider)

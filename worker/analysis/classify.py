@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import softmax
 
 from worker.analysis import scoring
 from worker.analysis.labels import LabelSet
@@ -43,7 +42,7 @@ def classify_batch(labels: LabelSet, vectors: np.ndarray) -> list[Classified]:
     x = np.asarray(vectors, dtype=np.float64)
     if labels.head is not None:
         logits = labels.head.logits(x)
-        probs = softmax(logits, axis=1)
+        probs = scoring.softmax(logits, 1.0)
         oos = labels.head.out_of_scope(logits)
     elif labels.prototypes is not None:
         probs = scoring.zero_shot(x, labels.prototypes, labels.spec.temperature)

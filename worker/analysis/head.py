@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, logsumexp, softmax
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from threadpoolctl import threadpool_limits
+
+from worker.analysis.scoring import softmax
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
+
+# scikit-learn and SciPy are imported when a head is fitted, not with this module: they add
+# about 85 MB to a worker's memory, which a worker without labeled examples never needs.
 
 # Grids of the cross-validation; the whole suite's C choices fall inside (docs/analysis.md).
 C_GRID = (1.0, 10.0, 100.0, 1000.0)
@@ -63,21 +66,21 @@ class Head:
         return out
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        out: np.ndarray = softmax(self.logits(vectors), axis=1)
-        return out
+        return softmax(self.logits(vectors), 1.0)
 
     def out_of_scope(self, logits: np.ndarray) -> np.ndarray:
         """Per row, the share of the examples' held-out energies below its own, in [0, 1];
         1 - the top probability when nothing was held out (a label with one example)."""
         if len(self.reference) == 0:
-            top: np.ndarray = 1.0 - softmax(logits, axis=1).max(axis=1)
+            top: np.ndarray = 1.0 - softmax(logits, 1.0).max(axis=1)
             return top
         return rank(self.reference, energy(logits))
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
     """-logsumexp of the calibrated logits: high when no label claims the row strongly."""
-    out: np.ndarray = -logsumexp(logits, axis=1)
+    top = logits.max(axis=1, keepdims=True)
+    out: np.ndarray = -(top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
     return out
 
 
@@ -98,6 +101,8 @@ def fit(
     Every label must have at least one example. One BLAS thread: these matrices are small,
     and more threads on a busy machine made the fit ten times slower, not faster.
     """
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1):
         return _fit(examples, labels, n_labels, descriptions)
 
@@ -115,6 +120,8 @@ def _fit(
         c, prior = FALLBACK_C, (FALLBACK_PRIOR if descriptions is not None else 0.0)
         model = _fit_one(x, y, counts, descriptions, c, prior)
         return _head(model, n_labels, 1.0, None, c, prior)
+    from sklearn.model_selection import StratifiedKFold
+
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y))
     best: tuple[float, float, float, float, np.ndarray] | None = None  # loss, T, C, prior, oof
     for prior in priors:
@@ -172,6 +179,9 @@ def _fit_one(
     warm: LogisticRegression | None = None,
 ) -> LogisticRegression:
     """Class-balanced logistic regression; descriptions as pseudo-examples of weight prior."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     n_labels = len(counts)
     present = counts > 0
     weight = len(y) / (present.sum() * np.maximum(counts, 1))  # "balanced" class weights
@@ -203,6 +213,8 @@ def _logits(model: LogisticRegression, x: np.ndarray, n_labels: int) -> np.ndarr
 
 def temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The temperature minimising the mean log-loss of softmax(logits / T), and that loss."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
 
     def loss(log_t: float) -> float:
         lp = log_softmax(logits / np.exp(log_t), axis=1)
