@@ -94,7 +94,8 @@ async def test_broker_kill_9_and_restart_mid_stream_loses_nothing(
     records, texts = corpus(4_000, bad_every=200)
     first, second = records[:3_000], records[3_000:]
     positions = await env.produce_records(first)
-    async with running(env.settings(provider(fake_api))) as worker:
+    # <= 4 requests x 10 texts per 30 ms: the kill lands mid-stream on a fast machine too.
+    async with running(env.settings(provider(fake_api, max_concurrency=4))) as worker:
 
         async def moved() -> bool:
             return await stored_total(env) > 0
@@ -148,7 +149,8 @@ async def test_leader_failover_mid_stream_loses_nothing(
     (dlq_partition,) = await partitions(cluster, env.dlq)
     victim = dlq_partition["leader"]
     victim_led = led[victim]
-    async with running(env.settings(provider(fake_api))) as worker:
+    # <= 4 requests x 10 texts per 30 ms: the kill lands mid-stream on a fast machine too.
+    async with running(env.settings(provider(fake_api, max_concurrency=4))) as worker:
 
         async def moved(than: int = 0) -> bool:
             return await stored_total(env) > than

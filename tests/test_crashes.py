@@ -59,13 +59,16 @@ def provider(fake: FakeEmbeddingServer, **extra: Any) -> dict[str, Any]:
 async def test_kill_9_five_times_while_20000_events_flow(
     env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
 ) -> None:
-    fake_api.configure(latency_ms=40)  # slow enough for the kills to land mid-stream
+    # The provider bounds the stream at 2 requests x 10 texts per 40 ms (<= 500 events/s, so
+    # >= 40 s for 20,000): the five kills (each a restart, progress, then 0.1-1.5 s) land
+    # mid-stream however fast the machine, which the assertion after the loop checks.
+    fake_api.configure(latency_ms=40)
     await migrate_db(env, DIM)
     records, texts = corpus(20_000, bad_every=500)
     positions = await env.produce_records(records)
     bad_positions = {positions[i] for i in range(499, 20_000, 500)}
     high = highest(positions)
-    settings_env = env.worker_env(provider(fake_api))
+    settings_env = env.worker_env(provider(fake_api, max_concurrency=2))
     rng = random.Random(20261124)
 
     kills = 0
