@@ -399,6 +399,45 @@ class AnalysisSettings(BaseModel):
         return self
 
 
+class InputFormat(StrEnum):
+    NATIVE = "native"  # the README's event contract
+    CLOUDEVENTS = "cloudevents"  # structured (JSON) or binary (`ce_` headers) mode
+    DEBEZIUM = "debezium"  # change events of the JSON converter, with or without schemas
+
+
+class FieldMap(BaseModel):
+    """Where the event's parts are in a record (README, Input formats): dotted paths in the
+    row (the value; a CloudEvent's data; a Debezium event's row), or in the envelope when they
+    start with `$` (`$subject`, `$source.table`). ``text`` may name several fields, joined
+    by a blank line; ``metadata_fields`` are copied into the metadata by their last name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default="id", min_length=1)
+    text: str | list[str] = "text"
+    namespace: str | None = "namespace"
+    metadata: str | None = "metadata"
+    metadata_fields: list[str] = Field(default_factory=list)
+    timestamp: str | None = "timestamp"
+    op: str | None = "op"
+    text_type: str | None = "text_type"
+
+    @field_validator("namespace", "metadata", "timestamp", "op", "text_type", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        """``""`` turns a part off (neither TOML nor an environment variable has null)."""
+        return None if value == "" else value
+
+
+class InputSettings(BaseModel):
+    """The shape of the input topic's records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: InputFormat = InputFormat.NATIVE
+    fields: FieldMap = FieldMap()
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the README's table for every field."""
 
@@ -414,6 +453,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     http: HttpSettings = HttpSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    input: InputSettings = InputSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
