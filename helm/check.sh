@@ -309,6 +309,12 @@ expect_failure "analysis" --set analysis.file=x --set analysis.existingConfigMap
 expect_failure "analysis" --set-string 'analysis.examples.x\.jsonl=y'
 expect_failure "mountPath" --set analysis.existingConfigMap=rules --set analysis.mountPath=rel
 expect_failure "fileName" --set analysis.existingConfigMap=rules --set analysis.fileName=a/b
+rules_off=()
+for alert in lagGrowing deadLetters circuitOpen authFault throttling postgresDown notReady anomalyStorm; do
+    rules_off+=(--set "prometheusRule.rules.$alert.enabled=false")
+done
+expect_failure "with every alert of prometheusRule.rules off" \
+    --set prometheusRule.enabled=true "${rules_off[@]}"
 expect_failure "threshold" --set prometheusRule.rules.lagGrowing.threshold=-1
 expect_failure "for" --set prometheusRule.rules.notReady.for=soon
 expect_failure "label" --set 'grafanaDashboard.label=grafana dashboard'
