@@ -19,6 +19,7 @@ from scripts.check_monitoring import (
     documented_alerts,
     exported_metrics,
     metric_names,
+    rendered_problems,
 )
 
 ROOT = Path(__file__).parent.parent
@@ -109,6 +110,33 @@ def test_a_template_variable_naming_an_unknown_metric_is_rejected(
     assert dashboard_problems(dashboard, exported) == [
         "variable 'namespace': the worker exports no metric embedding_worker_up"
     ]
+
+
+def test_rendered_dashboards_and_rules_are_checked(
+    dashboard: dict[str, Any], exported: set[str]
+) -> None:
+    panel(dashboard, "AIMD concurrency")["targets"][0]["expr"] = "embedding_worker_aimd_limit"
+    manifests = [
+        {"kind": "Deployment", "metadata": {"name": "w"}},
+        {
+            "kind": "ConfigMap",
+            "metadata": {"name": "w-dashboard"},
+            "data": {"embedding-worker.json": json.dumps(dashboard), "notes.txt": "{"},
+        },
+        {"kind": "ConfigMap", "metadata": {"name": "w-broken"}, "data": {"d.json": "{"}},
+        *rules_of({"EmbeddingWorkerNotReady": ("min(embedding_worker_readiness) == 0", "10m")}),
+    ]
+    problems = rendered_problems(manifests, exported)
+    assert problems[0] == (
+        "ConfigMap w-dashboard embedding-worker.json: panel 'AIMD concurrency': "
+        "the worker exports no metric embedding_worker_aimd_limit"
+    )
+    assert problems[1].startswith("ConfigMap w-broken d.json: not JSON")
+    assert problems[2:] == [
+        "PrometheusRule r: EmbeddingWorkerNotReady: "
+        "the worker exports no metric embedding_worker_readiness"
+    ]
+    assert len(problems) == 3
 
 
 def rules_of(alerts: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
