@@ -32,7 +32,7 @@ test-kafka: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker fakeapi tests benchmarks evaluation
+	$(BIN)/mypy worker fakeapi tests benchmarks evaluation scripts
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck scripts/*.sh helm/check.sh
 	$(MAKE) --no-print-directory lock-check chart-check
