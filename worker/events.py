@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class TextType(StrEnum):
@@ -123,6 +123,8 @@ class DeadLetter(BaseModel):
     provider_code: str | None = None
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     worker: str = "embedding-worker"
+    # The event's span when tracing is on (worker.tracing): the letter's headers carry it.
+    _trace: Any = PrivateAttr(default=None)
 
     @property
     def cut(self) -> bool:
