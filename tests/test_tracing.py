@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +23,9 @@ from opentelemetry.trace import SpanKind
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
+from tests.test_analysis import NEWS, one_stream
 from worker.app import Worker
-from worker.config import ConfigError
+from worker.config import ConfigError, TracingSettings
 
 POISON = "xx-poison-xx"
 Headers = list[tuple[str, bytes]]
@@ -39,13 +41,14 @@ def _event(i: int, text: str | None = None) -> bytes:
     return json.dumps(body).encode()
 
 
-async def _dead_letters(env: Env, expected: int) -> list[tuple[dict[str, Any], Headers]]:
-    """The dead-letter topic's records with their headers (``env.dead_letters`` has no headers)."""
+async def _read(env: Env, topic: str, expected: int) -> list[tuple[dict[str, Any], Headers]]:
+    """A one-partition topic's JSON records with their headers (``env.dead_letters`` has no
+    headers)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap)
     await consumer.start()
     out: list[tuple[dict[str, Any], Headers]] = []
     try:
-        tp = TopicPartition(env.dlq, 0)
+        tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         deadline = asyncio.get_running_loop().time() + 30
@@ -119,7 +122,7 @@ async def test_events_continue_their_trace_batches_and_transactions_link_them(
     assert {e.attributes["cause"] for e in retries if e.attributes} == {"500"}
 
     # Dead letters carry their event's trace (a child of its span).
-    letters = await _dead_letters(env, 2)
+    letters = await _read(env, env.dlq, 2)
     by_offset = {(p, o): i for i, (p, o) in enumerate(positions)}
     reasons = {}
     for letter, headers in letters:
@@ -145,7 +148,7 @@ async def test_tracing_off_records_nothing_adds_no_header_and_needs_no_opentelem
     async with running(env.settings(dashscope(fake_api)), span_exporter=exporter):
         await env.wait_for_offsets(dict(positions))
     assert exporter.get_finished_spans() == ()
-    ((letter, headers),) = await _dead_letters(env, 1)
+    ((letter, headers),) = await _read(env, env.dlq, 1)
     assert letter["reason"] == "invalid_json"
     assert headers == []
 
@@ -157,6 +160,28 @@ async def test_tracing_on_without_the_extra_is_a_configuration_error(
     worker = Worker(env.settings(dashscope(fake_api), tracing={"enabled": True}))
     with pytest.raises(ConfigError, match=r"tracing\.enabled .*'tracing' extra"):
         await worker.run(asyncio.Event())
+
+
+async def test_results_carry_their_event_trace(env: Env, tmp_path: Path) -> None:
+    """Classifications (local model, analysis on) are produced with their event's trace."""
+    settings, topics = await one_stream(env, tmp_path)
+    rng = random.Random(3)
+    traces: dict[str, int] = {}
+    records: list[tuple[bytes | None, bytes | None, Headers]] = []
+    for i, (_, text) in enumerate(NEWS):
+        trace_id, _, header = _traceparent(rng)
+        traces[f"news-{i}"] = trace_id
+        value = json.dumps({"id": f"news-{i}", "namespace": "news", "text": text}).encode()
+        records.append((f"news-{i}".encode(), value, [("traceparent", header)]))
+    positions = await env.produce_records(records)
+    exporter = InMemorySpanExporter()
+    traced = settings.model_copy(update={"tracing": TracingSettings(enabled=True)})
+    async with running(traced, span_exporter=exporter):
+        await env.wait_for_offsets(dict(positions))
+    results = await _read(env, topics["classifications_topic"], len(NEWS))
+    assert {r["id"]: _trace_of(headers) for r, headers in results} == traces
+    published = [s for s in exporter.get_finished_spans() if s.name.endswith(" publish")]
+    assert {s.name for s in published} == {f"{topics['classifications_topic']} publish"}
 
 
 def _without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,8 +75,8 @@ class Worker:
             try:
                 await self._run(stop, tracing)
             finally:
-                if tracing is not None:
-                    tracing.close()  # exports what is left
+                if tracing is not None:  # exports what is left (off the event loop)
+                    await asyncio.to_thread(tracing.close)
         finally:
             await probes.stop()
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import structlog
@@ -488,7 +488,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _embed_batch(self, batch: list[Change]) -> None:
         tracing = self.tracing
-        span: Any = contextlib.nullcontext()
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if tracing is not None:
             span = tracing.embedding([c.trace for c in batch], self.embedder.model)
         try:
@@ -585,7 +585,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 history=self.analysis.history(),
                 forgetting=self.analysis.forgetting(),
             )
-        span: Any = contextlib.nullcontext()
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.tracing is not None:
             span = self.tracing.transaction([c.trace for c in changes])
         began = time.monotonic()

@@ -12,17 +12,18 @@ a result) carries that event's span in its headers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from itertools import islice
 from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind
+from opentelemetry.trace import Span, SpanContext, SpanKind
 
 from worker.config import TracingSettings
 
@@ -57,6 +58,9 @@ class Tracing:
         self.provider = provider
         self.tracer = provider.get_tracer("worker")
         self.group = group
+        # The SDK keeps this many links of a span (OTEL_LINK_COUNT_LIMIT, default 128): the
+        # rest are not even made.
+        self.max_links = SpanLimits().max_links
 
     @classmethod
     def start(cls, settings: TracingSettings, group: str) -> Tracing:
@@ -113,15 +117,21 @@ class Tracing:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, Any] | None = None,
     ) -> Iterator[Span]:
-        """A span (current inside the block) linking the spans of the ``events`` it serves."""
-        unique = {c.span_id: c for c in events if c is not None}
-        links = [Link(c) for c in unique.values()]  # the SDK keeps 128 (OTEL_LINK_COUNT_LIMIT)
-        with self.tracer.start_as_current_span(
-            name, kind=kind, links=links, attributes=attributes
-        ) as span:
+        """A span (current inside the block) linking the spans of the ``events`` it serves.
+
+        Links are added once the span is known to be sampled (the ratio sampler does not look
+        at them), and only to sampled spans (no other is exported): in a profile at
+        ``sample_ratio=0.1``, links made for unsampled batches were a quarter of the cost."""
+        with self.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
+            if span.is_recording():
+                unique = {c.span_id: c for c in events if c is not None and c.trace_flags.sampled}
+                for context in islice(unique.values(), self.max_links):
+                    span.add_link(context)
             yield span
 
-    def embedding(self, events: Sequence[SpanContext | None], model: str) -> Any:
+    def embedding(
+        self, events: Sequence[SpanContext | None], model: str
+    ) -> AbstractContextManager[Span]:
         """The span of one micro-batch at the provider (its requests, retries as events)."""
         return self.span(
             "embed",
@@ -134,7 +144,7 @@ class Tracing:
             },
         )
 
-    def transaction(self, events: Sequence[SpanContext | None]) -> Any:
+    def transaction(self, events: Sequence[SpanContext | None]) -> AbstractContextManager[Span]:
         """The span of one Postgres transaction (rows and offsets, retried while it is down)."""
         return self.span(
             "postgres transaction",
@@ -147,7 +157,9 @@ class Tracing:
             },
         )
 
-    def producing(self, topic: str, events: Sequence[SpanContext | None]) -> Any:
+    def producing(
+        self, topic: str, events: Sequence[SpanContext | None]
+    ) -> AbstractContextManager[Span]:
         """The span of one produce (acknowledged) of records made for ``events``."""
         return self.span(
             f"{topic} publish",
