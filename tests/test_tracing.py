@@ -23,9 +23,10 @@ from opentelemetry.trace import SpanKind
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
+from tests.processes import cli
 from tests.test_analysis import NEWS, one_stream
-from worker.app import Worker
-from worker.config import ConfigError, TracingSettings
+from tests.test_startup_faults import assert_one_clear_line
+from worker.config import TracingSettings
 
 POISON = "xx-poison-xx"
 Headers = list[tuple[str, bytes]]
@@ -153,13 +154,19 @@ async def test_tracing_off_records_nothing_adds_no_header_and_needs_no_opentelem
     assert headers == []
 
 
-async def test_tracing_on_without_the_extra_is_a_configuration_error(
-    env: Env, fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
+async def test_tracing_on_without_the_extra_exits_2_with_one_line(
+    env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
 ) -> None:
-    _without_opentelemetry(monkeypatch)
-    worker = Worker(env.settings(dashscope(fake_api), tracing={"enabled": True}))
-    with pytest.raises(ConfigError, match=r"tracing\.enabled .*'tracing' extra"):
-        await worker.run(asyncio.Event())
+    """``python -m worker run`` where opentelemetry cannot be imported (a package of that name
+    first on the path that refuses to load, as an install without the extra would)."""
+    (tmp_path / "opentelemetry").mkdir()
+    (tmp_path / "opentelemetry" / "__init__.py").write_text(
+        "raise ImportError('No module named opentelemetry')\n"
+    )
+    settings = env.worker_env(dashscope(fake_api), tracing={"enabled": True})
+    code, out, err = await cli("run", PYTHONPATH=str(tmp_path), **settings)
+    assert_one_clear_line(code, out, err, "tracing.enabled (EMBEDDING_WORKER_TRACING__ENABLED)")
+    assert "pip install 'embedding-worker[tracing]'" in err
 
 
 async def test_results_carry_their_event_trace(env: Env, tmp_path: Path) -> None:
