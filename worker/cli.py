@@ -57,10 +57,11 @@ PRODUCE_FORMAT = """\
 FILE is JSON Lines: one event per line, the input topic's format, e.g.
   {"id": "a-1", "text": "Hello", "namespace": "news", "metadata": {"lang": "en"}}
   {"id": "a-1", "op": "delete"}
-Blank lines are skipped. Every line is checked as the worker would, with these settings;
-if a line is not a valid event (not JSON, not an object, no id, empty text, ...), nothing is
-produced and the lines are listed with their dead-letter reason (exit 2), unless
---allow-invalid. Each event's id is its record key."""
+or, with input.format set, structured CloudEvents or Debezium change events (README, Input
+formats). Blank lines are skipped. Every line is checked as the worker would, with these
+settings; if a line is not a valid event (not JSON, not an object, no id, empty text, ...),
+nothing is produced and the lines are listed with their dead-letter reason (exit 2), unless
+--allow-invalid. Each event's content id is its record key."""
 EVALUATE_FORMAT = """\
 FILE (and --train's) is JSON Lines, an object with `text` and `label` per line, e.g.
   {"text": "Buy cheap watches now!", "label": "spam"}
@@ -385,7 +386,7 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
         if len(bad) > _LISTED:
             print(f"  ... and {len(bad) - _LISTED} more", file=sys.stderr)
         return EXIT_CONFIG
-    await produce_file(settings.kafka, topic, checked.values)
+    await produce_file(settings.kafka, topic, checked)
     print(
         f"produced {len(checked.values) - len(bad)} events to {topic}"
         + (f", and {len(bad)} invalid lines (the worker dead-letters them)" if bad else "")
