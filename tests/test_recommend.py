@@ -5,8 +5,10 @@ what was read, and bad interactions are dead-lettered with their reason."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,18 @@ async def recommend(env: Env, *args: str) -> list[str]:
     return [json.loads(line)["id"] for line in out.splitlines()]
 
 
+async def documented_sql(env: Env, user: str, k: int) -> list[str]:
+    """docs/recommend.md's SQL for `recommend --user`, run as a reader of the docs would."""
+    doc = (Path(__file__).parent.parent / "docs" / "recommend.md").read_text()
+    [sql] = [b for b in re.findall(r"```sql\n(.*?)```", doc, re.S) if "NOT EXISTS" in b]
+    sql = sql.replace("'u-17'", f"'{user}'").replace("LIMIT 5", f"LIMIT {k}")
+    conn = await env.connect()
+    try:
+        return [r["id"] for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
 async def test_interactions_make_profiles_once_and_recommend_unseen_rows_near_them(
     env: Env,
 ) -> None:
@@ -140,6 +154,7 @@ async def test_interactions_make_profiles_once_and_recommend_unseen_rows_near_th
     assert len(ann) == 3 and set(ann) <= SPACE - items, ann
     bob = await recommend(env, "--user", "bob", "-k", "3")
     assert len(bob) == 3 and set(bob) <= BAKING - {"baking-0", "baking-1"}, bob
+    assert await documented_sql(env, "ann", 3) == ann  # docs/recommend.md's SQL agrees
     lean = await recommend(env, "--user", "ann", "-k", "2", "--where", "lang=en")
     assert set(lean) == {"space-3", "space-dup"}  # space-4 is lang=xx
 
