@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running, wait_until
 from tests.processes import cli
@@ -128,10 +129,14 @@ async def test_interactions_make_profiles_once_and_recommend_unseen_rows_near_th
         (b"bob", {"user": "bob", "namespace": "news"}),
         seen("bob", "baking-1", 0),
     ]
-    async with running(settings):
+    async with running(settings) as worker:
         await env.wait_for_offsets(await env.produce(_corpus()))
         end = await produce(env, interactions, first)
         await wait_for_interactions(env, settings, interactions, end)
+        scraped = generate_latest(worker.metrics.registry).decode()
+        assert worker.checks()["interactions_consuming"]
+    assert "embedding_worker_interactions_applied_total 5.0" in scraped
+    assert 'embedding_worker_interactions_dead_lettered_total{reason="unknown_id"} 1.0' in scraped
 
     count, weight, items = await profile(env, "ann")
     assert count == 3

@@ -124,6 +124,7 @@ class Worker:
                 self.profiler = interactions.Profiler(
                     s, profiling, sink, pipeline._pg, embedder.model
                 )
+                self.metrics.bind_profiler(self.profiler)
                 profiling.subscribe([s.recommend.interactions_topic], listener=self.profiler)
                 if not await self._wait_for_kafka("interactions consumer", profiling.start, stop):
                     return
