@@ -399,6 +399,26 @@ class AnalysisSettings(BaseModel):
         return self
 
 
+class RecommendSettings(BaseModel):
+    """Recommendation from a stream of interactions (docs/recommend.md); off unless a topic
+    is set. Each (namespace, user) keeps a time-decayed weighted mean of the vectors of the
+    items it interacted with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Interactions ({"user", "item", "weight"?, "time"?, "namespace"?}); off unless set. Bad
+    # ones go to their own dead-letter topic, replayable to this one.
+    interactions_topic: str | None = None
+    interactions_dlq_topic: str = "content.interactions.dlq"
+    # An interaction counts half as much as one this much later: a week keeps a profile on
+    # what a user read lately while a few quiet days do not erase it.
+    half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # An interaction with an item not stored yet is looked up again until it is this old.
+    grace_s: float = Field(default=5.0, ge=0)
+    # Items remembered per user (the latest), left out of `recommend --user`.
+    seen_max: int = Field(default=1_000, ge=0)
+
+
 class InputFormat(StrEnum):
     NATIVE = "native"  # the README's event contract
     CLOUDEVENTS = "cloudevents"  # structured (JSON) or binary (`ce_` headers) mode
@@ -454,6 +474,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     input: InputSettings = InputSettings()
+    recommend: RecommendSettings = RecommendSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
@@ -524,6 +545,28 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "analysis.decisions_topic needs a namespace with a `classify` label set "
                     "in the analysis file"
+                )
+        r = self.recommend
+        if r.interactions_topic is not None:
+            taken = {
+                "kafka.input_topic": k.input_topic,
+                **outputs,
+                "recommend.interactions_dlq_topic": r.interactions_dlq_topic,
+            }
+            if a.decisions_topic is not None:
+                taken |= {
+                    "analysis.decisions_topic": a.decisions_topic,
+                    "analysis.decisions_dlq_topic": a.decisions_dlq_topic,
+                }
+            for name, topic in taken.items():
+                if topic == r.interactions_topic:
+                    raise ValueError(
+                        f"recommend.interactions_topic must differ from {name} ({topic!r})"
+                    )
+            if r.interactions_dlq_topic == k.input_topic:
+                raise ValueError(
+                    "recommend.interactions_dlq_topic must differ from kafka.input_topic "
+                    f"({k.input_topic!r})"
                 )
         return self
 
