@@ -14,15 +14,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 from pgvector import Vector
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.decode import Record, identity_problem
 from worker.envelope import dead_letter
-from worker.events import DeadLetter, Reason
+from worker.events import DeadLetter, EventTime, Reason
 from worker.jsonvalue import Rejected, json_object
 from worker.store import Conn
 
@@ -35,32 +34,8 @@ class InteractionEvent(BaseModel):
     user: str = Field(strict=True)
     item: str = Field(strict=True)
     weight: float = Field(default=1.0, strict=True)
-    time: AwareDatetime | None = None
+    time: EventTime | None = None
     namespace: str | None = Field(default=None, strict=True)
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _epoch_ms(cls, value: Any) -> Any:
-        """Epoch milliseconds as well as ISO 8601, as an input event's ``timestamp``."""
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                return datetime.fromtimestamp(value / 1000, tz=UTC)
-            except (OverflowError, OSError, ValueError):
-                raise ValueError("time out of range") from None
-        return value
-
-    @field_validator("time")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        try:
-            utc = value.astimezone(UTC)
-        except (OverflowError, ValueError):
-            raise ValueError("time out of range") from None
-        if not 2 <= utc.year <= 9998:
-            raise ValueError("time out of range (years 2-9998)")
-        return utc
 
 
 @dataclass(frozen=True, slots=True)
