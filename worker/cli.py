@@ -369,11 +369,7 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await conn.close()
         await embedder.aclose()
-    for hit in hits:
-        if args.json:
-            print(json.dumps(hit.__dict__, ensure_ascii=False))
-        else:
-            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+    _print_hits(hits, args.json)
     return 0
 
 
@@ -440,12 +436,16 @@ async def _similar(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_NOT_FOUND
     finally:
         await conn.close()
+    _print_hits(hits, args.json)
+    return 0
+
+
+def _print_hits(hits: Sequence[Any], as_json: bool) -> None:
     for hit in hits:
-        if args.json:
+        if as_json:
             print(json.dumps(hit.__dict__, ensure_ascii=False))
         else:
             print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
-    return 0
 
 
 def _ids(value: str) -> list[str]:
@@ -473,11 +473,7 @@ async def _recommend(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_NOT_FOUND
     finally:
         await conn.close()
-    for hit in hits:
-        if args.json:
-            print(json.dumps(hit.__dict__, ensure_ascii=False))
-        else:
-            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+    _print_hits(hits, args.json)
     return 0
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.decode import Record, identity_problem
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, EventTime, Reason
-from worker.jsonvalue import Rejected, json_object
+from worker.jsonvalue import Rejected, describe, json_object
 from worker.store import Conn
 
 
@@ -82,10 +82,7 @@ def _parse(record: Record, default_namespace: str, max_clock_skew_s: float) -> I
     try:
         event = InteractionEvent.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise Rejected(Reason.SCHEMA_VIOLATION, problems) from None
+        raise Rejected(Reason.SCHEMA_VIOLATION, describe(exc)) from None
     namespace = default_namespace if event.namespace is None else event.namespace
     for what, value in (("item", event.item), ("user", event.user)):
         problem = identity_problem(namespace, value)
