@@ -24,7 +24,7 @@ from worker.events import TextType
 class Hit:
     namespace: str
     id: str
-    # dense: cosine similarity; lexical: ts_rank_cd; hybrid: the reciprocal rank fusion sum
+    # dense: cosine similarity; lexical: ts_rank (length-normalised); hybrid: the fused sum
     score: float
     content: str | None
     metadata: dict[str, Any]
@@ -59,7 +59,7 @@ async def search(
     embedder's, else `model`; None in lexical mode: every row).
 
     dense: nearest by cosine distance (needs `embedder`). lexical: rows holding any of the
-    query's words under the table's text search configuration, by ts_rank_cd; a query with no
+    query's words under the table's text search configuration, by ts_rank; a query with no
     words to match (empty, punctuation, only stop words) finds nothing. hybrid: the
     `candidates` best of each (at least k), fused by ``rrf``; with no words to match it is the
     dense list (re-scored)."""
@@ -94,9 +94,11 @@ def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None
     return [replace(fused[key], score=scores[key]) for key in order[:limit]]
 
 
-# Any of the query's words, ranked by cover density; the functions come from migration 0006.
+# Any of the query's words, by ts_rank normalised by the log of the row's length (normalisation
+# 1: on AG News it found the known item far more often than ts_rank_cd, docs/retrieval.md).
+# The functions come from migration 0006.
 LEXICAL = """
-SELECT namespace, id, content, metadata, ts_rank_cd(content_tsv, q) AS score
+SELECT namespace, id, content, metadata, ts_rank(content_tsv, q, 1) AS score
 FROM embeddings, embeddings_lexical_query($1) AS q
 WHERE numnode(q) > 0 AND content_tsv @@ q
   AND ($2::text IS NULL OR model = $2)
