@@ -4,7 +4,9 @@ worker stored with the local model, and the text search configuration fixed at m
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,7 +17,7 @@ from tests.processes import cli
 from tests.test_cli import _env
 from worker.embedders import create_embedder
 from worker.embedders.base import Embedder
-from worker.migrate import MigrationError, migrate
+from worker.migrate import MigrationError, default_directory, migrate
 from worker.search import Hit, Mode, has_words, lexical, rrf, search
 
 # --- reciprocal rank fusion ----------------------------------------------------------------
@@ -214,6 +216,27 @@ async def test_english_configuration_stems_drops_stop_words_and_is_then_fixed(en
         with pytest.raises(MigrationError, match=r"'simple'.*'english'"):
             await migrate(conn, 4)
         assert await migrate(conn, 4, text_search_config="english") == []
+    finally:
+        await conn.close()
+
+
+async def test_rows_stored_before_the_migration_are_found_after_it(
+    env: Env, tmp_path: Path
+) -> None:
+    for path in default_directory().glob("*.sql"):
+        if path.name < "0006":
+            shutil.copy(path, tmp_path)
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        await migrate(conn, 4, tmp_path)
+        await conn.execute(
+            "INSERT INTO embeddings (namespace, id, embedding, content, content_hash, model, "
+            "dimension, source_topic, source_partition, source_offset, event_time) "
+            f"VALUES ('n', 'old', '[1,0,0,0]', 'Order {SKU} shipped', '\\x00', 'm', 4, "
+            "'t', 0, 0, now())"
+        )
+        assert await migrate(conn, 4) == ["0006_lexical.sql"]
+        assert [h.id for h in await lexical(conn, SKU)] == ["old"]
     finally:
         await conn.close()
 
