@@ -228,14 +228,19 @@ async def test_rows_stored_before_the_migration_are_found_after_it(
             shutil.copy(path, tmp_path)
     conn = await asyncpg.connect(env.dsn)
     try:
-        await migrate(conn, 4, tmp_path)
+        await migrate(conn, 512, tmp_path)  # the local model's dimension, for the CLI
         await conn.execute(
             "INSERT INTO embeddings (namespace, id, embedding, content, content_hash, model, "
             "dimension, source_topic, source_partition, source_offset, event_time) "
-            f"VALUES ('n', 'old', '[1,0,0,0]', 'Order {SKU} shipped', '\\x00', 'm', 4, "
-            "'t', 0, 0, now())"
+            "VALUES ('n', 'old', array_fill(1, ARRAY[512])::vector, $1, '\\x00', 'm', 512, "
+            "'t', 0, 0, now())",
+            f"Order {SKU} shipped",
         )
-        assert await migrate(conn, 4) == ["0006_lexical.sql"]
+        # Before 0006, lexical search says what to do.
+        code, out, err = await cli("search", SKU, "--mode", "lexical", **_env(env))
+        assert (code, out) == (3, "")
+        assert "0006_lexical.sql" in err and "embedding-worker migrate" in err, err
+        assert await migrate(conn, 512) == ["0006_lexical.sql"]
         assert [h.id for h in await lexical(conn, SKU)] == ["old"]
     finally:
         await conn.close()

@@ -341,7 +341,7 @@ def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.search import Mode, has_words, search
+    from worker.search import Mode, has_words, search, text_config
 
     mode = Mode(args.mode)
     dsn = settings.postgres.dsn.get_secret_value()
@@ -354,10 +354,12 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
             await embedder.aclose()
         raise
     try:
-        if mode is not Mode.DENSE and not await has_words(conn, args.query):
+        # Before 0006: a clear error (exit 3), not a missing function.
+        config = None if mode is Mode.DENSE else await text_config(conn)
+        if config is not None and not await has_words(conn, args.query):
             print(
                 f"embedding-worker: the query has no words to match in text search configuration "
-                f"{settings.search.text_search_config!r}"
+                f"{config!r}"
                 + ("; hybrid ranks by the dense list alone" if mode is Mode.HYBRID else ""),
                 file=sys.stderr,
             )

@@ -18,6 +18,7 @@ from worker import index
 from worker.cluster import ClusterSummary, Reservoir, Summarizer, spherical_kmeans
 from worker.embedders.base import Embedder
 from worker.events import TextType
+from worker.store import SchemaError
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,16 @@ async def lexical(
         Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
         for r in rows
     ]
+
+
+async def text_config(conn: asyncpg.Connection) -> str:
+    """The text search configuration of the stored tsvectors; SchemaError before 0006."""
+    if await conn.fetchval("SELECT to_regproc('embeddings_text_config')") is None:
+        raise SchemaError(
+            "lexical and hybrid search need migration 0006_lexical.sql: run "
+            "`embedding-worker migrate`"
+        )
+    return str(await conn.fetchval("SELECT embeddings_text_config()::text"))
 
 
 async def has_words(conn: asyncpg.Connection, query: str) -> bool:
