@@ -204,12 +204,18 @@ def write(result: dict[str, Any], out: Path) -> None:
     (out / "README.md").write_text(markdown(result))
 
 
-def rerender(out: Path) -> None:
-    """Rewrite README.md from results.json (e.g. after editing analysis.md); no measuring."""
-    result = json.loads((out / "results.json").read_text())
+def stored(out: Path) -> dict[str, Any]:
+    """A run's results.json with its analysis.md as it is now (edited after the run)."""
+    result: dict[str, Any] = json.loads((out / "results.json").read_text())
     analysis = out / "analysis.md"
     if analysis.exists():
         result["analysis"] = analysis.read_text().strip()
+    return result
+
+
+def rerender(out: Path) -> None:
+    """Rewrite README.md from results.json (e.g. after editing analysis.md); no measuring."""
+    result = stored(out)
     result["plots"] = plots(result, out)
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (out / "README.md").write_text(markdown(result))

@@ -107,7 +107,7 @@ trap 'rm -rf "$tmp"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 # Scenarios: "default" (values.yaml alone) and each $CHART/ci/NAME-values.yaml on top of it.
-SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing networkpolicy)
+SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing networkpolicy monitoring)
 values_file() { [[ "$1" == default ]] || echo "$CHART/ci/$1-values.yaml"; }
 values_args() {  # sets VALUES to the helm arguments of scenario $1
     VALUES=()
@@ -177,11 +177,11 @@ document-start: disable, truthy: {check-keys: false}, \
 indentation: {spaces: consistent, indent-sequences: whatever}}}" "$rendered"
     for k in "${KUBE_VERSIONS[@]}"; do
         # Built-in kinds against the bundled OpenAPI schemas; unknown fields are errors.
-        # ScaledObject and ServiceMonitor are CRDs it has no schema for: it warns and skips
-        # them (check_rendered.py validates those two against their CRD models).
+        # ScaledObject, ServiceMonitor and PrometheusRule are CRDs it has no schema for: it
+        # warns and skips them (check_rendered.py validates them against their CRD models).
         rc=0
         out="$("$BIN/kubernetes-validate" --strict --quiet -k "$k" "$rendered" 2>&1)" || rc=$?
-        others="$(grep -v "Couldn't find schema for kind \(ScaledObject\|ServiceMonitor\) " <<<"$out" || true)"
+        others="$(grep -v "Couldn't find schema for kind \(ScaledObject\|ServiceMonitor\|PrometheusRule\) " <<<"$out" || true)"
         if [[ $rc -ne 0 || -n "$others" ]]; then
             echo "$out" >&2
             echo "FAIL: kubernetes-validate $k ($s)" >&2
@@ -194,6 +194,19 @@ indentation: {spaces: consistent, indent-sequences: whatever}}}" "$rendered"
     "$BIN/python" helm/check_rendered.py "$rendered" --partitions "$partitions" --name "$s" \
         --values "$tmp/$s.values.json"
 done
+
+# ------------------------------------------------------------------ 4c. dashboard and alerts
+# Every query of the dashboard (the file, and the ConfigMap of each scenario that renders it)
+# and every alert expression names only metrics the worker exports (taken from worker.metrics,
+# scripts/check_monitoring.py); the PrometheusRule with the default thresholds renders exactly
+# the alerts of docs/operations.md.
+step "monitoring: dashboard and alert queries name only exported metrics; alerts = the docs'"
+"${HELM_BINS[1]}" template ew "$CHART" --namespace vectors --set prometheusRule.enabled=true \
+    >"$tmp/rules-default.yaml"
+rendered_args=()
+for s in "${SCENARIOS[@]}"; do rendered_args+=(--rendered "$tmp/$s.yaml"); done
+"$BIN/python" scripts/check_monitoring.py --dashboard "$CHART/dashboards/embedding-worker.json" \
+    "${rendered_args[@]}" --docs docs/operations.md --docs-rules "$tmp/rules-default.yaml"
 
 # ------------------------------------------------------------------ 4b. analysis
 # The analysis file is read only at start: changing it (here, one example) must change the
@@ -296,12 +309,25 @@ expect_failure "analysis" --set analysis.file=x --set analysis.existingConfigMap
 expect_failure "analysis" --set-string 'analysis.examples.x\.jsonl=y'
 expect_failure "mountPath" --set analysis.existingConfigMap=rules --set analysis.mountPath=rel
 expect_failure "fileName" --set analysis.existingConfigMap=rules --set analysis.fileName=a/b
+rules_off=()
+for alert in lagGrowing deadLetters circuitOpen authFault throttling postgresDown notReady anomalyStorm; do
+    rules_off+=(--set "prometheusRule.rules.$alert.enabled=false")
+done
+expect_failure "with every alert of prometheusRule.rules off" \
+    --set prometheusRule.enabled=true "${rules_off[@]}"
+expect_failure "threshold" --set prometheusRule.rules.lagGrowing.threshold=-1
+expect_failure "for" --set prometheusRule.rules.notReady.for=soon
+expect_failure "label" --set 'grafanaDashboard.label=grafana dashboard'
 
 # ------------------------------------------------------------------ 6. packaging
-step "helm package: the chart packages, without the CI scenarios"
+step "helm package: the chart packages, with the dashboard, without the CI scenarios"
 "${HELM_BINS[1]}" package "$CHART" --destination "$tmp/pkg" >/dev/null
 if tar -tzf "$tmp"/pkg/*.tgz | grep -q '/ci/'; then
     echo "FAIL: ci/ is packaged (.helmignore)" >&2
+    exit 1
+fi
+if ! tar -tzf "$tmp"/pkg/*.tgz | grep -q '/dashboards/embedding-worker.json$'; then
+    echo "FAIL: the dashboard (dashboards/embedding-worker.json) is not packaged" >&2
     exit 1
 fi
 echo "ok   $(basename "$tmp"/pkg/*.tgz): $(tar -tzf "$tmp"/pkg/*.tgz | wc -l) files"

@@ -7,9 +7,10 @@ Run by helm/check.sh on the output of `helm template` for each CI scenario, afte
 kubernetes-validate. It checks:
 
 * the custom resources kubernetes-validate skips (KEDA ScaledObject, prometheus-operator
-  ServiceMonitor) against models generated from their CRDs (cloudcoil-models-keda /
-  -prometheus-operator): every field must exist in the CRD with the right type, and nothing may
-  be dropped by the model (a misspelt field would be pruned by the API server);
+  ServiceMonitor and PrometheusRule) against models generated from their CRDs
+  (cloudcoil-models-keda / -prometheus-operator): every field must exist in the CRD with the
+  right type, and nothing may be dropped by the model (a misspelt field would be pruned by the
+  API server);
 * the chart's promises: no Secret and no secret value rendered; the pod security settings
   (non-root, read-only root filesystem, no privilege escalation, all capabilities dropped,
   seccomp RuntimeDefault, /tmp emptyDir); probes on /healthz and /readyz; a grace period
@@ -23,7 +24,10 @@ kubernetes-validate. It checks:
   the ConfigMap exists) mounts the analysis ConfigMap read-only where
   EMBEDDING_WORKER_ANALYSIS__FILE points, the pods roll on its content (checksum/analysis), and
   a rendered analysis file (with the files next to it) is one the worker itself accepts: it is
-  loaded with the worker's own AnalysisSettings (worker/config.py), topics from the ConfigMap.
+  loaded with the worker's own AnalysisSettings (worker/config.py), topics from the ConfigMap;
+* the dashboard ConfigMap and the PrometheusRule are rendered exactly when enabled; the
+  ConfigMap carries the sidecar's label and the dashboard file unchanged, the rule holds the
+  enabled alerts only (their queries are checked by scripts/check_monitoring.py).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ SECRET_ENV = {
 }
 
 ANALYSIS_FILE = "EMBEDDING_WORKER_ANALYSIS__FILE"
+DASHBOARD = Path(__file__).parent / "embedding-worker" / "dashboards" / "embedding-worker.json"
 
 failures: list[str] = []
 
@@ -76,8 +81,10 @@ def check_crd(doc: Doc) -> None:
     """Validate a custom resource against its CRD's generated model; nothing may be dropped."""
     if doc["kind"] == "ScaledObject":
         from cloudcoil.models.keda.v1alpha1 import ScaledObject as Model
-    else:
+    elif doc["kind"] == "ServiceMonitor":
         from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor as Model
+    else:
+        from cloudcoil.models.prometheus_operator.v1 import PrometheusRule as Model
     try:
         model = Model.model_validate(doc)
     except Exception as exc:  # pydantic.ValidationError, with the path of each bad field
@@ -208,6 +215,28 @@ def check_analysis(
         check(input_topic not in topics.values(), "a results topic is the input topic")
 
 
+def check_monitoring(values: Doc, dashboard_cm: Doc | None, rule: Doc | None) -> None:
+    """The dashboard ConfigMap and the PrometheusRule follow their values."""
+    dash = values["grafanaDashboard"]
+    check((dashboard_cm is not None) == dash["enabled"], "dashboard ConfigMap != enabled")
+    if dashboard_cm is not None:
+        labels = dashboard_cm["metadata"]["labels"]
+        check(labels.get(dash["label"]) == dash["labelValue"], "the sidecar's label is missing")
+        shipped = json.loads(dashboard_cm["data"]["embedding-worker.json"])
+        check(shipped == json.loads(DASHBOARD.read_text()), "the dashboard differs from its file")
+    rules = values["prometheusRule"]
+    check((rule is not None) == rules["enabled"], "PrometheusRule != prometheusRule.enabled")
+    if rule is not None:
+        alerts = [a for group in rule["spec"]["groups"] for a in group["rules"]]
+        enabled = sum(1 for r in rules["rules"].values() if r["enabled"])
+        check(len(alerts) == enabled, f"{len(alerts)} alerts rendered, {enabled} enabled")
+        for alert in alerts:
+            check(
+                alert["labels"].items() >= rules["alertLabels"].items(),
+                f"{alert['alert']}: without prometheusRule.alertLabels",
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
@@ -220,7 +249,7 @@ def main() -> int:
 
     check(all(d["kind"] != "Secret" for d in docs), "a Secret is rendered")
     for doc in docs:
-        if doc["kind"] in ("ScaledObject", "ServiceMonitor"):
+        if doc["kind"] in ("ScaledObject", "ServiceMonitor", "PrometheusRule"):
             check_crd(doc)
 
     deploy = one(docs, "Deployment")
@@ -229,6 +258,7 @@ def main() -> int:
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     cm = configmaps.pop(fullname, None)
     analysis_cm = configmaps.pop(f"{fullname}-analysis", None)
+    dashboard_cm = configmaps.pop(f"{fullname}-dashboard", None)
     check(not configmaps, f"unexpected ConfigMaps {sorted(configmaps)}")
     service = one(docs, "Service")
     job = one(docs, "Job", "migrations")
@@ -237,6 +267,7 @@ def main() -> int:
     pdb = one(docs, "PodDisruptionBudget")
     monitor = one(docs, "ServiceMonitor")
     policy = one(docs, "NetworkPolicy")
+    rule = one(docs, "PrometheusRule")
     if cm is None or deploy is None or service is None:
         print("check_rendered: ConfigMap, Deployment and Service are required", file=sys.stderr)
         return 1
@@ -304,6 +335,7 @@ def main() -> int:
             (policy is not None) == values["networkPolicy"]["enabled"],
             "a NetworkPolicy rendered without networkPolicy.enabled, or missing with it",
         )
+        check_monitoring(values, dashboard_cm, rule)
     if policy is not None:
         spec = policy["spec"]
         check(spec["podSelector"]["matchLabels"] == selector, "NetworkPolicy selector")

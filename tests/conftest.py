@@ -80,6 +80,12 @@ def fake_api(fake_server: FakeEmbeddingServer) -> FakeEmbeddingServer:
     return fake_server
 
 
+# (key, value) or (key, value, headers), produced as is.
+RawRecord = (
+    tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+)
+
+
 class Env:
     """One test's world: its own database, topics and consumer group on the shared stack."""
 
@@ -130,20 +136,24 @@ class Env:
         finally:
             await producer.stop()
 
-    async def produce_raw(
-        self, records: Iterable[tuple[bytes | None, bytes | None]]
-    ) -> dict[int, int]:
+    async def produce_raw(self, records: Iterable[RawRecord]) -> dict[int, int]:
         """Produce exact (key, value) pairs; returns the highest offset per partition."""
         return highest(await self.produce_records(records))
 
     async def produce_records(
-        self, records: Iterable[tuple[bytes | None, bytes | None]]
+        self,
+        records: Iterable[RawRecord],
     ) -> list[tuple[int, int]]:
-        """Produce exact (key, value) pairs; returns each one's (partition, offset)."""
+        """Produce exact (key, value[, headers]); returns each one's (partition, offset)."""
         producer = make_producer(self.settings().kafka)
         await producer.start()
         try:
-            futures = [await producer.send(self.topic, key=k, value=v) for k, v in records]
+            futures = [
+                await producer.send(
+                    self.topic, key=r[0], value=r[1], headers=r[2] if len(r) > 2 else None
+                )
+                for r in records
+            ]
             return [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
         finally:
             await producer.stop()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from worker.config import OversizePolicy
 from worker.decode import NO_TIME, Change, Limits, Record, content_hash, decode
 from worker.events import DeadLetter, Reason, TextType
+from worker.formats import Ignored
 from worker.tokens import estimate_tokens
 
 TS_MS = 1_700_000_000_123
@@ -55,12 +56,12 @@ def record(
     )
 
 
-def as_change(result: Change | DeadLetter) -> Change:
+def as_change(result: Change | DeadLetter | Ignored) -> Change:
     assert isinstance(result, Change), result
     return result
 
 
-def as_letter(result: Change | DeadLetter) -> DeadLetter:
+def as_letter(result: Change | DeadLetter | Ignored) -> DeadLetter:
     assert isinstance(result, DeadLetter), result
     return result
 
@@ -386,7 +387,7 @@ def test_hostile_json_is_dead_lettered_not_raised(value: bytes) -> None:
 ALL_REASONS = set(Reason)
 
 
-def check_result(result: Change | DeadLetter, rec: Record, lim: Limits) -> None:
+def check_result(result: Change | DeadLetter | Ignored, rec: Record, lim: Limits) -> None:
     assert isinstance(result, Change | DeadLetter)
     if isinstance(result, DeadLetter):
         assert isinstance(result.reason, Reason)

@@ -224,7 +224,7 @@ async def test_rows_stored_before_the_migration_are_found_after_it(
     env: Env, tmp_path: Path
 ) -> None:
     for path in default_directory().glob("*.sql"):
-        if path.name < "0006":
+        if path.name != "0006_lexical.sql":  # later ones too: 0006 may come after them
             shutil.copy(path, tmp_path)
     conn = await asyncpg.connect(env.dsn)
     try:

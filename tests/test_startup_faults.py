@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, wait_until
@@ -228,6 +229,20 @@ async def readyz(port: int) -> tuple[int, dict[str, Any]] | None:
     return answer.status_code, answer.json()
 
 
+async def in_flight_events(port: int) -> float | None:
+    """The worker's fetched-but-unstored count from /metrics, or None before it answers."""
+    try:
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    except httpx.TransportError:
+        return None
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            if sample.name == "embedding_worker_in_flight_events":
+                return sample.value
+    return None
+
+
 async def test_postgres_unreachable_at_start_waits_not_ready_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:
@@ -330,12 +345,16 @@ async def test_sigterm_while_the_provider_answers_401_exits_0_cleanly(
             "anomalies_topic": env.dlq.replace(".dlq", ".anomalies"),
         }
     provider = dashscope(fake_api, 64, on_auth_fault="wait")
-    settings = env.worker_env(provider, **extra)
+    http_port = free_port()
+    settings = env.worker_env(provider, http={"port": http_port}, **extra)
     async with worker_process(settings, tmp_path / "worker.log") as proc:
 
         async def holding() -> bool:
             assert proc.alive(), proc.log()
-            return "provider refuses the credentials" in proc.log()
+            if "provider refuses the credentials" not in proc.log():
+                return False
+            # The first 401 can come before the last partitions are fetched (Kafka).
+            return during != "consuming" or await in_flight_events(http_port) == 50
 
         await wait_until(holding, 60, "the worker did not hold its work on the 401s")
         # The issue's contract: out within the drain timeout (30 s), not after it.

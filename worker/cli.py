@@ -57,10 +57,15 @@ PRODUCE_FORMAT = """\
 FILE is JSON Lines: one event per line, the input topic's format, e.g.
   {"id": "a-1", "text": "Hello", "namespace": "news", "metadata": {"lang": "en"}}
   {"id": "a-1", "op": "delete"}
-Blank lines are skipped. Every line is checked as the worker would, with these settings;
-if a line is not a valid event (not JSON, not an object, no id, empty text, ...), nothing is
-produced and the lines are listed with their dead-letter reason (exit 2), unless
---allow-invalid. Each event's id is its record key."""
+or, with input.format set, structured CloudEvents or Debezium change events (README, Input
+formats). Blank lines are skipped. Every line is checked as the worker would, with these
+settings; if a line is not a valid event (not JSON, not an object, no id, empty text, ...),
+nothing is produced and the lines are listed with their dead-letter reason (exit 2), unless
+--allow-invalid. Each event's content id is its record key."""
+RECOMMEND_FORMAT = """\
+Rows of the namespace and the configured model only, ranked as `search` ranks (cosine,
+through the HNSW index if there is one). An id of --history that is not stored, or a --user
+without a profile, is an error (exit 1). The math: docs/recommend.md."""
 EVALUATE_FORMAT = """\
 FILE (and --train's) is JSON Lines, an object with `text` and `label` per line, e.g.
   {"text": "Buy cheap watches now!", "label": "spam"}
@@ -134,6 +139,31 @@ def _parser() -> argparse.ArgumentParser:
         "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
     similar.add_argument("--json", action="store_true", help="one JSON object per hit")
+    recommend = command(
+        "recommend",
+        "the stored rows nearest a history's mean vector or a user's profile, unseen ones",
+        RECOMMEND_FORMAT,
+    )
+    whose = recommend.add_mutually_exclusive_group(required=True)
+    whose.add_argument(
+        "--history",
+        type=_ids,
+        metavar="ID,ID,...",
+        help="stored ids: the mean of their vectors is the query; they are left out",
+    )
+    whose.add_argument(
+        "--user",
+        help="a user's profile (recommend.interactions_topic) is the query; "
+        "the items they interacted with are left out",
+    )
+    recommend.add_argument("-k", type=_positive, default=5, help="number of results")
+    recommend.add_argument(
+        "--namespace", help="the ids' or user's namespace (default: default_namespace)"
+    )
+    recommend.add_argument(
+        "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
+    )
+    recommend.add_argument("--json", action="store_true", help="one JSON object per hit")
     cluster = command("cluster", "k-means over a namespace, with nearest members")
     cluster.add_argument("--namespace", help="default: default_namespace")
     cluster.add_argument("-k", type=_positive, default=8, help="number of clusters")
@@ -310,6 +340,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _search(args, settings)
     if args.command == "similar":
         return await _similar(args, settings)
+    if args.command == "recommend":
+        return await _recommend(args, settings)
     if args.command == "cluster":
         return await _cluster(args, settings)
     if args.command == "index":
@@ -427,7 +459,7 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
         if len(bad) > _LISTED:
             print(f"  ... and {len(bad) - _LISTED} more", file=sys.stderr)
         return EXIT_CONFIG
-    await produce_file(settings.kafka, topic, checked.values)
+    await produce_file(settings.kafka, topic, checked)
     print(
         f"produced {len(checked.values) - len(bad)} events to {topic}"
         + (f", and {len(bad)} invalid lines (the worker dead-letters them)" if bad else "")
@@ -446,6 +478,39 @@ async def _similar(args: argparse.Namespace, settings: Settings) -> int:
     try:
         hits = await similar(conn, args.id, namespace, args.k, _filters(args.where))
     except UnknownId as exc:
+        print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    finally:
+        await conn.close()
+    for hit in hits:
+        if args.json:
+            print(json.dumps(hit.__dict__, ensure_ascii=False))
+        else:
+            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+    return 0
+
+
+def _ids(value: str) -> list[str]:
+    ids = [i.strip() for i in value.split(",") if i.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected ID,ID,..., got {value!r}")
+    return ids
+
+
+async def _recommend(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.recommend import NoDirection, by_history, by_user
+    from worker.search import UnknownId
+
+    namespace = args.namespace or settings.default_namespace
+    model = settings.provider.model_name
+    where = _filters(args.where)
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        if args.history is not None:
+            hits = await by_history(conn, args.history, namespace, model, args.k, where)
+        else:
+            hits = await by_user(conn, args.user, namespace, model, args.k, where)
+    except (UnknownId, NoDirection) as exc:
         print(f"embedding-worker: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
     finally:

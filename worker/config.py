@@ -416,6 +416,65 @@ class AnalysisSettings(BaseModel):
         return self
 
 
+class RecommendSettings(BaseModel):
+    """Recommendation from a stream of interactions (docs/recommend.md); off unless a topic
+    is set. Each (namespace, user) keeps a time-decayed weighted mean of the vectors of the
+    items it interacted with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Interactions ({"user", "item", "weight"?, "time"?, "namespace"?}); off unless set. Bad
+    # ones go to their own dead-letter topic, replayable to this one.
+    interactions_topic: str | None = None
+    interactions_dlq_topic: str = "content.interactions.dlq"
+    # An interaction counts half as much as one this much later: a week keeps a profile on
+    # what a user read lately while a few quiet days do not erase it.
+    half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # An interaction with an item not stored yet is looked up again until it is this old.
+    grace_s: float = Field(default=5.0, ge=0)
+    # Items remembered per user (the latest), left out of `recommend --user`.
+    seen_max: int = Field(default=1_000, ge=0)
+
+
+class InputFormat(StrEnum):
+    NATIVE = "native"  # the README's event contract
+    CLOUDEVENTS = "cloudevents"  # structured (JSON) or binary (`ce_` headers) mode
+    DEBEZIUM = "debezium"  # change events of the JSON converter, with or without schemas
+
+
+class FieldMap(BaseModel):
+    """Where the event's parts are in a record (README, Input formats): dotted paths in the
+    row (the value; a CloudEvent's data; a Debezium event's row), or in the envelope when they
+    start with `$` (`$subject`, `$source.table`). ``text`` may name several fields, joined
+    by a blank line; ``metadata_fields`` are copied into the metadata by their last name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default="id", min_length=1)
+    text: str | list[str] = "text"
+    namespace: str | None = "namespace"
+    metadata: str | None = "metadata"
+    metadata_fields: list[str] = Field(default_factory=list)
+    timestamp: str | None = "timestamp"
+    op: str | None = "op"
+    text_type: str | None = "text_type"
+
+    @field_validator("namespace", "metadata", "timestamp", "op", "text_type", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        """``""`` turns a part off (neither TOML nor an environment variable has null)."""
+        return None if value == "" else value
+
+
+class InputSettings(BaseModel):
+    """The shape of the input topic's records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: InputFormat = InputFormat.NATIVE
+    fields: FieldMap = FieldMap()
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the README's table for every field."""
 
@@ -432,6 +491,8 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     search: SearchSettings = SearchSettings()
+    input: InputSettings = InputSettings()
+    recommend: RecommendSettings = RecommendSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
@@ -502,6 +563,28 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "analysis.decisions_topic needs a namespace with a `classify` label set "
                     "in the analysis file"
+                )
+        r = self.recommend
+        if r.interactions_topic is not None:
+            taken = {
+                "kafka.input_topic": k.input_topic,
+                **outputs,
+                "recommend.interactions_dlq_topic": r.interactions_dlq_topic,
+            }
+            if a.decisions_topic is not None:
+                taken |= {
+                    "analysis.decisions_topic": a.decisions_topic,
+                    "analysis.decisions_dlq_topic": a.decisions_dlq_topic,
+                }
+            for name, topic in taken.items():
+                if topic == r.interactions_topic:
+                    raise ValueError(
+                        f"recommend.interactions_topic must differ from {name} ({topic!r})"
+                    )
+            if r.interactions_dlq_topic == k.input_topic:
+                raise ValueError(
+                    "recommend.interactions_dlq_topic must differ from kafka.input_topic "
+                    f"({k.input_topic!r})"
                 )
         return self
 

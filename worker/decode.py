@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import ValidationError
 
-from worker.config import OversizePolicy, Settings
+from worker.config import InputFormat, InputSettings, OversizePolicy, Settings
 from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, envelope_budget
 from worker.events import (
     ID_MAX_CHARS,
@@ -26,6 +25,8 @@ from worker.events import (
     Reason,
     TextType,
 )
+from worker.formats import Ignored, is_native, to_event, tombstone
+from worker.jsonvalue import Rejected, check_strings, json_object
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 NAMESPACE_HEADER = "namespace"
@@ -110,6 +111,8 @@ class Limits:
     max_clock_skew_s: float = 300.0
     # What a dead letter's JSON may take (see worker.envelope).
     dead_letter_bytes: int = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
+    # The input topic's shape (worker.formats): the native contract unless configured.
+    input: InputSettings = field(default_factory=InputSettings)
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -121,16 +124,8 @@ class Limits:
             max_metadata_bytes=settings.max_metadata_bytes,
             max_clock_skew_s=settings.max_clock_skew_s,
             dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
+            input=settings.input,
         )
-
-
-class Rejected(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.namespace: str | None = None
-        self.id: str | None = None
 
 
 def content_hash(text: str, text_type: TextType) -> bytes:
@@ -138,8 +133,9 @@ def content_hash(text: str, text_type: TextType) -> bytes:
     return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
 
 
-def decode(record: Record, limits: Limits) -> Change | DeadLetter:
-    """Never raises: whatever the bytes, the answer is a change or a dead letter."""
+def decode(record: Record, limits: Limits) -> Change | DeadLetter | Ignored:
+    """Never raises: whatever the bytes, the answer is a change, a dead letter, or (for a
+    record that asks for nothing, such as a Debezium tombstone) ``Ignored``."""
     try:
         return _decode(record, limits)
     except Rejected as exc:
@@ -167,17 +163,6 @@ def _record_time(record: Record) -> datetime:
         except (OverflowError, OSError, ValueError):
             pass
     return NO_TIME
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a JSON number")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def identity_problem(namespace: str, id: str) -> str | None:
@@ -237,11 +222,17 @@ def _key(record: Record) -> str | None:
         raise Rejected(Reason.INVALID_UTF8, "the record key is not valid UTF-8") from None
 
 
-def _decode(record: Record, limits: Limits) -> Change:
+def _decode(record: Record, limits: Limits) -> Change | Ignored:
     key = _key(record)
+    native = is_native(limits.input)
     if record.value is None:
-        return _tombstone(record, key, limits)
+        return (None if native else tombstone(limits.input)) or _tombstone(record, key, limits)
     data = json_object(record.value, "the value")
+    if not native:
+        data = to_event(limits.input, data, record.headers)
+        # The key is the producer's partition key (Debezium: the row's primary key; the
+        # CloudEvents binding: `partitionkey`), not necessarily the content id.
+        key = None if limits.input.format is not InputFormat.NATIVE else key
     try:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
@@ -253,28 +244,6 @@ def _decode(record: Record, limits: Limits) -> Change:
         if identity_problem(namespace, event.id) is None:  # the letter names valid ids only
             exc.namespace, exc.id = namespace, event.id
         raise
-
-
-def json_object(value: bytes, what: str) -> dict[str, Any]:
-    """A record value as a JSON object Postgres can store, or ``Rejected`` with the reason
-    (invalid UTF-8, not JSON, not an object, a NUL or lone surrogate in a string)."""
-    try:
-        raw = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected(
-            Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
-        ) from None
-    try:
-        # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
-        data = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
-        raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
-    if not isinstance(data, dict):
-        raise Rejected(
-            Reason.SCHEMA_VIOLATION, f"{what} must be a JSON object, not {type(data).__name__}"
-        )
-    _check_strings(data)
-    return data
 
 
 def _checked(
@@ -303,7 +272,7 @@ def _checked(
 def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
     if key is None:
         raise Rejected(Reason.SCHEMA_VIOLATION, "a tombstone (null value) needs the id as key")
-    _check_strings(key, "key")
+    check_strings(key, "key")
     namespace = limits.default_namespace
     for name, value in record.headers:
         if name == NAMESPACE_HEADER:
@@ -313,7 +282,7 @@ def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
                 namespace = value.decode("utf-8")
             except UnicodeDecodeError:
                 raise Rejected(Reason.INVALID_UTF8, "the namespace header is not UTF-8") from None
-            _check_strings(namespace, "namespace header")
+            check_strings(namespace, "namespace header")
     _check_identity(namespace, key)
     change = Change(
         record=record, namespace=namespace, id=key, op="delete", event_time=_record_time(record)
@@ -362,27 +331,6 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     change.metadata_json = metadata_json
     change.content_hash = content_hash(text, event.text_type)
     return change
-
-
-def _check_strings(value: Any, where: str = "value") -> None:
-    """Postgres text and jsonb cannot hold U+0000, and JSON escapes can smuggle in lone
-    surrogates that are not valid UTF-8; say where either was."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise Rejected(Reason.NUL_BYTE, f"{where} contains a NUL character (U+0000)")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise Rejected(
-                Reason.INVALID_UTF8, f"{where} contains an unpaired surrogate escape"
-            ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_strings(k, f"{where} key")
-            _check_strings(v, f"{where}.{k}" if where != "value" else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_strings(v, f"{where}[{i}]")
 
 
 def _describe(exc: ValidationError) -> str:

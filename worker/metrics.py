@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from worker.analysis.learn import Learner
+    from worker.interactions import Profiler
     from worker.pipeline import Pipeline
 
 PREFIX = "embedding_worker"
@@ -63,6 +64,9 @@ class Metrics:
     def bind_learner(self, learner: Learner) -> None:
         self.registry.register(LearnerCollector(learner))
 
+    def bind_profiler(self, profiler: Profiler) -> None:
+        self.registry.register(ProfilerCollector(profiler))
+
 
 class LearnerCollector(Collector):
     """The moderation decisions (``worker.analysis.learn``), read from its stats."""
@@ -93,6 +97,32 @@ class LearnerCollector(Collector):
             "Label sets rebuilt in memory after their decisions changed.",
             st.rebuilds,
         )
+
+
+class ProfilerCollector(Collector):
+    """The interactions that keep user profiles (``worker.interactions``), from its stats."""
+
+    def __init__(self, profiler: Profiler) -> None:
+        self.profiler = profiler
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.profiler.stats
+        yield CounterMetricFamily(
+            f"{PREFIX}_interactions_consumed",
+            "Records read from the interactions topic.",
+            st.consumed,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_interactions_applied", "Interactions applied to user profiles.", st.applied
+        )
+        dead = CounterMetricFamily(
+            f"{PREFIX}_interactions_dead_lettered",
+            "Interactions sent to the interactions' dead-letter topic.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(st.dead_lettered.items()):
+            dead.add_metric([reason], count)
+        yield dead
 
 
 class PipelineCollector(Collector):

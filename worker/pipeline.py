@@ -33,6 +33,7 @@ from worker.embed import EmbedStage
 from worker.embedders.base import ConfigurationFault, Embedder
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
+from worker.formats import Ignored
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
 from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
@@ -370,6 +371,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             result = decode(record, self.limits)
             if isinstance(result, DeadLetter):
                 letters.append((record.key, result))
+                settled.append(Settled(tp.topic, tp.partition, record.offset, epoch))
+            elif isinstance(result, Ignored):
                 settled.append(Settled(tp.topic, tp.partition, record.offset, epoch))
             else:
                 result.epoch = epoch

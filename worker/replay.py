@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from worker.config import KafkaSettings
 from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.kafka import common_options, make_producer, started
+from worker.kafka import at_high_water, common_options, make_producer, started
 from worker.unreadable import UNREADABLE_ERRORS
 
 REPLAYED_FROM = "replayed-from"
@@ -79,7 +79,9 @@ class Scan:
 async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     """Every letter of the dead-letter topic up to its end, filtered, oldest first."""
     out = Scan(k.dlq_topic)
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **common_options(k))
+    consumer = AIOKafkaConsumer(
+        enable_auto_commit=False, fetch_max_wait_ms=100, **common_options(k)
+    )
     async with started(consumer):
         partitions = await _partitions(k, k.dlq_topic)
         tps = [TopicPartition(k.dlq_topic, p) for p in partitions]
@@ -87,10 +89,9 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
             return out
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        # Until a fetch comes back empty with every partition at its high-water mark (the
-        # mark a fetch reports; end_offsets() is wrong on the embedded broker, DESIGN.md).
+        # Until a fetch comes back empty with every partition at its high-water mark.
         while True:
-            batch = await consumer.getmany(*tps, timeout_ms=1000)
+            batch = await consumer.getmany(*tps, timeout_ms=250)
             for tp, messages in batch.items():
                 for m in messages:
                     out.total += 1
@@ -101,12 +102,8 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
                         continue
                     if filters.match(letter):
                         out.letters.append(Found(tp.partition, m.offset, letter))
-            if not batch:
-                behind = [
-                    tp for tp in tps if await consumer.position(tp) < (consumer.highwater(tp) or 0)
-                ]
-                if not behind:
-                    break
+            if not batch and await at_high_water(consumer, tps):
+                break
     out.letters.sort(key=lambda f: (f.letter.failed_at, f.partition, f.offset))
     return out
 

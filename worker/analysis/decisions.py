@@ -21,9 +21,10 @@ from pgvector import Vector
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.analysis.config import NamespaceAnalysis
-from worker.decode import Record, Rejected, content_hash, identity_problem, json_object
+from worker.decode import Record, content_hash, identity_problem
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason, TextType
+from worker.jsonvalue import Rejected, json_object
 from worker.store import Conn
 
 

@@ -1,0 +1,1 @@
+"""Helper scripts of the repository; check_monitoring is imported by its tests."""
