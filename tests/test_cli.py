@@ -66,6 +66,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0003_focus.sql",
             "applied 0004_decisions.sql",
             "applied 0005_incidents.sql",
+            "applied 0006_lexical.sql",
             "applied 0007_profiles.sql",
         ],
     )

