@@ -1,12 +1,18 @@
--- Lexical search over the stored content (worker/search.py), for every provider: a
--- tsvector generated from `content` with a GIN index. {{text_search_config}} is the
--- setting `search.text_search_config`, fixed when this file is applied (like the dimension):
--- a stored generated column needs a constant configuration, and the query side must use the
--- same one, so both read it from embeddings_text_config(). Adding the column rewrites the
--- table once (every stored row gets its tsvector).
+-- Lexical search over the stored content (worker/search.py), for every provider.
+-- {{text_search_config}} is the setting `search.text_search_config`, fixed when this file is
+-- applied (like the dimension), so the rows and the queries are read with one configuration.
+-- No column and no index here: lexical search works at once by computing the tsvector of the
+-- rows it scans; `embedding-worker index create --lexical` adds a GIN index on
+-- embeddings_lexical(content) when the table is large enough for that to be slow, at a write
+-- cost the operator chooses (docs/retrieval.md).
 CREATE FUNCTION embeddings_text_config() RETURNS regconfig
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN '{{text_search_config}}'::regconfig;
+
+-- A row's words: the expression the optional GIN index is built on and queries match.
+CREATE FUNCTION embeddings_lexical(content text) RETURNS tsvector
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN to_tsvector(embeddings_text_config(), coalesce(content, ''));
 
 -- Any of the query's words: the OR of its lexemes under the same configuration (empty when
 -- it has none, e.g. only stop words), quoted so that no lexeme is read as an operator.
@@ -17,8 +23,3 @@ CREATE FUNCTION embeddings_lexical_query(query text) RETURNS tsquery
                            ' | ')
          FROM unnest(tsvector_to_array(to_tsvector(embeddings_text_config(), query))) lexeme),
         '')::tsquery;
-
-ALTER TABLE embeddings ADD COLUMN content_tsv tsvector
-    GENERATED ALWAYS AS (to_tsvector(embeddings_text_config(), coalesce(content, ''))) STORED;
-
-CREATE INDEX embeddings_content_tsv_idx ON embeddings USING gin (content_tsv);

@@ -15,10 +15,11 @@ import pytest
 from tests.conftest import Env, migrate_db, running
 from tests.processes import cli
 from tests.test_cli import _env
+from worker import index
 from worker.embedders import create_embedder
 from worker.embedders.base import Embedder
 from worker.migrate import MigrationError, default_directory, migrate
-from worker.search import Hit, Mode, has_words, lexical, rrf, search
+from worker.search import LEXICAL, Hit, Mode, has_words, lexical, rrf, search
 
 # --- reciprocal rank fusion ----------------------------------------------------------------
 
@@ -212,7 +213,7 @@ async def test_english_configuration_stems_drops_stop_words_and_is_then_fixed(en
         assert [h.id for h in await lexical(conn, "a cat runs")] == ["a"]  # stemmed
         assert not await has_words(conn, "the of and were")
         assert await lexical(conn, "the of and were") == []
-        # The stored tsvectors were built with `english`: another setting is refused.
+        # The table's words are `english` ones: another setting is refused.
         with pytest.raises(MigrationError, match=r"'simple'.*'english'"):
             await migrate(conn, 4)
         assert await migrate(conn, 4, text_search_config="english") == []
@@ -255,3 +256,34 @@ async def test_a_configuration_name_is_never_pasted_as_sql(env: Env) -> None:
             await migrate(conn, 4, text_search_config="klingon")
     finally:
         await conn.close()
+
+
+# --- the optional lexical index --------------------------------------------------------------
+
+
+async def test_the_lexical_index_is_used_by_the_same_query_and_changes_no_answer(
+    catalogue: Env,
+) -> None:
+    """Without it the words are computed per scanned row; `index create --lexical` builds
+    the GIN index that the unchanged query then uses, and `index drop --lexical` removes it."""
+    base = ("search", QUERY, "--namespace", "shop", "--mode", "lexical", "-k", "10")
+    before = await _json_lines(catalogue, *base)
+    code, out, err = await cli("index", "status", "--lexical", **_env(catalogue))
+    assert (code, out.strip()) == (0, f"no index {index.LEXICAL_NAME}: lexical search scans"), err
+
+    code, out, err = await cli("index", "create", "--lexical", **_env(catalogue))
+    assert code == 0 and "embeddings_lexical(content)" in out and "valid" in out, err
+    conn = await catalogue.connect()
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")  # 11 rows: force the choice
+            # Every namespace: with one, the primary key (namespace, id) competes.
+            plan = await conn.fetch(f"EXPLAIN {LEXICAL}", QUERY, None, None, None, 10)
+    finally:
+        await conn.close()
+    assert index.LEXICAL_NAME in "\n".join(r[0] for r in plan)
+    assert await _json_lines(catalogue, *base) == before
+
+    code, out, err = await cli("index", "drop", "--lexical", **_env(catalogue))
+    assert (code, out.strip()) == (0, f"dropped {index.LEXICAL_NAME}"), err
+    assert await _json_lines(catalogue, *base) == before

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaConnectionError
 
@@ -21,6 +21,9 @@ from worker.events import Reason
 from worker.kafka import refusal
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError, Unreachable
+
+if TYPE_CHECKING:
+    import asyncpg
 
 EXIT_NOT_FOUND = 1
 EXIT_CONFIG = 2
@@ -176,8 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=0, help="seed of the sample and the fit")
     cluster.add_argument("--members", type=_non_negative, default=3, help="rows shown per cluster")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
-    hnsw = command("index", "create, inspect or drop the HNSW index search uses")
+    hnsw = command(
+        "index", "create, inspect or drop the HNSW (or the lexical GIN) index search uses"
+    )
     hnsw.add_argument("action", choices=("create", "status", "drop"), help="what to do")
+    hnsw.add_argument(
+        "--lexical",
+        action="store_true",
+        help="the GIN index of lexical and hybrid search instead (docs/retrieval.md): "
+        "faster keyword search on a large table, at a cost on every write",
+    )
     hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node")
     hnsw.add_argument("--ef-construction", type=int, default=64, help="HNSW build candidate list")
     hnsw.add_argument(
@@ -549,6 +560,8 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
     dimension = settings.provider.dim
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), dimension)
     try:
+        if args.lexical:
+            return await _lexical_index(conn, args)
         if args.action == "create":
             index.check(args.m, args.ef_construction, args.maintenance_work_mem)
             print(f"building: {index.statement(dimension, args.m, args.ef_construction)}")
@@ -568,6 +581,27 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"a build is running: {building.phase}, {building.done}/{building.total}")
     finally:
         await conn.close()
+    return 0
+
+
+async def _lexical_index(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from worker.search import text_config
+
+    name = index.LEXICAL_NAME
+    if args.action == "create":
+        await text_config(conn)  # SchemaError before migration 0006: exit 3, named
+        print(f"building: {index.LEXICAL_STATEMENT}")
+        built, new = await index.build(
+            conn, name, index.LEXICAL_STATEMENT, args.maintenance_work_mem
+        )
+        if not new:
+            print("a valid lexical index exists already")
+        print(_describe(built))
+    elif args.action == "drop":
+        print(f"dropped {name}" if await index.drop(conn, name) else "no lexical index to drop")
+    else:
+        current = await index.state(conn, name)
+        print(_describe(current) if current else f"no index {name}: lexical search scans")
     return 0
 
 

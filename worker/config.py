@@ -365,7 +365,7 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Postgres text search configuration of the stored tsvectors, fixed when migration 0006
+    # Postgres text search configuration of lexical search, fixed when migration 0006
     # is applied (like the dimension). `simple` lowercases and splits, for any language, and
     # keeps SKUs and log tokens as written; `english` stems and drops stop words.
     text_search_config: str = Field(

@@ -5,7 +5,7 @@ refused, because the database would no longer match what the file says. Files ma
 placeholder ``{{dimension}}`` (the configured vector dimension), which is why the dimension
 is recorded too: changing it later is a model migration, not a configuration tweak. The
 placeholder ``{{text_search_config}}`` (``search.text_search_config``) is fixed the same way:
-the stored tsvectors were built with it, so a later, different setting is refused.
+lexical search and its optional index read it, so a later, different setting is refused.
 """
 
 from __future__ import annotations
@@ -133,12 +133,13 @@ async def migrate(
 
 
 async def _check_text_search_config(conn: asyncpg.Connection, wanted: str) -> None:
-    """The stored tsvectors were built with the configuration of the day 0006 was applied."""
+    """Lexical search (and its index, if built) reads the configuration fixed the day 0006
+    was applied: a different setting now would say one thing and do another."""
     if await conn.fetchval("SELECT to_regproc('embeddings_text_config')") is None:
         return  # a directory without 0006 (tests of the runner itself)
     applied = await conn.fetchval("SELECT embeddings_text_config()::text")
     if applied.removeprefix("pg_catalog.") != wanted.removeprefix("pg_catalog."):
         raise MigrationError(
-            f"search.text_search_config is {wanted!r} but the stored text was indexed with "
-            f"{applied!r}; set it back, or re-index (see docs/retrieval.md)"
+            f"search.text_search_config is {wanted!r} but the table's lexical search uses "
+            f"{applied!r}; set it back, or change the table's (see docs/retrieval.md)"
         )

@@ -97,11 +97,12 @@ def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None
 
 # Any of the query's words, by ts_rank normalised by the log of the row's length (normalisation
 # 1: on AG News it found the known item far more often than ts_rank_cd, docs/retrieval.md).
-# The functions come from migration 0006.
+# The functions come from migration 0006; `embeddings_lexical(content) @@ q` is what the
+# optional GIN index (`index create --lexical`) answers, else it is computed per scanned row.
 LEXICAL = """
-SELECT namespace, id, content, metadata, ts_rank(content_tsv, q, 1) AS score
+SELECT namespace, id, content, metadata, ts_rank(embeddings_lexical(content), q, 1) AS score
 FROM embeddings, embeddings_lexical_query($1) AS q
-WHERE numnode(q) > 0 AND content_tsv @@ q
+WHERE numnode(q) > 0 AND embeddings_lexical(content) @@ q
   AND ($2::text IS NULL OR model = $2)
   AND ($3::text IS NULL OR namespace = $3)
   AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
@@ -118,7 +119,7 @@ async def lexical(
     metadata: dict[str, Any] | None = None,
     model: str | None = None,
 ) -> list[Hit]:
-    """Full-text search over the stored content (the GIN index on content_tsv)."""
+    """Full-text search over the stored content (through the GIN index if there is one)."""
     rows = await conn.fetch(
         LEXICAL, query, model, namespace, None if metadata is None else json.dumps(metadata), k
     )
@@ -129,7 +130,7 @@ async def lexical(
 
 
 async def text_config(conn: asyncpg.Connection) -> str:
-    """The text search configuration of the stored tsvectors; SchemaError before 0006."""
+    """The table's text search configuration; SchemaError before migration 0006."""
     if await conn.fetchval("SELECT to_regproc('embeddings_text_config')") is None:
         raise SchemaError(
             "lexical and hybrid search need migration 0006_lexical.sql: run "
