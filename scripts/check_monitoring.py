@@ -71,6 +71,7 @@ def exported_metrics() -> set[str]:
     stand_in: Any = _AnyPipeline()
     metrics.bind(stand_in)
     metrics.bind_learner(stand_in)
+    metrics.bind_profiler(stand_in)
     names: set[str] = set()
     for family in metrics.registry.collect():
         names |= {sample.name for sample in family.samples}

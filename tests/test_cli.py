@@ -66,6 +66,8 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0003_focus.sql",
             "applied 0004_decisions.sql",
             "applied 0005_incidents.sql",
+            "applied 0006_lexical.sql",
+            "applied 0007_profiles.sql",
         ],
     )
     code, out, _ = await cli("migrate", **_env(env))
@@ -252,6 +254,7 @@ def test_every_command_help_shows_its_defaults(command: str) -> None:
         ("dead-letters", ["ISO 8601"]),
         ("search", ["as JSON when it is JSON", "else as a string"]),
         ("similar", ["as JSON when it is JSON", "else as a string"]),
+        ("recommend", ["as JSON when it is JSON", "docs/recommend.md"]),
     ],
 )
 def test_help_describes_input_formats(command: str, formats: list[str]) -> None:
@@ -267,6 +270,8 @@ def test_help_describes_input_formats(command: str, formats: list[str]) -> None:
         ["search", "q", "-k", "-3"],
         ["search", "q", "-k", "many"],
         ["similar", "some-id", "-k", "0"],
+        ["recommend", "--user", "u", "-k", "0"],
+        ["recommend", "--history", " , "],
         ["cluster", "-k", "-1"],
         ["cluster", "--members", "-1"],
         ["cluster", "--sample", "0"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from worker.config import FieldMap, InputFormat, InputSettings, load_settings
 from worker.decode import Change, Limits, Record, decode
 from worker.events import DeadLetter, Reason
 from worker.formats import Ignored
+from worker.produce import check_file
 
 TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
 
@@ -315,3 +317,18 @@ async def test_a_worker_consumes_binary_cloudevents(
     assert [r["id"] for r in rows] == ["a-1", "a-2"]
     assert json.loads(rows[0]["metadata"])["cloudevent"]["type"] == "article"
     assert dead["reason"] == "schema_violation" and "CloudEvent 1.0" in dead["message"]
+
+
+def test_produce_keys_each_line_by_the_content_id_it_holds(tmp_path: Path) -> None:
+    """`produce` under a format: a Debezium line's top level has no `id`, a CloudEvent's
+    `id` is the event's, not the content's; either would scatter an id over partitions."""
+    settings = load_settings(input={"format": "debezium", "fields": {"id": "sku", "text": "name"}})
+    path = tmp_path / "changes.jsonl"
+    lines = [debezium("c", after=PRODUCT), debezium("t"), debezium("d", before=PRODUCT)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    checked = check_file(path, settings)
+    assert checked.keys == [b"7", None, b"7"]
+    assert [(i.line, i.reason) for i in checked.invalid] == [(2, "schema_violation")]
+    settings = load_settings(input={"format": "cloudevents"})
+    path.write_text(json.dumps(cloudevent(id="art-7", text="x")) + "\n")
+    assert check_file(path, settings).keys == [b"art-7"]

@@ -52,6 +52,7 @@ def test_exported_names_carry_the_series_suffixes_of_their_type(exported: set[st
         "embedding_worker_consumer_lag",  # gauge
         "embedding_worker_classifications_total",  # only with analysis
         "embedding_worker_decisions_applied_total",  # the learner's collector
+        "embedding_worker_interactions_applied_total",  # the profiler's collector
     } <= exported
     assert "embedding_worker_events_consumed" not in exported
     assert "embedding_worker_end_to_end_seconds" not in exported

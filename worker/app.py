@@ -12,7 +12,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from worker import store
+from worker import interactions, store
 from worker.analysis.labels import stage_embedder
 from worker.analysis.learn import Learner, group_of
 from worker.analysis.stage import AnalysisStage
@@ -42,6 +42,7 @@ class Worker:
         self.span_exporter = span_exporter
         self.pipeline: Pipeline | None = None
         self.learner: Learner | None = None
+        self.profiler: interactions.Profiler | None = None
         self.metrics = Metrics()
         self.http_port: int | None = None
         # Until the pipeline runs: each service waited for, and whether it was reached.
@@ -52,7 +53,8 @@ class Worker:
             return {"started": False, **self._reached}
         waiting = {name: False for name, reached in self._reached.items() if not reached}
         learning = self.learner.checks() if self.learner is not None else {}
-        return {**self.pipeline.checks(), **learning, **waiting}
+        profiling = self.profiler.checks() if self.profiler is not None else {}
+        return {**self.pipeline.checks(), **learning, **profiling, **waiting}
 
     async def run(self, stop: asyncio.Event | None = None, handle_signals: bool = False) -> None:
         stop = stop or asyncio.Event()
@@ -111,6 +113,7 @@ class Worker:
         pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
         embedder = create_embedder(s.provider)
         learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
+        profiling: AIOKafkaConsumer | None = None  # the interactions' consumer, if configured
         try:
             if isinstance(embedder, LocalEmbedder):
                 await embedder.warm_up()
@@ -141,6 +144,17 @@ class Worker:
                 learning.subscribe([s.analysis.decisions_topic], listener=self.learner)
                 if not await self._wait_for_kafka("decisions consumer", learning.start, stop):
                     return
+            if s.recommend.interactions_topic is not None:
+                group = interactions.group_of(s)
+                profiling = make_consumer(s.kafka.model_copy(update={"group_id": group}))
+                sink = DeadLetterSink(producer, s.recommend.interactions_dlq_topic)
+                self.profiler = interactions.Profiler(
+                    s, profiling, sink, pipeline._pg, embedder.model
+                )
+                self.metrics.bind_profiler(self.profiler)
+                profiling.subscribe([s.recommend.interactions_topic], listener=self.profiler)
+                if not await self._wait_for_kafka("interactions consumer", profiling.start, stop):
+                    return
             log.info(
                 "worker started",
                 topic=s.kafka.input_topic,
@@ -152,9 +166,10 @@ class Worker:
             await self._run_all(pipeline, stop)
             log.info("worker stopped", **_summary(pipeline))
         finally:
-            if learning is not None:
-                with contextlib.suppress(Exception):
-                    await learning.stop()
+            for side in (learning, profiling):
+                if side is not None:
+                    with contextlib.suppress(Exception):
+                        await side.stop()
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -179,26 +194,30 @@ class Worker:
         return learner
 
     async def _run_all(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
-        """The pipeline and, if configured, the decisions loop: either failing stops both."""
-        if self.learner is None:
-            await pipeline.run(stop)
-            return
-        learner = self.learner
+        """The pipeline and, if configured, the decisions and interactions loops: any
+        failing stops them all."""
+        loops = {"decisions": self.learner, "interactions": self.profiler}
         inner = asyncio.Event()
-        learning = asyncio.create_task(learner.run(inner), name="decisions")
+        sides = [
+            asyncio.create_task(loop.run(inner), name=name)
+            for name, loop in loops.items()
+            if loop is not None
+        ]
 
         def failed(task: asyncio.Task[None]) -> None:
             error = None if task.cancelled() else task.exception()
             if error is not None and not isinstance(error, ShuttingDown):
                 pipeline.fatal = error
 
-        learning.add_done_callback(failed)
+        for side in sides:
+            side.add_done_callback(failed)
         try:
             await pipeline.run(stop)
         finally:
             inner.set()
-            with contextlib.suppress(Exception):
-                await learning
+            for side in sides:
+                with contextlib.suppress(Exception):
+                    await side
 
     async def _wait_for_postgres(self, dsn: str, stop: asyncio.Event) -> bool:
         """Start even if Postgres is not up yet: wait (not ready) instead of crash-looping.

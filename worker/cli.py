@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaConnectionError
 
@@ -21,6 +21,9 @@ from worker.events import Reason
 from worker.kafka import refusal
 from worker.migrate import MigrationError, migrate
 from worker.store import SchemaError, Unreachable
+
+if TYPE_CHECKING:
+    import asyncpg
 
 EXIT_NOT_FOUND = 1
 EXIT_CONFIG = 2
@@ -57,10 +60,15 @@ PRODUCE_FORMAT = """\
 FILE is JSON Lines: one event per line, the input topic's format, e.g.
   {"id": "a-1", "text": "Hello", "namespace": "news", "metadata": {"lang": "en"}}
   {"id": "a-1", "op": "delete"}
-Blank lines are skipped. Every line is checked as the worker would, with these settings;
-if a line is not a valid event (not JSON, not an object, no id, empty text, ...), nothing is
-produced and the lines are listed with their dead-letter reason (exit 2), unless
---allow-invalid. Each event's id is its record key."""
+or, with input.format set, structured CloudEvents or Debezium change events (README, Input
+formats). Blank lines are skipped. Every line is checked as the worker would, with these
+settings; if a line is not a valid event (not JSON, not an object, no id, empty text, ...),
+nothing is produced and the lines are listed with their dead-letter reason (exit 2), unless
+--allow-invalid. Each event's content id is its record key."""
+RECOMMEND_FORMAT = """\
+Rows of the namespace and the configured model only, ranked as `search` ranks (cosine,
+through the HNSW index if there is one). An id of --history that is not stored, or a --user
+without a profile, is an error (exit 1). The math: docs/recommend.md."""
 EVALUATE_FORMAT = """\
 FILE (and --train's) is JSON Lines, an object with `text` and `label` per line, e.g.
   {"text": "Buy cheap watches now!", "label": "spam"}
@@ -101,10 +109,27 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", "consume, embed and store until SIGTERM")
     command("migrate", "apply pending SQL migrations")
-    search = command("search", "semantic search over the stored vectors")
+    search = command(
+        "search", "search the stored rows: dense (vectors), lexical (full text) or hybrid"
+    )
     search.add_argument("query", help="the text to search for")
     search.add_argument("-k", type=_positive, default=5, help="number of results")
     search.add_argument("--namespace", help="only this namespace (default: all)")
+    search.add_argument(
+        "--mode",
+        choices=("dense", "lexical", "hybrid"),
+        default="dense",
+        help="dense: cosine over the vectors; lexical: Postgres full-text search over the "
+        "stored content (any of the words); hybrid: both, fused by reciprocal rank",
+    )
+    search.add_argument(
+        "--rrf-k", type=_positive, help="hybrid: fusion constant (default: search.rrf_k, 60)"
+    )
+    search.add_argument(
+        "--candidates",
+        type=_positive,
+        help="hybrid: hits taken from each list (default: search.candidates, 100)",
+    )
     search.add_argument(
         "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
@@ -117,6 +142,31 @@ def _parser() -> argparse.ArgumentParser:
         "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
     )
     similar.add_argument("--json", action="store_true", help="one JSON object per hit")
+    recommend = command(
+        "recommend",
+        "the stored rows nearest a history's mean vector or a user's profile, unseen ones",
+        RECOMMEND_FORMAT,
+    )
+    whose = recommend.add_mutually_exclusive_group(required=True)
+    whose.add_argument(
+        "--history",
+        type=_ids,
+        metavar="ID,ID,...",
+        help="stored ids: the mean of their vectors is the query; they are left out",
+    )
+    whose.add_argument(
+        "--user",
+        help="a user's profile (recommend.interactions_topic) is the query; "
+        "the items they interacted with are left out",
+    )
+    recommend.add_argument("-k", type=_positive, default=5, help="number of results")
+    recommend.add_argument(
+        "--namespace", help="the ids' or user's namespace (default: default_namespace)"
+    )
+    recommend.add_argument(
+        "--where", action="append", type=_where, default=[], metavar="KEY=VALUE", help=WHERE_HELP
+    )
+    recommend.add_argument("--json", action="store_true", help="one JSON object per hit")
     cluster = command("cluster", "k-means over a namespace, with nearest members")
     cluster.add_argument("--namespace", help="default: default_namespace")
     cluster.add_argument("-k", type=_positive, default=8, help="number of clusters")
@@ -129,8 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=0, help="seed of the sample and the fit")
     cluster.add_argument("--members", type=_non_negative, default=3, help="rows shown per cluster")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
-    hnsw = command("index", "create, inspect or drop the HNSW index search uses")
+    hnsw = command(
+        "index", "create, inspect or drop the HNSW (or the lexical GIN) index search uses"
+    )
     hnsw.add_argument("action", choices=("create", "status", "drop"), help="what to do")
+    hnsw.add_argument(
+        "--lexical",
+        action="store_true",
+        help="the GIN index of lexical and hybrid search instead (docs/retrieval.md): "
+        "faster keyword search on a large table, at a cost on every write",
+    )
     hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node")
     hnsw.add_argument("--ef-construction", type=int, default=64, help="HNSW build candidate list")
     hnsw.add_argument(
@@ -282,7 +340,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
-            applied = await migrate(conn, settings.provider.dim)
+            applied = await migrate(
+                conn, settings.provider.dim, text_search_config=settings.search.text_search_config
+            )
         finally:
             await conn.close()
         print("\n".join(f"applied {name}" for name in applied) or "up to date")
@@ -291,6 +351,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _search(args, settings)
     if args.command == "similar":
         return await _similar(args, settings)
+    if args.command == "recommend":
+        return await _recommend(args, settings)
     if args.command == "cluster":
         return await _cluster(args, settings)
     if args.command == "index":
@@ -322,26 +384,45 @@ def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.search import search
+    from worker.search import Mode, has_words, search, text_config
 
-    embedder = create_embedder(settings.provider)
+    mode = Mode(args.mode)
+    dsn = settings.postgres.dsn.get_secret_value()
+    # Lexical search needs no model: it is not loaded (nor an API called).
+    embedder = None if mode is Mode.LEXICAL else create_embedder(settings.provider)
     try:
-        conn = await store.connect(settings.postgres.dsn.get_secret_value(), embedder.dimension)
+        conn = await store.connect(dsn, settings.provider.dim)
     except BaseException:
-        await embedder.aclose()
+        if embedder is not None:
+            await embedder.aclose()
         raise
     try:
+        # Before 0006: a clear error (exit 3), not a missing function.
+        config = None if mode is Mode.DENSE else await text_config(conn)
+        if config is not None and not await has_words(conn, args.query):
+            print(
+                f"embedding-worker: the query has no words to match in text search configuration "
+                f"{config!r}"
+                + ("; hybrid ranks by the dense list alone" if mode is Mode.HYBRID else ""),
+                file=sys.stderr,
+            )
         hits = await search(
-            conn, embedder, args.query, args.k, args.namespace, _filters(args.where)
+            conn,
+            embedder,
+            args.query,
+            args.k,
+            args.namespace,
+            _filters(args.where),
+            mode,
+            model=settings.provider.model_name,
+            rrf_k=args.rrf_k or settings.search.rrf_k,
+            candidates=args.candidates or settings.search.candidates,
         )
     finally:
         await conn.close()
-        await embedder.aclose()
-    for hit in hits:
-        if args.json:
-            print(json.dumps(hit.__dict__, ensure_ascii=False))
-        else:
-            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+        if embedder is not None:
+            await embedder.aclose()
+    _print_hits(hits, args.json)
     return 0
 
 
@@ -385,7 +466,7 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
         if len(bad) > _LISTED:
             print(f"  ... and {len(bad) - _LISTED} more", file=sys.stderr)
         return EXIT_CONFIG
-    await produce_file(settings.kafka, topic, checked.values)
+    await produce_file(settings.kafka, topic, checked)
     print(
         f"produced {len(checked.values) - len(bad)} events to {topic}"
         + (f", and {len(bad)} invalid lines (the worker dead-letters them)" if bad else "")
@@ -408,11 +489,44 @@ async def _similar(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_NOT_FOUND
     finally:
         await conn.close()
+    _print_hits(hits, args.json)
+    return 0
+
+
+def _print_hits(hits: Sequence[Any], as_json: bool) -> None:
     for hit in hits:
-        if args.json:
+        if as_json:
             print(json.dumps(hit.__dict__, ensure_ascii=False))
         else:
             print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+
+
+def _ids(value: str) -> list[str]:
+    ids = [i.strip() for i in value.split(",") if i.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected ID,ID,..., got {value!r}")
+    return ids
+
+
+async def _recommend(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.recommend import NoDirection, by_history, by_user
+    from worker.search import UnknownId
+
+    namespace = args.namespace or settings.default_namespace
+    model = settings.provider.model_name
+    where = _filters(args.where)
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        if args.history is not None:
+            hits = await by_history(conn, args.history, namespace, model, args.k, where)
+        else:
+            hits = await by_user(conn, args.user, namespace, model, args.k, where)
+    except (UnknownId, NoDirection) as exc:
+        print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    finally:
+        await conn.close()
+    _print_hits(hits, args.json)
     return 0
 
 
@@ -446,6 +560,8 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
     dimension = settings.provider.dim
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), dimension)
     try:
+        if args.lexical:
+            return await _lexical_index(conn, args)
         if args.action == "create":
             index.check(args.m, args.ef_construction, args.maintenance_work_mem)
             print(f"building: {index.statement(dimension, args.m, args.ef_construction)}")
@@ -465,6 +581,27 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"a build is running: {building.phase}, {building.done}/{building.total}")
     finally:
         await conn.close()
+    return 0
+
+
+async def _lexical_index(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from worker.search import text_config
+
+    name = index.LEXICAL_NAME
+    if args.action == "create":
+        await text_config(conn)  # SchemaError before migration 0006: exit 3, named
+        print(f"building: {index.LEXICAL_STATEMENT}")
+        built, new = await index.build(
+            conn, name, index.LEXICAL_STATEMENT, args.maintenance_work_mem
+        )
+        if not new:
+            print("a valid lexical index exists already")
+        print(_describe(built))
+    elif args.action == "drop":
+        print(f"dropped {name}" if await index.drop(conn, name) else "no lexical index to drop")
+    else:
+        current = await index.state(conn, name)
+        print(_describe(current) if current else f"no index {name}: lexical search scans")
     return 0
 
 

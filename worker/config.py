@@ -375,6 +375,23 @@ class TracingSettings(BaseModel):
     sample_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class SearchSettings(BaseModel):
+    """The read side's lexical and hybrid modes (worker/search.py, docs/retrieval.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Postgres text search configuration of lexical search, fixed when migration 0006
+    # is applied (like the dimension). `simple` lowercases and splits, for any language, and
+    # keeps SKUs and log tokens as written; `english` stems and drops stop words.
+    text_search_config: str = Field(
+        default="simple", pattern=r"^([a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*$"
+    )
+    # Reciprocal rank fusion: score = sum over the lists of 1 / (rrf_k + rank).
+    rrf_k: int = Field(default=60, ge=1)
+    # Hits taken from each list before fusing (at least k).
+    candidates: int = Field(default=100, ge=1)
+
+
 class AnalysisSettings(BaseModel):
     """Classification, moderation and anomaly results (off unless a namespace is configured).
 
@@ -412,6 +429,26 @@ class AnalysisSettings(BaseModel):
         except AnalysisFileError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+class RecommendSettings(BaseModel):
+    """Recommendation from a stream of interactions (docs/recommend.md); off unless a topic
+    is set. Each (namespace, user) keeps a time-decayed weighted mean of the vectors of the
+    items it interacted with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Interactions ({"user", "item", "weight"?, "time"?, "namespace"?}); off unless set. Bad
+    # ones go to their own dead-letter topic, replayable to this one.
+    interactions_topic: str | None = None
+    interactions_dlq_topic: str = "content.interactions.dlq"
+    # An interaction counts half as much as one this much later: a week keeps a profile on
+    # what a user read lately while a few quiet days do not erase it.
+    half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # An interaction with an item not stored yet is looked up again until it is this old.
+    grace_s: float = Field(default=5.0, ge=0)
+    # Items remembered per user (the latest), left out of `recommend --user`.
+    seen_max: int = Field(default=1_000, ge=0)
 
 
 class InputFormat(StrEnum):
@@ -469,7 +506,9 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     tracing: TracingSettings = TracingSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    search: SearchSettings = SearchSettings()
     input: InputSettings = InputSettings()
+    recommend: RecommendSettings = RecommendSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     max_metadata_bytes: int = Field(default=64_000, ge=1)
@@ -540,6 +579,28 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "analysis.decisions_topic needs a namespace with a `classify` label set "
                     "in the analysis file"
+                )
+        r = self.recommend
+        if r.interactions_topic is not None:
+            taken = {
+                "kafka.input_topic": k.input_topic,
+                **outputs,
+                "recommend.interactions_dlq_topic": r.interactions_dlq_topic,
+            }
+            if a.decisions_topic is not None:
+                taken |= {
+                    "analysis.decisions_topic": a.decisions_topic,
+                    "analysis.decisions_dlq_topic": a.decisions_dlq_topic,
+                }
+            for name, topic in taken.items():
+                if topic == r.interactions_topic:
+                    raise ValueError(
+                        f"recommend.interactions_topic must differ from {name} ({topic!r})"
+                    )
+            if r.interactions_dlq_topic == k.input_topic:
+                raise ValueError(
+                    "recommend.interactions_dlq_topic must differ from kafka.input_topic "
+                    f"({k.input_topic!r})"
                 )
         return self
 

@@ -26,7 +26,7 @@ from worker.events import (
     TextType,
 )
 from worker.formats import Ignored, is_native, to_event, tombstone
-from worker.jsonvalue import Rejected, check_strings, json_object
+from worker.jsonvalue import Rejected, check_strings, describe, json_object
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 NAMESPACE_HEADER = "namespace"
@@ -238,7 +238,7 @@ def _decode(record: Record, limits: Limits) -> Change | Ignored:
     try:
         event = ContentEvent.model_validate(data)
     except ValidationError as exc:
-        raise Rejected(Reason.SCHEMA_VIOLATION, _describe(exc)) from None
+        raise Rejected(Reason.SCHEMA_VIOLATION, describe(exc)) from None
     namespace = limits.default_namespace if event.namespace is None else event.namespace
     try:
         return _checked(record, key, namespace, event, limits)
@@ -333,11 +333,3 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     change.metadata_json = metadata_json
     change.content_hash = content_hash(text, event.text_type)
     return change
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "value"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)

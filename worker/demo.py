@@ -25,7 +25,8 @@ from worker.embedders import create_embedder
 from worker.kafka import make_producer, read_topic
 from worker.migrate import migrate
 from worker.produce import produce_values, read_lines
-from worker.search import search
+from worker.recommend import by_history
+from worker.search import Mode, search
 
 QUERIES = (
     ("rocket launch to the moon", None),
@@ -38,8 +39,13 @@ def data_file(name: str) -> Path:
     return Path(str(resources.files("worker") / "data" / name))
 
 
+# A shop whose headphones differ only by product code: what dense search blurs.
+SKU_QUERY = "headphones XK-4471-B"
+VIEWED = ["ck-skillet", "ck-dutch-oven"]  # a shopper's history, for a recommendation
+
+
 def sample_events() -> list[bytes]:
-    return read_lines(data_file("sample_events.jsonl"))
+    return read_lines(data_file("sample_events.jsonl")) + read_lines(data_file("sample_shop.jsonl"))
 
 
 def _say(message: str, stream: TextIO | None = None) -> None:
@@ -118,7 +124,9 @@ async def _demo(verbose: bool) -> int:
         )
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
-            applied = await migrate(conn, settings.provider.dim)
+            applied = await migrate(
+                conn, settings.provider.dim, text_search_config=settings.search.text_search_config
+            )
         finally:
             await conn.close()
         _say(f"  broker {stack.bootstrap}, postgres ready, migrations: {', '.join(applied)}")
@@ -136,6 +144,7 @@ async def _demo(verbose: bool) -> int:
         _say(f"Running the worker with the local model ({settings.provider.model_name}):")
         await run_until_caught_up(settings, high, len(values))
         await _show_results(settings)
+        await _show_shop(settings)
         await _show_analysis(settings)
         letters = await _dead_letters(settings)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(letters.items()))
@@ -200,6 +209,26 @@ async def _show_results(settings: Settings) -> None:
                 text = _clip(hit.content, 80)
                 lang = hit.metadata.get("lang", "?")
                 _say(f"  {hit.score:.3f}  {hit.id:<16} [{lang}] {text}")
+    finally:
+        await conn.close()
+        await embedder.aclose()
+
+
+async def _show_shop(settings: Settings) -> None:
+    """A product code that dense search ranks below look-alikes and lexical search finds
+    first, the two fused (hybrid); then the items nearest a shopper's history
+    (`recommend --history`)."""
+    embedder = create_embedder(settings.provider)
+    conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
+    try:
+        for mode in Mode:
+            _say(f'\nSearch --mode {mode.value}: "{SKU_QUERY}" (namespace shop)')
+            for hit in await search(conn, embedder, SKU_QUERY, 3, "shop", mode=mode):
+                _say(f"  {hit.score:.3f}  {hit.id:<14} {_clip(hit.content, 60)}")
+        model = embedder.model
+        _say(f"\nRecommend --history {','.join(VIEWED)} (namespace shop)")
+        for hit in await by_history(conn, VIEWED, "shop", model, 3):
+            _say(f"  {hit.score:.3f}  {hit.id:<14} {_clip(hit.content, 60)}")
     finally:
         await conn.close()
         await embedder.aclose()

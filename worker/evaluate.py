@@ -584,7 +584,9 @@ async def _run(
         )
         conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
         try:
-            await migrate(conn, settings.provider.dim)
+            await migrate(
+                conn, settings.provider.dim, text_search_config=settings.search.text_search_config
+            )
         finally:
             await conn.close()
         events = [

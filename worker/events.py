@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+)
 
 
 class TextType(StrEnum):
@@ -20,6 +28,31 @@ ID_MAX_CHARS = 512
 NAMESPACE_MAX_CHARS = 200
 
 
+def _epoch_ms(value: Any) -> Any:
+    """Accept epoch milliseconds (what Kafka producers usually have) as well as ISO-8601."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError("out of range") from None
+    return value
+
+
+def _storable(value: datetime) -> datetime:
+    """Postgres (through asyncpg) takes years 1-9999 in UTC; keep a margin."""
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("out of range") from None
+    if not 2 <= utc.year <= 9998:
+        raise ValueError("out of range (years 2-9998)")
+    return utc
+
+
+# A time an event carries: ISO-8601 with a zone or epoch milliseconds, stored in UTC.
+EventTime = Annotated[AwareDatetime, BeforeValidator(_epoch_ms), AfterValidator(_storable)]
+
+
 class ContentEvent(BaseModel):
     """One content change. The Kafka key is the content id; a null value deletes it."""
 
@@ -31,32 +64,7 @@ class ContentEvent(BaseModel):
     namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     text_type: TextType = TextType.DOCUMENT
-    timestamp: AwareDatetime | None = None
-
-    @field_validator("timestamp")
-    @classmethod
-    def _storable(cls, value: datetime | None) -> datetime | None:
-        """Postgres (through asyncpg) takes years 1-9999 in UTC; keep a margin."""
-        if value is None:
-            return None
-        try:
-            utc = value.astimezone(UTC)
-        except (OverflowError, ValueError):
-            raise ValueError("timestamp out of range") from None
-        if not 2 <= utc.year <= 9998:
-            raise ValueError("timestamp out of range (years 2-9998)")
-        return utc
-
-    @field_validator("timestamp", mode="before")
-    @classmethod
-    def _epoch_ms(cls, value: Any) -> Any:
-        """Accept epoch milliseconds (what Kafka producers usually have) as well as ISO-8601."""
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                return datetime.fromtimestamp(value / 1000, tz=UTC)
-            except (OverflowError, OSError, ValueError):
-                raise ValueError("timestamp out of range") from None
-        return value
+    timestamp: EventTime | None = None
 
 
 class Reason(StrEnum):

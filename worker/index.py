@@ -1,4 +1,5 @@
-"""``embedding-worker index``: the HNSW index that keeps search fast on a large table.
+"""``embedding-worker index``: the indexes that keep search fast on a large table, HNSW for
+dense search and (``--lexical``) GIN for lexical search.
 
 The migrations do not create it: keeping HNSW up to date is the ceiling of real-time
 ingest (benchmark scenario 5: ~20x fewer rows/s with one), so the operator picks the
@@ -7,6 +8,8 @@ It is built CONCURRENTLY, so workers keep writing meanwhile; a build that was in
 leaves an invalid index behind, which ``status`` reports and ``create`` replaces. pgvector's
 HNSW indexes ``vector`` up to 2,000 dimensions: above that (text-embedding-v4 at 2,048) the
 index is on the ``halfvec`` cast, and search orders by that same expression to use it.
+The lexical index (docs/retrieval.md) is on ``embeddings_lexical(content)`` (migration 0006),
+the expression lexical search matches, so the same queries use it once it is there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from worker.config import ConfigError
 from worker.store import Conn
 
 NAME = "embeddings_embedding_hnsw"
+LEXICAL_NAME = "embeddings_content_lexical"
+LEXICAL_STATEMENT = (
+    f"CREATE INDEX CONCURRENTLY {LEXICAL_NAME} ON embeddings "
+    "USING gin (embeddings_lexical(content))"
+)
 MAX_VECTOR_DIMENSIONS = 2000
 MAX_HALFVEC_DIMENSIONS = 4000
 # A Postgres memory size, as maintenance_work_mem takes it (e.g. 512MB, 2GB).
@@ -58,12 +66,12 @@ def statement(dimension: int, m: int, ef_construction: int) -> str:
     )
 
 
-async def state(conn: Conn) -> Index | None:
+async def state(conn: Conn, name: str = NAME) -> Index | None:
     row = await conn.fetchrow(
         "SELECT pg_get_indexdef(i.indexrelid) AS definition, i.indisvalid AS valid, "
         "pg_relation_size(i.indexrelid) AS size FROM pg_index i "
         "WHERE i.indexrelid = to_regclass($1)",
-        NAME,
+        name,
     )
     if row is None:
         return None
@@ -99,23 +107,30 @@ async def create(
 ) -> tuple[Index, bool]:
     """Build the index unless a valid one exists; (the index, whether it was built now)."""
     check(m, ef_construction, maintenance_work_mem)
-    sql = statement(dimension, m, ef_construction)
-    existing = await state(conn)
+    return await build(conn, NAME, statement(dimension, m, ef_construction), maintenance_work_mem)
+
+
+async def build(
+    conn: Conn, name: str, sql: str, maintenance_work_mem: str | None = None
+) -> tuple[Index, bool]:
+    """Run ``sql`` (a CREATE INDEX CONCURRENTLY of ``name``) unless a valid index of that
+    name exists; an invalid one (an interrupted build) is dropped first."""
+    existing = await state(conn, name)
     if existing is not None and existing.valid:
         return existing, False
     if existing is not None:
-        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     if maintenance_work_mem is not None:
         await conn.execute(f"SET maintenance_work_mem = '{maintenance_work_mem}'")
     await conn.execute(sql)
-    built = await state(conn)
+    built = await state(conn, name)
     assert built is not None
     return built, True
 
 
-async def drop(conn: Conn) -> bool:
-    existing = await state(conn)
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+async def drop(conn: Conn, name: str = NAME) -> bool:
+    existing = await state(conn, name)
+    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     return existing is not None
 
 

@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+from pydantic import ValidationError
+
 from worker.events import Reason
 
 
@@ -76,3 +78,12 @@ def check_strings(value: Any, where: str = "value") -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             check_strings(v, f"{where}[{i}]")
+
+
+def describe(exc: ValidationError) -> str:
+    """A model's validation errors as one line for a dead letter: where, and what."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -17,7 +17,9 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from worker.analysis.learn import Learner
+    from worker.interactions import Profiler
     from worker.pipeline import Pipeline
+    from worker.side_consumer import SideConsumer
 
 PREFIX = "embedding_worker"
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -63,35 +65,55 @@ class Metrics:
     def bind_learner(self, learner: Learner) -> None:
         self.registry.register(LearnerCollector(learner))
 
+    def bind_profiler(self, profiler: Profiler) -> None:
+        self.registry.register(
+            SideConsumerCollector(
+                profiler, "interactions", "Interactions applied to user profiles."
+            )
+        )
 
-class LearnerCollector(Collector):
-    """The moderation decisions (``worker.analysis.learn``), read from its stats."""
 
-    def __init__(self, learner: Learner) -> None:
-        self.learner = learner
+class SideConsumerCollector(Collector):
+    """A side consumer's counters (``worker.side_consumer``), read from its stats."""
+
+    def __init__(self, side: SideConsumer, kind: str, applied: str) -> None:
+        self.side = side
+        self.kind = kind  # the metric names' part: fixed here, not read from the consumer
+        self.applied = applied
 
     def collect(self) -> Iterator[Metric]:
-        st = self.learner.stats
+        st, kind = self.side.stats, self.kind
         yield CounterMetricFamily(
-            f"{PREFIX}_decisions_consumed", "Records read from the decisions topic.", st.consumed
+            f"{PREFIX}_{kind}_consumed", f"Records read from the {kind} topic.", st.consumed
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_decisions_applied",
-            "Decision examples stored (inserted, or replacing an earlier label).",
-            st.applied,
-        )
+        yield CounterMetricFamily(f"{PREFIX}_{kind}_applied", self.applied, st.applied)
         dead = CounterMetricFamily(
-            f"{PREFIX}_decisions_dead_lettered",
-            "Decisions sent to the decisions' dead-letter topic.",
+            f"{PREFIX}_{kind}_dead_lettered",
+            f"Records sent to the {kind} dead-letter topic.",
             labels=["reason"],
         )
         for reason, count in sorted(st.dead_lettered.items()):
             dead.add_metric([reason], count)
         yield dead
+
+
+class LearnerCollector(SideConsumerCollector):
+    """The moderation decisions (``worker.analysis.learn``), and the rebuilds they cause."""
+
+    def __init__(self, learner: Learner) -> None:
+        super().__init__(
+            learner,
+            "decisions",
+            "Decision examples stored (inserted, or replacing an earlier label).",
+        )
+        self.learner = learner
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
         yield CounterMetricFamily(
             f"{PREFIX}_label_set_rebuilds",
             "Label sets rebuilt in memory after their decisions changed.",
-            st.rebuilds,
+            self.learner.stats.rebuilds,
         )
 
 

@@ -3,7 +3,9 @@
 Each file is recorded with the SHA-256 of its text; an applied file that was edited since is
 refused, because the database would no longer match what the file says. Files may use the
 placeholder ``{{dimension}}`` (the configured vector dimension), which is why the dimension
-is recorded too: changing it later is a model migration, not a configuration tweak.
+is recorded too: changing it later is a model migration, not a configuration tweak. The
+placeholder ``{{text_search_config}}`` (``search.text_search_config``) is fixed the same way:
+lexical search and its optional index read it, so a later, different setting is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ log = structlog.get_logger(__name__)
 # Any constant works; it only has to be the same for every replica.
 LOCK_ID = 0x656D6277  # "embw"
 FILE_PATTERN = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# A (schema-qualified) identifier: it is pasted into SQL, so nothing else passes.
+TEXT_SEARCH_CONFIG = re.compile(r"([a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*")
+DEFAULT_TEXT_SEARCH_CONFIG = "simple"
 
 
 class MigrationError(Exception):
@@ -37,8 +42,12 @@ class Migration:
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
-    def render(self, dimension: int) -> str:
-        return self.sql.replace("{{dimension}}", str(int(dimension)))
+    def render(self, dimension: int, text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG) -> str:
+        if not TEXT_SEARCH_CONFIG.fullmatch(text_search_config):
+            raise MigrationError(f"{text_search_config!r} is not a text search configuration name")
+        return self.sql.replace("{{dimension}}", str(int(dimension))).replace(
+            "{{text_search_config}}", text_search_config
+        )
 
 
 def default_directory() -> Path:
@@ -65,7 +74,10 @@ def discover(directory: Path) -> list[Migration]:
 
 
 async def migrate(
-    conn: asyncpg.Connection, dimension: int, directory: Path | None = None
+    conn: asyncpg.Connection,
+    dimension: int,
+    directory: Path | None = None,
+    text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG,
 ) -> list[str]:
     """Apply pending migrations; return the names applied (empty when up to date)."""
     migrations = discover(directory or default_directory())
@@ -103,7 +115,7 @@ async def migrate(
                     )
                 continue
             async with conn.transaction():
-                await conn.execute(m.render(dimension))
+                await conn.execute(m.render(dimension, text_search_config))
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum, dimension) "
                     "VALUES ($1, $2, $3, $4)",
@@ -114,6 +126,20 @@ async def migrate(
                 )
             log.info("migration applied", migration=m.name)
             done.append(m.name)
+        await _check_text_search_config(conn, text_search_config)
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_ID)
+
+
+async def _check_text_search_config(conn: asyncpg.Connection, wanted: str) -> None:
+    """Lexical search (and its index, if built) reads the configuration fixed the day 0006
+    was applied: a different setting now would say one thing and do another."""
+    if await conn.fetchval("SELECT to_regproc('embeddings_text_config')") is None:
+        return  # a directory without 0006 (tests of the runner itself)
+    applied = await conn.fetchval("SELECT embeddings_text_config()::text")
+    if applied.removeprefix("pg_catalog.") != wanted.removeprefix("pg_catalog."):
+        raise MigrationError(
+            f"search.text_search_config is {wanted!r} but the table's lexical search uses "
+            f"{applied!r}; set it back, or change the table's (see docs/retrieval.md)"
+        )

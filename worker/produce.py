@@ -15,7 +15,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from worker.config import KafkaSettings, Settings
-from worker.decode import Limits, Record, decode
+from worker.decode import Change, Limits, Record, decode
 from worker.events import DeadLetter
 from worker.kafka import make_producer, started
 
@@ -63,6 +63,9 @@ class Invalid:
 class CheckedFile:
     values: list[bytes]  # every non-blank line, in order
     invalid: list[Invalid]
+    # Each line's record key: the content id the worker reads from it (under any input
+    # format, e.g. a Debezium row's key column), else the native `id` field if any.
+    keys: list[bytes | None]
 
 
 def check_file(path: Path, settings: Settings) -> CheckedFile:
@@ -71,6 +74,7 @@ def check_file(path: Path, settings: Settings) -> CheckedFile:
     limits = Limits.of(settings)
     values: list[bytes] = []
     invalid: list[Invalid] = []
+    keys: list[bytes | None] = []
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
@@ -78,9 +82,16 @@ def check_file(path: Path, settings: Settings) -> CheckedFile:
         verdict = decode(Record("file", 0, number, None, line), limits)
         if isinstance(verdict, DeadLetter):
             invalid.append(Invalid(number, verdict.reason.value, verdict.message))
-    return CheckedFile(values, invalid)
+        keys.append(verdict.id.encode() if isinstance(verdict, Change) else key_of(line))
+    return CheckedFile(values, invalid, keys)
 
 
-async def produce_file(k: KafkaSettings, topic: str, values: list[bytes]) -> None:
+async def produce_file(k: KafkaSettings, topic: str, checked: CheckedFile) -> None:
+    """The file's lines in order, each keyed by its content id (one id, one partition)."""
     async with started(make_producer(k)) as producer:
-        await produce_values(producer, topic, values)
+        futures = [
+            await producer.send(topic, key=key, value=value)
+            for key, value in zip(checked.keys, checked.values, strict=True)
+        ]
+        for fut in futures:
+            await fut

@@ -1,10 +1,14 @@
-"""The read side over whatever the worker stored: search (embed the query, rank by cosine
-distance), similar (a stored row's own vector is the query) and cluster (k-means, streamed)."""
+"""The read side over whatever the worker stored: search (dense: embed the query, rank by
+cosine distance; lexical: Postgres full-text search over the stored content; hybrid: both
+fused by reciprocal rank), similar (a stored row's own vector is the query) and cluster
+(k-means, streamed). docs/retrieval.md has the equivalent SQL and the measured quality."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -14,27 +18,131 @@ from worker import index
 from worker.cluster import ClusterSummary, Reservoir, Summarizer, spherical_kmeans
 from worker.embedders.base import Embedder
 from worker.events import TextType
+from worker.store import SchemaError
 
 
 @dataclass(frozen=True)
 class Hit:
     namespace: str
     id: str
-    score: float  # cosine similarity
+    # dense: cosine similarity; lexical: ts_rank (length-normalised); hybrid: the fused sum
+    score: float
     content: str | None
     metadata: dict[str, Any]
 
 
+class Mode(StrEnum):
+    DENSE = "dense"
+    LEXICAL = "lexical"
+    HYBRID = "hybrid"
+
+
+# Defaults of search.rrf_k and search.candidates (worker/config.py: SearchSettings).
+RRF_K = 60
+CANDIDATES = 100
+
+
 async def search(
     conn: asyncpg.Connection,
-    embedder: Embedder,
+    embedder: Embedder | None,
     query: str,
     k: int = 5,
     namespace: str | None = None,
     metadata: dict[str, Any] | None = None,
+    mode: Mode = Mode.DENSE,
+    *,
+    model: str | None = None,
+    rrf_k: int = RRF_K,
+    candidates: int = CANDIDATES,
 ) -> list[Hit]:
+    """The top-k stored rows for `query` in one of three modes, each within `namespace` and
+    the metadata subset `metadata` (jsonb containment), over the rows of one model (the
+    embedder's, else `model`; None in lexical mode: every row).
+
+    dense: nearest by cosine distance (needs `embedder`). lexical: rows holding any of the
+    query's words under the table's text search configuration, by ts_rank; a query with no
+    words to match (empty, punctuation, only stop words) finds nothing. hybrid: the
+    `candidates` best of each (at least k), fused by ``rrf``; with no words to match it is the
+    dense list (re-scored)."""
+    if embedder is not None:
+        model = embedder.model
+    if mode is Mode.LEXICAL:
+        return await lexical(conn, query, k, namespace, metadata, model)
+    if embedder is None:
+        raise ValueError(f"{mode.value} search needs an embedder")
     vector = (await embedder.embed([query], TextType.QUERY)).vectors[0]
-    return await nearest(conn, vector, embedder.model, k, namespace, metadata)
+    if mode is Mode.DENSE:
+        return await nearest(conn, vector, embedder.model, k, namespace, metadata)
+    depth = max(candidates, k)
+    dense = await nearest(conn, vector, embedder.model, depth, namespace, metadata)
+    words = await lexical(conn, query, depth, namespace, metadata, model)
+    return rrf([dense, words], rrf_k, k)
+
+
+def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None) -> list[Hit]:
+    """Reciprocal rank fusion (Cormack et al., 2009): each row scores the sum over the lists
+    that hold it of 1 / (k + rank), ranks from 1; a large k flattens the head of each list.
+    Ties keep the order of first appearance (the first list's first). The hits carry the
+    fused score; a row's other fields come from the first list that holds it."""
+    fused: dict[tuple[str, str], Hit] = {}
+    scores: dict[tuple[str, str], float] = {}
+    for hits in lists:
+        for rank, hit in enumerate(hits, start=1):
+            key = (hit.namespace, hit.id)
+            fused.setdefault(key, hit)
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    order = sorted(fused, key=lambda key: -scores[key])  # stable: ties keep first appearance
+    return [replace(fused[key], score=scores[key]) for key in order[:limit]]
+
+
+# Any of the query's words, by ts_rank normalised by the log of the row's length (normalisation
+# 1: on AG News it found the known item far more often than ts_rank_cd, docs/retrieval.md).
+# The functions come from migration 0006; `embeddings_lexical(content) @@ q` is what the
+# optional GIN index (`index create --lexical`) answers, else it is computed per scanned row.
+LEXICAL = """
+SELECT namespace, id, content, metadata, ts_rank(embeddings_lexical(content), q, 1) AS score
+FROM embeddings, embeddings_lexical_query($1) AS q
+WHERE numnode(q) > 0 AND embeddings_lexical(content) @@ q
+  AND ($2::text IS NULL OR model = $2)
+  AND ($3::text IS NULL OR namespace = $3)
+  AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
+ORDER BY score DESC, namespace, id
+LIMIT $5
+"""
+
+
+async def lexical(
+    conn: asyncpg.Connection,
+    query: str,
+    k: int = 5,
+    namespace: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> list[Hit]:
+    """Full-text search over the stored content (through the GIN index if there is one)."""
+    rows = await conn.fetch(
+        LEXICAL, query, model, namespace, None if metadata is None else json.dumps(metadata), k
+    )
+    return [
+        Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
+        for r in rows
+    ]
+
+
+async def text_config(conn: asyncpg.Connection) -> str:
+    """The table's text search configuration; SchemaError before migration 0006."""
+    if await conn.fetchval("SELECT to_regproc('embeddings_text_config')") is None:
+        raise SchemaError(
+            "lexical and hybrid search need migration 0006_lexical.sql: run "
+            "`embedding-worker migrate`"
+        )
+    return str(await conn.fetchval("SELECT embeddings_text_config()::text"))
+
+
+async def has_words(conn: asyncpg.Connection, query: str) -> bool:
+    """Whether the query has anything lexical search can match (not empty, not only stop
+    words or punctuation under the table's text search configuration)."""
+    return bool(await conn.fetchval("SELECT numnode(embeddings_lexical_query($1)) > 0", query))
 
 
 async def nearest(

@@ -24,7 +24,7 @@ from worker.analysis.config import NamespaceAnalysis
 from worker.decode import Record, content_hash, identity_problem
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason, TextType
-from worker.jsonvalue import Rejected, json_object
+from worker.jsonvalue import Rejected, describe, json_object
 from worker.store import Conn
 
 
@@ -104,10 +104,7 @@ def _parse(
     try:
         decision = Decision.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise Rejected(Reason.SCHEMA_VIOLATION, problems) from None
+        raise Rejected(Reason.SCHEMA_VIOLATION, describe(exc)) from None
     namespace = default_namespace if decision.namespace is None else decision.namespace
     problem = identity_problem(namespace, decision.id)
     if problem is not None:

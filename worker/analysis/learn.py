@@ -1,13 +1,12 @@
 """Learning from the moderation loop: consume decisions, store them as examples, rebuild.
 
-A consumer of its own (group ``<kafka.group_id>.decisions``) reads ``analysis.decisions_topic``
-one fetch at a time: its decisions are parsed and checked (``worker.analysis.decisions``),
-the bad ones dead-lettered (acknowledged first), and the examples and the fetch's offsets
-stored by one Postgres statement. On assignment each partition is sought to the offset stored
-there, so a crash between the read and the commit reads the decisions again and a crash
-after it never applies them twice. It is apart from the pipeline's consumer because
-decisions need no embedding (the stored vector is reused) and are few: one sequential loop,
-no batching, and a rebalance of one group never stalls the other.
+A consumer of its own (``worker.side_consumer``, group ``<kafka.group_id>.decisions``) reads
+``analysis.decisions_topic`` one fetch at a time: its decisions are parsed and checked
+(``worker.analysis.decisions``), the bad ones dead-lettered (acknowledged first), and the
+examples and the fetch's offsets stored by one Postgres statement, exactly once. It is apart
+from the pipeline's consumer because decisions need no embedding (the stored vector is
+reused) and are few: one sequential loop, no batching, and a rebalance of one group never
+stalls the other.
 
 Each replica keeps its label sets in memory; a transaction that changes a namespace's
 decisions raises its version in ``decision_state``. A refresher compares those versions with
@@ -20,15 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
-from worker import store
 from worker.analysis import decisions
 from worker.analysis.decisions import Decided, Example, Stored
 from worker.analysis.labels import Embed, LabelError, label_set
@@ -36,13 +32,11 @@ from worker.analysis.stage import AnalysisStage, RunPg
 from worker.config import Settings
 from worker.deadletter import DeadLetterSink
 from worker.decode import Record
-from worker.envelope import dead_letter, envelope_budget
+from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
-from worker.unreadable import UNREADABLE_ERRORS, isolate
+from worker.side_consumer import ConsumerStats, Letters, SideConsumer
 
 log = structlog.get_logger(__name__)
-
-Letters = list[tuple[bytes | None, DeadLetter]]
 
 
 def group_of(settings: Settings) -> str:
@@ -50,15 +44,11 @@ def group_of(settings: Settings) -> str:
 
 
 @dataclass
-class LearnStats:
-    consumed: int = 0
-    applied: int = 0  # decision rows inserted or replaced
-    dead_lettered: Counter[str] = field(default_factory=Counter)
+class LearnStats(ConsumerStats):
     rebuilds: int = 0
 
 
-class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
-    STUCK_AFTER_S = 60.0
+class Learner(SideConsumer):
     REBUILD_GAP_S = 1.0
 
     def __init__(
@@ -71,99 +61,20 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
         embed: Embed,
     ) -> None:
         assert settings.analysis.decisions_topic is not None
-        self.settings = settings
-        self.topic = settings.analysis.decisions_topic
-        self.group = group_of(settings)
-        self.consumer = consumer
-        self.dead_letters = dead_letters
-        self.pg = pg
+        self.stats: LearnStats = LearnStats()
+        topic = settings.analysis.decisions_topic
+        super().__init__("decisions", settings, consumer, dead_letters, pg, topic, self.stats)
         self.stage = stage
         self.embed = embed
-        self.budget = envelope_budget(settings.kafka.dlq_max_message_bytes)
-        self.stats = LearnStats()
-        self.running = False
-        self.last_poll = time.monotonic()
-        self.fatal: BaseException | None = None
-        # Bumped by every assignment: a fetch from before one is dropped (its partitions
-        # were sought back to their stored offsets and are read again).
-        self._generation = 0
-        self._read_to: dict[TopicPartition, int] = {}
         self._wake = asyncio.Event()
-
-    def checks(self) -> dict[str, bool]:
-        return {
-            "decisions_consuming": self.running,
-            "decisions_polling": time.monotonic() - self.last_poll < self.STUCK_AFTER_S,
-        }
-
-    # ---- rebalance -------------------------------------------------------------------
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        try:
-            await self._assign(assigned)
-        except Exception as exc:  # aiokafka would swallow it and leave the partitions unread
-            log.exception("decisions partition assignment failed; stopping")
-            self.fatal = exc
-
-    async def _assign(self, assigned: list[TopicPartition]) -> None:
-        self._generation += 1
-        stored = await self.pg(
-            "load decision offsets", lambda c: store.load_offsets(c, self.group, self.topic)
-        )
-        for tp in assigned:
-            position = stored.get(tp.partition)
-            if position is not None:
-                self.consumer.seek(tp, position)
-            elif self.settings.kafka.auto_offset_reset == "earliest":
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                await self.consumer.seek_to_end(tp)
-            self._read_to[tp] = await self.consumer.position(tp)
-        log.info("decisions partitions assigned", partitions=sorted(t.partition for t in assigned))
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._generation += 1
-        for tp in revoked:
-            self._read_to.pop(tp, None)
-
-    # ---- the loop --------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         refresher = asyncio.create_task(self._refresh_loop(), name="label-refresher")
-        self.running = True
         try:
-            while not stop.is_set() and self.fatal is None:
-                self.last_poll = time.monotonic()
-                generation = self._generation
-                fetched, unreadable = await self._poll()
-                records = [
-                    Record.of(tp.topic, tp.partition, m)
-                    for tp in sorted(fetched, key=_order)
-                    for m in fetched[tp]
-                ]
-                if generation != self._generation:
-                    self._rewind()  # assigned again during the poll: keep nothing of it
-                elif records or unreadable:
-                    await self.handle(records, unreadable, generation)
+            await super().run(stop)
         finally:
-            self.running = False
             refresher.cancel()
             await asyncio.gather(refresher, return_exceptions=True)
-        if self.fatal is not None:
-            raise self.fatal
-
-    async def _poll(self) -> tuple[dict[TopicPartition, list[object]], list[DeadLetter]]:
-        try:
-            fetched = await self.consumer.getmany(
-                timeout_ms=200, max_records=self.settings.kafka.max_poll_records
-            )
-            return fetched, []
-        except UNREADABLE_ERRORS as exc:
-            log.warning("a fetched decision cannot be parsed; isolating it", error=repr(exc))
-            found, bad = await isolate(
-                self.consumer, dict(self._read_to), self.settings.kafka.max_poll_records
-            )
-            return found, [u.letter() for u in bad]
 
     async def handle(
         self, records: list[Record], unreadable: list[DeadLetter], generation: int
@@ -187,20 +98,10 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 examples.append(built)
         examples = await self._embed_missing(examples, letters)
-        if letters:
-            letters.sort(key=lambda kl: (kl[1].source.partition, kl[1].source.offset))
-            await self.dead_letters.send(letters)
-            for _, letter in letters:
-                self.stats.dead_lettered[letter.reason.value] += 1
-        offsets: dict[tuple[str, int], int] = {}
-        for record in records:
-            offsets[(record.topic, record.partition)] = record.offset + 1
-        for u in unreadable:
-            tp = (u.source.topic, u.source.partition)
-            offsets[tp] = max(offsets.get(tp, 0), u.source.offset + 1)
-        if generation != self._generation:
-            self._rewind()  # assigned again meanwhile: read again from the stored offsets
-            return
+        await self.send_letters(letters)
+        offsets = self.offsets_after(records, unreadable)
+        if self.stale(generation):
+            return  # assigned again meanwhile: read again from the stored offsets
         model = self.stage.model
         changed = await self.pg(
             "store decisions",
@@ -212,40 +113,16 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
                 offsets=offsets,
             ),
         )
-        for (topic, partition), offset in offsets.items():
-            tp = TopicPartition(topic, partition)
-            if tp in self._read_to:  # still ours
-                self._read_to[tp] = max(offset, self._read_to[tp])
-        self.stats.consumed += len(records) + len(unreadable)
-        self.stats.applied += changed
+        self.stored(offsets, len(records) + len(unreadable), changed)
         if changed:
             log.info("decisions stored", changed=changed, dead_lettered=len(letters))
             self._wake.set()
 
-    def _rewind(self) -> None:
-        """Back to the offsets stored last (what was read since is read again)."""
-        for tp, offset in self._read_to.items():
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, offset)
-
     async def _lookup(self, decided: list[Decided]) -> dict[tuple[str, str], Stored]:
-        """The decided events' rows; an id not stored yet is looked up again until its
-        decision is ``decisions_grace_s`` old (a result is published before its row commits)."""
-        keys = [d.key for d in decided]
-        found = await self.pg("decided rows", partial(decisions.lookup, keys=keys))
-        grace_ms = self.settings.analysis.decisions_grace_s * 1000
-        now_ms = time.time() * 1000
-        young = [
-            d.record.timestamp_ms
-            for d in decided
-            if d.key not in found and d.record.timestamp_ms is not None
-        ]
-        wait_ms = max((t + grace_ms - now_ms for t in young), default=0.0)
-        if wait_ms > 0:
-            await asyncio.sleep(min(wait_ms, grace_ms) / 1000)
-            missing = [k for k in keys if k not in found]
-            found |= await self.pg("decided rows", partial(decisions.lookup, keys=missing))
-        return found
+        """The decided events' rows, waiting out ``decisions_grace_s`` for young ones."""
+        wanted = [(d.key, d.record.timestamp_ms) for d in decided]
+        grace_s = self.settings.analysis.decisions_grace_s
+        return await self.lookup_with_grace("decided rows", decisions.lookup, wanted, grace_s)
 
     async def _embed_missing(self, examples: list[Example], letters: Letters) -> list[Example]:
         """Rows embedded by another model: their text is embedded again, by type."""
@@ -311,7 +188,3 @@ class Learner(ConsumerRebalanceListener):  # type: ignore[misc]
                 examples=labels.examples,
             )
         return rebuilt
-
-
-def _order(tp: TopicPartition) -> tuple[str, int]:
-    return (tp.topic, tp.partition)

