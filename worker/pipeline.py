@@ -9,13 +9,14 @@ the writer catches up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import structlog
@@ -37,6 +38,9 @@ from worker.formats import Ignored
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
 from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
+
+if TYPE_CHECKING:
+    from worker.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -86,8 +90,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         embedder: Embedder,
         metrics: Metrics | None = None,
         analysis: AnalysisStage | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.analysis = analysis
         self.consumer = consumer
         self.dead_letters = dead_letters
@@ -106,6 +112,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             linger_s=settings.batch.linger_ms / 1000,
         )
         self.stage.on_max_texts = self._lower_batch_size
+        if tracing is not None:
+            self.stage.on_retry = tracing.retried
         self._keys_in_flight: Counter[tuple[str, str]] = Counter()
         self._queued: list[list[Change]] = []
         self._embedding = 0
@@ -363,6 +371,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         epoch = self.tracker.epoch(key)
         if epoch is None or key in self._revoking:
             return  # not (or no longer) ours; whoever owns it now reads it again
+        tracing = self.tracing
         for msg in messages:
             record = Record.of(tp.topic, tp.partition, msg)
             if not self.tracker.track(key, record.offset):
@@ -377,6 +386,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
+            if tracing is not None and not isinstance(result, Ignored):
+                span = tracing.received(tp.topic, tp.partition, record.offset, record.headers)
+                if isinstance(result, DeadLetter):
+                    result._trace = span
+                else:
+                    result.trace = span
 
     async def _skipped(self, settled: list[Item]) -> None:
         """Offsets that hold no record for this worker: transaction markers, and records of
@@ -472,8 +487,13 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self.fatal = exc
 
     async def _embed_batch(self, batch: list[Change]) -> None:
+        tracing = self.tracing
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if tracing is not None:
+            span = tracing.embedding([c.trace for c in batch], self.embedder.model)
         try:
-            outcome = await self.stage.run(batch)
+            with span:
+                outcome = await self.stage.run(batch)
         except ConfigurationFault as exc:
             log.error("provider configuration fault; stopping", error=exc.message, code=exc.code)
             self.fatal = exc
@@ -501,6 +521,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 id=change.id,
                 budget=self.limits.dead_letter_bytes,
             )
+            letter._trace = change.trace
             letters.append((change.record.key, letter))
             settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
             self._release([change])
@@ -564,19 +585,23 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 history=self.analysis.history(),
                 forgetting=self.analysis.forgetting(),
             )
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if self.tracing is not None:
+            span = self.tracing.transaction([c.trace for c in changes])
         began = time.monotonic()
-        result = await self._pg(
-            "write",
-            lambda conn: store.write(
-                conn,
-                changes,
-                offsets,
-                s.kafka.group_id,
-                model,
-                self.embedder.dimension,
-                within=within,
-            ),
-        )
+        with span:
+            result = await self._pg(
+                "write",
+                lambda conn: store.write(
+                    conn,
+                    changes,
+                    offsets,
+                    s.kafka.group_id,
+                    model,
+                    self.embedder.dimension,
+                    within=within,
+                ),
+            )
         self.metrics.write_seconds.observe(time.monotonic() - began)
         now = datetime.now(UTC)
         for change in changes:
