@@ -9,9 +9,12 @@ Vectors come from the local model through ``evaluation.baselines.VectorCache`` (
 outside the repository); the data set is only read.
 
     python -m evaluation.retrieval [--rows 5000] [--config simple --config english] [--dsn DSN]
+        [--lexical-index] [--queries N]
 
-Without ``--dsn`` an embedded Postgres is started in a temporary directory. Search is exact
-(no HNSW index), so the dense figures are the model's, not the index's.
+Without ``--dsn`` an embedded Postgres is started in a temporary directory. Dense search is
+exact (no HNSW index), so its figures are the model's, not the index's; lexical search scans
+unless ``--lexical-index`` builds the GIN index (same answers, other times). ``--queries``
+measures the first N titles only, for timing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pgvector.asyncpg import register_vector
 from evaluation.baselines import VectorCache
 from evaluation.datasets import data_dir
 from evaluation.offline import SHARED
+from worker import index
 from worker.embedders.base import Embedder, Embeddings
 from worker.events import TextType
 from worker.migrate import migrate
@@ -131,10 +135,11 @@ async def measure(
     mode: Mode,
     rrf_k: int,
     candidates: int,
+    queries: int | None = None,
 ) -> dict[str, float]:
     reciprocal, found = 0.0, 0
     began = time.perf_counter()
-    for i, a in enumerate(kept):
+    for i, a in enumerate(kept[:queries]):
         hits = await search(
             conn, embedder, a.title, 10, NAMESPACE, mode=mode, rrf_k=rrf_k, candidates=candidates
         )
@@ -142,7 +147,7 @@ async def measure(
         if str(i) in ids:
             found += 1
             reciprocal += 1 / (ids.index(str(i)) + 1)
-    n = len(kept)
+    n = len(kept[:queries])
     return {
         "mrr@10": reciprocal / n,
         "recall@10": found / n,
@@ -169,14 +174,20 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
                 await migrate(conn, DIMENSION, text_search_config=config)
                 await register_vector(conn)
                 fill_s = await fill(conn, kept, documents)
+                if args.lexical_index:
+                    await index.build(conn, index.LEXICAL_NAME, index.LEXICAL_STATEMENT)
                 await conn.execute("ANALYZE embeddings")
                 for mode in args.mode:
                     if mode is Mode.DENSE and config != args.config[0]:
                         continue  # the same with every configuration
-                    scores = await measure(conn, embedder, kept, mode, args.rrf_k, args.candidates)
+                    scores = await measure(
+                        conn, embedder, kept, mode, args.rrf_k, args.candidates, args.queries
+                    )
                     row = {
                         "config": config,
                         "mode": mode.value,
+                        "lexical_index": args.lexical_index,
+                        "queries": len(kept[: args.queries]),
                         "rows": len(kept),
                         "skipped": skipped,
                         "fill_s": round(fill_s, 2),
@@ -199,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mode", action="append", type=Mode, help="default: all three")
     parser.add_argument("--rrf-k", type=int, default=RRF_K)
     parser.add_argument("--candidates", type=int, default=CANDIDATES)
+    parser.add_argument(
+        "--lexical-index", action="store_true", help="with `index create --lexical`'s GIN index"
+    )
+    parser.add_argument("--queries", type=int, help="measure the first N titles only (timing)")
     parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
     args = parser.parse_args(argv)
     args.config = args.config or ["simple", "english"]
