@@ -36,6 +36,7 @@ from worker.events import DeadLetter, Reason
 from worker.formats import Ignored
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
+from worker.registry import Schemas
 from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
 
 log = structlog.get_logger(__name__)
@@ -136,7 +137,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             "polling": time.monotonic() - self.last_poll < self.STUCK_AFTER_S,
             "postgres": not self.postgres_down,
             "provider_credentials": self.stage.fault is None,
-        }
+        } | (
+            {}
+            if self.limits.schemas is None
+            else {"schema_registry": not self.limits.schemas.waiting}
+        )
 
     @property
     def ready(self) -> bool:
@@ -342,6 +347,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         changes: list[Change] = []
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
+        if self.limits.schemas is not None:
+            batches = await self._with_schemas(self.limits.schemas, batches)
         for tp, messages in batches.items():
             self._decode(tp, messages, changes, letters, settled)
         for record in unreadable:  # tracked after the records read before it
@@ -350,6 +357,23 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._dead_letter(letters)
         self._enqueue(settled)
         await self._route(changes)
+
+    async def _with_schemas(
+        self, schemas: Schemas, batches: dict[TopicPartition, list[object]]
+    ) -> dict[TopicPartition, list[object]]:
+        """Fetch the schemas a fetch names before it is decoded (decoding reads memory),
+        waiting out a registry that cannot give them: nothing of the fetch is tracked
+        meanwhile, so nothing moves. A partition assigned again meanwhile keeps nothing of
+        it (its new start is read again); on a stop, nothing is kept."""
+        epochs = {tp: self.tracker.epoch((tp.topic, tp.partition)) for tp in batches}
+        values = [getattr(m, "value", None) for ms in batches.values() for m in ms]
+        if not await schemas.prefetch(values, self._stop):
+            return {}
+        return {
+            tp: ms
+            for tp, ms in batches.items()
+            if self.tracker.epoch((tp.topic, tp.partition)) == epochs[tp]
+        }
 
     def _decode(
         self,
