@@ -12,6 +12,7 @@ import json
 import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -24,6 +25,7 @@ from worker.config import ConfigError, FieldMap, InputFormat, InputSettings, loa
 from worker.decode import Change, Limits, Record, decode
 from worker.events import DeadLetter, Reason
 from worker.formats import Ignored
+from worker.produce import check_file
 from worker.registry import Schemas, schema_id
 
 TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
@@ -208,6 +210,15 @@ def test_a_registry_format_needs_a_registry_url_and_the_extra(
     )
     with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
         load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+
+
+def test_produce_refuses_a_registry_format(tmp_path: Path) -> None:
+    """Its JSON lines are not in the wire format: each would be a `schema_mismatch`."""
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n')
+    settings = load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+    with pytest.raises(ConfigError, match="Confluent serializer"):
+        check_file(path, settings)
 
 
 # ---- end to end --------------------------------------------------------------------------------
