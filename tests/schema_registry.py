@@ -8,6 +8,7 @@ none), and Apicurio Registry from Maven Central (a Quarkus application) was not 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -19,11 +20,14 @@ SCHEMA_BY_ID = re.compile(r"^/schemas/ids/(\d+)$")
 
 class SchemaRegistry:
     """``POST /subjects/{subject}/versions`` registers (the same schema keeps its id) and
-    ``GET /schemas/ids/{id}`` answers. Faults: ``stop()`` (down: connections refused),
-    ``failing`` (answer with that status), ``hidden`` (ids answered 404), ``delay_s``."""
+    ``GET /schemas/ids/{id}`` answers (``?format=serialized``: the FileDescriptorProto that
+    ``register`` was given for a Protobuf schema; a real registry compiles it). Faults:
+    ``stop()`` (down: connections refused), ``failing`` (answer with that status), ``hidden``
+    (ids answered 404), ``delay_s``."""
 
     def __init__(self) -> None:
         self.schemas: list[dict[str, Any]] = []
+        self.serialized: dict[int, str] = {}
         self.failing: int | None = None
         self.hidden: set[int] = set()
         self.delay_s = 0.0
@@ -46,11 +50,14 @@ class SchemaRegistry:
             await self._server.wait_closed()
             self._server = None
 
-    def register(self, schema: str, schema_type: str = "AVRO") -> int:
+    def register(self, schema: str, schema_type: str = "AVRO", serialized: bytes = b"") -> int:
         entry = {"schema": schema, "schemaType": schema_type}
         if entry not in self.schemas:
             self.schemas.append(entry)
-        return self.schemas.index(entry) + 1
+        id = self.schemas.index(entry) + 1
+        if serialized:
+            self.serialized[id] = base64.b64encode(serialized).decode()
+        return id
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,7 +87,8 @@ class SchemaRegistry:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _route(self, method: str, path: str, body: bytes) -> tuple[str, dict[str, Any]]:
+    def _route(self, method: str, target: str, body: bytes) -> tuple[str, dict[str, Any]]:
+        path, _, query = target.partition("?")
         if self.failing is not None:
             return f"{self.failing} Failing", {"error_code": self.failing, "message": "injected"}
         if method == "POST" and (m := SUBJECT_VERSIONS.match(path)):
@@ -93,5 +101,7 @@ class SchemaRegistry:
             id = int(m.group(1))
             if id in self.hidden or not 1 <= id <= len(self.schemas):
                 return "404 Not Found", {"error_code": 40403, "message": "Schema not found"}
+            if query == "format=serialized" and id in self.serialized:
+                return "200 OK", {**self.schemas[id - 1], "schema": self.serialized[id]}
             return "200 OK", self.schemas[id - 1]
         return "404 Not Found", {"error_code": 404, "message": "not in this test registry"}

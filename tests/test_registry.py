@@ -17,6 +17,7 @@ from typing import Any
 
 import fastavro
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running, wait_until
@@ -197,6 +198,77 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def article_proto() -> descriptor_pb2.FileDescriptorProto:
+    """shop.Article {uid, body, updated: Timestamp, Tag {name}} and shop.Other, as a
+    producer's .proto compiles to."""
+    f = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="article.proto",
+        package="shop",
+        syntax="proto3",
+        dependency=["google/protobuf/timestamp.proto"],
+    )
+    message = file.message_type.add(name="Article")
+    message.field.add(name="uid", number=1, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    message.field.add(name="body", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    message.field.add(
+        name="updated",
+        number=3,
+        type=f.TYPE_MESSAGE,
+        type_name=".google.protobuf.Timestamp",
+        label=f.LABEL_OPTIONAL,
+    )
+    tag = message.nested_type.add(name="Tag")
+    tag.field.add(name="name", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    other = file.message_type.add(name="Other")
+    other.field.add(name="id", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    other.field.add(name="text", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    return file
+
+
+def proto_classes() -> tuple[Any, Any, Any]:
+    """Article, Article.Tag and Other, the producer's classes."""
+    pool = descriptor_pool.DescriptorPool()
+    timestamp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
+    pool.Add(timestamp)
+    pool.Add(article_proto())
+    get = message_factory.GetMessageClass
+    return (
+        get(pool.FindMessageTypeByName("shop.Article")),
+        get(pool.FindMessageTypeByName("shop.Article.Tag")),
+        get(pool.FindMessageTypeByName("shop.Other")),
+    )
+
+
+async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegistry) -> None:
+    proto = article_proto()
+    id = registry.register("syntax = ...", "PROTOBUF", proto.SerializeToString())
+    Article, Tag, Other = proto_classes()
+    first = Article(uid=42, body="Rates rise")
+    first.updated.FromDatetime(UPDATED)
+    values = {
+        "first": framed(id, b"\x00" + first.SerializeToString()),  # [0], written as one 0
+        "second": framed(id, b"\x02\x02" + Other(id="o-1", text="other").SerializeToString()),
+        "nested": framed(id, b"\x04\x00\x00" + Tag(name="x").SerializeToString()),  # [0, 0]
+        "no index": framed(id, b"\x02\x0a"),  # [5]: no such message
+        "cut": framed(id, b"\x00" + first.SerializeToString()[:-3]),
+    }
+    settings = input_settings(registry, "protobuf", id="uid", text="body", timestamp="updated")
+    limits = await limits_for(settings, *values.values())
+    got = decode(record(values["first"]), limits)
+    assert isinstance(got, Change), got
+    assert (got.id, got.text, got.event_time) == ("42", "Rates rise", UPDATED)
+    other = await limits_for(input_settings(registry, "protobuf"), values["second"])
+    got = decode(record(values["second"]), other)
+    assert isinstance(got, Change) and (got.id, got.text) == ("o-1", "other")
+    dead = letter(decode(record(values["nested"]), limits))  # a Tag has no uid
+    assert dead.reason is Reason.SCHEMA_VIOLATION and "uid" in dead.message
+    for name in ("no index", "cut"):
+        dead = letter(decode(record(values[name]), limits))
+        assert dead.reason is Reason.SCHEMA_MISMATCH, (name, dead)
 
 
 def test_a_registry_format_needs_a_registry_url_and_the_extra(

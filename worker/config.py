@@ -444,10 +444,15 @@ class InputFormat(StrEnum):
     # The Confluent wire format (magic byte, schema id), schemas from input.registry_url.
     AVRO = "avro"
     JSONSCHEMA = "jsonschema"
+    PROTOBUF = "protobuf"
 
 
 # What each schema-registry format needs installed (the `registry` extra).
-REGISTRY_FORMATS = {InputFormat.AVRO: "fastavro", InputFormat.JSONSCHEMA: "jsonschema"}
+REGISTRY_FORMATS = {
+    InputFormat.AVRO: "fastavro",
+    InputFormat.JSONSCHEMA: "jsonschema",
+    InputFormat.PROTOBUF: "google.protobuf",
+}
 
 
 class FieldMap(BaseModel):
@@ -494,7 +499,11 @@ class InputSettings(BaseModel):
             return self
         if not self.registry_url:
             raise ValueError(f"input.format {self.format.value!r} needs input.registry_url")
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # `google` itself, for google.protobuf
+            found = False
+        if not found:
             raise ValueError(
                 f"input.format {self.format.value!r} needs the `registry` extra "
                 "(pip install 'embedding-worker[registry]')"

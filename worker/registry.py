@@ -1,8 +1,9 @@
-"""Schema-registry formats: Avro and JSON Schema in the Confluent wire format.
+"""Schema-registry formats: Avro, JSON Schema and Protobuf in the Confluent wire format.
 
 A record's value is a magic byte 0, the schema id (4 bytes, big-endian), then the payload
-(Avro binary, or JSON). Schemas come from a registry speaking the Confluent REST API
-(``GET /schemas/ids/{id}``); an id's schema never changes, so each is fetched once and kept.
+(Avro binary; JSON; or, for Protobuf, the message indexes as zigzag varints then the message).
+Schemas come from a registry speaking the Confluent REST API (``GET /schemas/ids/{id}``); an
+id's schema never changes, so each is fetched once and kept.
 
 Fetching is async and ``decode`` is not: the pipeline awaits ``Schemas.prefetch`` for each
 fetch before decoding it, so decoding only reads memory. An id the registry does not know
@@ -39,7 +40,14 @@ log = structlog.get_logger(__name__)
 MAGIC = 0
 HEADER = struct.Struct(">bI")  # magic byte, schema id
 # The registry's names of the schema types, per input format.
-SCHEMA_TYPES = {InputFormat.AVRO: "AVRO", InputFormat.JSONSCHEMA: "JSON"}
+SCHEMA_TYPES = {
+    InputFormat.AVRO: "AVRO",
+    InputFormat.JSONSCHEMA: "JSON",
+    InputFormat.PROTOBUF: "PROTOBUF",
+}
+# Protobuf schemas are asked for as a FileDescriptorProto (base64): the protobuf package
+# builds message classes from descriptors, it does not parse .proto text.
+SERIALIZED = {"format": "serialized"}
 MAX_RETRY_DELAY_S = 10.0
 
 Reader = Callable[[bytes], Any]
@@ -122,7 +130,10 @@ class Schemas:
         ) as client:
             for id in sorted(ids):
                 try:
-                    response = await client.get(f"/schemas/ids/{id}")
+                    response = await client.get(
+                        f"/schemas/ids/{id}",
+                        params=SERIALIZED if self.expected == "PROTOBUF" else None,
+                    )
                 except httpx.HTTPError as exc:
                     raise RegistryUnavailable(f"schema {id}: {exc!r}") from None
                 if response.status_code != 200:
@@ -146,7 +157,8 @@ class Schemas:
             fmt = self.settings.format.value
             return _refuse(f"schema {id} is {type_}; input.format {fmt} reads {self.expected}")
         try:
-            return _avro_reader(text) if type_ == "AVRO" else _json_reader(text)
+            readers = {"AVRO": _avro_reader, "JSON": _json_reader, "PROTOBUF": _protobuf_reader}
+            return readers[type_](text)
         except Exception as exc:  # the registry accepted it; we cannot read it
             return _refuse(f"schema {id} cannot be used: {exc!r}"[:500])
 
@@ -220,6 +232,79 @@ def _json_reader(text: str) -> Reader:
         return value
 
     return read
+
+
+def _protobuf_reader(text: str) -> Reader:
+    import importlib
+
+    from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+    from google.protobuf.message import DecodeError
+
+    file = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
+    pool = descriptor_pool.DescriptorPool()
+    for dependency in file.dependency:  # the well-known types only (no schema references)
+        module = dependency.removesuffix(".proto").replace("/", ".") + "_pb2"
+        if not module.startswith("google.protobuf."):
+            raise ValueError(f"imports {dependency}: schema references are not supported")
+        found = importlib.import_module(module).DESCRIPTOR
+        proto = descriptor_pb2.FileDescriptorProto()
+        found.CopyToProto(proto)
+        pool.Add(proto)
+    pool.Add(file)
+    top = pool.FindFileByName(file.name).message_types_by_name
+    messages = [top[m.name] for m in file.message_type]
+    classes: dict[tuple[int, ...], Any] = {}
+
+    def read(payload: bytes) -> Any:
+        indexes, start = _message_indexes(payload)
+        cls = classes.get(indexes)
+        if cls is None:
+            try:
+                descriptor = messages[indexes[0]]
+                for i in indexes[1:]:
+                    descriptor = descriptor.nested_types[i]
+            except IndexError:
+                raise mismatch(f"message indexes {list(indexes)} name no message") from None
+            cls = classes[indexes] = message_factory.GetMessageClass(descriptor)
+        message = cls()
+        try:
+            message.ParseFromString(payload[start:])
+        except DecodeError as exc:
+            raise mismatch(f"the Protobuf payload does not fit its schema: {exc}"[:500]) from None
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+    return read
+
+
+def _message_indexes(payload: bytes) -> tuple[tuple[int, ...], int]:
+    """Which message of the schema (a path through nested types), and where it starts:
+    a count then the indexes, zigzag varints; a count of 0 stands for [0]."""
+    count, pos = _varint(payload, 0)
+    if count == 0:
+        return (0,), pos
+    if not 0 < count <= 64:
+        raise mismatch(f"{count} message indexes")
+    indexes = []
+    for _ in range(count):
+        index, pos = _varint(payload, pos)
+        if index < 0:
+            raise mismatch(f"message index {index}")
+        indexes.append(index)
+    return tuple(indexes), pos
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while shift < 64:
+        if pos >= len(data):
+            raise mismatch("the Protobuf message indexes are cut short")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+    raise mismatch("a Protobuf message index is not a varint")
 
 
 def jsonable(value: Any) -> Any:
