@@ -31,7 +31,7 @@ class SchemaRegistry:
         self.failing: int | None = None
         self.hidden: set[int] = set()
         self.delay_s = 0.0
-        self.lookups = 0
+        self.requests = 0
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -62,6 +62,7 @@ class SchemaRegistry:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
             lines = head.decode("latin-1").split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
             length = 0
@@ -97,7 +98,6 @@ class SchemaRegistry:
                 "id": self.register(request["schema"], request.get("schemaType", "AVRO"))
             }
         if method == "GET" and (m := SCHEMA_BY_ID.match(path)):
-            self.lookups += 1
             id = int(m.group(1))
             if id in self.hidden or not 1 <= id <= len(self.schemas):
                 return "404 Not Found", {"error_code": 40403, "message": "Schema not found"}

@@ -170,26 +170,37 @@ async def test_json_schema_payloads_are_validated(registry: SchemaRegistry) -> N
 
 
 async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRegistry) -> None:
-    """Transient: ``prefetch`` retries (not ready meanwhile) until the schema comes."""
+    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for the id, a
+    registry down, one slower than the timeout and a 503, until the schema comes."""
     id = registry.register(json.dumps(ARTICLE))
     registry.hidden.add(id)
-    schemas = Schemas(input_settings(registry))
+    schemas = Schemas(input_settings(registry))  # registry_timeout_s=1
     value = avro(id, **article(1, "x"))
     stop = asyncio.Event()
     fetching = asyncio.create_task(schemas.prefetch([value], stop))
-    await wait_until(lambda: _true(registry.lookups >= 2), 10, "no retry of the unknown id")
-    assert schemas.waiting and not fetching.done()
+
+    async def retried() -> None:
+        seen = registry.requests
+        await wait_until(lambda: _true(registry.requests >= seen + 2), 30, "no retry")
+        assert schemas.waiting and not fetching.done()
+
+    await retried()  # 404
     registry.hidden.clear()
+    registry.delay_s = 1.5
+    await retried()  # timeouts
+    registry.delay_s = 0
+    registry.failing = 503
+    await retried()
+    registry.failing = None
     await registry.stop()  # down: connections refused
-    lookups = registry.lookups
     await asyncio.sleep(0.5)
-    assert registry.lookups == lookups and not fetching.done()
+    assert schemas.waiting and not fetching.done()
     await registry.start()
     assert await asyncio.wait_for(fetching, 30)
     assert not schemas.waiting and schemas.missing([value]) == set()
-    # Cached forever: no lookup for a known id.
-    lookups = registry.lookups
-    assert await schemas.prefetch([value], stop) and registry.lookups == lookups
+    # Cached forever: no request for a known id.
+    requests = registry.requests
+    assert await schemas.prefetch([value], stop) and registry.requests == requests
     # A stop while waiting gives up: nothing of that fetch may be decoded.
     registry.failing = 503
     stop.set()
