@@ -18,6 +18,7 @@ from typing import Any
 import fastavro
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+from prometheus_client import generate_latest
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running, wait_until
@@ -359,6 +360,8 @@ async def test_a_worker_waits_for_a_registry_that_is_down(
             return worker.checks().get("schema_registry") is False
 
         await wait_until(waiting, 30, "the worker did not report the registry")
+        metrics = generate_latest(worker.metrics.registry).decode()
+        assert "embedding_worker_schema_registry_up 0.0" in metrics
         assert await env.stored_offsets() == {}
         await registry.start()
         await env.wait_for_offsets(high)
