@@ -486,7 +486,7 @@ class InputSettings(BaseModel):
 
     format: InputFormat = InputFormat.NATIVE
     fields: FieldMap = FieldMap()
-    # A registry speaking the Confluent REST API (avro and jsonschema formats).
+    # A registry speaking the Confluent REST API (avro, jsonschema and protobuf formats).
     registry_url: str | None = None
     registry_user: str | None = None
     registry_password: SecretStr | None = None
