@@ -61,6 +61,9 @@ class Context:
     what_if: bool = False
     # Replaces overhead.WHAT_IF: label -> settings overrides by section.
     variants: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # Scenario 1 again, runs with tracing off and on in turn (``--tracing [RATIO]``): the
+    # tracing.sample_ratio of the runs with tracing on.
+    tracing: float | None = None
     # Shared between scenarios 1 and 2: one produced topic, read by several consumer groups.
     shared: dict[str, object] = field(default_factory=dict)
 

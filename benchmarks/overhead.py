@@ -34,6 +34,7 @@ from benchmarks.harness import (
     stack_roots,
     unique,
 )
+from benchmarks.otlp_sink import OtlpSink
 from benchmarks.topic import shared_topic
 from worker import store
 from worker.config import environment_for
@@ -198,6 +199,51 @@ async def run(ctx: Context) -> list[Figure]:
     )
     if ctx.what_if:
         figures += await what_if(ctx, topic, total)
+    if ctx.tracing is not None:
+        figures += await tracing(ctx, topic, total, ctx.tracing)
+    return figures
+
+
+async def tracing(ctx: Context, topic: str, total: int, ratio: float) -> list[Figure]:
+    """Tracing off and on in turn (so both see the same machine load), on with
+    ``tracing.sample_ratio=ratio``: the events carry no ``traceparent``, so each event's span
+    starts a trace of its own, sampled at that ratio."""
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"off": [], "on": []}
+    with OtlpSink() as sink:
+        on = {"tracing": {"enabled": True, "endpoint": sink.url, "sample_ratio": ratio}}
+        for i in range(ctx.runs):
+            for label, overrides in (("off", None), ("on", on)):
+                rate, usage = await one_run(
+                    ctx, topic, total, f"t{label}{i}", None, None, overrides
+                )
+                runs[label].append((rate, usage))
+                log(
+                    f"tracing {label} run {i + 1}: {rate:,.0f} events/s, worker CPU "
+                    f"{1e6 * usage.get('worker', 0.0) / 100 / rate:.0f} µs/event"
+                )
+        payloads = sink.payloads
+    figures = []
+    for label, measured in runs.items():
+        name = f"on (sample_ratio {ratio:g})" if label == "on" else label
+        rates = [r for r, _ in measured]
+        figures += [
+            Figure(
+                scenario=SCENARIO + " (tracing)",
+                name=f"worker throughput, tracing {name}",
+                unit="events/s",
+                runs=rates,
+                cpu=median_cpu([u for _, u in measured]),
+                notes="runs off and on alternate; on: the sampled spans exported over OTLP/HTTP "
+                f"to a loopback endpoint that discards them ({payloads} payloads in all)",
+            ),
+            Figure(
+                scenario=SCENARIO + " (tracing)",
+                name=f"worker CPU time per event, tracing {name}",
+                unit="µs/event",
+                runs=[1e6 * u.get("worker", 0.0) / 100 / r for r, u in measured],
+                higher_is_better=False,
+            ),
+        ]
     return figures
 
 

@@ -4,6 +4,7 @@ Starts one dev stack (the broker chosen by ``--broker`` or ``EMBEDDING_WORKER_DE
 Tansu by default; Postgres/pgvector) and one fake provider subprocess, runs the scenarios in
 turn on them, and writes ``results.json`` (with the broker), ``README.md`` and PNG plots to
 ``docs/benchmarks/`` (``--out``). ``--smoke`` uses tiny sizes (CI: the scripts never rot).
+``--tracing [RATIO]`` adds scenario 1 with OpenTelemetry tracing off vs on.
 
 Scenarios (one module each): 1 ``overhead``, 2 ``naive``, 3 ``saturation``, 4 ``local_model``,
 5 ``sink``, 6 ``memory``, 7 ``latency``, 8 ``scaleout``, 9 ``replicated`` (starts its own
@@ -96,7 +97,17 @@ async def main_async(args: argparse.Namespace) -> int:
     async with DevStack(broker) as stack:
         fake = await FakeProvider().start()
         try:
-            ctx = Context(stack, fake, sizes, args.runs, args.out, work, args.what_if, variants)
+            ctx = Context(
+                stack,
+                fake,
+                sizes,
+                args.runs,
+                args.out,
+                work,
+                args.what_if,
+                variants,
+                tracing=args.tracing,
+            )
             args.out.mkdir(parents=True, exist_ok=True)
             ours: list[float] = []
             scenarios: dict[str, Scenario] = {
@@ -166,6 +177,16 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         help='with --what-if: LABEL={"section": {"setting": value}} (repeatable)',
+    )
+    p.add_argument(
+        "--tracing",
+        nargs="?",
+        type=float,
+        const=1.0,
+        default=None,
+        metavar="RATIO",
+        help="scenario 1 again, tracing off and on in turn, on with tracing.sample_ratio RATIO "
+        "(default 1: every span), exported over OTLP to a loopback endpoint that discards them",
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

@@ -257,9 +257,11 @@ async def migrate_db(env: Env, dimension: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Worker]:
-    """A worker running in this event loop; stopped gracefully (and checked) on exit."""
-    worker = Worker(settings)
+async def running(settings: Settings, **options: Any) -> AsyncIterator[Worker]:
+    """A worker running in this event loop; stopped gracefully (and checked) on exit.
+
+    ``options`` go to ``Worker`` (``span_exporter``)."""
+    worker = Worker(settings, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -24,14 +25,21 @@ from worker.metrics import Metrics
 from worker.pipeline import Pipeline, ShuttingDown
 from worker.probes import ProbeServer
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from worker.tracing import Tracing
+
 log = structlog.get_logger(__name__)
 
 
 class Worker:
     """``run()`` until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
+        """``span_exporter``: where spans go instead of OTLP (tests), if tracing is on."""
         self.settings = settings
+        self.span_exporter = span_exporter
         self.pipeline: Pipeline | None = None
         self.learner: Learner | None = None
         self.profiler: interactions.Profiler | None = None
@@ -65,11 +73,32 @@ class Worker:
                     f"on {s.http.host}:{s.http.port}: {exc.strerror or exc}"
                 ) from None
         try:
-            await self._run(stop)
+            tracing = self._tracing()
+            try:
+                await self._run(stop, tracing)
+            finally:
+                if tracing is not None:  # exports what is left (off the event loop)
+                    await asyncio.to_thread(tracing.close)
         finally:
             await probes.stop()
 
-    async def _run(self, stop: asyncio.Event) -> None:
+    def _tracing(self) -> Tracing | None:
+        """With ``tracing.enabled`` but without the ``tracing`` extra: a configuration error."""
+        s = self.settings
+        if not s.tracing.enabled:
+            return None
+        try:
+            from worker.tracing import Tracing
+        except ImportError as exc:
+            raise ConfigError(
+                f"tracing.enabled (EMBEDDING_WORKER_TRACING__ENABLED): needs the 'tracing' "
+                f"extra (pip install 'embedding-worker[tracing]'): {exc}"
+            ) from None
+        if self.span_exporter is not None:
+            return Tracing.exporting(self.span_exporter, s.tracing, s.kafka.group_id)
+        return Tracing.start(s.tracing, s.kafka.group_id)
+
+    async def _run(self, stop: asyncio.Event, tracing: Tracing | None) -> None:
         s = self.settings
         dsn = s.postgres.dsn.get_secret_value()
         # First: TLS files that are not PEM are a configuration error (exit 2).
@@ -95,14 +124,12 @@ class Worker:
                 if s.analysis.spec.namespaces
                 else None
             )
+            dead_letters = DeadLetterSink(producer, s.kafka.dlq_topic)
+            if analysis is not None:
+                analysis.tracing = tracing
+            dead_letters.tracing = tracing
             pipeline = Pipeline(
-                s,
-                consumer,
-                DeadLetterSink(producer, s.kafka.dlq_topic),
-                pool,
-                embedder,
-                self.metrics,
-                analysis,
+                s, consumer, dead_letters, pool, embedder, self.metrics, analysis, tracing
             )
             self.pipeline = pipeline
             # Embeds the label sets: held, like any request, while the provider refuses the key.

@@ -361,6 +361,21 @@ class HttpSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces over OTLP/HTTP (worker.tracing); needs the ``tracing`` extra.
+
+    Unset, the endpoint and the sampling are the SDK's, from the standard ``OTEL_*`` variables
+    (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_TRACES_SAMPLER``, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # The OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces.
+    endpoint: str | None = None
+    # Of the traces started here; an event's sampled traceparent is followed either way.
+    sample_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class SearchSettings(BaseModel):
     """The read side's lexical and hybrid modes (worker/search.py, docs/retrieval.md)."""
 
@@ -525,6 +540,7 @@ class Settings(BaseSettings):
     provider: ProviderSettings = ProviderSettings()
     batch: BatchSettings = BatchSettings()
     http: HttpSettings = HttpSettings()
+    tracing: TracingSettings = TracingSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     search: SearchSettings = SearchSettings()
     input: InputSettings = InputSettings()

@@ -84,6 +84,8 @@ class Change:
     vector: np.ndarray | None = None
     unchanged: bool = False
     epoch: int = 0
+    # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.tracing).
+    trace: Any = None
 
     @property
     def topic(self) -> str:

@@ -118,6 +118,8 @@ class EmbedStage:
         self.max_texts = embedder.max_texts
         # Told the new size when it is lowered (the pipeline's batcher).
         self.on_max_texts: Callable[[int], None] | None = None
+        # Told (cause, attempt, delay in seconds) of each request sent again (worker.tracing).
+        self.on_retry: Callable[[str, int, float], None] | None = None
         # Moving averages of successful requests, for the quota's concurrency ceiling.
         self._latency_s: float | None = None
         self._tokens_per_request: float | None = None
@@ -205,6 +207,8 @@ class EmbedStage:
                     )
                     self._count_retry(exc, outcome)
                     attempt += 1
+                    if self.on_retry is not None:
+                        self.on_retry(cause_of(exc), attempt, delay)
                     await asyncio.sleep(delay)
                 except ConfigurationFault as exc:
                     if self.settings.on_auth_fault == "exit" or not is_auth_fault(exc):

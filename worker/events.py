@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
 )
 
 
@@ -132,6 +133,8 @@ class DeadLetter(BaseModel):
     provider_code: str | None = None
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     worker: str = "embedding-worker"
+    # The event's span when tracing is on (worker.tracing): the letter's headers carry it.
+    _trace: Any = PrivateAttr(default=None)
 
     @property
     def cut(self) -> bool:

@@ -9,13 +9,14 @@ the writer catches up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import structlog
@@ -38,6 +39,9 @@ from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
 from worker.registry import Schemas
 from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
+
+if TYPE_CHECKING:
+    from worker.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -87,8 +91,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         embedder: Embedder,
         metrics: Metrics | None = None,
         analysis: AnalysisStage | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.analysis = analysis
         self.consumer = consumer
         self.dead_letters = dead_letters
@@ -107,6 +113,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             linger_s=settings.batch.linger_ms / 1000,
         )
         self.stage.on_max_texts = self._lower_batch_size
+        if tracing is not None:
+            self.stage.on_retry = tracing.retried
         self._keys_in_flight: Counter[tuple[str, str]] = Counter()
         self._queued: list[list[Change]] = []
         self._embedding = 0
@@ -348,7 +356,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
         if self.limits.schemas is not None:
-            batches = await self._with_schemas(self.limits.schemas, batches)
+            kept = await self._with_schemas(self.limits.schemas, batches, unreadable)
+            if kept is None:
+                return  # stopping: nothing of this fetch was tracked, it is read again
+            batches, unreadable = kept
         for tp, messages in batches.items():
             self._decode(tp, messages, changes, letters, settled)
         for record in unreadable:  # tracked after the records read before it
@@ -359,21 +370,27 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._route(changes)
 
     async def _with_schemas(
-        self, schemas: Schemas, batches: dict[TopicPartition, list[object]]
-    ) -> dict[TopicPartition, list[object]]:
+        self,
+        schemas: Schemas,
+        batches: dict[TopicPartition, list[object]],
+        unreadable: Sequence[Unreadable],
+    ) -> tuple[dict[TopicPartition, list[object]], Sequence[Unreadable]] | None:
         """Fetch the schemas a fetch names before it is decoded (decoding reads memory),
         waiting out a registry that cannot give them: nothing of the fetch is tracked
         meanwhile, so nothing moves. A partition assigned again meanwhile keeps nothing of
-        it (its new start is read again); on a stop, nothing is kept."""
-        epochs = {tp: self.tracker.epoch((tp.topic, tp.partition)) for tp in batches}
+        the fetch (its new start is read again); None on a stop: nothing is kept."""
+        keys = {(tp.topic, tp.partition) for tp in batches} | {
+            (u.topic, u.partition) for u in unreadable
+        }
+        epochs = {key: self.tracker.epoch(key) for key in keys}
         values = [getattr(m, "value", None) for ms in batches.values() for m in ms]
         if not await schemas.prefetch(values, self._stop):
-            return {}
-        return {
-            tp: ms
-            for tp, ms in batches.items()
-            if self.tracker.epoch((tp.topic, tp.partition)) == epochs[tp]
-        }
+            return None
+        moved = {key for key in keys if self.tracker.epoch(key) != epochs[key]}
+        return (
+            {tp: ms for tp, ms in batches.items() if (tp.topic, tp.partition) not in moved},
+            [u for u in unreadable if (u.topic, u.partition) not in moved],
+        )
 
     def _decode(
         self,
@@ -387,6 +404,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         epoch = self.tracker.epoch(key)
         if epoch is None or key in self._revoking:
             return  # not (or no longer) ours; whoever owns it now reads it again
+        tracing = self.tracing
         for msg in messages:
             record = Record.of(tp.topic, tp.partition, msg)
             if not self.tracker.track(key, record.offset):
@@ -401,6 +419,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 result.epoch = epoch
                 changes.append(result)
+            if tracing is not None and not isinstance(result, Ignored):
+                span = tracing.received(tp.topic, tp.partition, record.offset, record.headers)
+                if isinstance(result, DeadLetter):
+                    result._trace = span
+                else:
+                    result.trace = span
 
     async def _skipped(self, settled: list[Item]) -> None:
         """Offsets that hold no record for this worker: transaction markers, and records of
@@ -496,8 +520,13 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             self.fatal = exc
 
     async def _embed_batch(self, batch: list[Change]) -> None:
+        tracing = self.tracing
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if tracing is not None:
+            span = tracing.embedding([c.trace for c in batch], self.embedder.model)
         try:
-            outcome = await self.stage.run(batch)
+            with span:
+                outcome = await self.stage.run(batch)
         except ConfigurationFault as exc:
             log.error("provider configuration fault; stopping", error=exc.message, code=exc.code)
             self.fatal = exc
@@ -525,6 +554,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 id=change.id,
                 budget=self.limits.dead_letter_bytes,
             )
+            letter._trace = change.trace
             letters.append((change.record.key, letter))
             settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
             self._release([change])
@@ -588,19 +618,23 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 history=self.analysis.history(),
                 forgetting=self.analysis.forgetting(),
             )
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if self.tracing is not None:
+            span = self.tracing.transaction([c.trace for c in changes])
         began = time.monotonic()
-        result = await self._pg(
-            "write",
-            lambda conn: store.write(
-                conn,
-                changes,
-                offsets,
-                s.kafka.group_id,
-                model,
-                self.embedder.dimension,
-                within=within,
-            ),
-        )
+        with span:
+            result = await self._pg(
+                "write",
+                lambda conn: store.write(
+                    conn,
+                    changes,
+                    offsets,
+                    s.kafka.group_id,
+                    model,
+                    self.embedder.dimension,
+                    within=within,
+                ),
+            )
         self.metrics.write_seconds.observe(time.monotonic() - began)
         now = datetime.now(UTC)
         for change in changes:

@@ -21,9 +21,13 @@ MAX_KEY_BYTES = 4096
 
 
 async def publish(
-    producer: AIOKafkaProducer, topic: str, records: Sequence[tuple[bytes | None, bytes]]
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Sequence[tuple[bytes | None, bytes]],
+    headers: Sequence[list[tuple[str, bytes]]] | None = None,
 ) -> None:
-    """Send ``(key, value)`` pairs to ``topic``; returns when all are acknowledged."""
+    """Send ``(key, value)`` pairs to ``topic`` (with ``headers[i]`` for the i-th, if given:
+    worker.tracing's); returns when all are acknowledged."""
     if not records:
         return
     attempt = 0
@@ -31,9 +35,12 @@ async def publish(
         try:
             futures = [
                 await producer.send(
-                    topic, key=None if key is None else key[:MAX_KEY_BYTES], value=value
+                    topic,
+                    key=None if key is None else key[:MAX_KEY_BYTES],
+                    value=value,
+                    headers=None if headers is None else headers[i],
                 )
-                for key, value in records
+                for i, (key, value) in enumerate(records)
             ]
             await asyncio.gather(*futures)
             return

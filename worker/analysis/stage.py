@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -26,6 +26,9 @@ from worker.config import AnalysisSettings
 from worker.decode import Change
 from worker.publish import publish
 from worker.store import Conn
+
+if TYPE_CHECKING:
+    from worker.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -112,6 +115,7 @@ class AnalysisStage:
         self.stats = AnalysisStats()
         # Per namespace, the decision version its label set was built with (worker.analysis.learn).
         self.decision_versions: dict[str, int] = {}
+        self.tracing: Tracing | None = None
 
     async def prepare(self, pg: RunPg, embed: Embed) -> None:
         """Embed and store the label texts (once; later starts find them stored)."""
@@ -128,6 +132,25 @@ class AnalysisStage:
                 self.labels[namespace] = synced.labels
             if synced.focus is not None:
                 self.focus[namespace] = synced.focus
+
+    async def _publish(
+        self,
+        topic: str,
+        results: Sequence[ClassificationResult | AnomalyResult | IncidentResult],
+        changes: Sequence[Change],
+    ) -> None:
+        """With tracing on, a result carries its event's span (an incident, the produce's)."""
+        records = [(r.key.encode(), r.model_dump_json().encode()) for r in results]
+        if self.tracing is None or not records:
+            await publish(self.producer, topic, records)
+            return
+        by_source = {(c.partition, c.offset): c.trace for c in changes}
+        events = [
+            None if isinstance(r, IncidentResult) else by_source.get(_position(r)) for r in results
+        ]
+        with self.tracing.producing(topic, events):
+            headers = [self.tracing.headers(e) for e in events]
+            await publish(self.producer, topic, records, headers)
 
     def history(self) -> dict[str, int]:
         return {n: ns.history for n, ns in self.namespaces.items()}
@@ -167,19 +190,15 @@ class AnalysisStage:
             *(a for a in out.anomalies if a.namespace in emit_all),
             *out.incident_results,
         ]
-        await publish(
-            self.producer,
-            self.settings.classifications_topic,
-            [(r.key.encode(), r.model_dump_json().encode()) for r in out.classifications],
-        )
-        await publish(
-            self.producer,
-            self.settings.anomalies_topic,
-            [(r.key.encode(), r.model_dump_json().encode()) for r in messages],
-        )
+        await self._publish(self.settings.classifications_topic, out.classifications, changes)
+        await self._publish(self.settings.anomalies_topic, messages, changes)
         for r in out.classifications:
             self.stats.classified[r.action.value] += 1
         self.stats.scored += len(out.anomalies)
         self.stats.anomalies += sum(a.anomaly for a in out.anomalies)
         self.stats.incidents += sum(m.status == "open" for m in out.incident_results)
         return out
+
+
+def _position(result: ClassificationResult | AnomalyResult) -> tuple[int, int]:
+    return result.source.partition, result.source.offset
