@@ -374,3 +374,38 @@ async def test_a_worker_waits_for_a_registry_that_is_down(
     finally:
         await conn.close()
     assert count == 5
+
+
+async def test_a_worker_stores_protobuf_events(
+    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
+) -> None:
+    await migrate_db(env, 64)
+    id = registry.register("syntax = ...", "PROTOBUF", article_proto().SerializeToString())
+    Article, _, _ = proto_classes()
+    bad_indexes = framed(id, b"\x02\x0a" + Article(uid=3, body="x").SerializeToString())
+    high = await env.produce_raw(
+        [
+            (b"1", framed(id, b"\x00" + Article(uid=1, body="Rates rise").SerializeToString())),
+            (b"3", bad_indexes),
+            (b"2", framed(id, b"\x00" + Article(uid=2, body="Calm").SerializeToString())),
+        ]
+    )
+    settings = env.settings(
+        dashscope(fake_api, 64),
+        input={
+            "format": "protobuf",
+            "fields": {"id": "uid", "text": "body"},
+            "registry_url": registry.url,
+        },
+    )
+    async with running(settings):
+        await env.wait_for_offsets(high)
+        [dead] = await env.dead_letters(1)
+    conn = await env.connect()
+    try:
+        rows = await conn.fetch("SELECT id, content FROM embeddings ORDER BY id")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("1", "Rates rise"), ("2", "Calm")]
+    assert dead["reason"] == "schema_mismatch" and "name no message" in dead["message"]
+    assert base64.b64decode(dead["value_b64"]) == bad_indexes
