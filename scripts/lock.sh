@@ -8,10 +8,11 @@
 #
 # Files (all with sha256 hashes of every wheel/sdist of the pinned version, so they install on
 # amd64 and arm64 alike; pip installs them with --require-hashes):
-#   requirements/image.txt      runtime dependencies + the [local] and [tracing] extras (the
-#                               default image)
-#   requirements/image-api.txt  runtime dependencies + [tracing] (WITH_LOCAL_MODEL=0), pinned to
-#                               the same versions as image.txt (resolved with it as constraint)
+#   requirements/image.txt      runtime dependencies + the [local], [tracing] and [registry]
+#                               extras (the default image)
+#   requirements/image-api.txt  runtime dependencies + [tracing] and [registry]
+#                               (WITH_LOCAL_MODEL=0), pinned to the same versions as image.txt
+#                               (resolved with it as constraint)
 #   requirements/build.txt      the build backend (pyproject's [build-system] requires), used to
 #                               build the project's own wheel without an unpinned download
 #
@@ -57,10 +58,10 @@ write_locks() {  # write_locks DIR [extra uv args...]
     local dir="$1"
     shift
     mkdir -p "$dir"
-    compile "$dir/image.txt" "$@" pyproject.toml --extra local --extra tracing
+    compile "$dir/image.txt" "$@" pyproject.toml --extra local --extra tracing --extra registry
     # Same versions as the default image, minus the [local] extra and what only it needs.
     # (The constraint is passed by its path in the repository so the file's comments are stable.)
-    compile "$dir/image-api.txt" "$@" pyproject.toml --extra tracing -c "$dir/image.txt"
+    compile "$dir/image-api.txt" "$@" pyproject.toml --extra tracing --extra registry -c "$dir/image.txt"
     sed -i "s|-c $dir/image.txt|-c requirements/image.txt|" "$dir/image-api.txt"
     build_requires >"$dir/.build.in"
     compile "$dir/build.txt" "$@" "$dir/.build.in"

@@ -8,6 +8,7 @@ provider's conventional ``DASHSCOPE_API_KEY``. A file named by ``EMBEDDING_WORKE
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -455,6 +456,18 @@ class InputFormat(StrEnum):
     NATIVE = "native"  # the README's event contract
     CLOUDEVENTS = "cloudevents"  # structured (JSON) or binary (`ce_` headers) mode
     DEBEZIUM = "debezium"  # change events of the JSON converter, with or without schemas
+    # The Confluent wire format (magic byte, schema id), schemas from input.registry_url.
+    AVRO = "avro"
+    JSONSCHEMA = "jsonschema"
+    PROTOBUF = "protobuf"
+
+
+# What each schema-registry format needs installed (the `registry` extra).
+REGISTRY_FORMATS = {
+    InputFormat.AVRO: "fastavro",
+    InputFormat.JSONSCHEMA: "jsonschema",
+    InputFormat.PROTOBUF: "google.protobuf",
+}
 
 
 class FieldMap(BaseModel):
@@ -488,6 +501,29 @@ class InputSettings(BaseModel):
 
     format: InputFormat = InputFormat.NATIVE
     fields: FieldMap = FieldMap()
+    # A registry speaking the Confluent REST API (avro, jsonschema and protobuf formats).
+    registry_url: str | None = None
+    registry_user: str | None = None
+    registry_password: SecretStr | None = None
+    registry_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _registry(self) -> InputSettings:
+        module = REGISTRY_FORMATS.get(self.format)
+        if module is None:
+            return self
+        if not self.registry_url:
+            raise ValueError(f"input.format {self.format.value!r} needs input.registry_url")
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # `google` itself, for google.protobuf
+            found = False
+        if not found:
+            raise ValueError(
+                f"input.format {self.format.value!r} needs the `registry` extra "
+                "(pip install 'embedding-worker[registry]')"
+            )
+        return self
 
 
 class Settings(BaseSettings):

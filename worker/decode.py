@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import ValidationError
 
-from worker.config import InputFormat, InputSettings, OversizePolicy, Settings
+from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
 from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, envelope_budget
 from worker.events import (
     ID_MAX_CHARS,
@@ -27,6 +27,7 @@ from worker.events import (
 )
 from worker.formats import Ignored, is_native, to_event, tombstone
 from worker.jsonvalue import Rejected, check_strings, describe, json_object
+from worker.registry import Schemas, jsonable
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 NAMESPACE_HEADER = "namespace"
@@ -115,6 +116,8 @@ class Limits:
     dead_letter_bytes: int = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
     # The input topic's shape (worker.formats): the native contract unless configured.
     input: InputSettings = field(default_factory=InputSettings)
+    # The schemas of a schema-registry format (the pipeline fetches them before decoding).
+    schemas: Schemas | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -127,6 +130,7 @@ class Limits:
             max_clock_skew_s=settings.max_clock_skew_s,
             dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
             input=settings.input,
+            schemas=Schemas(settings.input) if settings.input.format in REGISTRY_FORMATS else None,
         )
 
 
@@ -229,9 +233,14 @@ def _decode(record: Record, limits: Limits) -> Change | Ignored:
     native = is_native(limits.input)
     if record.value is None:
         return (None if native else tombstone(limits.input)) or _tombstone(record, key, limits)
-    data = json_object(record.value, "the value")
+    if limits.schemas is None:
+        data = json_object(record.value, "the value")
+    else:
+        data = limits.schemas.decode(record.value)
     if not native:
         data = to_event(limits.input, data, record.headers)
+        if limits.schemas is not None:  # Avro's dates, decimals and bytes are not JSON
+            data["metadata"] = jsonable(data["metadata"])
         # The key is the producer's partition key (Debezium: the row's primary key; the
         # CloudEvents binding: `partitionkey`), not necessarily the content id.
         key = None if limits.input.format is not InputFormat.NATIVE else key

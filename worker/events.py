@@ -81,6 +81,8 @@ class Reason(StrEnum):
     PROVIDER_REJECTED = "provider_rejected"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
     UNREADABLE_RECORD = "unreadable_record"
+    # Schema-registry formats: not the wire format, or bytes that do not fit their schema.
+    SCHEMA_MISMATCH = "schema_mismatch"
     # Moderation decisions (worker/analysis/decisions.py).
     UNKNOWN_ID = "unknown_id"
     NO_CONTENT = "no_content"

@@ -207,6 +207,11 @@ class PipelineCollector(Collector):
             float(p.stage.fault is not None),
         )
         yield gauge("postgres_up", "0 while Postgres is unreachable.", float(not p.postgres_down))
+        yield gauge(
+            "schema_registry_up",
+            "0 while the schema registry cannot give a schema a fetch needs.",
+            float(p.limits.schemas is None or not p.limits.schemas.waiting),
+        )
         yield gauge("ready", "1 when the readiness probe passes.", float(p.ready))
         lag = GaugeMetricFamily(
             f"{PREFIX}_consumer_lag",

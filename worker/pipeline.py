@@ -37,6 +37,7 @@ from worker.events import DeadLetter, Reason
 from worker.formats import Ignored
 from worker.metrics import Metrics
 from worker.offsets import TP, OffsetTracker
+from worker.registry import Schemas
 from worker.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
 
 if TYPE_CHECKING:
@@ -144,7 +145,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             "polling": time.monotonic() - self.last_poll < self.STUCK_AFTER_S,
             "postgres": not self.postgres_down,
             "provider_credentials": self.stage.fault is None,
-        }
+        } | (
+            {}
+            if self.limits.schemas is None
+            else {"schema_registry": not self.limits.schemas.waiting}
+        )
 
     @property
     def ready(self) -> bool:
@@ -350,6 +355,11 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         changes: list[Change] = []
         letters: list[tuple[bytes | None, DeadLetter]] = []
         settled: list[Item] = []
+        if self.limits.schemas is not None:
+            kept = await self._with_schemas(self.limits.schemas, batches, unreadable)
+            if kept is None:
+                return  # stopping: nothing of this fetch was tracked, it is read again
+            batches, unreadable = kept
         for tp, messages in batches.items():
             self._decode(tp, messages, changes, letters, settled)
         for record in unreadable:  # tracked after the records read before it
@@ -358,6 +368,29 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._dead_letter(letters)
         self._enqueue(settled)
         await self._route(changes)
+
+    async def _with_schemas(
+        self,
+        schemas: Schemas,
+        batches: dict[TopicPartition, list[object]],
+        unreadable: Sequence[Unreadable],
+    ) -> tuple[dict[TopicPartition, list[object]], Sequence[Unreadable]] | None:
+        """Fetch the schemas a fetch names before it is decoded (decoding reads memory),
+        waiting out a registry that cannot give them: nothing of the fetch is tracked
+        meanwhile, so nothing moves. A partition assigned again meanwhile keeps nothing of
+        the fetch (its new start is read again); None on a stop: nothing is kept."""
+        keys = {(tp.topic, tp.partition) for tp in batches} | {
+            (u.topic, u.partition) for u in unreadable
+        }
+        epochs = {key: self.tracker.epoch(key) for key in keys}
+        values = [getattr(m, "value", None) for ms in batches.values() for m in ms]
+        if not await schemas.prefetch(values, self._stop):
+            return None
+        moved = {key for key in keys if self.tracker.epoch(key) != epochs[key]}
+        return (
+            {tp: ms for tp, ms in batches.items() if (tp.topic, tp.partition) not in moved},
+            [u for u in unreadable if (u.topic, u.partition) not in moved],
+        )
 
     def _decode(
         self,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from worker.config import KafkaSettings, Settings
+from worker.config import ConfigError, KafkaSettings, Settings
 from worker.decode import Change, Limits, Record, decode
 from worker.events import DeadLetter
 from worker.kafka import make_producer, started
@@ -70,8 +70,13 @@ class CheckedFile:
 
 def check_file(path: Path, settings: Settings) -> CheckedFile:
     """Each non-blank line through `decode` with the limits of `settings`; raises OSError
-    when the file cannot be read."""
+    when the file cannot be read, ConfigError under a schema-registry format."""
     limits = Limits.of(settings)
+    if limits.schemas is not None:
+        raise ConfigError(
+            f"produce writes JSON lines; input.format {settings.input.format.value} reads the "
+            "schema-registry wire format (produce those records with a Confluent serializer)"
+        )
     values: list[bytes] = []
     invalid: list[Invalid] = []
     keys: list[bytes | None] = []

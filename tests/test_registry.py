@@ -1,0 +1,411 @@
+"""Schema-registry formats: Avro and JSON Schema in the Confluent wire format, schemas from a
+registry on loopback (tests/schema_registry.py); a registry that cannot answer is waited
+for, bytes that do not fit their schema are dead letters (`schema_mismatch`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import json
+import struct
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+from prometheus_client import generate_latest
+
+from fakeapi import FakeEmbeddingServer
+from tests.conftest import Env, dashscope, migrate_db, running, wait_until
+from tests.schema_registry import SchemaRegistry
+from worker.config import ConfigError, FieldMap, InputFormat, InputSettings, load_settings
+from worker.decode import Change, Limits, Record, decode
+from worker.events import DeadLetter, Reason
+from worker.formats import Ignored
+from worker.produce import check_file
+from worker.registry import Schemas, schema_id
+
+TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
+ARTICLE = {
+    "type": "record",
+    "name": "Article",
+    "fields": [
+        {"name": "uid", "type": "long"},
+        {"name": "body", "type": "string"},
+        {"name": "updated", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "thumbnail", "type": ["null", "bytes"], "default": None},
+    ],
+}
+FIELDS: dict[str, Any] = {
+    "id": "uid",
+    "text": "body",
+    "timestamp": "updated",
+    "metadata_fields": ["thumbnail"],
+}
+ARTICLE_JSON = {
+    "type": "object",
+    "properties": {"id": {"type": "string"}, "text": {"type": "string", "minLength": 1}},
+    "required": ["id", "text"],
+}
+UPDATED = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[SchemaRegistry]:
+    server = SchemaRegistry()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def framed(schema_id: int, payload: bytes) -> bytes:
+    return struct.pack(">bI", 0, schema_id) + payload
+
+
+def avro(schema_id: int, **row: Any) -> bytes:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(ARTICLE), row)
+    return framed(schema_id, out.getvalue())
+
+
+def article(uid: int, body: str, thumbnail: bytes | None = None) -> dict[str, Any]:
+    return {"uid": uid, "body": body, "updated": UPDATED, "thumbnail": thumbnail}
+
+
+def input_settings(registry: SchemaRegistry, fmt: str = "avro", **fields: Any) -> InputSettings:
+    return InputSettings(
+        format=InputFormat(fmt),
+        fields=FieldMap(**fields),
+        registry_url=registry.url,
+        registry_timeout_s=1,
+    )
+
+
+async def limits_for(settings: InputSettings, *values: bytes) -> Limits:
+    schemas = Schemas(settings)
+    assert await schemas.prefetch(values, asyncio.Event())
+    return Limits(
+        default_namespace="default",
+        max_tokens_per_text=8192,
+        oversize_policy=load_settings().oversize_policy,
+        max_metadata_bytes=64_000,
+        input=settings,
+        schemas=schemas,
+    )
+
+
+def record(value: bytes) -> Record:
+    return Record("t", 0, 5, None, value, TS_MS)
+
+
+def letter(result: Change | DeadLetter | Ignored) -> DeadLetter:
+    assert isinstance(result, DeadLetter), result
+    return result
+
+
+# ---- wire format and decoding ----------------------------------------------------------------
+
+
+def test_the_schema_id_is_read_from_the_wire_format() -> None:
+    assert schema_id(framed(258, b"x")) == 258
+    assert schema_id(b"\x01" + bytes(4)) is None  # another magic byte
+    assert schema_id(b"\x00\x00\x01") is None  # too short for an id
+    assert schema_id(b'{"id": "a"}') is None
+    assert schema_id(None) is None
+
+
+async def test_an_avro_record_goes_through_the_field_mapping(registry: SchemaRegistry) -> None:
+    """A timestamp-millis is the version time; bytes go into the metadata as base64."""
+    id = registry.register(json.dumps(ARTICLE))
+    value = avro(id, **article(42, "Rates rise", thumbnail=b"\x89PNG"))
+    limits = await limits_for(input_settings(registry, **FIELDS), value)
+    got = decode(record(value), limits)
+    assert isinstance(got, Change), got
+    assert (got.id, got.text, got.event_time) == ("42", "Rates rise", UPDATED)
+    assert json.loads(got.metadata_json) == {"thumbnail": base64.b64encode(b"\x89PNG").decode()}
+
+
+async def test_bytes_that_do_not_fit_the_schema_are_a_schema_mismatch(
+    registry: SchemaRegistry,
+) -> None:
+    id = registry.register(json.dumps(ARTICLE))
+    good = avro(id, **article(1, "text"))
+    limits = await limits_for(input_settings(registry, **FIELDS), good)
+    wrong_magic = b"\x01" + good[1:]
+    truncated = good[:-3]
+    trailing = good + b"\x00\x00"
+    for value, says in (
+        (wrong_magic, "wire format"),
+        (truncated, "does not fit"),
+        (trailing, "past the record"),
+        (b'{"uid": 1}', "wire format"),
+    ):
+        dead = letter(decode(record(value), limits))
+        assert dead.reason is Reason.SCHEMA_MISMATCH, dead
+        assert says in dead.message
+        assert dead.value_b64 == base64.b64encode(value).decode()  # kept for replay
+
+
+async def test_json_schema_payloads_are_validated(registry: SchemaRegistry) -> None:
+    id = registry.register(json.dumps(ARTICLE_JSON), "JSON")
+    valid = framed(id, json.dumps({"id": "a-1", "text": "hello"}).encode())
+    invalid = framed(id, json.dumps({"id": "a-2", "text": ""}).encode())
+    limits = await limits_for(input_settings(registry, "jsonschema"), valid)
+    got = decode(record(valid), limits)
+    assert isinstance(got, Change) and (got.id, got.text) == ("a-1", "hello")
+    dead = letter(decode(record(invalid), limits))
+    assert dead.reason is Reason.SCHEMA_MISMATCH and dead.message.startswith("text:")
+    # A schema of another type than the format reads refuses its records.
+    avro_id = registry.register(json.dumps(ARTICLE))
+    other = avro(avro_id, **article(1, "x"))
+    limits = await limits_for(input_settings(registry, "jsonschema"), other)
+    dead = letter(decode(record(other), limits))
+    assert dead.reason is Reason.SCHEMA_MISMATCH and "is AVRO" in dead.message
+
+
+async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRegistry) -> None:
+    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for the id, a
+    registry down, one slower than the timeout and a 503, until the schema comes."""
+    id = registry.register(json.dumps(ARTICLE))
+    registry.hidden.add(id)
+    schemas = Schemas(input_settings(registry))  # registry_timeout_s=1
+    value = avro(id, **article(1, "x"))
+    stop = asyncio.Event()
+    fetching = asyncio.create_task(schemas.prefetch([value], stop))
+
+    async def retried() -> None:
+        seen = registry.requests
+        await wait_until(lambda: _true(registry.requests >= seen + 2), 30, "no retry")
+        assert schemas.waiting and not fetching.done()
+
+    await retried()  # 404
+    registry.hidden.clear()
+    registry.delay_s = 1.5
+    await retried()  # timeouts
+    registry.delay_s = 0
+    registry.failing = 503
+    await retried()
+    registry.failing = None
+    await registry.stop()  # down: connections refused
+    await asyncio.sleep(0.5)
+    assert schemas.waiting and not fetching.done()
+    await registry.start()
+    assert await asyncio.wait_for(fetching, 30)
+    assert not schemas.waiting and schemas.missing([value]) == set()
+    # Cached forever: no request for a known id.
+    requests = registry.requests
+    assert await schemas.prefetch([value], stop) and registry.requests == requests
+    # A stop while waiting gives up: nothing of that fetch may be decoded.
+    registry.failing = 503
+    stop.set()
+    assert not await schemas.prefetch([framed(99, b"")], stop)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def article_proto() -> descriptor_pb2.FileDescriptorProto:
+    """shop.Article {uid, body, updated: Timestamp, Tag {name}} and shop.Other, as a
+    producer's .proto compiles to."""
+    f = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="article.proto",
+        package="shop",
+        syntax="proto3",
+        dependency=["google/protobuf/timestamp.proto"],
+    )
+    message = file.message_type.add(name="Article")
+    message.field.add(name="uid", number=1, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    message.field.add(name="body", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    message.field.add(
+        name="updated",
+        number=3,
+        type=f.TYPE_MESSAGE,
+        type_name=".google.protobuf.Timestamp",
+        label=f.LABEL_OPTIONAL,
+    )
+    tag = message.nested_type.add(name="Tag")
+    tag.field.add(name="name", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    other = file.message_type.add(name="Other")
+    other.field.add(name="id", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    other.field.add(name="text", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    return file
+
+
+def proto_classes() -> tuple[Any, Any, Any]:
+    """Article, Article.Tag and Other, the producer's classes."""
+    pool = descriptor_pool.DescriptorPool()
+    timestamp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
+    pool.Add(timestamp)
+    pool.Add(article_proto())
+    get = message_factory.GetMessageClass
+    return (
+        get(pool.FindMessageTypeByName("shop.Article")),
+        get(pool.FindMessageTypeByName("shop.Article.Tag")),
+        get(pool.FindMessageTypeByName("shop.Other")),
+    )
+
+
+async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegistry) -> None:
+    proto = article_proto()
+    id = registry.register("syntax = ...", "PROTOBUF", proto.SerializeToString())
+    Article, Tag, Other = proto_classes()
+    first = Article(uid=42, body="Rates rise")
+    first.updated.FromDatetime(UPDATED)
+    values = {
+        "first": framed(id, b"\x00" + first.SerializeToString()),  # [0], written as one 0
+        "second": framed(id, b"\x02\x02" + Other(id="o-1", text="other").SerializeToString()),
+        "nested": framed(id, b"\x04\x00\x00" + Tag(name="x").SerializeToString()),  # [0, 0]
+        "no index": framed(id, b"\x02\x0a"),  # [5]: no such message
+        "cut": framed(id, b"\x00" + first.SerializeToString()[:-3]),
+    }
+    settings = input_settings(registry, "protobuf", id="uid", text="body", timestamp="updated")
+    limits = await limits_for(settings, *values.values())
+    got = decode(record(values["first"]), limits)
+    assert isinstance(got, Change), got
+    assert (got.id, got.text, got.event_time) == ("42", "Rates rise", UPDATED)
+    other = await limits_for(input_settings(registry, "protobuf"), values["second"])
+    got = decode(record(values["second"]), other)
+    assert isinstance(got, Change) and (got.id, got.text) == ("o-1", "other")
+    dead = letter(decode(record(values["nested"]), limits))  # a Tag has no uid
+    assert dead.reason is Reason.SCHEMA_VIOLATION and "uid" in dead.message
+    for name in ("no index", "cut"):
+        dead = letter(decode(record(values[name]), limits))
+        assert dead.reason is Reason.SCHEMA_MISMATCH, (name, dead)
+
+
+def test_a_registry_format_needs_a_registry_url_and_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigError, match=r"needs input\.registry_url"):
+        load_settings(input={"format": "avro"})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "fastavro" else find_spec(name)
+    )
+    with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
+        load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+
+
+def test_produce_refuses_a_registry_format(tmp_path: Path) -> None:
+    """Its JSON lines are not in the wire format: each would be a `schema_mismatch`."""
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n')
+    settings = load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+    with pytest.raises(ConfigError, match="Confluent serializer"):
+        check_file(path, settings)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+
+async def test_a_worker_stores_avro_events_and_dead_letters_corrupt_ones(
+    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
+) -> None:
+    await migrate_db(env, 64)
+    id = registry.register(json.dumps(ARTICLE))
+    corrupt = avro(id, **article(3, "cut short"))[:-4]
+    high = await env.produce_raw(
+        [
+            (b"1", avro(id, **article(1, "Rates rise"))),
+            (b"3", corrupt),
+            (b"2", avro(id, **article(2, "Markets calm", thumbnail=b"\x00\x01"))),
+        ]
+    )
+    settings = env.settings(
+        dashscope(fake_api, 64),
+        input={"format": "avro", "fields": FIELDS, "registry_url": registry.url},
+    )
+    async with running(settings):
+        await env.wait_for_offsets(high)
+        [dead] = await env.dead_letters(1)
+    conn = await env.connect()
+    try:
+        rows = await conn.fetch("SELECT id, content, metadata FROM embeddings ORDER BY id")
+    finally:
+        await conn.close()
+    assert [(r["id"], r["content"]) for r in rows] == [("1", "Rates rise"), ("2", "Markets calm")]
+    assert json.loads(rows[1]["metadata"]) == {"thumbnail": "AAE="}
+    assert dead["reason"] == "schema_mismatch"
+    assert base64.b64decode(dead["value_b64"]) == corrupt
+
+
+async def test_a_worker_waits_for_a_registry_that_is_down(
+    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
+) -> None:
+    """Nothing is stored, committed or dead-lettered while the registry is down; the worker
+    says it is not ready; once the registry is up, every event is stored."""
+    await migrate_db(env, 64)
+    id = registry.register(json.dumps(ARTICLE))
+    await registry.stop()
+    high = await env.produce_raw(
+        [(str(i).encode(), avro(id, **article(i, f"article {i}"))) for i in range(5)]
+    )
+    settings = env.settings(
+        dashscope(fake_api, 64),
+        input={"format": "avro", "fields": FIELDS, "registry_url": registry.url},
+    )
+    async with running(settings) as worker:
+
+        async def waiting() -> bool:
+            return worker.checks().get("schema_registry") is False
+
+        await wait_until(waiting, 30, "the worker did not report the registry")
+        metrics = generate_latest(worker.metrics.registry).decode()
+        assert "embedding_worker_schema_registry_up 0.0" in metrics
+        assert await env.stored_offsets() == {}
+        await registry.start()
+        await env.wait_for_offsets(high)
+        assert worker.checks()["schema_registry"] is True
+        assert worker.pipeline is not None and not worker.pipeline.stats.dead_lettered
+    assert await env.dead_letters(0, seconds=2) == []
+    conn = await env.connect()
+    try:
+        count = await conn.fetchval("SELECT count(*) FROM embeddings")
+    finally:
+        await conn.close()
+    assert count == 5
+
+
+async def test_a_worker_stores_protobuf_events(
+    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
+) -> None:
+    await migrate_db(env, 64)
+    id = registry.register("syntax = ...", "PROTOBUF", article_proto().SerializeToString())
+    Article, _, _ = proto_classes()
+    bad_indexes = framed(id, b"\x02\x0a" + Article(uid=3, body="x").SerializeToString())
+    high = await env.produce_raw(
+        [
+            (b"1", framed(id, b"\x00" + Article(uid=1, body="Rates rise").SerializeToString())),
+            (b"3", bad_indexes),
+            (b"2", framed(id, b"\x00" + Article(uid=2, body="Calm").SerializeToString())),
+        ]
+    )
+    settings = env.settings(
+        dashscope(fake_api, 64),
+        input={
+            "format": "protobuf",
+            "fields": {"id": "uid", "text": "body"},
+            "registry_url": registry.url,
+        },
+    )
+    async with running(settings):
+        await env.wait_for_offsets(high)
+        [dead] = await env.dead_letters(1)
+    conn = await env.connect()
+    try:
+        rows = await conn.fetch("SELECT id, content FROM embeddings ORDER BY id")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("1", "Rates rise"), ("2", "Calm")]
+    assert dead["reason"] == "schema_mismatch" and "name no message" in dead["message"]
+    assert base64.b64decode(dead["value_b64"]) == bad_indexes
