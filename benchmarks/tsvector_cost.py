@@ -90,7 +90,7 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                 try:
                     await migrate(conn, DIMENSION)
                     if name == "with":
-                        await index.build(conn, index.LEXICAL_NAME, index.LEXICAL_STATEMENT)
+                        await index.create_lexical(conn)
                     await register_vector(conn)
                     new = await write_pass(conn, changes(rows, vectors, 0, ""))
                     changed = await write_pass(

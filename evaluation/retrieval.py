@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
                 await register_vector(conn)
                 fill_s = await fill(conn, kept, documents)
                 if args.lexical_index:
-                    await index.build(conn, index.LEXICAL_NAME, index.LEXICAL_STATEMENT)
+                    await index.create_lexical(conn)
                 await conn.execute("ANALYZE embeddings")
                 for mode in args.mode:
                     if mode is Mode.DENSE and config != args.config[0]:

@@ -19,7 +19,7 @@ from worker import index
 from worker.embedders import create_embedder
 from worker.embedders.base import Embedder
 from worker.migrate import MigrationError, default_directory, migrate
-from worker.search import LEXICAL, Hit, Mode, has_words, lexical, rrf, search
+from worker.search import Hit, Mode, has_words, lexical, lexical_sql, rrf, search
 
 # --- reciprocal rank fusion ----------------------------------------------------------------
 
@@ -264,26 +264,42 @@ async def test_a_configuration_name_is_never_pasted_as_sql(env: Env) -> None:
 async def test_the_lexical_index_is_used_by_the_same_query_and_changes_no_answer(
     catalogue: Env,
 ) -> None:
-    """Without it the words are computed per scanned row; `index create --lexical` builds
-    the GIN index that the unchanged query then uses, and `index drop --lexical` removes it."""
+    """Without it the words are computed per scanned row; `index create --lexical` stores them
+    in a column with a GIN index that lexical search then uses, and `index drop --lexical`
+    removes both; the answers never change."""
     base = ("search", QUERY, "--namespace", "shop", "--mode", "lexical", "-k", "10")
     before = await _json_lines(catalogue, *base)
     code, out, err = await cli("index", "status", "--lexical", **_env(catalogue))
     assert (code, out.strip()) == (0, f"no index {index.LEXICAL_NAME}: lexical search scans"), err
 
     code, out, err = await cli("index", "create", "--lexical", **_env(catalogue))
-    assert code == 0 and "embeddings_lexical(content)" in out and "valid" in out, err
+    assert code == 0 and index.LEXICAL_COLUMN in out and "valid" in out, err
     conn = await catalogue.connect()
     try:
+        assert await index.has_lexical_column(conn)
+        sql = await lexical_sql(conn)
+        assert f"ts_rank({index.LEXICAL_COLUMN}, q, 1)" in sql  # ranks the stored words
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_seqscan = off")  # 11 rows: force the choice
             # Every namespace: with one, the primary key (namespace, id) competes.
-            plan = await conn.fetch(f"EXPLAIN {LEXICAL}", QUERY, None, None, None, 10)
+            plan = await conn.fetch(f"EXPLAIN {sql}", QUERY, None, None, None, 10)
     finally:
         await conn.close()
     assert index.LEXICAL_NAME in "\n".join(r[0] for r in plan)
     assert await _json_lines(catalogue, *base) == before
-
+    # The worker keeps writing (both write paths name their columns); new rows have words.
+    spare = {"id": "hp-9", "text": f"Spare ear cushions for {SKU}", "namespace": "shop"}
+    high = await catalogue.produce([spare])
+    async with running(catalogue.settings()):
+        await catalogue.wait_for_offsets(high)
+    assert "hp-9" in {h["id"] for h in await _json_lines(catalogue, *base)}
     code, out, err = await cli("index", "drop", "--lexical", **_env(catalogue))
-    assert (code, out.strip()) == (0, f"dropped {index.LEXICAL_NAME}"), err
-    assert await _json_lines(catalogue, *base) == before
+    assert (code, out.strip()) == (
+        0,
+        f"dropped {index.LEXICAL_NAME} and {index.LEXICAL_COLUMN}",
+    ), err
+    conn = await catalogue.connect()
+    try:
+        assert not await index.has_lexical_column(conn)
+    finally:
+        await conn.close()

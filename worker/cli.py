@@ -590,15 +590,16 @@ async def _lexical_index(conn: asyncpg.Connection, args: argparse.Namespace) -> 
     name = index.LEXICAL_NAME
     if args.action == "create":
         await text_config(conn)  # SchemaError before migration 0006: exit 3, named
+        print(f"adding the stored words: {index.ADD_LEXICAL_COLUMN}")
         print(f"building: {index.LEXICAL_STATEMENT}")
-        built, new = await index.build(
-            conn, name, index.LEXICAL_STATEMENT, args.maintenance_work_mem
-        )
+        built, new = await index.create_lexical(conn, args.maintenance_work_mem)
         if not new:
             print("a valid lexical index exists already")
         print(_describe(built))
     elif args.action == "drop":
-        print(f"dropped {name}" if await index.drop(conn, name) else "no lexical index to drop")
+        dropped = await index.drop_lexical(conn)
+        done = f"dropped {name} and {index.LEXICAL_COLUMN}"
+        print(done if dropped else "no lexical index to drop")
     else:
         current = await index.state(conn, name)
         print(_describe(current) if current else f"no index {name}: lexical search scans")

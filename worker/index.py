@@ -8,8 +8,9 @@ It is built CONCURRENTLY, so workers keep writing meanwhile; a build that was in
 leaves an invalid index behind, which ``status`` reports and ``create`` replaces. pgvector's
 HNSW indexes ``vector`` up to 2,000 dimensions: above that (text-embedding-v4 at 2,048) the
 index is on the ``halfvec`` cast, and search orders by that same expression to use it.
-The lexical index (docs/retrieval.md) is on ``embeddings_lexical(content)`` (migration 0006),
-the expression lexical search matches, so the same queries use it once it is there.
+The lexical option (docs/retrieval.md) stores each row's words, ``embeddings_lexical(content)``
+of migration 0006, in a generated column with a GIN index; lexical search reads the column
+when it exists (fast matching and ranking) and computes the words per scanned row otherwise.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from worker.config import ConfigError
 from worker.store import Conn
 
 NAME = "embeddings_embedding_hnsw"
-LEXICAL_NAME = "embeddings_content_lexical"
+# The lexical side's stored words and their GIN index (``create_lexical``).
+LEXICAL_COLUMN = "content_tsv"
+LEXICAL_NAME = "embeddings_content_tsv"
+ADD_LEXICAL_COLUMN = (
+    f"ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS {LEXICAL_COLUMN} tsvector "
+    "GENERATED ALWAYS AS (embeddings_lexical(content)) STORED"
+)
 LEXICAL_STATEMENT = (
-    f"CREATE INDEX CONCURRENTLY {LEXICAL_NAME} ON embeddings "
-    "USING gin (embeddings_lexical(content))"
+    f"CREATE INDEX CONCURRENTLY {LEXICAL_NAME} ON embeddings USING gin ({LEXICAL_COLUMN})"
 )
 MAX_VECTOR_DIMENSIONS = 2000
 MAX_HALFVEC_DIMENSIONS = 4000
@@ -160,3 +166,27 @@ async def search_order(conn: Conn, dimension: int, k: int) -> str:
     if "halfvec" in row["definition"]:
         return f"embedding::halfvec({dimension}) <=> $1::halfvec({dimension})"
     return "embedding <=> $1"
+
+
+async def has_lexical_column(conn: Conn) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'embeddings'::regclass "
+            "AND attname = $1 AND NOT attisdropped)",
+            LEXICAL_COLUMN,
+        )
+    )
+
+
+async def create_lexical(conn: Conn, maintenance_work_mem: str | None = None) -> tuple[Index, bool]:
+    """The stored words (adding the column rewrites the table once, under a lock that holds
+    writers back meanwhile) and their GIN index (CONCURRENTLY)."""
+    await conn.execute(ADD_LEXICAL_COLUMN)
+    return await build(conn, LEXICAL_NAME, LEXICAL_STATEMENT, maintenance_work_mem)
+
+
+async def drop_lexical(conn: Conn) -> bool:
+    """The index, then the column (dropping a column does not rewrite the table)."""
+    existed = await drop(conn, LEXICAL_NAME) or await has_lexical_column(conn)
+    await conn.execute(f"ALTER TABLE embeddings DROP COLUMN IF EXISTS {LEXICAL_COLUMN}")
+    return existed

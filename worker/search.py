@@ -97,18 +97,24 @@ def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None
 
 # Any of the query's words, by ts_rank normalised by the log of the row's length (normalisation
 # 1: on AG News it found the known item far more often than ts_rank_cd, docs/retrieval.md).
-# The functions come from migration 0006; `embeddings_lexical(content) @@ q` is what the
-# optional GIN index (`index create --lexical`) answers, else it is computed per scanned row.
+# {words} is the stored column of `index create --lexical` if there is one (its GIN index
+# answers `@@`), else the words computed per scanned row; the functions come from 0006.
 LEXICAL = """
-SELECT namespace, id, content, metadata, ts_rank(embeddings_lexical(content), q, 1) AS score
+SELECT namespace, id, content, metadata, ts_rank({words}, q, 1) AS score
 FROM embeddings, embeddings_lexical_query($1) AS q
-WHERE numnode(q) > 0 AND embeddings_lexical(content) @@ q
+WHERE numnode(q) > 0 AND {words} @@ q
   AND ($2::text IS NULL OR model = $2)
   AND ($3::text IS NULL OR namespace = $3)
   AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
 ORDER BY score DESC, namespace, id
 LIMIT $5
 """
+
+
+async def lexical_sql(conn: asyncpg.Connection) -> str:
+    """The lexical statement for this table (with or without the stored words)."""
+    stored = await index.has_lexical_column(conn)
+    return LEXICAL.format(words=index.LEXICAL_COLUMN if stored else "embeddings_lexical(content)")
 
 
 async def lexical(
@@ -119,9 +125,11 @@ async def lexical(
     metadata: dict[str, Any] | None = None,
     model: str | None = None,
 ) -> list[Hit]:
-    """Full-text search over the stored content (through the GIN index if there is one)."""
+    """Full-text search over the stored content (the stored words and their index if
+    ``index create --lexical`` made them)."""
+    sql = await lexical_sql(conn)
     rows = await conn.fetch(
-        LEXICAL, query, model, namespace, None if metadata is None else json.dumps(metadata), k
+        sql, query, model, namespace, None if metadata is None else json.dumps(metadata), k
     )
     return [
         Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
