@@ -6,7 +6,9 @@ clone elsewhere), at pinned commits, never copied into this repository:
 
 - corpus: ``data/scifact.zip`` of sumithra-p-v/claimverifier, whose ``corpus_train.csv`` is
   SciFact's corpus as the Hugging Face ``allenai/scifact`` release has it (doc_id, title,
-  the abstract as a list of sentences). BEIR's text is the sentences joined by spaces.
+  the abstract as a list of sentences), the sentences joined by spaces here. BEIR's own
+  corpus.jsonl (7.8 MB) is in no snapshot at hand (``fetch`` omits files of 4 MiB and
+  more), so the texts were not compared with it; every judged document is in this corpus.
 - queries: ``scifact/queries.jsonl`` of Kirloxious/CSI4107_Assignment2, in BEIR's format
   (its SHA-256 is the Git LFS object id of moorateeahtashil/Information-Retrieval's copy).
 - qrels: ``scifact/qrels/test.tsv`` of moorateeahtashil/Information-Retrieval, BEIR's test
