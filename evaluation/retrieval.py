@@ -87,27 +87,33 @@ class Cached(Embedder):
         return Embeddings(np.stack([self.vectors[t] for t in texts]).astype(np.float32))
 
 
-async def fill(conn: asyncpg.Connection, kept: list[Article], vectors: np.ndarray) -> float:
-    """Store the descriptions as rows (binary COPY, as the worker's direct path); seconds."""
+async def fill(
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[str, str]],
+    vectors: np.ndarray,
+    namespace: str = NAMESPACE,
+) -> float:
+    """Store (id, content) rows with their vectors in `namespace` (binary COPY, as the
+    worker's direct path); seconds."""
     now = datetime.now(UTC)
     began = time.perf_counter()
     await conn.copy_records_to_table(
         "embeddings",
         records=[
             (
-                NAMESPACE,
-                str(i),
+                namespace,
+                id,
                 np.asarray(vector, dtype=np.float32),
-                a.description,
-                hashlib.sha256(a.description.encode()).digest(),
+                content,
+                hashlib.sha256(content.encode()).digest(),
                 MODEL,
                 DIMENSION,
-                "ag_news",
+                namespace,
                 0,
                 i,
                 now,
             )
-            for i, (a, vector) in enumerate(zip(kept, vectors, strict=True))
+            for i, ((id, content), vector) in enumerate(zip(rows, vectors, strict=True))
         ],
         columns=(
             "namespace",
@@ -171,7 +177,9 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
             try:
                 await migrate(conn, DIMENSION, text_search_config=config)
                 await register_vector(conn)
-                fill_s = await fill(conn, kept, documents)
+                fill_s = await fill(
+                    conn, [(str(i), a.description) for i, a in enumerate(kept)], documents
+                )
                 if args.lexical_index:
                     await index.create_lexical(conn)
                 await conn.execute("ANALYZE embeddings")

@@ -149,3 +149,25 @@ async def test_index_command(env: Env) -> None:
     assert code == 2 and "at least 2 x m" in err
     code, out, _ = await cli("index", "drop", **settings)
     assert (code, out.strip()) == (0, f"dropped {index.NAME}")
+
+
+async def test_search_uses_the_index_where_postgres_would_plan_generically(env: Env) -> None:
+    """asyncpg prepares each statement, and from its sixth run Postgres may use a generic
+    plan: for search's optional filters (``$3 IS NULL OR namespace = $3``) that is a
+    sequential scan (found by benchmarks/search_speed.py). Search asks for custom plans;
+    here the session asks for generic ones from the first run."""
+    vectors = await fill(env, 512, rows=2000)
+    conn = await env.connect()
+    try:
+        await index.create(conn, 512, 16, 64, None)
+        await conn.execute("ANALYZE embeddings")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        async with conn.transaction():
+            for v in vectors[:10]:
+                assert len(await nearest(conn, v, "m", 5, namespace="a")) == 5
+            scans = await conn.fetchval(
+                "SELECT pg_stat_get_xact_numscans($1::regclass)", index.NAME
+            )
+    finally:
+        await conn.close()
+    assert scans == 10, f"{scans} of 10 searches used the index"
