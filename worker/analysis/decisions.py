@@ -91,7 +91,10 @@ def parse(
         )
     except Exception as exc:  # a check we did not foresee must not stop the worker
         return dead_letter(
-            record, Reason.SCHEMA_VIOLATION, f"the decision could not be read: {exc!r}"[:500]
+            record,
+            Reason.SCHEMA_VIOLATION,
+            f"the decision could not be read: {exc!r}"[:500],
+            budget=budget,
         )
 
 
