@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
-from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, envelope_budget
+from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, envelope_budget, read_or_letter
 from worker.events import (
     ID_MAX_CHARS,
     NAMESPACE_MAX_CHARS,
@@ -142,24 +142,9 @@ def content_hash(text: str, text_type: TextType) -> bytes:
 def decode(record: Record, limits: Limits) -> Change | DeadLetter | Ignored:
     """Never raises: whatever the bytes, the answer is a change, a dead letter, or (for a
     record that asks for nothing, such as a Debezium tombstone) ``Ignored``."""
-    try:
-        return _decode(record, limits)
-    except Rejected as exc:
-        return dead_letter(
-            record,
-            exc.reason,
-            exc.message,
-            namespace=exc.namespace,
-            id=exc.id,
-            budget=limits.dead_letter_bytes,
-        )
-    except Exception as exc:  # a check we did not foresee must not stop the worker
-        return dead_letter(
-            record,
-            Reason.SCHEMA_VIOLATION,
-            f"the event could not be read: {exc!r}"[:500],
-            budget=limits.dead_letter_bytes,
-        )
+    return read_or_letter(
+        record, "the event", limits.dead_letter_bytes, lambda: _decode(record, limits)
+    )
 
 
 def _record_time(record: Record) -> datetime:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from worker.events import (
     ID_MAX_CHARS,
@@ -24,6 +24,7 @@ from worker.events import (
     Reason,
     SourcePosition,
 )
+from worker.jsonvalue import Rejected
 from worker.publish import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
@@ -62,6 +63,27 @@ def headers_size(headers: Headers) -> int:
 
 def digest(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def read_or_letter(record: Record, what: str, budget: int, read: Callable[[], T]) -> T | DeadLetter:
+    """``read()``, which never escapes: what it refuses (``Rejected``) becomes a dead letter
+    with its reason, and a check nobody foresaw a ``schema_violation`` naming the error."""
+    try:
+        return read()
+    except Rejected as exc:
+        return dead_letter(
+            record, exc.reason, exc.message, namespace=exc.namespace, id=exc.id, budget=budget
+        )
+    except Exception as exc:  # a check we did not foresee must not stop the worker
+        return dead_letter(
+            record,
+            Reason.SCHEMA_VIOLATION,
+            f"{what} could not be read: {exc!r}"[:500],
+            budget=budget,
+        )
 
 
 def dead_letter(

@@ -20,7 +20,7 @@ from pgvector import Vector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.decode import Record, identity_problem
-from worker.envelope import dead_letter
+from worker.envelope import read_or_letter
 from worker.events import DeadLetter, EventTime, Reason
 from worker.jsonvalue import Rejected, describe, json_object
 from worker.store import Conn
@@ -60,19 +60,12 @@ def parse(
     record: Record, default_namespace: str, max_clock_skew_s: float, budget: int
 ) -> Interaction | DeadLetter:
     """Never raises: an interaction with a positive finite weight and a time, or a letter."""
-    try:
-        return _parse(record, default_namespace, max_clock_skew_s)
-    except Rejected as exc:
-        return dead_letter(
-            record, exc.reason, exc.message, namespace=exc.namespace, id=exc.id, budget=budget
-        )
-    except Exception as exc:  # a check we did not foresee must not stop the consumer
-        return dead_letter(
-            record,
-            Reason.SCHEMA_VIOLATION,
-            f"the interaction could not be read: {exc!r}"[:500],
-            budget=budget,
-        )
+    return read_or_letter(
+        record,
+        "the interaction",
+        budget,
+        lambda: _parse(record, default_namespace, max_clock_skew_s),
+    )
 
 
 def _parse(record: Record, default_namespace: str, max_clock_skew_s: float) -> Interaction:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.analysis.config import NamespaceAnalysis
 from worker.decode import Record, content_hash, identity_problem
-from worker.envelope import dead_letter
+from worker.envelope import dead_letter, read_or_letter
 from worker.events import DeadLetter, Reason, TextType
 from worker.jsonvalue import Rejected, describe, json_object
 from worker.store import Conn
@@ -83,19 +83,9 @@ def parse(
     budget: int,
 ) -> Decided | DeadLetter:
     """Never raises: a decision that names a label of a configured label set, or a letter."""
-    try:
-        return _parse(record, default_namespace, namespaces)
-    except Rejected as exc:
-        return dead_letter(
-            record, exc.reason, exc.message, namespace=exc.namespace, id=exc.id, budget=budget
-        )
-    except Exception as exc:  # a check we did not foresee must not stop the worker
-        return dead_letter(
-            record,
-            Reason.SCHEMA_VIOLATION,
-            f"the decision could not be read: {exc!r}"[:500],
-            budget=budget,
-        )
+    return read_or_letter(
+        record, "the decision", budget, lambda: _parse(record, default_namespace, namespaces)
+    )
 
 
 def _parse(
