@@ -66,7 +66,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 
 WORKDIR /app
-# worker.migrate looks for ./migrations relative to the working directory in the image.
+# worker.sinks.migrate looks for ./migrations relative to the working directory in the image.
 COPY migrations /app/migrations
 
 # Numeric so that Kubernetes can verify runAsNonRoot.

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import FakeProvider
-from worker.devstack import DevStack
+from worker.tools.devstack import DevStack
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import asyncpg
 
-from worker.devstack import DevStack
-from worker.migrate import migrate
+from worker.sinks.migrate import migrate
+from worker.tools.devstack import DevStack
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "worker" / "data" / "sample_events.jsonl"

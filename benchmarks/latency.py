@@ -45,9 +45,9 @@ from benchmarks.context import Context
 from benchmarks.harness import Figure, log, median_cpu, sample_texts
 from benchmarks.live import LiveWorker
 from benchmarks.overhead import start_py_spy, summarize_collapsed
-from worker import store
 from worker.config import BatchSettings, KafkaSettings
-from worker.devstack import free_port
+from worker.sinks import postgres as store
+from worker.tools.devstack import free_port
 
 SCENARIO = "7-latency"
 DIMENSION = 1024

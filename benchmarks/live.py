@@ -28,8 +28,8 @@ from benchmarks.harness import (
     unique,
 )
 from benchmarks.overhead import worker_config
-from worker import store
 from worker.config import environment_for
+from worker.sinks import postgres as store
 
 
 def rss_mb(pid: int) -> float:

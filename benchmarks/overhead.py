@@ -36,8 +36,8 @@ from benchmarks.harness import (
 )
 from benchmarks.otlp_sink import OtlpSink
 from benchmarks.topic import shared_topic
-from worker import store
 from worker.config import environment_for
+from worker.sinks import postgres as store
 
 SCENARIO = "1-worker-overhead"
 TARGET_EVENTS_PER_S = 5_000.0

@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks import overhead
 from benchmarks.context import Context
 from benchmarks.harness import Figure, events, log, median_cpu, produce
-from worker.devstack import DevStack
+from worker.tools.devstack import DevStack
 
 SCENARIO = "9-replicated"
 PARTITIONS = 4

@@ -43,7 +43,7 @@ from benchmarks import (
 )
 from benchmarks.context import Context, Sizes
 from benchmarks.harness import ROOT, FakeProvider, Figure, log
-from worker.devstack import BROKER_ENV, BROKERS, DevStack, make_broker
+from worker.tools.devstack import BROKER_ENV, BROKERS, DevStack, make_broker
 
 Scenario = Callable[[Context], Awaitable[list[Figure]]]
 

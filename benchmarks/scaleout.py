@@ -42,8 +42,8 @@ from benchmarks.harness import (
     unique,
 )
 from benchmarks.overhead import worker_config
-from worker import store
 from worker.config import environment_for
+from worker.sinks import postgres as store
 
 SCENARIO = "8-scale-out"
 TARGET_SPEEDUP = 2.7

@@ -12,12 +12,12 @@ computed beforehand, so the timed path is search without the embedding (``Cached
 the vector over).
 
 The HNSW index is built as ``embedding-worker index create`` builds it at its defaults
-(m 16, ef_construction 64). Recall@10: ``worker.search.search`` in dense mode (the index at
+(m 16, ef_construction 64). Recall@10: ``worker.read.search.search`` in dense mode (the index at
 the ``hnsw.ef_search`` it sets, 40 for k = 10) against the exact top 10 of the same query
 (``SET enable_indexscan = off``); then the same SQL at higher ``hnsw.ef_search``
 (``EF_SEARCH``). ``--recall-only`` stops there.
 
-Latency, per query, alternating which side goes first: ``worker.search.search`` in each
+Latency, per query, alternating which side goes first: ``worker.read.search.search`` in each
 mode against the equivalent SQL of docs/retrieval.md on a connection with the same
 settings made once (``hnsw.ef_search``, iterative scan, custom plans): dense,
 lexical and hybrid, the last two without and then with the lexical GIN index, over the
@@ -49,10 +49,10 @@ from evaluation.datasets import data_dir
 from evaluation.offline import SHARED
 from evaluation.postgres import with_postgres
 from evaluation.retrieval import DIMENSION, MODEL, NAMESPACE, Article, Cached, articles, fill
-from worker import index
 from worker.events import TextType
-from worker.migrate import migrate
-from worker.search import CANDIDATES, Mode, search
+from worker.read import index
+from worker.read.search import CANDIDATES, Mode, search
+from worker.sinks.migrate import migrate
 
 K = 10
 EF_SEARCH = (100, 200, 400)  # recall@10 also at these hnsw.ef_search (search sets 40)
@@ -113,7 +113,7 @@ def rows(descriptions: np.ndarray, count: int, noise: float, seed: int) -> np.nd
 
 
 async def session(dsn: str, ef_search: int) -> asyncpg.Connection:
-    """A connection set once as ``worker.index.search_order`` sets each transaction."""
+    """A connection set once as ``worker.read.index.search_order`` sets each transaction."""
     conn = await asyncpg.connect(dsn)
     await register_vector(conn)
     await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")

@@ -4,7 +4,7 @@ Rows carry real 512-d embeddings of the demo's texts from the local model (``use
 computed once before timing. Both sides write the same rows in the same transactions of
 ``WRITE_ROWS`` rows (the worker's ``batch.write_max_rows``) into an emptied table:
 
-* upsert: ``worker.store.write`` with real ``Change`` objects (at this size: an existence
+* upsert: ``worker.sinks.postgres.write`` with real ``Change`` objects (at this size: an existence
   check, COPY of the new keys, INSERT ... ON CONFLICT with version guards for the rest and
   the consumer offsets), as the worker commits them;
 * COPY: ``copy_records_to_table`` straight into ``embeddings`` (no guard, no offsets).
@@ -36,9 +36,9 @@ from benchmarks.harness import (
     stack_roots,
     unique,
 )
-from worker import store
-from worker.decode import Change, Record, content_hash
 from worker.events import TextType
+from worker.pipeline.decode import Change, Record, content_hash
+from worker.sinks import postgres as store
 
 SCENARIO = "5-sink"
 DIMENSION = 512
@@ -185,7 +185,7 @@ async def run(ctx: Context) -> list[Figure]:
         figures.append(
             Figure(
                 SCENARIO,
-                f"upsert (worker.store.write), {label}",
+                f"upsert (worker.sinks.postgres.write), {label}",
                 "rows/s",
                 ups,
                 cpu=median_cpu(cpus[("upsert", hnsw)]),

@@ -1,4 +1,4 @@
-"""What the lexical GIN index costs the writer (issue 17): ``worker.store.write`` with and
+"""What the lexical GIN index costs the writer (issue 17): ``worker.sinks.postgres.write`` with and
 without ``index create --lexical`` (the GIN index on ``embeddings_lexical(content)``).
 
 AG News descriptions (real text: the tsvector's cost grows with it) with random unit 512-d
@@ -30,9 +30,10 @@ from pgvector.asyncpg import register_vector
 
 from evaluation.offline import SHARED
 from evaluation.postgres import with_postgres
-from worker import index, store
-from worker.decode import Change, Record
-from worker.migrate import migrate
+from worker.pipeline.decode import Change, Record
+from worker.read import index
+from worker.sinks import postgres as store
+from worker.sinks.migrate import migrate
 
 WRITE_ROWS = 500  # batch.write_max_rows
 DIMENSION = 512

@@ -1,7 +1,7 @@
 """Simple baselines on the vectors the worker computes, for the development suite (issue 13).
 
 For a labeled JSONL file and its ``evaluate`` label file, with the examples drawn exactly as
-``embedding-worker evaluate --shots N --seed S`` draws them (``worker.evaluate.split``):
+``embedding-worker evaluate --shots N --seed S`` draws them (``worker.tools.evaluate.split``):
 
 - nearest centroid: cosine to the normalised mean of each label's examples;
 - logistic regression on the unit vectors, class-balanced, C chosen by stratified
@@ -13,8 +13,8 @@ right answer is "none of the labels". Accuracy and macro-F1 are over the in-scop
 AUROC of telling out-of-scope rows from in-scope ones uses 1 - top probability (logistic
 regression) and 1 - top cosine (centroid, zero-shot).
 
-Vectors come from the worker's own embedder (``worker.embedders.create_embedder``: the local
-model in its child process, texts as documents, descriptions as the label set's
+Vectors come from the worker's own embedder (``worker.embedding.providers.create_embedder``:
+the local model in its child process, texts as documents, descriptions as the label set's
 ``description_type``), and are cached by text under the data directory.
 
     python -m evaluation.baselines FILE --labels evaluation/SET.toml --shots N [--seed 0]
@@ -37,9 +37,9 @@ from evaluation.datasets import HERE, SUITE, data_dir
 from worker.analysis import quality
 from worker.analysis.config import Classification, load_analysis
 from worker.config import load_settings
-from worker.embedders import create_embedder
-from worker.evaluate import Row, read_rows, split
+from worker.embedding.providers import create_embedder
 from worker.events import TextType
+from worker.tools.evaluate import Row, read_rows, split
 
 MODELS = ("use-multilingual-v3", "multilingual-e5-small")
 

@@ -15,7 +15,7 @@ clone elsewhere), at pinned commits, never copied into this repository:
   split (339 pairs over 300 queries; Kirloxious's copy has the same pairs).
 
 Each abstract is stored as a row (content: title, newline, text) through migration 0006 with
-each text search configuration, and each claim searched with ``worker.search.search`` in each
+each text search configuration, and each claim searched with ``worker.read.search.search`` in each
 mode, k = 100: nDCG@10 and Recall@100 as BEIR computes them (trec_eval: gain = the judged
 relevance, here always 1; the ideal ranking from all judged documents). Vectors come from the
 local model through ``evaluation.baselines.VectorCache`` (cached outside the repository);
@@ -48,8 +48,8 @@ from evaluation.datasets import data_dir
 from evaluation.postgres import with_postgres
 from evaluation.retrieval import MODEL, Cached, fill
 from worker.events import TextType
-from worker.migrate import migrate
-from worker.search import CANDIDATES, RRF_K, Mode, search
+from worker.read.search import CANDIDATES, RRF_K, Mode, search
+from worker.sinks.migrate import migrate
 
 NAMESPACE = "scifact"
 DEPTH = 100  # Recall@100

@@ -3,7 +3,7 @@
 For every set of the suite and the two shared classification sets, both local models and the
 seeds given: the worker's own head (``worker.analysis.head.fit``, the code the worker runs)
 and the baselines of ``evaluation.baselines`` (nearest centroid, logistic regression with C
-by CV, zero-shot descriptions), on the same examples (``worker.evaluate.split``) and the same
+by CV, zero-shot descriptions), on the same examples (``worker.tools.evaluate.split``) and the same
 cached vectors (``DATA/vectors``, filled by ``evaluation.baselines``). Also, to choose the
 defaults: the head without its description prior, the head plus the old k-NN vote over the
 examples, and several out-of-scope scores on the out-of-scope protocol. One JSON line per
@@ -39,8 +39,8 @@ from evaluation.baselines import normalise as unit_rows
 from evaluation.datasets import HERE, data_dir
 from worker.analysis import head as heads
 from worker.analysis import quality
-from worker.evaluate import read_rows, split
 from worker.events import TextType
+from worker.tools.evaluate import read_rows, split
 
 SHARED = Path(
     os.environ.get("EMBEDDING_WORKER_SHARED_DATASETS", HERE.parent.parent / "shared" / "datasets")

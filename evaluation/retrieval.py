@@ -4,7 +4,7 @@ Each article's title is the query and its own description the one relevant docum
 the first ``--rows`` articles of the shared test split (rows whose title or description
 repeats another's are left out: their answer would be ambiguous). The descriptions are
 stored as rows (``content``) through migration 0006 with each text search configuration, and
-every title is searched with ``worker.search.search`` in each mode: MRR@10 and Recall@10.
+every title is searched with ``worker.read.search.search`` in each mode: MRR@10 and Recall@10.
 Vectors come from the local model through ``evaluation.baselines.VectorCache`` (cached
 outside the repository); the data set is only read.
 
@@ -37,11 +37,11 @@ from evaluation.baselines import VectorCache
 from evaluation.datasets import data_dir
 from evaluation.offline import SHARED
 from evaluation.postgres import with_postgres
-from worker import index
-from worker.embedders.base import Embedder, Embeddings
+from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
-from worker.migrate import migrate
-from worker.search import CANDIDATES, RRF_K, Mode, search
+from worker.read import index
+from worker.read.search import CANDIDATES, RRF_K, Mode, search
+from worker.sinks.migrate import migrate
 
 MODEL = "use-multilingual-v3"
 DIMENSION = 512

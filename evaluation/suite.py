@@ -72,7 +72,7 @@ async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
     """The worker on the out-of-scope protocol: every test row, in scope or not, streamed.
 
     ``evaluate`` reports labels, not each row's scores, so this streams the protocol's test
-    rows through the same pipeline (``worker.evaluate._run``; evaluate.py is left as it is)
+    rows through the same pipeline (``worker.tools.evaluate._run``; evaluate.py is left as it is)
     and scores the ``out_of_scope`` field of each result. The test rows are streamed in an
     order shuffled with the seed: the unknown intents arrive among the known ones, as they
     would in production (the file puts them last).
@@ -80,7 +80,7 @@ async def worker_oos(entry: SuiteSet, model: str, seed: int) -> dict[str, Any]:
     from worker.analysis.config import NamespaceAnalysis
     from worker.analysis.quality import accuracy, auroc, macro_f1
     from worker.config import load_settings
-    from worker.evaluate import _run, label_set, read_rows, split
+    from worker.tools.evaluate import _run, label_set, read_rows, split
 
     assert entry.protocol is not None
     rows = read_rows(data_dir() / entry.protocol)

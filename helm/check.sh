@@ -197,7 +197,7 @@ done
 
 # ------------------------------------------------------------------ 4c. dashboard and alerts
 # Every query of the dashboard (the file, and the ConfigMap of each scenario that renders it)
-# and every alert expression names only metrics the worker exports (taken from worker.metrics,
+# and every alert expression names only metrics the worker exports (taken from worker.ops.metrics,
 # scripts/check_monitoring.py); the PrometheusRule with the default thresholds renders exactly
 # the alerts of docs/operations.md.
 step "monitoring: dashboard and alert queries name only exported metrics; alerts = the docs'"

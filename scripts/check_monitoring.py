@@ -4,7 +4,7 @@ Usage: python scripts/check_monitoring.py [--dashboard FILE.json ...] [--rendere
        [--docs docs/operations.md --docs-rules RENDERED.yaml]
 
 Run by helm/check.sh (``make lint``). The exported names come from the worker's own collectors
-(``worker.metrics``, bound to a stand-in pipeline that takes every branch), with the series
+(``worker.ops.metrics``, bound to a stand-in pipeline that takes every branch), with the series
 suffixes Prometheus gives each type (``_total``; ``_bucket``, ``_sum``, ``_count``): a renamed
 or removed metric fails the check instead of leaving a panel empty or an alert that never fires.
 Queries are parsed with ``promql-parser`` (Prometheus' grammar), so a malformed query fails too.
@@ -65,7 +65,7 @@ class _AnyPipeline:
 
 def exported_metrics() -> set[str]:
     """The series names the worker's /metrics can carry."""
-    from worker.metrics import Metrics
+    from worker.ops.metrics import Metrics
 
     metrics = Metrics()
     stand_in: Any = _AnyPipeline()

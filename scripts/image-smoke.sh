@@ -82,7 +82,7 @@ if [ "$WITH_LOCAL_MODEL" = "1" ]; then
     as_app python -c '
 import asyncio
 from worker.config import Settings
-from worker.embedders.local import LocalEmbedder
+from worker.embedding.providers.local import LocalEmbedder
 from worker.events import TextType
 async def main():
     e = LocalEmbedder(Settings().provider)
@@ -99,7 +99,7 @@ port=18099
 as_app python -c '
 import asyncio, os, sys
 from prometheus_client import CollectorRegistry
-from worker.probes import ProbeServer
+from worker.ops.probes import ProbeServer
 async def main():
     server = ProbeServer(CollectorRegistry(), lambda: {"postgres": False})
     await server.start("127.0.0.1", int(sys.argv[1]))

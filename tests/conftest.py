@@ -24,13 +24,13 @@ import pytest
 from pgvector.asyncpg import register_vector
 
 from fakeapi import FakeConfig, FakeEmbeddingServer
-from worker import store
 from worker.app import Worker
 from worker.config import Settings, environment_for, load_settings
-from worker.devstack import BROKER_ENV, DevStack
 from worker.kafka import make_producer
-from worker.migrate import migrate
-from worker.produce import produce_values
+from worker.sinks import postgres as store
+from worker.sinks.migrate import migrate
+from worker.tools.devstack import BROKER_ENV, DevStack
+from worker.tools.produce import produce_values
 
 API_KEY = "sk-test-0123456789"
 _counter = itertools.count()

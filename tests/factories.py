@@ -10,10 +10,10 @@ from typing import Any
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import dashscope
 from worker.config import load_settings
-from worker.decode import Change, Record
-from worker.embed import EmbedStage
-from worker.embedders import create_embedder
+from worker.embedding.providers import create_embedder
+from worker.embedding.stage import EmbedStage
 from worker.events import TextType
+from worker.pipeline.decode import Change, Record
 from worker.tokens import estimate_tokens
 
 

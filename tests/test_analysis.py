@@ -14,11 +14,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running
-from worker import store
 from worker.analysis import anomaly
 from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, ClassificationResult
 from worker.config import Settings
+from worker.sinks import postgres as store
 
 LABELS = """
 [namespaces.news.classify]

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.factories import upsert
-from worker.batcher import MicroBatcher
-from worker.decode import Change
 from worker.events import TextType
+from worker.pipeline.batch import MicroBatcher
+from worker.pipeline.decode import Change
 
 _offsets = itertools.count()
 

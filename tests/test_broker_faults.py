@@ -27,9 +27,9 @@ from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, highest, make_env, migrate_db, running, wait_until
 from tests.test_analysis import topics_for
 from tests.test_crashes import DIM, check_store, corpus, provider, stored_total
-from worker.devstack import DevStack
-from worker.devstack.kafka import KafkaBroker
-from worker.pipeline import Pipeline
+from worker.pipeline.runner import Pipeline
+from worker.tools.devstack import DevStack
+from worker.tools.devstack.kafka import KafkaBroker
 
 pytestmark = pytest.mark.kafka_only
 

@@ -25,12 +25,12 @@ from tests.broker_limits import (
 from tests.conftest import Env, dashscope, highest, migrate_db, running, wait_until
 from tests.processes import cli
 from worker.config import environment_for
-from worker.deadletter import DeadLetterSink
-from worker.decode import Record
 from worker.envelope import dead_letter, digest, headers_digest
 from worker.events import DeadLetter, Reason, SourcePosition
 from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
-from worker.replay import OLD_TOMBSTONE, REPLAYED_FROM, Filters, replay, scan
+from worker.pipeline.decode import Record
+from worker.sinks.deadletter import DeadLetterSink
+from worker.tools.replay import OLD_TOMBSTONE, REPLAYED_FROM, Filters, replay, scan
 
 Header = tuple[str, bytes | None]
 FullRecord = tuple[bytes | None, bytes | None, Sequence[Header], int | None]

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.config import OversizePolicy
-from worker.decode import NO_TIME, Change, Limits, Record, content_hash, decode
 from worker.events import DeadLetter, Reason, TextType
-from worker.formats import Ignored
+from worker.pipeline.decode import NO_TIME, Change, Limits, Record, content_hash, decode
+from worker.pipeline.formats import Ignored
 from worker.tokens import estimate_tokens
 
 TS_MS = 1_700_000_000_123

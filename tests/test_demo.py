@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import broker_kind
 from tests.processes import cli
-from worker.devstack import BROKER_ENV
+from worker.tools.devstack import BROKER_ENV
 
 
 def _section(out: str, title: str) -> list[str]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.devstack import BROKER_ENV, DevStack, make_broker
-from worker.devstack.kafka import KafkaBroker
-from worker.devstack.tansu import TansuBroker
+from worker.tools.devstack import BROKER_ENV, DevStack, make_broker
+from worker.tools.devstack.kafka import KafkaBroker
+from worker.tools.devstack.tansu import TansuBroker
 
 
 def test_the_setting_chooses_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,7 +42,7 @@ async def test_a_missing_tool_is_named_with_what_to_install(
     tool: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Java is needed at every start, Maven only while the classpath is not cached."""
-    from worker.devstack import kafka
+    from worker.tools.devstack import kafka
 
     monkeypatch.setattr(kafka, "_cached_classpath", lambda: (tmp_path / "cp.txt", None))
     real_which = shutil.which

@@ -13,14 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-import worker.embed
+import worker.embedding.stage
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.factories import stage_for as stage_with
 from tests.factories import upsert
-from worker.decode import Change
-from worker.embed import EmbedStage, backoff_delay, stated_limit
-from worker.embedders.base import ConfigurationFault, TransientError
+from worker.embedding.providers.base import ConfigurationFault, TransientError
+from worker.embedding.stage import EmbedStage, backoff_delay, stated_limit
 from worker.events import TextType
+from worker.pipeline.decode import Change
 
 DIM = 256
 POISON = "xx-poison-xx"
@@ -155,7 +155,7 @@ async def test_transient_errors_are_retried(
         delays.append((retry_after, delay))
         return delay
 
-    monkeypatch.setattr(worker.embed, "backoff_delay", recording_backoff)
+    monkeypatch.setattr(worker.embedding.stage, "backoff_delay", recording_backoff)
     outcomes = []
     async with stage_for(fake_api) as stage:
         for start in range(0, 30, 10):

@@ -18,15 +18,15 @@ import pytest
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import dashscope, openai, wait_until
 from worker.config import load_settings
-from worker.embedders import create_embedder
-from worker.embedders.base import (
+from worker.embedding.providers import create_embedder
+from worker.embedding.providers.base import (
     ConfigurationFault,
     Embedder,
     PermanentError,
     TooManyInputs,
     TransientError,
 )
-from worker.embedders.http import ApiClient, post_json
+from worker.embedding.providers.http import ApiClient, post_json
 from worker.events import TextType
 
 TEXTS = [
@@ -83,14 +83,14 @@ class Spy:
 @pytest.fixture
 def native_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     spy = Spy(post_json)
-    monkeypatch.setattr("worker.embedders.dashscope.post_json", spy)
+    monkeypatch.setattr("worker.embedding.providers.dashscope.post_json", spy)
     return spy
 
 
 @pytest.fixture
 def openai_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     spy = Spy(post_json)
-    monkeypatch.setattr("worker.embedders.openai.post_json", spy)
+    monkeypatch.setattr("worker.embedding.providers.openai.post_json", spy)
     return spy
 
 
@@ -287,7 +287,7 @@ async def test_local_e5_model() -> None:
 ORPHAN_SCRIPT = """
 import asyncio, multiprocessing, os, signal, sys
 from worker.config import ProviderSettings
-from worker.embedders.local import LocalEmbedder
+from worker.embedding.providers.local import LocalEmbedder
 
 async def main():
     spec = {"kind": "local", "model": "use-multilingual-v3", "dimension": 512}

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.decode import Record
 from worker.envelope import (
     DEFAULT_MAX_MESSAGE_BYTES,
     dead_letter,
@@ -18,6 +17,7 @@ from worker.envelope import (
     headers_digest,
 )
 from worker.events import DeadLetter, Reason
+from worker.pipeline.decode import Record
 
 BUDGET = 20_000
 Make = Callable[[int], Record]

@@ -13,8 +13,8 @@ from tests.conftest import broker_kind
 from tests.processes import cli
 from worker.analysis import quality
 from worker.config import ConfigError
-from worker.devstack import BROKER_ENV
-from worker.evaluate import Plan, Row, flagged_unknown, plan_classification, read_rows, split
+from worker.tools.devstack import BROKER_ENV
+from worker.tools.evaluate import Plan, Row, flagged_unknown, plan_classification, read_rows, split
 
 SPORTS = [
     "The {t} won the final after a late goal in extra time.",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from evaluation import baselines, datasets
-from worker.evaluate import read_rows, split
+from worker.tools.evaluate import read_rows, split
 
 INTENTS = [f"scen{i}_act{i}" for i in range(20)]
 XSID_INTENTS = ["PlayMusic", "weather/find", "alarm/set_alarm", "alarm/snooze_alarm"]

@@ -14,10 +14,10 @@ import pytest
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
 from worker.config import FieldMap, InputFormat, InputSettings, load_settings
-from worker.decode import Change, Limits, Record, decode
 from worker.events import DeadLetter, Reason
-from worker.formats import Ignored
-from worker.produce import check_file
+from worker.pipeline.decode import Change, Limits, Record, decode
+from worker.pipeline.formats import Ignored
+from worker.tools.produce import check_file
 
 TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
 

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.embedders.base import (
+from worker.embedding.providers.base import (
     ConfigurationFault,
     PermanentError,
     TooManyInputs,
     TransientError,
 )
-from worker.embedders.http import classify, parse_retry_after
+from worker.embedding.providers.http import classify, parse_retry_after
 
 NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 

@@ -10,9 +10,9 @@ import pytest
 from tests.conftest import Env, migrate_db
 from tests.processes import cli
 from tests.test_cli import _env
-from worker import index
 from worker.config import ConfigError
-from worker.search import nearest
+from worker.read import index
+from worker.read.search import nearest
 
 
 async def fill(env: Env, dimension: int, rows: int = 300) -> np.ndarray:

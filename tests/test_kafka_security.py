@@ -1,6 +1,6 @@
 """The worker on SASL/TLS listeners (Apache Kafka only: Tansu has none). The single-node dev
 stack has SASL_SSL with SCRAM-SHA-512 and a certificate from a CA made at its start, and
-SASL_PLAINTEXT with PLAIN (``worker/devstack/kafka.py``).
+SASL_PLAINTEXT with PLAIN (``worker/tools/devstack/kafka.py``).
 
 The ``kafka.*`` security settings carry events end to end; a wrong password or a broker
 certificate from a CA the worker does not trust is a configuration fault: named (setting and
@@ -21,9 +21,9 @@ from tests.processes import cli
 from tests.test_crashes import DIM, check_store, corpus, provider
 from tests.test_startup_faults import log_entries, readyz, worker_process
 from worker.config import environment_for
-from worker.devstack import DevStack
-from worker.devstack.kafka import KafkaBroker, Secured
-from worker.devstack.tls import make_ca
+from worker.tools.devstack import DevStack
+from worker.tools.devstack.kafka import KafkaBroker, Secured
+from worker.tools.devstack.tls import make_ca
 
 pytestmark = pytest.mark.kafka_only
 
@@ -39,7 +39,7 @@ def secured(stack: DevStack) -> Secured:
 
 
 def free_port() -> int:
-    from worker.devstack import free_port as port
+    from worker.tools.devstack import free_port as port
 
     return port()
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Env
-from worker.migrate import MigrationError, default_directory, discover, migrate
+from worker.sinks.migrate import MigrationError, default_directory, discover, migrate
 
 
 def _copy_migrations(tmp_path: Path) -> Path:

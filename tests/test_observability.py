@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
 from tests.processes import WorkerProcess
-from worker import logs
 from worker.app import Worker
 from worker.config import HttpSettings
-from worker.probes import ProbeServer
+from worker.ops import logs
+from worker.ops.probes import ProbeServer
 
 
 def _events(n: int, start: int = 0) -> list[dict[str, object]]:
@@ -229,7 +229,7 @@ def test_library_loggers_are_quiet_below_warning_unless_debug() -> None:
 _LIBRARY_NOISE = """
 import asyncio, gc, warnings
 from aiokafka import AIOKafkaProducer
-from worker import logs
+from worker.ops import logs
 
 logs.configure("info", "json")
 warnings.warn("a library's warning")

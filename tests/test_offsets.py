@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.offsets import TP, OffsetTracker
+from worker.pipeline.offsets import TP, OffsetTracker
 
 A: TP = ("topic", 0)
 B: TP = ("topic", 1)

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker import profiles
 from worker.config import ConfigError, load_settings
-from worker.decode import Record
 from worker.events import DeadLetter
-from worker.profiles import Interaction, Profile, add, decay
+from worker.pipeline.decode import Record
+from worker.side import profiles
+from worker.side.profiles import Interaction, Profile, add, decay
 
 DAY = 24 * 3600.0
 WEEK = 7 * DAY

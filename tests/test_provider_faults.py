@@ -18,9 +18,9 @@ from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY
 from tests.factories import stage_for as stage_with
 from tests.factories import upsert
-from worker.decode import Change
-from worker.embed import BatchOutcome, EmbedStage
-from worker.embedders.base import ConfigurationFault
+from worker.embedding.providers.base import ConfigurationFault
+from worker.embedding.stage import BatchOutcome, EmbedStage
+from worker.pipeline.decode import Change
 
 T = TypeVar("T")
 DIM = 64

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Env, migrate_db, running
 from tests.processes import cli
 from tests.test_cli import _env
-from worker.cluster import Reservoir, Summarizer, spherical_kmeans, unit_rows
+from worker.read.kmeans import Reservoir, Summarizer, spherical_kmeans, unit_rows
 
 # --- k-means math --------------------------------------------------------------------------
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from tests.pipeline_fakes import P0, P1, FakeConsumer, FakePool, Msg, NoDeadLetters, T
-from worker import pipeline as pl
-from worker import store
 from worker.config import load_settings
-from worker.embedders.base import Embedder, Embeddings
+from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
+from worker.pipeline import runner as pl
+from worker.sinks import postgres as store
 
 
 class GatedEmbedder(Embedder):

@@ -20,11 +20,12 @@ from tests.processes import cli
 from tests.test_analysis import read_topic
 from tests.test_cli import _env
 from tests.test_read_side import TOPICS, _corpus
-from worker import profiles, store
 from worker.config import Settings
-from worker.decode import Record
 from worker.kafka import make_producer
-from worker.profiles import Interaction, Resolved
+from worker.pipeline.decode import Record
+from worker.side import profiles
+from worker.side.profiles import Interaction, Resolved
+from worker.sinks import postgres as store
 
 DAY = 24 * 3600.0
 SPACE = {f"space-{i}" for i in range(len(TOPICS["space"]))} | {"space-dup"}

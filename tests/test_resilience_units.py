@@ -9,9 +9,9 @@ from collections.abc import Awaitable
 
 import pytest
 
-from worker.aimd import QUOTA_HEADROOM, AdaptiveConcurrency, quota_ceiling
-from worker.breaker import CircuitBreaker
-from worker.ratelimit import RateLimiter, TokenBucket
+from worker.embedding.breaker import CircuitBreaker
+from worker.embedding.concurrency import QUOTA_HEADROOM, AdaptiveConcurrency, quota_ceiling
+from worker.embedding.ratelimit import RateLimiter, TokenBucket
 
 
 class VirtualClock:

@@ -15,11 +15,11 @@ import pytest
 from tests.conftest import Env, migrate_db, running
 from tests.processes import cli
 from tests.test_cli import _env
-from worker import index
-from worker.embedders import create_embedder
-from worker.embedders.base import Embedder
-from worker.migrate import MigrationError, default_directory, migrate
-from worker.search import Hit, Mode, has_words, lexical, lexical_sql, rrf, search
+from worker.embedding.providers import create_embedder
+from worker.embedding.providers.base import Embedder
+from worker.read import index
+from worker.read.search import Hit, Mode, has_words, lexical, lexical_sql, rrf, search
+from worker.sinks.migrate import MigrationError, default_directory, migrate
 
 # --- reciprocal rank fusion ----------------------------------------------------------------
 

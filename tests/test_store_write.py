@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import Env, migrate_db
 from tests.factories import upsert
-from worker import store
-from worker.decode import Change
+from worker.pipeline.decode import Change
+from worker.sinks import postgres as store
 
 DIM = 8
 GROUP = "g"

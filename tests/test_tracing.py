@@ -196,7 +196,7 @@ def _without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(sys.modules):
         if name == "opentelemetry" or name.startswith("opentelemetry."):
             monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "worker.tracing", raising=False)
+    monkeypatch.delitem(sys.modules, "worker.ops.tracing", raising=False)
 
 
 class _Receiver(BaseHTTPRequestHandler):

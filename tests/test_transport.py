@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from worker.embedders.transport import LeanTransport
+from worker.embedding.providers.transport import LeanTransport
 
 Handler = Callable[[bytes, int], bytes | None]
 

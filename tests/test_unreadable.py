@@ -14,7 +14,7 @@ from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, highest, migrate_db, running
 from tests.test_data_faults import _rows
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.replay import SOURCE_UNREADABLE, UNREADABLE, Filters, Found, replay, scan
+from worker.tools.replay import SOURCE_UNREADABLE, UNREADABLE, Filters, Found, replay, scan
 
 Header = tuple[str, bytes | None]
 Rec = tuple[bytes | None, bytes | None, Sequence[Header]]

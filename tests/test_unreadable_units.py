@@ -1,5 +1,5 @@
-"""``worker.unreadable.isolate`` against a consumer that fails as aiokafka does: a poll that
-meets an unparsable record raises and leaves the partition's position where it was."""
+"""``worker.pipeline.unreadable.isolate`` against a consumer that fails as aiokafka does: a
+poll that meets an unparsable record raises and leaves the partition's position where it was."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from aiokafka.errors import CorruptRecordException
 
 from tests.pipeline_fakes import FakePool, NoDeadLetters
 from tests.test_writer import InstantEmbedder
-from worker import pipeline as pl
 from worker.config import load_settings
 from worker.events import Reason
-from worker.unreadable import Unreadable, isolate
+from worker.pipeline import runner as pl
+from worker.pipeline.unreadable import Unreadable, isolate
 
 T = "events"
 P0, P1, P2 = (TopicPartition(T, p) for p in range(3))

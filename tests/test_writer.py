@@ -15,11 +15,11 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.pipeline_fakes import P0, FakeConsumer, FakePool, Msg, NoDeadLetters, T
-from worker import pipeline as pl
-from worker import store
 from worker.config import load_settings
-from worker.embedders.base import Embedder, Embeddings
+from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
+from worker.pipeline import runner as pl
+from worker.sinks import postgres as store
 
 
 class InstantEmbedder(Embedder):

@@ -12,23 +12,24 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from worker import interactions, store
 from worker.analysis.labels import stage_embedder
 from worker.analysis.learn import Learner, group_of
 from worker.analysis.stage import AnalysisStage
 from worker.config import ConfigError, Settings
-from worker.deadletter import DeadLetterSink
-from worker.embedders import create_embedder
-from worker.embedders.local import LocalEmbedder
+from worker.embedding.providers import create_embedder
+from worker.embedding.providers.local import LocalEmbedder
 from worker.kafka import make_consumer, make_producer, quiet_bootstrap, refusal
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline, ShuttingDown
-from worker.probes import ProbeServer
+from worker.ops.metrics import Metrics
+from worker.ops.probes import ProbeServer
+from worker.pipeline.runner import Pipeline, ShuttingDown
+from worker.side import interactions
+from worker.sinks import postgres as store
+from worker.sinks.deadletter import DeadLetterSink
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from worker.tracing import Tracing
+    from worker.ops.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +89,7 @@ class Worker:
         if not s.tracing.enabled:
             return None
         try:
-            from worker.tracing import Tracing
+            from worker.ops.tracing import Tracing
         except ImportError as exc:
             raise ConfigError(
                 f"tracing.enabled (EMBEDDING_WORKER_TRACING__ENABLED): needs the 'tracing' "

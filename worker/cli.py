@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from worker import index, logs, store
 from worker.config import ConfigError, Settings, load_settings
-from worker.embedders import create_embedder
-from worker.embedders.base import ConfigurationFault
+from worker.embedding.providers import create_embedder
+from worker.embedding.providers.base import ConfigurationFault
 from worker.events import Reason
 from worker.kafka import refusal
-from worker.migrate import MigrationError, migrate
-from worker.store import SchemaError, Unreachable
+from worker.ops import logs
+from worker.read import index
+from worker.sinks import postgres as store
+from worker.sinks.migrate import MigrationError, migrate
+from worker.sinks.postgres import SchemaError, Unreachable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -291,12 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from worker.demo import run_demo
+            from worker.tools.demo import run_demo
 
             return asyncio.run(run_demo(verbose=args.keep_logs))
         settings = load_settings(args.config)
         if args.command == "evaluate":
-            from worker.evaluate import run_cli
+            from worker.tools.evaluate import run_cli
 
             logs.configure("error", settings.log_format)
             return run_cli(settings, args)
@@ -384,7 +386,7 @@ def _filters(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
 
 
 async def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.search import Mode, has_words, search, text_config
+    from worker.read.search import Mode, has_words, search, text_config
 
     mode = Mode(args.mode)
     dsn = settings.postgres.dsn.get_secret_value()
@@ -445,7 +447,7 @@ def _non_negative(value: str) -> int:
 
 
 async def _produce(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.produce import check_file, produce_file
+    from worker.tools.produce import check_file, produce_file
 
     topic = settings.kafka.input_topic
     try:
@@ -478,7 +480,7 @@ _LISTED = 20  # invalid lines named in produce's refusal
 
 
 async def _similar(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.search import UnknownId, similar
+    from worker.read.search import UnknownId, similar
 
     namespace = args.namespace or settings.default_namespace
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
@@ -509,8 +511,8 @@ def _ids(value: str) -> list[str]:
 
 
 async def _recommend(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.recommend import NoDirection, by_history, by_user
-    from worker.search import UnknownId
+    from worker.read.recommend import NoDirection, by_history, by_user
+    from worker.read.search import UnknownId
 
     namespace = args.namespace or settings.default_namespace
     model = settings.provider.model_name
@@ -533,7 +535,7 @@ async def _recommend(args: argparse.Namespace, settings: Settings) -> int:
 async def _cluster(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import asdict
 
-    from worker.search import cluster
+    from worker.read.search import cluster
 
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
     try:
@@ -585,7 +587,7 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _lexical_index(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from worker.search import text_config
+    from worker.read.search import text_config
 
     name = index.LEXICAL_NAME
     if args.action == "create":
@@ -614,7 +616,7 @@ def _describe(built: index.Index) -> str:
 
 
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.replay import Filters, replay, scan
+    from worker.tools.replay import Filters, replay, scan
 
     since = args.since
     if since is not None and since.tzinfo is None:

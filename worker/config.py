@@ -257,7 +257,7 @@ class ProviderSettings(BaseModel):
     max_tokens_per_text: int = Field(default=8192, ge=1)
     max_tokens_per_request: int = Field(default=80_000, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
-    # Most requests in flight. Adaptive (worker.aimd): the limit starts at
+    # Most requests in flight. Adaptive (worker.embedding.concurrency): the limit starts at
     # INITIAL_CONCURRENCY, grows while latency rather than errors is the bound and halves on
     # 429s/timeouts. None: AUTO_MAX_CONCURRENCY, lowered to what the quota can keep busy
     # at the observed latency when rpm/tpm are set. The local model computes one batch at a
@@ -362,7 +362,7 @@ class HttpSettings(BaseModel):
 
 
 class TracingSettings(BaseModel):
-    """OpenTelemetry traces over OTLP/HTTP (worker.tracing); needs the ``tracing`` extra.
+    """OpenTelemetry traces over OTLP/HTTP (worker.ops.tracing); needs the ``tracing`` extra.
 
     Unset, the endpoint and the sampling are the SDK's, from the standard ``OTEL_*`` variables
     (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_TRACES_SAMPLER``, ...)."""
@@ -377,7 +377,7 @@ class TracingSettings(BaseModel):
 
 
 class SearchSettings(BaseModel):
-    """The read side's lexical and hybrid modes (worker/search.py, docs/retrieval.md)."""
+    """The read side's lexical and hybrid modes (worker/read/search.py, docs/retrieval.md)."""
 
     model_config = ConfigDict(extra="forbid")
 

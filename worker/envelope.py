@@ -25,10 +25,10 @@ from worker.events import (
     SourcePosition,
 )
 from worker.jsonvalue import Rejected
-from worker.publish import MAX_KEY_BYTES
+from worker.sinks.publish import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
-    from worker.decode import Record
+    from worker.pipeline.decode import Record
 
 Headers = Sequence[tuple[str, bytes | None]]
 

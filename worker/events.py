@@ -22,8 +22,8 @@ class TextType(StrEnum):
     QUERY = "query"
 
 
-# Limits of (namespace, id), checked by ``worker.decode.identity_problem`` for upserts, deletes
-# and tombstones alike (with byte limits that keep the primary key's btree entry small).
+# Limits of (namespace, id), checked by ``worker.pipeline.decode.identity_problem`` for upserts,
+# deletes and tombstones alike (with byte limits that keep the primary key's btree entry small).
 ID_MAX_CHARS = 512
 NAMESPACE_MAX_CHARS = 200
 
@@ -133,7 +133,7 @@ class DeadLetter(BaseModel):
     provider_code: str | None = None
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     worker: str = "embedding-worker"
-    # The event's span when tracing is on (worker.tracing): the letter's headers carry it.
+    # The event's span when tracing is on (worker.ops.tracing): the letter's headers carry it.
     _trace: Any = PrivateAttr(default=None)
 
     @property

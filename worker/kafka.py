@@ -71,7 +71,7 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
     soon as it has data, and 100 ms costs a real cluster at most ten empty fetches a second
     per broker while idle. The embedded Tansu broker holds a fetch for the whole wait whenever
     the partition was empty at the request; its clients ask for a shorter wait
-    (``worker/devstack/tansu.py``, the one place for its workarounds).
+    (``worker/tools/devstack/tansu.py``, the one place for its workarounds).
     """
     return AIOKafkaConsumer(
         group_id=k.group_id,

@@ -21,11 +21,11 @@ from pgvector import Vector
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.analysis.config import NamespaceAnalysis
-from worker.decode import Record, content_hash, identity_problem
 from worker.envelope import dead_letter, read_or_letter
 from worker.events import DeadLetter, Reason, TextType
 from worker.jsonvalue import Rejected, describe, json_object
-from worker.store import Conn
+from worker.pipeline.decode import Record, content_hash, identity_problem
+from worker.sinks.postgres import Conn
 
 
 class Decision(BaseModel):
@@ -188,7 +188,7 @@ async def lookup(conn: Conn, keys: Sequence[tuple[str, str]]) -> dict[tuple[str,
 # The examples, the namespaces' decision versions, the decided events' labels in the
 # analysis history, and the offsets, in one statement (so in one transaction). A decision
 # replaces the stored one for its id unless it is the same or an older one of the same
-# partition (a replay). Offsets never move back (GREATEST), as in worker.store.
+# partition (a replay). Offsets never move back (GREATEST), as in worker.sinks.postgres.
 APPLY = """
 WITH s AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],

@@ -24,7 +24,7 @@ from typing import Literal
 
 from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, IncidentEvent, IncidentResult
-from worker.store import Conn
+from worker.sinks.postgres import Conn
 
 Status = Literal["open", "update", "closed"]
 

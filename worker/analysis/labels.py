@@ -24,10 +24,10 @@ from worker.analysis import head
 from worker.analysis.config import Classification, Focus, NamespaceAnalysis
 from worker.analysis.head import Head
 from worker.config import ConfigError
-from worker.decode import NO_TIME, Change, Record
-from worker.embed import EmbedStage
+from worker.embedding.stage import EmbedStage
 from worker.events import TextType
-from worker.store import Conn
+from worker.pipeline.decode import NO_TIME, Change, Record
+from worker.sinks.postgres import Conn
 from worker.tokens import estimate_tokens, truncate_to_tokens
 
 log = structlog.get_logger(__name__)

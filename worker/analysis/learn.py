@@ -1,6 +1,6 @@
 """Learning from the moderation loop: consume decisions, store them as examples, rebuild.
 
-A consumer of its own (``worker.side_consumer``, group ``<kafka.group_id>.decisions``) reads
+A consumer of its own (``worker.side.consumer``, group ``<kafka.group_id>.decisions``) reads
 ``analysis.decisions_topic`` one fetch at a time: its decisions are parsed and checked
 (``worker.analysis.decisions``), the bad ones dead-lettered (acknowledged first), and the
 examples and the fetch's offsets stored by one Postgres statement, exactly once. It is apart
@@ -30,11 +30,11 @@ from worker.analysis.decisions import Decided, Example, Stored
 from worker.analysis.labels import Embed, LabelError, label_set
 from worker.analysis.stage import AnalysisStage, RunPg
 from worker.config import Settings
-from worker.deadletter import DeadLetterSink
-from worker.decode import Record
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
-from worker.side_consumer import ConsumerStats, Letters, SideConsumer
+from worker.pipeline.decode import Record
+from worker.side.consumer import ConsumerStats, Letters, SideConsumer
+from worker.sinks.deadletter import DeadLetterSink
 
 log = structlog.get_logger(__name__)
 

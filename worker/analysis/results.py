@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from worker.analysis.config import Action
-from worker.decode import NO_TIME, Change
 from worker.events import SourcePosition
+from worker.pipeline.decode import NO_TIME, Change
 
 Method = Literal["zero-shot", "few-shot", "zero-shot+few-shot"]
 

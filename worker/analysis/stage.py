@@ -23,12 +23,12 @@ from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
 from worker.analysis.results import AnomalyResult, ClassificationResult, IncidentResult
 from worker.config import AnalysisSettings
-from worker.decode import Change
-from worker.publish import publish
-from worker.store import Conn
+from worker.pipeline.decode import Change
+from worker.sinks.postgres import Conn
+from worker.sinks.publish import publish
 
 if TYPE_CHECKING:
-    from worker.tracing import Tracing
+    from worker.ops.tracing import Tracing
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import numpy as np
 from pgvector import Vector
 
 from worker.analysis import scoring
-from worker.store import Conn
+from worker.sinks.postgres import Conn
 
 LOAD_STATE = """
 SELECT seen, vector_sum, score_hist FROM analysis_state WHERE namespace = $1 AND model = $2

@@ -1,0 +1,1 @@
+"""Texts into vectors: the embed stage, its limits (concurrency, rate, breaker), the providers."""

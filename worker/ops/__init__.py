@@ -1,0 +1,1 @@
+"""What operators read: metrics, probes, logs and traces."""

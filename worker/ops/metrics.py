@@ -1,0 +1,223 @@
+"""Prometheus metrics.
+
+Counters are read from the pipeline's own ``Stats`` at scrape time (one source of truth, no
+double bookkeeping), and so are the live gauges (lag, in-flight, AIMD limit, circuit state).
+Only distributions are observed as they happen: request latency, batch size, write latency
+and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from worker.analysis.learn import Learner
+    from worker.pipeline.runner import Pipeline
+    from worker.side.consumer import SideConsumer
+    from worker.side.interactions import Profiler
+
+PREFIX = "embedding_worker"
+CIRCUIT_STATES = ("closed", "half_open", "open")
+
+
+class Metrics:
+    """The registry of one worker (several can live in one process, e.g. in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            f"{PREFIX}_api_request_seconds",
+            "Embedding API request latency by outcome (HTTP status or transport failure).",
+            ["outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_texts",
+            "Texts per embedding request.",
+            buckets=(1, 2, 4, 8, 10, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.write_seconds = Histogram(
+            f"{PREFIX}_db_write_seconds",
+            "Duration of one Postgres transaction (rows + offsets).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            f"{PREFIX}_end_to_end_seconds",
+            "Event time to stored (commit of its transaction).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=self.registry,
+        )
+
+    def request_seconds_observer(self, outcome: str, seconds: float) -> None:
+        self.request_seconds.labels(outcome).observe(seconds)
+
+    def bind(self, pipeline: Pipeline) -> None:
+        self.registry.register(PipelineCollector(pipeline))
+
+    def bind_learner(self, learner: Learner) -> None:
+        self.registry.register(LearnerCollector(learner))
+
+    def bind_profiler(self, profiler: Profiler) -> None:
+        self.registry.register(
+            SideConsumerCollector(
+                profiler, "interactions", "Interactions applied to user profiles."
+            )
+        )
+
+
+class SideConsumerCollector(Collector):
+    """A side consumer's counters (``worker.side.consumer``), read from its stats."""
+
+    def __init__(self, side: SideConsumer, kind: str, applied: str) -> None:
+        self.side = side
+        self.kind = kind  # the metric names' part: fixed here, not read from the consumer
+        self.applied = applied
+
+    def collect(self) -> Iterator[Metric]:
+        st, kind = self.side.stats, self.kind
+        yield CounterMetricFamily(
+            f"{PREFIX}_{kind}_consumed", f"Records read from the {kind} topic.", st.consumed
+        )
+        yield CounterMetricFamily(f"{PREFIX}_{kind}_applied", self.applied, st.applied)
+        dead = CounterMetricFamily(
+            f"{PREFIX}_{kind}_dead_lettered",
+            f"Records sent to the {kind} dead-letter topic.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(st.dead_lettered.items()):
+            dead.add_metric([reason], count)
+        yield dead
+
+
+class LearnerCollector(SideConsumerCollector):
+    """The moderation decisions (``worker.analysis.learn``), and the rebuilds they cause."""
+
+    def __init__(self, learner: Learner) -> None:
+        super().__init__(
+            learner,
+            "decisions",
+            "Decision examples stored (inserted, or replacing an earlier label).",
+        )
+        self.learner = learner
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        yield CounterMetricFamily(
+            f"{PREFIX}_label_set_rebuilds",
+            "Label sets rebuilt in memory after their decisions changed.",
+            self.learner.stats.rebuilds,
+        )
+
+
+class PipelineCollector(Collector):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.pipeline
+        st = p.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield counter("events_consumed", "Records read from the input topic.", st.consumed)
+        yield counter("events_stored", "Rows inserted or re-embedded.", st.stored)
+        yield counter("events_deleted", "Delete events applied.", st.deleted)
+        yield counter(
+            "events_unchanged", "Upserts whose content was already embedded.", st.unchanged
+        )
+        dead = CounterMetricFamily(
+            f"{PREFIX}_events_dead_lettered",
+            "Events sent to the dead-letter topic.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(st.dead_lettered.items()):
+            dead.add_metric([reason], count)
+        yield dead
+        yield counter("batches", "Micro-batches embedded.", st.batches)
+        yield counter("texts_embedded", "Texts embedded.", st.texts_embedded)
+        yield counter("tokens_estimated", "Tokens sent, as estimated.", st.tokens_estimated)
+        yield counter("api_requests", "Embedding API requests sent.", st.requests)
+        retries = CounterMetricFamily(
+            f"{PREFIX}_api_retries", "Requests retried, by cause.", labels=["cause"]
+        )
+        for cause, count in sorted(st.retries_by_cause.items()):
+            retries.add_metric([cause], count)
+        yield retries
+        yield counter("api_throttled", "429 answers.", st.throttled)
+        yield counter("db_transactions", "Postgres transactions committed.", st.transactions)
+        if p.analysis is not None:
+            a = p.analysis.stats
+            classified = CounterMetricFamily(
+                f"{PREFIX}_classifications",
+                "Classification results produced, by moderation action.",
+                labels=["action"],
+            )
+            for action, count in sorted(a.classified.items()):
+                classified.add_metric([action], count)
+            yield classified
+            yield counter("anomaly_scored", "Events given an anomaly score.", a.scored)
+            yield counter("anomalies", "Events that crossed the anomaly threshold.", a.anomalies)
+            yield counter("anomaly_incidents", "Anomaly incidents opened.", a.incidents)
+
+        yield gauge("in_flight_events", "Events fetched but not yet stored.", p.tracker.in_flight)
+        yield gauge(
+            "paused_partitions",
+            "Partitions paused by backpressure.",
+            len(p.consumer.paused()) if p.running else 0,
+        )
+        yield gauge(
+            "concurrency_limit",
+            "Current AIMD limit of requests in flight.",
+            p.stage.concurrency.limit,
+        )
+        yield gauge(
+            "concurrency_ceiling",
+            "Most the AIMD limit may grow to now (max_concurrency, or what the quota can use).",
+            p.stage.concurrency.ceiling,
+        )
+        yield gauge("api_requests_in_flight", "Requests in flight.", p.stage.concurrency.in_flight)
+        yield gauge(
+            "texts_per_request_limit",
+            "Most texts per request (lowered when the provider refuses a batch's size).",
+            p.stage.max_texts,
+        )
+        circuit = GaugeMetricFamily(
+            f"{PREFIX}_circuit_state",
+            "1 for the circuit breaker's current state.",
+            labels=["state"],
+        )
+        for state in CIRCUIT_STATES:
+            circuit.add_metric([state], 1.0 if p.stage.breaker.state == state else 0.0)
+        yield circuit
+        yield gauge(
+            "auth_fault",
+            "1 while the provider rejects the credentials.",
+            float(p.stage.fault is not None),
+        )
+        yield gauge("postgres_up", "0 while Postgres is unreachable.", float(not p.postgres_down))
+        yield gauge(
+            "schema_registry_up",
+            "0 while the schema registry cannot give a schema a fetch needs.",
+            float(p.limits.schemas is None or not p.limits.schemas.waiting),
+        )
+        yield gauge("ready", "1 when the readiness probe passes.", float(p.ready))
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_consumer_lag",
+            "Records behind the partition's high-water mark.",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), behind in sorted(p.lag().items()):
+            lag.add_metric([topic, str(partition)], behind)
+        yield lag

@@ -1,0 +1,1 @@
+"""The stages an event meets, in order: fetch, decode, dedupe, batch, dispatch, write, commit."""

@@ -1,0 +1,329 @@
+"""Turn one Kafka record into a change to apply, or a dead letter with its reason.
+
+Every check that depends only on the record happens here, before any API call, so bad input
+never costs a request and never reaches Postgres (which cannot store NUL characters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ValidationError
+
+from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
+from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, envelope_budget, read_or_letter
+from worker.events import (
+    ID_MAX_CHARS,
+    NAMESPACE_MAX_CHARS,
+    ContentEvent,
+    DeadLetter,
+    Reason,
+    TextType,
+)
+from worker.jsonvalue import Rejected, check_strings, describe, json_object
+from worker.pipeline.formats import Ignored, is_native, to_event, tombstone
+from worker.pipeline.registry import Schemas, jsonable
+from worker.tokens import estimate_tokens, truncate_to_tokens
+
+NAMESPACE_HEADER = "namespace"
+# (namespace, id) is the primary key: its btree entry must stay well under 2,704 bytes.
+MAX_ID_BYTES = 1024
+MAX_NAMESPACE_BYTES = 512
+# An event without any time orders by offset alone, and a replay of it stays a no-op.
+NO_TIME = datetime.fromtimestamp(0, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The parts of a Kafka record the worker uses (independent of the client library)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @classmethod
+    def of(cls, topic: str, partition: int, msg: Any) -> Record:
+        """From an aiokafka ``ConsumerRecord``."""
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            timestamp_ms=msg.timestamp,
+            headers=tuple(msg.headers or ()),
+        )
+
+
+@dataclass(slots=True)
+class Change:
+    """A valid event on its way to Postgres, with the Kafka record it came from (a later
+    stage that refuses it, e.g. the provider, dead-letters that record, replayable as is)."""
+
+    record: Record
+    namespace: str
+    id: str
+    op: Literal["upsert", "delete"]
+    event_time: datetime
+    text: str = ""
+    text_type: TextType = TextType.DOCUMENT
+    metadata_json: str = "{}"
+    content_hash: bytes = b""
+    truncated: bool = False
+    tokens: int = 0
+    # Filled by the embedder; None for deletes and for unchanged content (vector reused).
+    vector: np.ndarray | None = None
+    unchanged: bool = False
+    epoch: int = 0
+    # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.ops.tracing).
+    trace: Any = None
+
+    @property
+    def topic(self) -> str:
+        return self.record.topic
+
+    @property
+    def partition(self) -> int:
+        return self.record.partition
+
+    @property
+    def offset(self) -> int:
+        return self.record.offset
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    default_namespace: str
+    max_tokens_per_text: int
+    oversize_policy: OversizePolicy
+    max_metadata_bytes: int
+    # How far a version's time may run ahead of the record's own time (or the worker's clock).
+    max_clock_skew_s: float = 300.0
+    # What a dead letter's JSON may take (see worker.envelope).
+    dead_letter_bytes: int = envelope_budget(DEFAULT_MAX_MESSAGE_BYTES)
+    # The input topic's shape (worker.pipeline.formats): the native contract unless configured.
+    input: InputSettings = field(default_factory=InputSettings)
+    # The schemas of a schema-registry format (the pipeline fetches them before decoding).
+    schemas: Schemas | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The limits a worker with ``settings`` decodes with (``produce`` checks files alike)."""
+        return cls(
+            default_namespace=settings.default_namespace,
+            max_tokens_per_text=settings.provider.max_tokens_per_text,
+            oversize_policy=settings.oversize_policy,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
+            input=settings.input,
+            schemas=Schemas(settings.input) if settings.input.format in REGISTRY_FORMATS else None,
+        )
+
+
+def content_hash(text: str, text_type: TextType) -> bytes:
+    """What decides "unchanged": the embedded text and how it is embedded."""
+    return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
+
+
+def decode(record: Record, limits: Limits) -> Change | DeadLetter | Ignored:
+    """Never raises: whatever the bytes, the answer is a change, a dead letter, or (for a
+    record that asks for nothing, such as a Debezium tombstone) ``Ignored``."""
+    return read_or_letter(
+        record, "the event", limits.dead_letter_bytes, lambda: _decode(record, limits)
+    )
+
+
+def _record_time(record: Record) -> datetime:
+    if record.timestamp_ms is not None and record.timestamp_ms >= 0:
+        try:
+            return datetime.fromtimestamp(record.timestamp_ms / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            pass
+    return NO_TIME
+
+
+def identity_problem(namespace: str, id: str) -> str | None:
+    """Why (namespace, id) cannot key a row, or None. The one check for upserts, deletes and
+    tombstones alike, so an id is accepted or refused the same way whichever way it came."""
+    for name, value, max_chars, max_bytes in (
+        ("id", id, ID_MAX_CHARS, MAX_ID_BYTES),
+        ("namespace", namespace, NAMESPACE_MAX_CHARS, MAX_NAMESPACE_BYTES),
+    ):
+        if not value:
+            return f"the {name} is empty"
+        if len(value) > max_chars:
+            return f"the {name} is {len(value)} characters; at most {max_chars}"
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            return f"the {name} is {size} bytes as UTF-8; at most {max_bytes}"
+    return None
+
+
+def _check_identity(namespace: str, id: str) -> None:
+    problem = identity_problem(namespace, id)
+    if problem is not None:
+        raise Rejected(Reason.SCHEMA_VIOLATION, problem)
+
+
+def _check_time(version_time: datetime, record: Record, limits: Limits) -> None:
+    """A version stamped far ahead would make every later upsert and delete of its id a
+    no-op (versions order by time): refuse it. The reference is the record's own time, so
+    that the answer does not change when the record is read again later, but never later
+    than the worker's clock (a producer's clock can be wrong too)."""
+    if version_time == NO_TIME:
+        return
+    now = datetime.now(UTC)
+    record_time = _record_time(record)
+    reference = now if record_time == NO_TIME else min(record_time, now)
+    ahead = (version_time - reference).total_seconds()
+    if ahead > limits.max_clock_skew_s:
+        against = "the worker's clock" if reference is now else "the record's own time"
+        raise Rejected(
+            Reason.TIMESTAMP_OUT_OF_RANGE,
+            f"the version time {version_time.isoformat()} is {ahead:.0f} s ahead of {against} "
+            f"({reference.isoformat()}); at most {limits.max_clock_skew_s:g} s "
+            "(max_clock_skew_s) is accepted, or it would hide every later version of this id",
+        )
+
+
+def _short(text: str, width: int = 80) -> str:
+    return repr(text) if len(text) <= width else repr(text[:width]) + f"... ({len(text)} chars)"
+
+
+def _key(record: Record) -> str | None:
+    if record.key is None:
+        return None
+    try:
+        return record.key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(Reason.INVALID_UTF8, "the record key is not valid UTF-8") from None
+
+
+def _decode(record: Record, limits: Limits) -> Change | Ignored:
+    key = _key(record)
+    native = is_native(limits.input)
+    if record.value is None:
+        return (None if native else tombstone(limits.input)) or _tombstone(record, key, limits)
+    if limits.schemas is None:
+        data = json_object(record.value, "the value")
+    else:
+        data = limits.schemas.decode(record.value)
+    if not native:
+        data = to_event(limits.input, data, record.headers)
+        if limits.schemas is not None:  # Avro's dates, decimals and bytes are not JSON
+            data["metadata"] = jsonable(data["metadata"])
+        # The key is the producer's partition key (Debezium: the row's primary key; the
+        # CloudEvents binding: `partitionkey`), not necessarily the content id.
+        key = None if limits.input.format is not InputFormat.NATIVE else key
+    try:
+        event = ContentEvent.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(Reason.SCHEMA_VIOLATION, describe(exc)) from None
+    namespace = limits.default_namespace if event.namespace is None else event.namespace
+    try:
+        return _checked(record, key, namespace, event, limits)
+    except Rejected as exc:
+        if identity_problem(namespace, event.id) is None:  # the letter names valid ids only
+            exc.namespace, exc.id = namespace, event.id
+        raise
+
+
+def _checked(
+    record: Record, key: str | None, namespace: str, event: ContentEvent, limits: Limits
+) -> Change:
+    _check_identity(namespace, event.id)
+    if key is not None and key != event.id:
+        raise Rejected(
+            Reason.KEY_MISMATCH,
+            f"the record key {_short(key)} differs from the event id {_short(event.id)} "
+            "(the key must be the content id so that one id stays in one partition)",
+        )
+    change = Change(
+        record=record,
+        namespace=namespace,
+        id=event.id,
+        op=event.op,
+        event_time=event.timestamp or _record_time(record),
+    )
+    _check_time(change.event_time, record, limits)
+    if event.op == "delete":
+        return change
+    return _with_text(change, event, limits)
+
+
+def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
+    if key is None:
+        raise Rejected(Reason.SCHEMA_VIOLATION, "a tombstone (null value) needs the id as key")
+    check_strings(key, "key")
+    namespace = limits.default_namespace
+    for name, value in record.headers:
+        if name == NAMESPACE_HEADER:
+            if value is None:
+                raise Rejected(Reason.SCHEMA_VIOLATION, "the namespace header is null")
+            try:
+                namespace = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Rejected(Reason.INVALID_UTF8, "the namespace header is not UTF-8") from None
+            check_strings(namespace, "namespace header")
+    _check_identity(namespace, key)
+    change = Change(
+        record=record, namespace=namespace, id=key, op="delete", event_time=_record_time(record)
+    )
+    try:
+        _check_time(change.event_time, record, limits)
+    except Rejected as exc:
+        exc.namespace, exc.id = namespace, key
+        raise
+    return change
+
+
+def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
+    text = event.text
+    if text is None or not text.strip():
+        raise Rejected(Reason.EMPTY_TEXT, "an upsert needs a non-empty `text`")
+    metadata_json = json.dumps(
+        event.metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
+    size = len(metadata_json.encode("utf-8"))
+    if size > limits.max_metadata_bytes:
+        raise Rejected(
+            Reason.METADATA_TOO_LARGE,
+            f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}",
+        )
+    tokens = estimate_tokens(text)
+    if tokens > limits.max_tokens_per_text:
+        if limits.oversize_policy is OversizePolicy.REJECT:
+            raise Rejected(
+                Reason.TEXT_TOO_LONG,
+                f"the text is about {tokens} tokens (estimated); the model takes at most "
+                f"{limits.max_tokens_per_text}",
+            )
+        text = truncate_to_tokens(text, limits.max_tokens_per_text)
+        if not text.strip():
+            raise Rejected(
+                Reason.TEXT_TOO_LONG,
+                f"the text is about {tokens} tokens and nothing but white space fits in "
+                f"{limits.max_tokens_per_text}",
+            )
+        tokens = estimate_tokens(text)
+        change.truncated = True
+    change.text = text
+    change.tokens = tokens
+    change.text_type = event.text_type
+    change.metadata_json = metadata_json
+    change.content_hash = content_hash(text, event.text_type)
+    return change

@@ -1,0 +1,1 @@
+"""The read side: search, indexes, clustering and recommendation over the stored rows."""

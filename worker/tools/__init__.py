@@ -1,0 +1,1 @@
+"""Commands around the worker: demo, evaluate, produce, replay and the embedded dev stack."""
