@@ -37,7 +37,7 @@ from benchmarks.harness import (
     unique,
 )
 from worker.events import TextType
-from worker.pipeline.decode import Change, Record, content_hash
+from worker.model import Change, Record, content_hash
 from worker.sinks import postgres as store
 
 SCENARIO = "5-sink"

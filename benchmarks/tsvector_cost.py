@@ -30,7 +30,7 @@ from pgvector.asyncpg import register_vector
 
 from evaluation.offline import SHARED
 from evaluation.postgres import with_postgres
-from worker.pipeline.decode import Change, Record
+from worker.model import Change, Record
 from worker.read import index
 from worker.sinks import postgres as store
 from worker.sinks.migrate import migrate

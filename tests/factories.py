@@ -13,7 +13,7 @@ from worker.config import load_settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.stage import EmbedStage
 from worker.events import TextType
-from worker.pipeline.decode import Change, Record
+from worker.model import Change, Record
 from worker.tokens import estimate_tokens
 
 

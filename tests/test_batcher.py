@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from tests.factories import upsert
 from worker.events import TextType
+from worker.model import Change
 from worker.pipeline.batch import MicroBatcher
-from worker.pipeline.decode import Change
 
 _offsets = itertools.count()
 

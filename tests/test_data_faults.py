@@ -28,7 +28,7 @@ from worker.config import environment_for
 from worker.envelope import dead_letter, digest, headers_digest
 from worker.events import DeadLetter, Reason, SourcePosition
 from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
-from worker.pipeline.decode import Record
+from worker.model import Record
 from worker.sinks.deadletter import DeadLetterSink
 from worker.tools.replay import OLD_TOMBSTONE, REPLAYED_FROM, Filters, replay, scan
 

@@ -13,7 +13,7 @@ from worker.analysis.decisions import Decided, Example, Stored
 from worker.analysis.labels import label_set
 from worker.config import ConfigError, load_settings
 from worker.events import DeadLetter, Reason, TextType
-from worker.pipeline.decode import Record, content_hash
+from worker.model import Record, content_hash
 
 SPEC = Classification(
     labels=[Label(name="ham", descriptions=["ordinary"]), Label(name="spam", examples=["buy"])]

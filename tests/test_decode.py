@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from worker.config import OversizePolicy
 from worker.events import DeadLetter, Reason, TextType
-from worker.pipeline.decode import NO_TIME, Change, Limits, Record, content_hash, decode
+from worker.model import NO_TIME, Change, Record, content_hash
+from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.tokens import estimate_tokens
 

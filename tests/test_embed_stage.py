@@ -20,7 +20,7 @@ from tests.factories import upsert
 from worker.embedding.providers.base import ConfigurationFault, TransientError
 from worker.embedding.stage import EmbedStage, backoff_delay, stated_limit
 from worker.events import TextType
-from worker.pipeline.decode import Change
+from worker.model import Change
 
 DIM = 256
 POISON = "xx-poison-xx"

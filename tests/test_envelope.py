@@ -17,7 +17,7 @@ from worker.envelope import (
     headers_digest,
 )
 from worker.events import DeadLetter, Reason
-from worker.pipeline.decode import Record
+from worker.model import Record
 
 BUDGET = 20_000
 Make = Callable[[int], Record]

@@ -15,7 +15,8 @@ from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
 from worker.config import FieldMap, InputFormat, InputSettings, load_settings
 from worker.events import DeadLetter, Reason
-from worker.pipeline.decode import Change, Limits, Record, decode
+from worker.model import Change, Record
+from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.tools.produce import check_file
 

@@ -12,7 +12,7 @@ import pytest
 
 from worker.config import ConfigError, load_settings
 from worker.events import DeadLetter
-from worker.pipeline.decode import Record
+from worker.model import Record
 from worker.side import profiles
 from worker.side.profiles import Interaction, Profile, add, decay
 

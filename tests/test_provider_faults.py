@@ -20,7 +20,7 @@ from tests.factories import stage_for as stage_with
 from tests.factories import upsert
 from worker.embedding.providers.base import ConfigurationFault
 from worker.embedding.stage import BatchOutcome, EmbedStage
-from worker.pipeline.decode import Change
+from worker.model import Change
 
 T = TypeVar("T")
 DIM = 64

@@ -22,7 +22,7 @@ from tests.test_cli import _env
 from tests.test_read_side import TOPICS, _corpus
 from worker.config import Settings
 from worker.kafka import make_producer
-from worker.pipeline.decode import Record
+from worker.model import Record
 from worker.side import profiles
 from worker.side.profiles import Interaction, Resolved
 from worker.sinks import postgres as store

@@ -25,7 +25,8 @@ from tests.conftest import Env, dashscope, migrate_db, running, wait_until
 from tests.schema_registry import SchemaRegistry
 from worker.config import ConfigError, FieldMap, InputFormat, InputSettings, load_settings
 from worker.events import DeadLetter, Reason
-from worker.pipeline.decode import Change, Limits, Record, decode
+from worker.model import Change, Record
+from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.pipeline.registry import Schemas, schema_id
 from worker.tools.produce import check_file

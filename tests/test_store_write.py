@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Env, migrate_db
 from tests.factories import upsert
-from worker.pipeline.decode import Change
+from worker.model import Change
 from worker.sinks import postgres as store
 
 DIM = 8

@@ -28,7 +28,7 @@ from worker.jsonvalue import Rejected
 from worker.sinks.publish import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
-    from worker.pipeline.decode import Record
+    from worker.model import Record
 
 Headers = Sequence[tuple[str, bytes | None]]
 

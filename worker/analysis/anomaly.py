@@ -32,7 +32,7 @@ from worker.analysis import scoring
 from worker.analysis.config import Anomaly
 from worker.analysis.results import AnomalyResult, Neighbour, origin
 from worker.analysis.state import Delta, NamespaceState, points_between
-from worker.pipeline.decode import Change
+from worker.model import Change
 from worker.sinks.postgres import Conn
 
 METHOD = "centroid+knn"

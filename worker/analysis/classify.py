@@ -17,7 +17,7 @@ import numpy as np
 from worker.analysis import scoring
 from worker.analysis.labels import LabelSet
 from worker.analysis.results import ClassificationResult, LabelScore, Method, origin
-from worker.pipeline.decode import Change
+from worker.model import Change
 
 
 @dataclass

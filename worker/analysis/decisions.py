@@ -24,7 +24,7 @@ from worker.analysis.config import NamespaceAnalysis
 from worker.envelope import dead_letter, read_or_letter
 from worker.events import DeadLetter, Reason, TextType
 from worker.jsonvalue import Rejected, describe, json_object
-from worker.pipeline.decode import Record, content_hash, identity_problem
+from worker.model import Record, content_hash, identity_problem
 from worker.sinks.postgres import Conn
 
 

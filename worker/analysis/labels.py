@@ -26,7 +26,7 @@ from worker.analysis.head import Head
 from worker.config import ConfigError
 from worker.embedding.stage import EmbedStage
 from worker.events import TextType
-from worker.pipeline.decode import NO_TIME, Change, Record
+from worker.model import NO_TIME, Change, Record
 from worker.sinks.postgres import Conn
 from worker.tokens import estimate_tokens, truncate_to_tokens
 

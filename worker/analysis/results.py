@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from worker.analysis.config import Action
 from worker.events import SourcePosition
-from worker.pipeline.decode import NO_TIME, Change
+from worker.model import NO_TIME, Change
 
 Method = Literal["zero-shot", "few-shot", "zero-shot+few-shot"]
 

@@ -23,7 +23,7 @@ from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
 from worker.analysis.results import AnomalyResult, ClassificationResult, IncidentResult
 from worker.config import AnalysisSettings
-from worker.pipeline.decode import Change
+from worker.model import Change
 from worker.sinks.postgres import Conn
 from worker.sinks.publish import publish
 

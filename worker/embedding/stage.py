@@ -40,7 +40,7 @@ from worker.embedding.providers.base import (
 from worker.embedding.providers.http import CONFIG_CODES
 from worker.embedding.ratelimit import RateLimiter
 from worker.events import TextType
-from worker.pipeline.decode import Change
+from worker.model import Change
 from worker.tokens import estimate_tokens
 
 log = structlog.get_logger(__name__)

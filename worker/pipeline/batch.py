@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.events import TextType
-from worker.pipeline.decode import Change
+from worker.model import Change
 
 
 @dataclass

@@ -30,9 +30,10 @@ from worker.embedding.providers.base import ConfigurationFault, Embedder
 from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
+from worker.model import NO_TIME, Change, Item, Record, Settled
 from worker.ops.metrics import Metrics
 from worker.pipeline.batch import MicroBatcher
-from worker.pipeline.decode import NO_TIME, Change, Limits, Record, decode
+from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.pipeline.offsets import TP, OffsetTracker
 from worker.pipeline.registry import Schemas
@@ -49,19 +50,6 @@ T = TypeVar("T")
 
 class ShuttingDown(Exception):
     """Postgres is unreachable and a stop was requested: give up waiting, store nothing."""
-
-
-@dataclass(slots=True)
-class Settled:
-    """An event with nothing to write (dead-lettered): only its offset moves on."""
-
-    topic: str
-    partition: int
-    offset: int
-    epoch: int
-
-
-Item = Change | Settled
 
 
 @dataclass

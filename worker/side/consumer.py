@@ -25,7 +25,7 @@ from worker.analysis.stage import RunPg
 from worker.config import Settings
 from worker.envelope import envelope_budget
 from worker.events import DeadLetter
-from worker.pipeline.decode import Record
+from worker.model import Record
 from worker.pipeline.unreadable import UNREADABLE_ERRORS, isolate
 from worker.sinks import postgres as store
 from worker.sinks.deadletter import DeadLetterSink

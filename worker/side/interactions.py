@@ -20,7 +20,7 @@ from worker.analysis.stage import RunPg
 from worker.config import Settings
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
-from worker.pipeline.decode import Record
+from worker.model import Record
 from worker.side import profiles
 from worker.side.consumer import ConsumerStats, Letters, SideConsumer
 from worker.side.profiles import Interaction, Resolved

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.envelope import read_or_letter
 from worker.events import DeadLetter, EventTime, Reason
 from worker.jsonvalue import Rejected, describe, json_object
-from worker.pipeline.decode import Record, identity_problem
+from worker.model import Record, identity_problem
 from worker.sinks.postgres import Conn
 
 

@@ -19,7 +19,7 @@ from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
 from worker.config import ConfigError
-from worker.pipeline.decode import Change
+from worker.model import Change
 
 # A plain connection or one borrowed from a pool.
 Conn = asyncpg.Connection | PoolConnectionProxy

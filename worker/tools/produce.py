@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaProducer
 from worker.config import ConfigError, KafkaSettings, Settings
 from worker.events import DeadLetter
 from worker.kafka import make_producer, started
-from worker.pipeline.decode import Change, Limits, Record, decode
+from worker.model import Change, Record
+from worker.pipeline.decode import Limits, decode
 
 
 def key_of(value: bytes) -> bytes | None:
