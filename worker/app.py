@@ -12,6 +12,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
+from worker import backoff
 from worker.analysis.labels import stage_embedder
 from worker.analysis.learn import Learner, group_of
 from worker.analysis.stage import AnalysisStage
@@ -234,7 +235,7 @@ class Worker:
                 self._reached["postgres"] = True
                 return True
             except (store.Unreachable, *store.PG_UNAVAILABLE) as exc:
-                delay = _backoff(attempt)
+                delay = backoff.capped(attempt, 0.2, 10.0)
                 attempt += 1
                 log.warning("waiting for postgres", error=repr(exc.__cause__ or exc), delay_s=delay)
                 with contextlib.suppress(TimeoutError):
@@ -267,7 +268,7 @@ class Worker:
                         return True
                     return False
                 except KafkaConnectionError as exc:
-                    delay = _backoff(attempt)
+                    delay = backoff.capped(attempt, 0.2, 10.0)
                     attempt += 1
                     why = await refusal(self.settings.kafka)
                     if why is not None:
@@ -292,10 +293,6 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
             return False
-
-
-def _backoff(attempt: int) -> float:
-    return min(10.0, 0.2 * 2.0 ** min(attempt, 10))
 
 
 async def _unless_stopped(operation: Awaitable[None], stop: asyncio.Event) -> bool:

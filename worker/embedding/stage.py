@@ -16,7 +16,6 @@ gates see the whole worker's traffic.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from worker import backoff
 from worker.config import INITIAL_CONCURRENCY, ProviderSettings
 from worker.embedding.breaker import CircuitBreaker
 from worker.embedding.concurrency import AdaptiveConcurrency, quota_ceiling
@@ -62,14 +62,6 @@ class BatchOutcome:
     retries_by_cause: Counter[str] = field(default_factory=Counter)
     # 429 answers received (each one also lowers the adaptive concurrency).
     throttled: int = 0
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float | None) -> float:
-    """Full jitter (AWS style), but never sooner than the provider asked for."""
-    delay = random.uniform(0, min(cap, initial * 2 ** min(attempt, 62)))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
 
 
 def stated_limit(message: str, sent: int) -> int | None:
@@ -191,7 +183,7 @@ class EmbedStage:
                     limit = self.settings.max_retries
                     if limit is not None and attempt >= limit:
                         raise
-                    delay = backoff_delay(
+                    delay = backoff.jittered(
                         attempt,
                         self.settings.backoff_initial_s,
                         self.settings.backoff_max_s,

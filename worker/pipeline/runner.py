@@ -23,6 +23,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker import backoff
 from worker.analysis.labels import stage_embedder
 from worker.analysis.stage import AnalysisStage
 from worker.config import Settings
@@ -654,7 +655,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.postgres_down = True
                 if self._stop.is_set():
                     raise ShuttingDown(what) from exc
-                delay = min(10.0, 0.1 * 2 ** min(attempt, 10))
+                delay = backoff.capped(attempt, 0.1, 10.0)
                 attempt += 1
                 log.warning(
                     "postgres unavailable, retrying", during=what, error=repr(exc), delay_s=delay
