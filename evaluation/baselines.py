@@ -78,7 +78,7 @@ class VectorCache:
                     )
             finally:
                 print(file=sys.stderr)
-                await embedder.aclose()
+                await embedder.close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             keys = np.array(sorted(self.vectors))
             partial = self.path.with_suffix(".partial.npz")

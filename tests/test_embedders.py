@@ -58,7 +58,7 @@ async def embedder_for(provider_settings: dict[str, Any]) -> AsyncIterator[Embed
     try:
         yield embedder
     finally:
-        await embedder.aclose()
+        await embedder.close()
 
 
 def expected(texts: list[str], dimension: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -292,7 +292,7 @@ from worker.embedding.providers.local import LocalEmbedder
 async def main():
     spec = {"kind": "local", "model": "use-multilingual-v3", "dimension": 512}
     embedder = LocalEmbedder(ProviderSettings.model_validate(spec))
-    await embedder.warm_up()
+    await embedder.start()
     with open(sys.argv[1], "w") as out:
         out.write(" ".join(str(c.pid) for c in multiprocessing.active_children()))
     os.kill(os.getpid(), signal.SIGKILL)

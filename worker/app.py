@@ -18,7 +18,6 @@ from worker.analysis.learn import Learner, group_of
 from worker.analysis.stage import AnalysisStage
 from worker.config import ConfigError, Settings
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.local import LocalEmbedder
 from worker.kafka import make_consumer, make_producer, quiet_bootstrap, refusal
 from worker.ops.metrics import Metrics
 from worker.ops.probes import ProbeServer
@@ -117,8 +116,7 @@ class Worker:
         learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         profiling: AIOKafkaConsumer | None = None  # the interactions' consumer, if configured
         try:
-            if isinstance(embedder, LocalEmbedder):
-                await embedder.warm_up()
+            await embedder.start()
             if not await self._wait_for_kafka("producer", producer.start, stop):
                 return
             analysis = (
@@ -176,7 +174,7 @@ class Worker:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
-            await embedder.aclose()
+            await embedder.close()
             await pool.close()
 
     def _learner(

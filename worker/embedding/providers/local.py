@@ -105,8 +105,9 @@ class LocalEmbedder(Embedder):
             initializer=_child_started,
         )
 
-    async def warm_up(self) -> None:
-        """Load the weights before the first event so start-up errors surface early."""
+    async def start(self) -> None:
+        """Start the model's process and load the weights in it (a missing extra is then a
+        start-up error, not the first event's)."""
         await self.embed(["warm-up"], TextType.DOCUMENT)
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
@@ -123,5 +124,5 @@ class LocalEmbedder(Embedder):
             raise TransientError("the local model process exited", code="ModelProcess") from exc
         return Embeddings(vectors)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

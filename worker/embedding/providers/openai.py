@@ -40,7 +40,7 @@ class OpenAIEmbedder(Embedder):
         tokens = (body.get("usage") or {}).get("total_tokens")
         return Embeddings(vectors, tokens)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         await self._client.aclose()
 
 
