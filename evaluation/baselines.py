@@ -64,7 +64,7 @@ class VectorCache:
         if missing:
             settings = load_settings(provider={"kind": "local", "model": self.model})
             embedder = create_embedder(settings.provider)
-            step = settings.provider.texts_per_request
+            step = embedder.max_texts
             try:
                 for start in range(0, len(missing), step):
                     chunk = missing[start : start + step]
