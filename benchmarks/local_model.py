@@ -19,12 +19,13 @@ from benchmarks.context import Context
 from benchmarks.harness import CpuWindow, Figure, events, log, median_cpu, produce, stack_roots
 from benchmarks.live import LiveWorker
 from worker.config import ProviderSettings
+from worker.embedding.providers.local import model_threads
 
 SCENARIO = "4-local-model"
 TARGET_RATIO = 0.90
 DIMENSION = 512
 BATCH = 64
-THREADS = ProviderSettings().model_threads  # the worker's default
+THREADS = model_threads(ProviderSettings())  # the worker's default
 
 
 def raw_rate(texts: list[str]) -> tuple[float, dict[str, float]]:

@@ -64,7 +64,7 @@ class VectorCache:
         if missing:
             settings = load_settings(provider={"kind": "local", "model": self.model})
             embedder = create_embedder(settings.provider)
-            step = settings.provider.texts_per_request
+            step = embedder.max_texts
             try:
                 for start in range(0, len(missing), step):
                     chunk = missing[start : start + step]
@@ -78,7 +78,7 @@ class VectorCache:
                     )
             finally:
                 print(file=sys.stderr)
-                await embedder.aclose()
+                await embedder.close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             keys = np.array(sorted(self.vectors))
             partial = self.path.with_suffix(".partial.npz")

@@ -47,4 +47,4 @@ async def stage_for(
     try:
         yield EmbedStage(embedder, settings.provider)
     finally:
-        await embedder.aclose()
+        await embedder.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,6 @@ from worker.config import (
     ProviderKind,
     Settings,
     load_settings,
-    usable_cpus,
 )
 
 SECRET = "sk-very-secret-4242"
@@ -37,7 +35,7 @@ def test_defaults_are_the_local_model() -> None:
     assert s.provider.kind is ProviderKind.LOCAL
     assert s.provider.model == LocalModel.USE.value
     assert s.provider.dimension == 512
-    assert s.provider.max_texts_per_request == 64
+    assert s.provider.max_texts_per_request is None  # the provider's own (test_embedders.py)
     assert s.oversize_policy is OversizePolicy.TRUNCATE
 
 
@@ -110,12 +108,6 @@ def test_unknown_local_model_is_refused() -> None:
         load_settings(provider={"kind": "local", "model": "text-embedding-v4"})
 
 
-def test_local_default_max_texts_is_64_unless_set() -> None:
-    assert load_settings(provider={"kind": "local"}).provider.max_texts_per_request == 64
-    s = load_settings(provider={"kind": "local", "max_texts_per_request": 16})
-    assert s.provider.max_texts_per_request == 16
-
-
 def test_concurrency_is_adaptive_up_to_a_high_ceiling_for_an_api_and_4_for_the_local_model() -> (
     None
 ):
@@ -128,48 +120,6 @@ def test_concurrency_is_adaptive_up_to_a_high_ceiling_for_an_api_and_4_for_the_l
     assert local.provider.concurrency_ceiling == 8
     with pytest.raises(ConfigError, match="min_concurrency"):
         load_settings(provider={**api, "min_concurrency": 4, "max_concurrency": 3})
-
-
-@pytest.mark.parametrize(
-    ("provider", "expected"),
-    [
-        ({"kind": "dashscope"}, 10),
-        ({"kind": "openai"}, 10),  # the default URL: DashScope's OpenAI-compatible endpoint
-        ({"kind": "openai", "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"}, 10),
-        ({"kind": "openai", "base_url": "http://tei.internal:8080/v1"}, 32),
-        (
-            {"kind": "openai", "base_url": "http://tei.internal/v1", "max_texts_per_request": 500},
-            500,
-        ),
-    ],
-)
-def test_texts_per_request_default_by_dialect(provider: dict[str, Any], expected: int) -> None:
-    s = load_settings(provider={**provider, "api_key": SECRET})
-    assert s.provider.max_texts_per_request == expected == s.provider.texts_per_request
-
-
-@pytest.mark.parametrize(
-    ("files", "expected"),
-    [
-        ({}, None),  # no cgroup files: the affinity alone
-        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
-        ({"cpu.max": "150000 100000\n"}, 2),  # v2, 1.5 CPUs: rounded up
-        ({"cpu.max": "50000 100000\n"}, 1),
-        ({"cpu.max": "50000 0\n"}, None),  # nonsense is ignored, not a crash at start
-        ({"cpu.max": "garbage\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
-    ],
-)
-def test_usable_cpus_counts_a_cgroup_cpu_limit(
-    tmp_path: Path, files: dict[str, str], expected: int | None
-) -> None:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    affinity = len(os.sched_getaffinity(0))
-    got = usable_cpus(tmp_path)
-    assert got == (affinity if expected is None else min(affinity, expected))
 
 
 def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:

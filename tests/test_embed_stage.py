@@ -9,16 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-import worker.embedding.stage
+import worker.backoff
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.factories import stage_for as stage_with
 from tests.factories import upsert
 from worker.embedding.providers.base import ConfigurationFault, TransientError
-from worker.embedding.stage import EmbedStage, backoff_delay, stated_limit
+from worker.embedding.stage import EmbedStage, stated_limit
 from worker.events import TextType
 from worker.model import Change
 
@@ -148,14 +146,16 @@ async def test_transient_errors_are_retried(
     fake_api.configure(rate_429=0.5, retry_after_s=0.002)
     delays: list[tuple[float | None, float]] = []
 
+    jittered = worker.backoff.jittered
+
     def recording_backoff(
         attempt: int, initial: float, cap: float, retry_after: float | None
     ) -> float:
-        delay = backoff_delay(attempt, initial, cap, retry_after)
+        delay = jittered(attempt, initial, cap, retry_after)
         delays.append((retry_after, delay))
         return delay
 
-    monkeypatch.setattr(worker.embedding.stage, "backoff_delay", recording_backoff)
+    monkeypatch.setattr(worker.backoff, "jittered", recording_backoff)
     outcomes = []
     async with stage_for(fake_api) as stage:
         for start in range(0, 30, 10):
@@ -221,32 +221,3 @@ async def test_query_batches_are_sent_as_queries(
         monkeypatch.setattr(stage.embedder, "embed", spy)
         outcome = await stage.run(changes(3, text_type=TextType.QUERY))
     assert seen == [TextType.QUERY] and len(outcome.embedded) == 3
-
-
-# --- backoff_delay ---------------------------------------------------------------------------
-
-
-@given(
-    attempt=st.integers(0, 60),
-    initial=st.floats(0.001, 5.0),
-    cap=st.floats(0.001, 60.0),
-    retry_after=st.none() | st.floats(0.0, 120.0),
-)
-def test_backoff_delay_bounds(
-    attempt: int, initial: float, cap: float, retry_after: float | None
-) -> None:
-    delay = backoff_delay(attempt, initial, cap, retry_after)
-    assert 0.0 <= delay <= max(cap, retry_after or 0.0)
-    assert delay <= max(initial * 2**attempt, retry_after or 0.0)
-    if retry_after is not None:
-        assert delay >= retry_after
-
-
-def test_backoff_delay_is_jittered() -> None:
-    delays = {backoff_delay(5, 0.5, 30.0, None) for _ in range(50)}
-    assert len(delays) > 40
-    assert max(delays) <= 16.0
-
-
-def test_backoff_delay_survives_a_very_long_outage() -> None:
-    assert backoff_delay(1100, 0.5, 30.0, None) <= 30.0

@@ -17,8 +17,9 @@ import pytest
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import dashscope, openai, wait_until
-from worker.config import load_settings
+from worker.config import DASHSCOPE_TEXTS_LIMIT, load_settings
 from worker.embedding.providers import create_embedder
+from worker.embedding.providers import dashscope as dashscope_provider
 from worker.embedding.providers.base import (
     ConfigurationFault,
     Embedder,
@@ -27,6 +28,7 @@ from worker.embedding.providers.base import (
     TransientError,
 )
 from worker.embedding.providers.http import ApiClient, post_json
+from worker.embedding.providers.local import usable_cpus
 from worker.events import TextType
 
 TEXTS = [
@@ -58,7 +60,7 @@ async def embedder_for(provider_settings: dict[str, Any]) -> AsyncIterator[Embed
     try:
         yield embedder
     finally:
-        await embedder.aclose()
+        await embedder.close()
 
 
 def expected(texts: list[str], dimension: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -292,7 +294,7 @@ from worker.embedding.providers.local import LocalEmbedder
 async def main():
     spec = {"kind": "local", "model": "use-multilingual-v3", "dimension": 512}
     embedder = LocalEmbedder(ProviderSettings.model_validate(spec))
-    await embedder.warm_up()
+    await embedder.start()
     with open(sys.argv[1], "w") as out:
         out.write(" ".join(str(c.pid) for c in multiprocessing.active_children()))
     os.kill(os.getpid(), signal.SIGKILL)
@@ -376,3 +378,57 @@ async def test_requests_go_through_the_proxy_the_environment_names(
     finally:
         proxy.close()
         await proxy.wait_closed()
+
+
+# --- the providers' own rules: texts per request, the local model's threads -------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ({"kind": "dashscope"}, 10),
+        ({"kind": "openai"}, 10),  # the default URL: DashScope's OpenAI-compatible endpoint
+        ({"kind": "openai", "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"}, 10),
+        ({"kind": "openai", "base_url": "http://tei.internal:8080/v1"}, 32),
+        (
+            {"kind": "openai", "base_url": "http://tei.internal/v1", "max_texts_per_request": 500},
+            500,
+        ),
+        ({"kind": "local"}, 64),
+        ({"kind": "local", "max_texts_per_request": 16}, 16),
+    ],
+)
+async def test_texts_per_request_default_by_provider(
+    provider: dict[str, Any], expected: int
+) -> None:
+    async with embedder_for({**provider, "api_key": "sk-test"}) as embedder:
+        assert embedder.max_texts == expected
+
+
+def test_the_settings_refuse_what_dashscope_refuses() -> None:
+    """The settings validator states DashScope's limit apart (this module imports config)."""
+    assert DASHSCOPE_TEXTS_LIMIT == dashscope_provider.MAX_TEXTS
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),  # no cgroup files: the affinity alone
+        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ({"cpu.max": "150000 100000\n"}, 2),  # v2, 1.5 CPUs: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "50000 0\n"}, None),  # nonsense is ignored, not a crash at start
+        ({"cpu.max": "garbage\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ],
+)
+def test_usable_cpus_counts_a_cgroup_cpu_limit(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    got = usable_cpus(tmp_path)
+    assert got == (affinity if expected is None else min(affinity, expected))

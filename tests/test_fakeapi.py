@@ -1,4 +1,5 @@
-"""The DashScope fake must honour embedding-api.md, or every test built on it lies."""
+"""The DashScope fake must answer as DashScope's API does (its shapes, limits and error codes),
+or every test built on it lies."""
 
 from __future__ import annotations
 

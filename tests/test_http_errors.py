@@ -1,4 +1,4 @@
-"""The provider's error table (reference/embedding-api.md) turned into retry / split / stop."""
+"""DashScope's error codes turned into retry / split / stop (README, "Failure semantics")."""
 
 from __future__ import annotations
 

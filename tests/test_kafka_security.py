@@ -28,7 +28,6 @@ from worker.tools.devstack.tls import make_ca
 pytestmark = pytest.mark.kafka_only
 
 WRONG = "not-the-password"
-REFUSED = "kafka refuses the worker: fix the settings"
 
 
 def secured(stack: DevStack) -> Secured:

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import Env, dashscope, migrate_db, openai, running
+from worker.embedding.providers import create_embedder
 
 TOPICS = ("rockets", "bread", "markets", "storms", "trains", "football", "compilers", "vaccines")
 
@@ -88,7 +89,9 @@ async def test_a_server_that_takes_fewer_texts_lowers_the_batch_size_once_and_lo
     events = [_event(i) for i in range(300)]
     high = await env.produce(events)
     settings = env.settings(openai(fake_api, 128))
-    assert settings.provider.max_texts_per_request == 32
+    probe = create_embedder(settings.provider)  # the provider's own default
+    assert probe.max_texts == 32
+    await probe.close()
     with capture_logs() as logs:
         async with running(settings) as worker:
             await env.wait_for_offsets(high)

@@ -114,7 +114,7 @@ async def embedder(env: Env) -> AsyncIterator[Embedder]:
     try:
         yield e
     finally:
-        await e.aclose()
+        await e.close()
 
 
 async def _json_lines(env: Env, *args: str) -> list[dict[str, Any]]:

@@ -13,11 +13,11 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
+from worker import backoff
 from worker.analysis.labels import Embed, LabelError
 from worker.analysis.stage import AnalysisStage
 from worker.config import ConfigError, Settings
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.local import LocalEmbedder
 from worker.embedding.stage import EmbedStage, TextRefused
 from worker.events import TextType
 from worker.kafka.clients import make_consumer, make_producer, quiet_bootstrap, refusal
@@ -120,8 +120,7 @@ class Worker:
         learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         profiling: AIOKafkaConsumer | None = None  # the interactions' consumer, if configured
         try:
-            if isinstance(embedder, LocalEmbedder):
-                await embedder.warm_up()
+            await embedder.start()
             if not await self._wait_for_kafka("producer", producer.start, stop):
                 return
             analysis = (
@@ -185,7 +184,7 @@ class Worker:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
-            await embedder.aclose()
+            await embedder.close()
             await pool.close()
 
     def _learner(
@@ -243,7 +242,7 @@ class Worker:
                 self._reached["postgres"] = True
                 return True
             except (store.Unreachable, *store.PG_UNAVAILABLE) as exc:
-                delay = _backoff(attempt)
+                delay = backoff.capped(attempt, 0.2, 10.0)
                 attempt += 1
                 log.warning("waiting for postgres", error=repr(exc.__cause__ or exc), delay_s=delay)
                 with contextlib.suppress(TimeoutError):
@@ -276,7 +275,7 @@ class Worker:
                         return True
                     return False
                 except KafkaConnectionError as exc:
-                    delay = _backoff(attempt)
+                    delay = backoff.capped(attempt, 0.2, 10.0)
                     attempt += 1
                     why = await refusal(self.settings.kafka)
                     if why is not None:
@@ -316,10 +315,6 @@ def label_embedder(stage: EmbedStage) -> Embed:
             ) from None
 
     return embed
-
-
-def _backoff(attempt: int) -> float:
-    return min(10.0, 0.2 * 2.0 ** min(attempt, 10))
 
 
 async def _unless_stopped(operation: Awaitable[None], stop: asyncio.Event) -> bool:

@@ -396,7 +396,7 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
         conn = await store.connect(dsn, settings.provider.dim)
     except BaseException:
         if embedder is not None:
-            await embedder.aclose()
+            await embedder.close()
         raise
     try:
         # Before 0006: a clear error (exit 3), not a missing function.
@@ -423,7 +423,7 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await conn.close()
         if embedder is not None:
-            await embedder.aclose()
+            await embedder.close()
     _print_hits(hits, args.json)
     return 0
 

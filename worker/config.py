@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import tomllib
@@ -19,7 +18,6 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from aiokafka.conn import collect_hosts
 from pydantic import (
@@ -52,32 +50,6 @@ from worker.analysis.config import (
 from worker.dsn import dsn_problem
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use, not every CPU of the host: its affinity, capped by its
-    cgroup's CPU quota rounded up (a container's ``--cpus``, a Kubernetes CPU limit), which
-    the affinity does not show."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup_root)
-    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
-
-
-def cgroup_cpu_quota(root: Path) -> float | None:
-    """CPUs' worth of time per period the cgroup may use (v2 ``cpu.max``, else v1 CFS files),
-    or None: unlimited or unknown. Read where a container mounts its own cgroup."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-
-
 class ConfigError(Exception):
     """Invalid configuration: the worker refuses to start and says why."""
 
@@ -108,13 +80,9 @@ INITIAL_CONCURRENCY = 16
 # 2,000 requests/s, past what batch.max_in_flight (2,000 events) can fill at 10 texts per
 # request, so events in flight, not this, bound memory.
 AUTO_MAX_CONCURRENCY = 256
-# Texts per request by dialect. DashScope: 10 (text-embedding-v4's documented limit, also on
-# its OpenAI-compatible endpoint). Another OpenAI-compatible server: 32, the smallest
-# common limit (TEI's default max-client-batch-size; OpenAI takes 2,048, vLLM and Ollama
-# set none), so no server at its defaults refuses it, at a third of the requests of 10.
-DASHSCOPE_MAX_TEXTS = 10
-OPENAI_MAX_TEXTS = 32
-LOCAL_MAX_TEXTS = 64
+# DashScope's texts per request (worker/embedding/providers/dashscope.py MAX_TEXTS), for the
+# validator that refuses more at start: not imported, as that module imports this one.
+DASHSCOPE_TEXTS_LIMIT = 10
 DEFAULT_URLS = {
     ProviderKind.DASHSCOPE: "https://dashscope-intl.aliyuncs.com/api/v1",
     ProviderKind.OPENAI: "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
@@ -122,23 +90,6 @@ DEFAULT_URLS = {
 
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
-
-
-def is_dashscope_url(url: str) -> bool:
-    """DashScope's own endpoints (either dialect), whose per-request limits are known."""
-    host = (urlsplit(url).hostname or "").lower()
-    return host.startswith("dashscope") and host.endswith(".aliyuncs.com")
-
-
-def default_max_texts(kind: ProviderKind, base_url: str | None) -> int:
-    """Texts per request when not configured: the local model's, DashScope's (either dialect;
-    an OpenAI-compatible kind with no URL gets DashScope's endpoint), or another server's."""
-    if kind is ProviderKind.LOCAL:
-        # No per-request limit in-process; larger batches amortise the forward pass.
-        return LOCAL_MAX_TEXTS
-    if kind is ProviderKind.DASHSCOPE or is_dashscope_url(base_url or DEFAULT_URLS[kind]):
-        return DASHSCOPE_MAX_TEXTS
-    return OPENAI_MAX_TEXTS
 
 
 class KafkaSettings(BaseModel):
@@ -251,8 +202,9 @@ class ProviderSettings(BaseModel):
     dimension: int | None = Field(default=None, ge=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
-    # Texts per request; None: the dialect's own (see ``Settings._provider_defaults``). An
-    # OpenAI-compatible server that answers "too many inputs" lowers it for the run (embed.py).
+    # Texts per request; None: the provider's own (its module's MAX_TEXTS: DashScope 10,
+    # another OpenAI-compatible server 32, local 64). A server that answers "too many
+    # inputs" lowers it for the run (worker/embedding/stage.py).
     max_texts_per_request: int | None = Field(default=None, ge=1)
     max_tokens_per_text: int = Field(default=8192, ge=1)
     max_tokens_per_request: int = Field(default=80_000, ge=1)
@@ -283,15 +235,10 @@ class ProviderSettings(BaseModel):
     # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
     encoding_format: Literal["base64", "float"] = "base64"
     send_dimensions: bool = True
-    # Local model: BLAS threads of its forward pass, in its own process. Default: all but
-    # one of the CPUs this process may use, at least 1 (the pipeline keeps a core: on 2 cores
-    # a second model thread gave +7 % end to end and took 12 % from the pipeline, benchmark
-    # scenario 4). A container's CPU limit counts (see ``usable_cpus``).
+    # Local model: BLAS threads of its forward pass, in its own process. None: all but one of
+    # the CPUs this process may use, a container's CPU limit counted (see
+    # worker/embedding/providers/local.py, ``model_threads``).
     local_threads: int | None = Field(default=None, ge=1)
-
-    @property
-    def model_threads(self) -> int:
-        return self.local_threads or max(1, usable_cpus() - 1)
 
     @field_validator("base_url")
     @classmethod
@@ -320,13 +267,6 @@ class ProviderSettings(BaseModel):
     def concurrency_ceiling(self) -> int:
         """The most requests ever in flight (the AIMD limit's hard ceiling)."""
         return self.max_concurrency or AUTO_MAX_CONCURRENCY
-
-    @property
-    def texts_per_request(self) -> int:
-        """``max_texts_per_request``, or the dialect's own (Settings validation fills it in)."""
-        if self.max_texts_per_request is not None:
-            return self.max_texts_per_request
-        return default_max_texts(self.kind, self.base_url)
 
     @property
     def model_name(self) -> str:
@@ -661,7 +601,6 @@ class Settings(BaseSettings):
                     f"{local.value}, which produces {native}-d vectors"
                 )
             p.dimension = native
-            p.max_texts_per_request = p.texts_per_request
             if p.max_concurrency is None:
                 p.max_concurrency = LOCAL_MAX_CONCURRENCY
             return self
@@ -679,12 +618,12 @@ class Settings(BaseSettings):
                     f"provider.dimension {p.dimension} is not offered by DashScope "
                     f"(one of {', '.join(map(str, DASHSCOPE_DIMENSIONS))})"
                 )
-            if p.max_texts_per_request is not None and p.max_texts_per_request > 10:
+            limit = DASHSCOPE_TEXTS_LIMIT
+            if p.max_texts_per_request is not None and p.max_texts_per_request > limit:
                 raise ValueError(
-                    "provider.max_texts_per_request is at most 10 for DashScope "
+                    f"provider.max_texts_per_request is at most {limit} for DashScope "
                     "(a larger batch is a 400 that no retry fixes)"
                 )
-        p.max_texts_per_request = p.texts_per_request
         return self
 
 

@@ -20,7 +20,6 @@ gets an embedding function and never needs the pipeline's types.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import structlog
 
+from worker import backoff
 from worker.config import INITIAL_CONCURRENCY, ProviderSettings
 from worker.embedding.breaker import CircuitBreaker
 from worker.embedding.concurrency import AdaptiveConcurrency, quota_ceiling
@@ -96,14 +96,6 @@ class BatchOutcome(Generic[E]):
     retries_by_cause: Counter[str] = field(default_factory=Counter)
     # 429 answers received (each one also lowers the adaptive concurrency).
     throttled: int = 0
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, retry_after: float | None) -> float:
-    """Full jitter (AWS style), but never sooner than the provider asked for."""
-    delay = random.uniform(0, min(cap, initial * 2 ** min(attempt, 62)))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
 
 
 def stated_limit(message: str, sent: int) -> int | None:
@@ -239,7 +231,7 @@ class EmbedStage:
                     limit = self.settings.max_retries
                     if limit is not None and attempt >= limit:
                         raise
-                    delay = backoff_delay(
+                    delay = backoff.jittered(
                         attempt,
                         self.settings.backoff_initial_s,
                         self.settings.backoff_max_s,

@@ -198,8 +198,8 @@ async def read_topic(bootstrap_servers: str, topic: str, partition: int = 0) -> 
 
 async def at_high_water(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> bool:
     """Every partition read up to the high-water mark its last fetch reported (unknown before
-    the first fetch response: not yet). The fetched mark, not end_offsets(), which the
-    embedded broker gets wrong (DESIGN.md)."""
+    the first fetch response: not yet). The fetched mark, not end_offsets(): the embedded
+    Tansu broker answers that wrongly when a produce request carried several records."""
     for tp in tps:
         high = consumer.highwater(tp)
         if high is None or await consumer.position(tp) < high:

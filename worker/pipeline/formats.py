@@ -35,8 +35,6 @@ MISSING = object()
 class Ignored:
     """A record that is valid and asks for nothing (a Debezium tombstone after its delete)."""
 
-    why: str
-
 
 def is_native(settings: InputSettings) -> bool:
     """The worker's own contract with the default field names: no mapping to apply."""
@@ -96,7 +94,7 @@ def tombstone(settings: InputSettings) -> Ignored | None:
     """Debezium follows each delete event with a tombstone for log compaction; the delete
     already did the work (and named the namespace, which a tombstone cannot)."""
     if settings.format is InputFormat.DEBEZIUM:
-        return Ignored("debezium tombstone (its delete event was applied)")
+        return Ignored()  # its delete event was applied
     return None
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import structlog
 
+from worker import backoff
 from worker.config import InputFormat, InputSettings
 from worker.events import Reason
 from worker.jsonvalue import Rejected, check_strings, json_object
@@ -104,7 +105,7 @@ class Schemas:
                 await self._fetch(ids)
             except RegistryUnavailable as exc:
                 self.waiting = True
-                delay = min(MAX_RETRY_DELAY_S, 0.1 * 2 ** min(attempt, 10))
+                delay = backoff.capped(attempt, 0.1, MAX_RETRY_DELAY_S)
                 attempt += 1
                 log.warning("schema registry unavailable, retrying", error=str(exc), delay_s=delay)
                 with contextlib.suppress(TimeoutError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
@@ -170,10 +170,7 @@ class SchemaError(Exception):
 
 @dataclass
 class WriteResult:
-    upserted: int = 0
-    touched: int = 0
-    deleted: int = 0
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    upserted: int = 0  # embedded rows inserted or updated (stale versions are not)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -306,7 +303,6 @@ async def write(
     group_id: str,
     model: str,
     dimension: int,
-    store_text: bool = True,
     within: Callable[[Conn], Awaitable[None]] | None = None,
 ) -> WriteResult:
     """Apply ``changes`` and store ``offsets`` atomically (``within`` joins the transaction).
@@ -328,7 +324,7 @@ async def write(
         unchanged=[c for c in latest if c.op == "upsert" and c.vector is None and c.unchanged],
         deletes=[c for c in latest if c.op == "delete"],
     )
-    args = (conn, split, offsets, group_id, model, dimension, store_text, within)
+    args = (conn, split, offsets, group_id, model, dimension, within)
     try:
         return await _write(*args, direct=len(split.embedded) >= DIRECT_FROM_ROWS)
     except _Redo:
@@ -349,28 +345,27 @@ async def _write(
     group_id: str,
     model: str,
     dimension: int,
-    store_text: bool,
     within: Callable[[Conn], Awaitable[None]] | None,
     *,
     direct: bool,
 ) -> WriteResult:
-    result = WriteResult(offsets=offsets)
+    result = WriteResult()
     alone = not (direct or split.unchanged or split.deletes or within)
     async with contextlib.nullcontext() if alone else conn.transaction():
         guarded = split.embedded
         if direct:
-            guarded = await _copy_new(conn, split.embedded, model, dimension, store_text)
+            guarded = await _copy_new(conn, split.embedded, model, dimension)
             result.upserted += len(split.embedded) - len(guarded)
         result.upserted += await conn.fetchval(
             UPSERT_AND_STORE_OFFSETS,
             model,
             dimension,
-            *_columns(guarded, store_text),
+            *_columns(guarded),
             group_id,
             *_offset_columns(offsets),
         )
         if split.unchanged:
-            result.touched = await _touch(conn, split.unchanged)
+            await _touch(conn, split.unchanged)
         if split.deletes:
             args = (
                 *_keys(split.deletes),
@@ -378,16 +373,13 @@ async def _write(
                 [c.offset for c in split.deletes],
             )
             await conn.execute(TOMBSTONE, *args)
-            status = await conn.execute(DELETE, *args)
-            result.deleted = int(status.split()[-1])
+            await conn.execute(DELETE, *args)
         if within is not None:
             await within(conn)
     return result
 
 
-async def _copy_new(
-    conn: Conn, embedded: list[Change], model: str, dimension: int, store_text: bool
-) -> list[Change]:
+async def _copy_new(conn: Conn, embedded: list[Change], model: str, dimension: int) -> list[Change]:
     """COPY the rows whose keys are new; return the others, to be guarded."""
     ns, ids = _keys(embedded)
     existing = {(r[0], r[1]) for r in await conn.fetch(EXISTING, sorted(set(ns)), ids)}
@@ -396,7 +388,7 @@ async def _copy_new(
         try:
             await conn.copy_records_to_table(
                 "embeddings",
-                records=[(*_row(c, store_text), model, dimension) for c in new],
+                records=[(*_row(c), model, dimension) for c in new],
                 columns=DIRECT_COLUMNS,
             )
         except asyncpg.UniqueViolationError:
@@ -407,9 +399,9 @@ async def _copy_new(
     return [c for c in embedded if c.key in existing]
 
 
-async def _touch(conn: Conn, unchanged: list[Change]) -> int:
+async def _touch(conn: Conn, unchanged: list[Change]) -> None:
     ns, ids = _keys(unchanged)
-    status = await conn.execute(
+    await conn.execute(
         TOUCH,
         ns,
         ids,
@@ -420,15 +412,14 @@ async def _touch(conn: Conn, unchanged: list[Change]) -> int:
         [c.event_time for c in unchanged],
         [c.content_hash for c in unchanged],
     )
-    return int(status.split()[-1])
 
 
-def _row(c: Change, store_text: bool) -> tuple[object, ...]:
+def _row(c: Change) -> tuple[object, ...]:
     return (
         c.namespace,
         c.id,
         np.asarray(c.vector, dtype=np.float32),
-        c.text if store_text else None,
+        c.text,
         c.content_hash,
         c.text_type.value,
         c.metadata_json,
@@ -440,11 +431,11 @@ def _row(c: Change, store_text: bool) -> tuple[object, ...]:
     )
 
 
-def _columns(changes: list[Change], store_text: bool) -> list[list[object]]:
+def _columns(changes: list[Change]) -> list[list[object]]:
     """``UPSERT_COLUMNS`` as arrays (vectors wrapped: asyncpg would read an array as rows)."""
     columns: list[list[object]] = [[] for _ in UPSERT_COLUMNS]
     for c in changes:
-        for column, value in zip(columns, _row(c, store_text), strict=True):
+        for column, value in zip(columns, _row(c), strict=True):
             column.append(value)
     columns[2] = [Vector(cast(np.ndarray, v)) for v in columns[2]]
     return columns

@@ -15,6 +15,8 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from worker import backoff
+
 log = structlog.get_logger(__name__)
 
 MAX_KEY_BYTES = 4096
@@ -47,7 +49,7 @@ async def publish(
         except KafkaError as exc:
             if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
                 raise
-            delay = min(10.0, 0.1 * 2 ** min(attempt, 10))
+            delay = backoff.capped(attempt, 0.1, 10.0)
             attempt += 1
             log.warning("produce failed, retrying", topic=topic, error=repr(exc), delay_s=delay)
             await asyncio.sleep(delay)

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 import asyncpg
 import structlog
 
+from worker import backoff
 from worker.model import Change
 from worker.sinks import postgres
 from worker.sinks.postgres import Conn, WriteResult
@@ -83,7 +84,7 @@ class PostgresStore:
                 self.down = True
                 if self.stop.is_set():
                     raise ShuttingDown(what) from exc
-                delay = min(10.0, 0.1 * 2 ** min(attempt, 10))
+                delay = backoff.capped(attempt, initial=0.1, cap=10.0)
                 attempt += 1
                 log.warning(
                     "postgres unavailable, retrying", during=what, error=repr(exc), delay_s=delay

@@ -212,7 +212,7 @@ async def _show_results(settings: Settings) -> None:
                 _say(f"  {hit.score:.3f}  {hit.id:<16} [{lang}] {text}")
     finally:
         await conn.close()
-        await embedder.aclose()
+        await embedder.close()
 
 
 async def _show_shop(settings: Settings) -> None:
@@ -232,7 +232,7 @@ async def _show_shop(settings: Settings) -> None:
             _say(f"  {hit.score:.3f}  {hit.id:<14} {_clip(hit.content, 60)}")
     finally:
         await conn.close()
-        await embedder.aclose()
+        await embedder.close()
 
 
 async def _show_analysis(settings: Settings) -> None:

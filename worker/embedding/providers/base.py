@@ -59,7 +59,12 @@ class Embeddings:
 
 
 class Embedder(ABC):
-    """Embeds at most ``max_texts`` texts per call; the batcher guarantees the limits."""
+    """Embeds at most ``max_texts`` texts per call; the batcher guarantees the limits.
+
+    ``start()`` before the first event and ``close()`` at the end are the provider's own
+    (the local model's process), so the worker starts and stops any provider alike; an
+    embedder that is never started still embeds (its first call does what ``start`` would).
+    """
 
     model: str
     dimension: int
@@ -68,8 +73,11 @@ class Embedder(ABC):
     @abstractmethod
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings: ...
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release connections or threads."""
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Get ready before the first event, so that start-up errors surface at start."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or processes."""
 
 
 def assemble(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.config import ProviderSettings
 from worker.embedding.providers.base import Embedder, Embeddings, TransientError, assemble
@@ -11,13 +12,22 @@ from worker.embedding.providers.http import ApiClient, post_json
 from worker.events import TextType
 
 PATH = "/services/embeddings/text-embedding/text-embedding"
+# Texts per request: text-embedding-v4's documented limit, on either endpoint (native or
+# OpenAI-compatible); more is a 400 that no retry fixes.
+MAX_TEXTS = 10
+
+
+def is_dashscope_url(url: str) -> bool:
+    """DashScope's own endpoints (either dialect), whose per-request limits are known."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host.startswith("dashscope") and host.endswith(".aliyuncs.com")
 
 
 class DashScopeEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
-        self.max_texts = min(settings.texts_per_request, 10)
+        self.max_texts = min(settings.max_texts_per_request or MAX_TEXTS, MAX_TEXTS)
         self.instruct = settings.instruct
         self._client = ApiClient(settings)
 
@@ -42,5 +52,5 @@ class DashScopeEmbedder(Embedder):
         tokens = (body.get("usage") or {}).get("total_tokens")
         return Embeddings(vectors, tokens)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         await self._client.aclose()

@@ -1,7 +1,8 @@
 """What both HTTP dialects share: one pooled client of the endpoint and the error classification.
 
-The classification follows the provider's error table (reference/embedding-api.md): it is
-the one place that turns statuses and codes into retry / split / stop decisions.
+The classification follows DashScope's error codes (the README's "Failure semantics" table
+says what each leads to): it is the one place that turns statuses and codes into retry /
+split / stop decisions.
 """
 
 from __future__ import annotations

@@ -8,17 +8,29 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from worker.config import ProviderSettings
+from worker.config import DEFAULT_URLS, ProviderKind, ProviderSettings
+from worker.embedding.providers import dashscope
 from worker.embedding.providers.base import Embedder, Embeddings, TransientError, assemble
 from worker.embedding.providers.http import ApiClient, post_json
 from worker.events import TextType
+
+# Texts per request of a server that is not DashScope: the smallest common limit (TEI's
+# default max-client-batch-size; OpenAI takes 2,048, vLLM and Ollama set none), so no server
+# at its defaults refuses it, at a third of the requests of 10.
+MAX_TEXTS = 32
+
+
+def default_max_texts(base_url: str | None) -> int:
+    """DashScope's limit on its OpenAI-compatible endpoint (the default URL), else ours."""
+    url = base_url or DEFAULT_URLS[ProviderKind.OPENAI]
+    return dashscope.MAX_TEXTS if dashscope.is_dashscope_url(url) else MAX_TEXTS
 
 
 class OpenAIEmbedder(Embedder):
     def __init__(self, settings: ProviderSettings) -> None:
         self.model = settings.model_name
         self.dimension = settings.dim
-        self.max_texts = settings.texts_per_request
+        self.max_texts = settings.max_texts_per_request or default_max_texts(settings.base_url)
         self.encoding_format = settings.encoding_format
         self.send_dimensions = settings.send_dimensions
         self._client = ApiClient(settings)
@@ -40,7 +52,7 @@ class OpenAIEmbedder(Embedder):
         tokens = (body.get("usage") or {}).get("total_tokens")
         return Embeddings(vectors, tokens)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         await self._client.aclose()
 
 

