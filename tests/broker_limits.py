@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE
+from worker.kafka.clients import AIOKAFKA_MAX_REQUEST_SIZE
 
 # What a test sends as "over the producer's limit" when the broker names none (Tansu).
 UNLIMITED_BROKER_OVER_BYTES = 2 * AIOKAFKA_MAX_REQUEST_SIZE

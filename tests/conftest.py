@@ -29,7 +29,7 @@ from pgvector.asyncpg import register_vector
 from fakeapi import FakeConfig, FakeEmbeddingServer
 from worker.app import Worker
 from worker.config import Settings, environment_for, load_settings
-from worker.kafka import make_producer
+from worker.kafka.clients import make_producer
 from worker.sinks import postgres as store
 from worker.sinks.migrate import migrate
 from worker.tools.devstack import BROKER_ENV, DevStack

@@ -1,15 +1,23 @@
-"""Small stand-ins for the consumer, Postgres pool and dead-letter sink around a real Pipeline.
+"""Small stand-ins for the consumer, the store and the dead-letter sink around a real Pipeline.
 
 They let a test stage an exact order of fetches, writes and commits (no broker, no database);
-``store`` functions are replaced by each test with monkeypatch.
+each test gives ``FakeStore`` the store operations it watches or holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from aiokafka import TopicPartition
+
+from worker.model import Change
+from worker.sinks.postgres import Conn, WriteResult
+
+R = TypeVar("R")
+Key = tuple[str, str]
 
 T = "ev"
 P0, P1 = TopicPartition(T, 0), TopicPartition(T, 1)
@@ -69,16 +77,46 @@ class FakeConsumer:
         self.commits.append(dict(offsets))
 
 
-class FakePool:
-    class _Conn:
-        async def __aenter__(self) -> None:
-            return None
+class FakeStore:
+    """``worker.sinks.store.Store`` without a database: offsets start empty, no content is
+    known, and a write reports its rows stored, unless a test passes its own operation."""
 
-        async def __aexit__(self, *exc: object) -> bool:
-            return False
+    down = False
 
-    def acquire(self) -> _Conn:
-        return self._Conn()
+    def __init__(
+        self,
+        load_offsets: Callable[[str, str], Awaitable[dict[int, int]]] | None = None,
+        stored_hashes: Callable[[Sequence[Key]], Awaitable[dict[Key, bytes]]] | None = None,
+        write: Callable[[Sequence[Change], dict[tuple[str, int], int]], Awaitable[WriteResult]]
+        | None = None,
+    ) -> None:
+        self._load_offsets = load_offsets
+        self._stored_hashes = stored_hashes
+        self._write = write
+
+    async def run(self, what: str, op: Callable[[Conn], Awaitable[R]]) -> R:
+        raise AssertionError(f"no database here ({what})")
+
+    async def load_offsets(self, group_id: str, topic: str) -> dict[int, int]:
+        return {} if self._load_offsets is None else await self._load_offsets(group_id, topic)
+
+    async def stored_hashes(
+        self, keys: Sequence[Key], model: str, dimension: int
+    ) -> dict[Key, bytes]:
+        return {} if self._stored_hashes is None else await self._stored_hashes(keys)
+
+    async def write(
+        self,
+        changes: Sequence[Change],
+        offsets: dict[tuple[str, int], int],
+        group_id: str,
+        model: str,
+        dimension: int,
+        within: object = None,
+    ) -> WriteResult:
+        if self._write is None:
+            return WriteResult(upserted=len(changes))
+        return await self._write(changes, offsets)
 
 
 class NoDeadLetters:

@@ -8,23 +8,27 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from worker.analysis.labels import stage_embedder
-from worker.analysis.learn import Learner, group_of
+from worker.analysis.labels import Embed, LabelError
 from worker.analysis.stage import AnalysisStage
 from worker.config import ConfigError, Settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.local import LocalEmbedder
-from worker.kafka import make_consumer, make_producer, quiet_bootstrap, refusal
+from worker.embedding.stage import EmbedStage, TextRefused
+from worker.events import TextType
+from worker.kafka.clients import make_consumer, make_producer, quiet_bootstrap, refusal
 from worker.ops.metrics import Metrics
 from worker.ops.probes import ProbeServer
-from worker.pipeline.runner import Pipeline, ShuttingDown
+from worker.pipeline.runner import Pipeline
 from worker.side import interactions
+from worker.side.learn import Learner, group_of
 from worker.sinks import postgres as store
 from worker.sinks.deadletter import DeadLetterSink
+from worker.sinks.store import PostgresStore, ShuttingDown
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -129,19 +133,25 @@ class Worker:
             if analysis is not None:
                 analysis.tracing = tracing
             dead_letters.tracing = tracing
+            postgres = PostgresStore(pool, stop)
             pipeline = Pipeline(
-                s, consumer, dead_letters, pool, embedder, self.metrics, analysis, tracing
+                s, consumer, dead_letters, postgres, embedder, self.metrics, analysis, tracing
             )
             self.pipeline = pipeline
-            # Embeds the label sets: held, like any request, while the provider refuses the key.
-            if not await _unless_stopped(pipeline.prepare(), stop):
-                return
+            if analysis is not None:
+                # Embeds the label sets: held, like any request, while the key is refused.
+                prepared = analysis.prepare(postgres.run, label_embedder(pipeline.stage))
+                try:
+                    if not await _unless_stopped(prepared, stop):
+                        return
+                except ShuttingDown:
+                    return
             consumer.subscribe([s.kafka.input_topic], listener=pipeline)
             if not await self._wait_for_kafka("consumer", consumer.start, stop):
                 return
             if analysis is not None and s.analysis.decisions_topic is not None:
                 learning = make_consumer(s.kafka.model_copy(update={"group_id": group_of(s)}))
-                self.learner = self._learner(pipeline, analysis, learning, producer)
+                self.learner = self._learner(pipeline, postgres, analysis, learning, producer)
                 learning.subscribe([s.analysis.decisions_topic], listener=self.learner)
                 if not await self._wait_for_kafka("decisions consumer", learning.start, stop):
                     return
@@ -150,7 +160,7 @@ class Worker:
                 profiling = make_consumer(s.kafka.model_copy(update={"group_id": group}))
                 sink = DeadLetterSink(producer, s.recommend.interactions_dlq_topic)
                 self.profiler = interactions.Profiler(
-                    s, profiling, sink, pipeline._pg, embedder.model
+                    s, profiling, sink, postgres.run, embedder.model
                 )
                 self.metrics.bind_profiler(self.profiler)
                 profiling.subscribe([s.recommend.interactions_topic], listener=self.profiler)
@@ -181,16 +191,15 @@ class Worker:
     def _learner(
         self,
         pipeline: Pipeline,
+        postgres: PostgresStore,
         analysis: AnalysisStage,
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
     ) -> Learner:
         s = self.settings
-        embed = stage_embedder(
-            pipeline.stage, pipeline.embedder.max_texts, s.provider.max_tokens_per_text
-        )
+        embed = label_embedder(pipeline.stage)
         sink = DeadLetterSink(producer, s.analysis.decisions_dlq_topic)
-        learner = Learner(s, consumer, sink, pipeline._pg, analysis, embed)
+        learner = Learner(s, consumer, sink, postgres.run, analysis, embed)
         self.metrics.bind_learner(learner)
         return learner
 
@@ -292,6 +301,21 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
             return False
+
+
+def label_embedder(stage: EmbedStage) -> Embed:
+    """The analysis' embedding function: the pipeline's stage (same limits, retries and
+    quotas); a label text the provider refuses is the analysis file's error."""
+
+    async def embed(texts: list[str], text_type: TextType) -> np.ndarray:
+        try:
+            return await stage.texts(texts, text_type)
+        except TextRefused as exc:
+            raise LabelError(
+                f"the provider refuses label text {exc.text[:80]!r}: {exc.error}"
+            ) from None
+
+    return embed
 
 
 def _backoff(attempt: int) -> float:

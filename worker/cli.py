@@ -17,7 +17,7 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import ConfigurationFault
 from worker.events import Reason
-from worker.kafka import refusal
+from worker.kafka.clients import refusal
 from worker.ops import logs
 from worker.read import index
 from worker.sinks import postgres as store

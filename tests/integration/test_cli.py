@@ -16,7 +16,7 @@ from tests.conftest import Env, migrate_db, running, wait_until
 from tests.processes import cli
 from worker.cli import _parser, _where
 from worker.config import environment_for
-from worker.kafka import read_topic
+from worker.kafka.clients import read_topic
 
 
 def _env(env: Env, **extra: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from tests.processes import cli
 from worker.config import environment_for
 from worker.envelope import dead_letter, digest, headers_digest
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.kafka import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
+from worker.kafka.clients import AIOKAFKA_MAX_REQUEST_SIZE, make_producer
 from worker.model import Record
 from worker.sinks.deadletter import DeadLetterSink
 from worker.tools.replay import OLD_TOMBSTONE, REPLAYED_FROM, Filters, replay, scan

@@ -18,7 +18,7 @@ from tests.conftest import Env, migrate_db, running, wait_until
 from tests.integration.test_analysis import read_topic, single_partition, topics_for
 from worker.analysis import decisions
 from worker.config import Settings
-from worker.kafka import make_producer
+from worker.kafka.clients import make_producer
 from worker.sinks import postgres as store
 
 SPORTS = "Sports: athletes, teams, matches, goals, championships and tournaments."

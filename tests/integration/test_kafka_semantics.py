@@ -25,7 +25,7 @@ from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import Env, migrate_db, running, wait_until
 from tests.integration.test_crashes import DIM, check_store, provider
 from worker.app import Worker
-from worker.kafka import make_producer
+from worker.kafka.clients import make_producer
 
 pytestmark = pytest.mark.kafka_only
 

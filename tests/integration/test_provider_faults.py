@@ -50,11 +50,13 @@ def stage_for(fake: FakeEmbeddingServer, **extra: Any) -> AbstractAsyncContextMa
     return stage_with(fake, DIM, **{**FAST, **extra})
 
 
-async def run_all(stage: EmbedStage, items: list[Change], size: int = 10) -> list[BatchOutcome]:
+async def run_all(
+    stage: EmbedStage, items: list[Change], size: int = 10
+) -> list[BatchOutcome[Change]]:
     return list(await asyncio.gather(*(stage.run(b) for b in batches(items, size))))
 
 
-def assert_all_embedded(items: list[Change], outcomes: list[BatchOutcome]) -> None:
+def assert_all_embedded(items: list[Change], outcomes: list[BatchOutcome[Change]]) -> None:
     embedded = [c for o in outcomes for c in o.embedded]
     assert sorted(c.id for c in embedded) == sorted(c.id for c in items)
     assert all(not o.refused for o in outcomes)

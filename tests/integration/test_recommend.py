@@ -21,7 +21,7 @@ from tests.integration.test_cli import _env
 from tests.integration.test_read_side import TOPICS, _corpus
 from tests.processes import cli
 from worker.config import Settings
-from worker.kafka import make_producer
+from worker.kafka.clients import make_producer
 from worker.model import Record
 from worker.side import profiles
 from worker.side.profiles import Interaction, Resolved

@@ -401,7 +401,7 @@ def test_incomplete_sasl_or_unreadable_tls_files_are_refused(
 
 
 def test_a_tls_file_that_is_not_pem_is_a_configuration_error(tmp_path: Path) -> None:
-    from worker.kafka import ssl_context
+    from worker.kafka.clients import ssl_context
 
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.pipeline_fakes import P0, P1, FakeConsumer, FakePool, Msg, NoDeadLetters, T
+from tests.pipeline_fakes import P0, P1, FakeConsumer, FakeStore, Msg, NoDeadLetters, T
 from worker.config import load_settings
 from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
 from worker.pipeline import runner as pl
-from worker.sinks import postgres as store
+from worker.sinks.postgres import WriteResult
 
 
 class GatedEmbedder(Embedder):
@@ -39,22 +39,19 @@ async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one
     lookup_open = asyncio.Event()
     lookup_open.set()
 
-    async def load_offsets(conn: object, group: str, topic: str) -> dict[int, int]:
+    async def load_offsets(group: str, topic: str) -> dict[int, int]:
         return dict(db_offsets)
 
-    async def stored_hashes(*args: object) -> dict[Any, bytes]:
+    async def stored_hashes(keys: object) -> dict[Any, bytes]:
         await lookup_open.wait()
         return {}
 
-    async def write(conn: object, changes: Any, offsets: Any, *args: object, **kw: object) -> Any:
+    async def write(changes: Any, offsets: Any) -> WriteResult:
         stored.update((c.partition, c.offset) for c in changes)
         for (_, partition), offset in offsets.items():
             db_offsets[partition] = max(db_offsets.get(partition, 0), offset)
-        return store.WriteResult(upserted=len(changes))
+        return WriteResult(upserted=len(changes))
 
-    monkeypatch.setattr(store, "load_offsets", load_offsets)
-    monkeypatch.setattr(store, "stored_hashes", stored_hashes)
-    monkeypatch.setattr(store, "write", write)
     settings = load_settings(
         kafka={"input_topic": T},
         provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
@@ -62,8 +59,9 @@ async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one
         http={"enabled": False},
     )
     consumer, embedder = FakeConsumer(), GatedEmbedder()
+    store = FakeStore(load_offsets, stored_hashes, write)
     monkeypatch.setattr(pl.Pipeline, "REVOKE_GRACE_S", 0.1)
-    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakePool(), embedder)  # type: ignore[arg-type]
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), store, embedder)  # type: ignore[arg-type]
     await p.on_partitions_assigned([P0, P1])
     stop = asyncio.Event()
     run = asyncio.create_task(p.run(stop))

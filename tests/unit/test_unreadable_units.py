@@ -1,4 +1,4 @@
-"""``worker.pipeline.unreadable.isolate`` against a consumer that fails as aiokafka does: a
+"""``worker.kafka.unreadable.isolate`` against a consumer that fails as aiokafka does: a
 poll that meets an unparsable record raises and leaves the partition's position where it was."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from aiokafka import TopicPartition
 from aiokafka.errors import CorruptRecordException
 
-from tests.pipeline_fakes import FakePool, NoDeadLetters
+from tests.pipeline_fakes import FakeStore, NoDeadLetters
 from tests.unit.test_writer import InstantEmbedder
 from worker.config import load_settings
 from worker.events import Reason
+from worker.kafka.unreadable import Unreadable, isolate
 from worker.pipeline import runner as pl
-from worker.pipeline.unreadable import Unreadable, isolate
 
 T = "events"
 P0, P1, P2 = (TopicPartition(T, p) for p in range(3))
@@ -133,7 +133,7 @@ def _read_to_2(consumer: FakeConsumer) -> pl.Pipeline:
         provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
         http={"enabled": False},
     )
-    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakePool(), InstantEmbedder())  # type: ignore[arg-type]
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakeStore(), InstantEmbedder())  # type: ignore[arg-type]
     p.tracker.assign((T, 0), 0)
     for offset in (0, 1):
         p.tracker.track((T, 0), offset)
@@ -155,15 +155,15 @@ async def test_a_partition_assigned_again_during_isolation_goes_back_to_its_stor
         consumer.seek(P0, 0)
 
     consumer.on_poll = rebalance
-    fetched, found = await p._isolate()
-    assert (fetched, found) == ({}, [])
+    fetched = await p.fetcher.isolate()
+    assert (fetched.batches, list(fetched.unreadable)) == ({}, [])
     assert consumer.positions[P0] == 0
 
 
 async def test_isolation_reads_on_from_where_the_pipeline_read_to() -> None:
     consumer = FakeConsumer({P0: [0, 1, 2, None, 4]})
     p = _read_to_2(consumer)
-    fetched, found = await p._isolate()
-    assert offsets(fetched) == {0: [2]}
-    assert [(u.partition, u.offset) for u in found] == [(0, 3)]
+    fetched = await p.fetcher.isolate()
+    assert offsets(fetched.batches) == {0: [2]}
+    assert [(u.partition, u.offset) for u in fetched.unreadable] == [(0, 3)]
     assert consumer.positions[P0] == 4

@@ -1,7 +1,7 @@
 """The writer: natural batching and Kafka commits off its path.
 
-Real pipeline code around a fake consumer and a fake ``store.write`` that the test holds
-open, so what goes into each transaction is observed exactly (no timing is asserted).
+Real pipeline code around a fake consumer and a store whose write the test holds open, so
+what goes into each transaction is observed exactly (no timing is asserted).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import wait_until
-from tests.pipeline_fakes import P0, FakeConsumer, FakePool, Msg, NoDeadLetters, T
+from tests.pipeline_fakes import P0, FakeConsumer, FakeStore, Msg, NoDeadLetters, T
 from worker.config import load_settings
 from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
 from worker.pipeline import runner as pl
-from worker.sinks import postgres as store
+from worker.sinks.postgres import WriteResult
 
 
 class InstantEmbedder(Embedder):
@@ -38,12 +38,12 @@ class HeldWrites:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def write(self, conn: object, changes: Any, offsets: Any, *a: object, **k: object) -> Any:
+    async def write(self, changes: Any, offsets: Any) -> WriteResult:
         self.transactions.append([c.offset for c in changes])
         await self.gate.wait()
         for (_, partition), offset in offsets.items():
             self.stored[partition] = max(self.stored.get(partition, 0), offset)
-        return store.WriteResult(upserted=len(changes))
+        return WriteResult(upserted=len(changes))
 
 
 async def until(check: Callable[[], bool], what: str) -> None:
@@ -56,23 +56,12 @@ async def until(check: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> HeldWrites:
-    held = HeldWrites()
-
-    async def load_offsets(*args: object) -> dict[int, int]:
-        return {}
-
-    async def stored_hashes(*args: object) -> dict[Any, bytes]:
-        return {}
-
-    monkeypatch.setattr(store, "load_offsets", load_offsets)
-    monkeypatch.setattr(store, "stored_hashes", stored_hashes)
-    monkeypatch.setattr(store, "write", held.write)
-    return held
+def writes() -> HeldWrites:
+    return HeldWrites()
 
 
 async def started(
-    consumer: FakeConsumer, write_max_rows: int
+    consumer: FakeConsumer, writes: HeldWrites, write_max_rows: int
 ) -> tuple[pl.Pipeline, asyncio.Event, Callable[[], Awaitable[None]]]:
     settings = load_settings(
         kafka={"input_topic": T},
@@ -80,7 +69,8 @@ async def started(
         batch={"linger_ms": 0, "write_max_rows": write_max_rows},
         http={"enabled": False},
     )
-    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakePool(), InstantEmbedder())  # type: ignore[arg-type]
+    store = FakeStore(write=writes.write)
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), store, InstantEmbedder())  # type: ignore[arg-type]
     await p.on_partitions_assigned([P0])
     stop = asyncio.Event()
     run = asyncio.create_task(p.run(stop))
@@ -96,7 +86,7 @@ async def test_an_idle_writer_writes_at_once_and_rows_gather_while_it_is_busy(
     writes: HeldWrites,
 ) -> None:
     consumer = FakeConsumer()
-    p, _, finish = await started(consumer, write_max_rows=3)
+    p, _, finish = await started(consumer, writes, write_max_rows=3)
     writes.gate.clear()
     await consumer.script.put({P0: [Msg(0, 0)]})
     # Nothing else is coming: an idle writer must not wait to fill the transaction.
@@ -104,7 +94,7 @@ async def test_an_idle_writer_writes_at_once_and_rows_gather_while_it_is_busy(
 
     # While that transaction runs, five more events are embedded and wait for the writer.
     await consumer.script.put({P0: [Msg(0, o) for o in range(1, 6)]})
-    await until(lambda: len(p._ready) == 5, "five rows ready behind the running transaction")
+    await until(lambda: len(p.writer.ready) == 5, "five rows ready behind the running transaction")
     assert writes.transactions == [[0]]
     writes.gate.set()
     await until(lambda: writes.stored.get(0) == 6, "everything stored")
@@ -118,7 +108,7 @@ async def test_the_writer_does_not_wait_for_kafka_commits(writes: HeldWrites) ->
     and what was stored is committed when the pipeline stops."""
     consumer = FakeConsumer()
     consumer.commit_gate.clear()
-    _, _, finish = await started(consumer, write_max_rows=500)
+    _, _, finish = await started(consumer, writes, write_max_rows=500)
     await consumer.script.put({P0: [Msg(0, 0)]})
     await until(lambda: writes.stored.get(0) == 1, "the first event stored")
     await consumer.script.put({P0: [Msg(0, 1), Msg(0, 2)]})

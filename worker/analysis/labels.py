@@ -24,11 +24,8 @@ from worker.analysis import head
 from worker.analysis.config import Classification, Focus, NamespaceAnalysis
 from worker.analysis.head import Head
 from worker.config import ConfigError
-from worker.embedding.stage import EmbedStage
 from worker.events import TextType
-from worker.model import NO_TIME, Change, Record
 from worker.sinks.postgres import Conn
-from worker.tokens import estimate_tokens, truncate_to_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +33,7 @@ SYNC_LOCK = 0x6C61626C  # "labl"
 # Labeled texts: the file's examples and the moderation decisions.
 EXAMPLE_KINDS = ("example", "decision")
 
+# Texts -> vectors, injected: the worker passes its embed stage's (its limits and retries).
 Embed = Callable[[list[str], TextType], Awaitable[np.ndarray]]
 
 
@@ -116,39 +114,6 @@ class Synced:
     labels: LabelSet | None
     # (2, dimension): the alert and routine vectors of the anomaly focus, if any.
     focus: np.ndarray | None
-
-
-def stage_embedder(stage: EmbedStage, max_texts: int, max_tokens: int) -> Embed:
-    """Embed label texts through the pipeline's stage (same limits, retries and quotas)."""
-
-    async def embed(texts: list[str], text_type: TextType) -> np.ndarray:
-        changes = []
-        for i, text in enumerate(texts):
-            text = truncate_to_tokens(text, max_tokens)
-            changes.append(
-                Change(
-                    record=Record("labels", 0, i, None, None),
-                    namespace="labels",
-                    id=str(i),
-                    op="upsert",
-                    event_time=NO_TIME,
-                    text=text,
-                    text_type=text_type,
-                    tokens=estimate_tokens(text),
-                )
-            )
-        vectors: list[np.ndarray] = []
-        for start in range(0, len(changes), max_texts):
-            outcome = await stage.run(changes[start : start + max_texts])
-            if outcome.refused:
-                change, error = outcome.refused[0]
-                raise LabelError(f"the provider refuses label text {change.text[:80]!r}: {error}")
-            vectors += [
-                c.vector for c in changes[start : start + max_texts] if c.vector is not None
-            ]
-        return np.vstack(vectors).astype(np.float32)
-
-    return embed
 
 
 async def sync(

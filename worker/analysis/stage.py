@@ -10,10 +10,10 @@ against the same committed state: the same results again, under the same keys.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -26,17 +26,12 @@ from worker.config import AnalysisSettings
 from worker.model import Change
 from worker.sinks.postgres import Conn
 from worker.sinks.publish import publish
+from worker.sinks.store import RunPg
 
 if TYPE_CHECKING:
     from worker.ops.tracing import Tracing
 
 T = TypeVar("T")
-
-
-class RunPg(Protocol):
-    """The pipeline's way to run a Postgres operation (it waits out outages)."""
-
-    def __call__(self, what: str, op: Callable[[Conn], Awaitable[T]]) -> Awaitable[T]: ...
 
 
 @dataclass
@@ -113,7 +108,7 @@ class AnalysisStage:
         self.labels: dict[str, LabelSet] = {}
         self.focus: dict[str, np.ndarray] = {}
         self.stats = AnalysisStats()
-        # Per namespace, the decision version its label set was built with (worker.analysis.learn).
+        # Per namespace, the decision version its label set was built with (worker.side.learn).
         self.decision_versions: dict[str, int] = {}
         self.tracing: Tracing | None = None
 

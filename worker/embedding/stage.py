@@ -11,6 +11,10 @@ circuit breaker (wait while the provider is down), the adaptive concurrency gate
 requests), and the RPM/TPM limiter (as late as possible, so the send time is the time the
 quota was taken). One stage is shared by all of the pipeline's embedding tasks, so these
 gates see the whole worker's traffic.
+
+The stage embeds anything with a text (``Embeddable``): the pipeline's changes, and free
+texts (``texts``: label descriptions, examples, moderators' decisions), so the analysis
+gets an embedding function and never needs the pipeline's types.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
+import numpy as np
 import structlog
 
 from worker.config import INITIAL_CONCURRENCY, ProviderSettings
@@ -40,8 +46,7 @@ from worker.embedding.providers.base import (
 from worker.embedding.providers.http import CONFIG_CODES
 from worker.embedding.ratelimit import RateLimiter
 from worker.events import TextType
-from worker.model import Change
-from worker.tokens import estimate_tokens
+from worker.tokens import estimate_tokens, truncate_to_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -52,10 +57,39 @@ _NUMBER = re.compile(r"\d+")
 _EWMA = 0.2
 
 
+class Embeddable(Protocol):
+    """What the stage embeds: a change of the pipeline, or a free text (``Text``)."""
+
+    text: str
+    text_type: TextType
+    tokens: int
+    vector: np.ndarray | None
+
+
+E = TypeVar("E", bound=Embeddable)
+
+
+@dataclass(slots=True)
+class Text:
+    text: str
+    text_type: TextType
+    tokens: int
+    vector: np.ndarray | None = None
+
+
+class TextRefused(Exception):
+    """The provider refuses a free text for good (``EmbedStage.texts``)."""
+
+    def __init__(self, text: str, error: PermanentError) -> None:
+        super().__init__(f"the provider refuses {text[:80]!r}: {error}")
+        self.text = text
+        self.error = error
+
+
 @dataclass
-class BatchOutcome:
-    embedded: list[Change] = field(default_factory=list)
-    refused: list[tuple[Change, PermanentError]] = field(default_factory=list)
+class BatchOutcome(Generic[E]):
+    embedded: list[E] = field(default_factory=list)
+    refused: list[tuple[E, PermanentError]] = field(default_factory=list)
     requests: int = 0
     # Requests sent again; ``retries_by_cause`` splits them ("429", "500", "Timeout", ...).
     retries: int = 0
@@ -81,7 +115,7 @@ def stated_limit(message: str, sent: int) -> int | None:
     return max(numbers) if numbers else None
 
 
-def chunks(items: list[Change], size: int) -> list[list[Change]]:
+def chunks(items: list[E], size: int) -> list[list[E]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -129,13 +163,27 @@ class EmbedStage:
         self._fault_owner: object | None = None  # the one call that re-tries meanwhile
         self._fault_changed = asyncio.Event()
 
-    async def run(self, items: Sequence[Change]) -> BatchOutcome:
-        outcome = BatchOutcome()
+    async def run(self, items: Sequence[E]) -> BatchOutcome[E]:
+        outcome: BatchOutcome[E] = BatchOutcome()
         for chunk in chunks(list(items), self.max_texts):  # batched before a lowering
             await self._embed(chunk, outcome)
         return outcome
 
-    async def _embed(self, items: list[Change], outcome: BatchOutcome) -> None:
+    async def texts(self, texts: list[str], text_type: TextType) -> np.ndarray:
+        """Embed free texts through the same gates, retries and quotas as events (each cut
+        to ``max_tokens_per_text``); raises ``TextRefused`` for one the provider refuses."""
+        cap = self.settings.max_tokens_per_text
+        items = [
+            Text(t, text_type, estimate_tokens(t))
+            for t in (truncate_to_tokens(s, cap) for s in texts)
+        ]
+        outcome = await self.run(items)
+        if outcome.refused:
+            item, error = outcome.refused[0]
+            raise TextRefused(item.text, error)
+        return np.vstack([i.vector for i in items if i.vector is not None]).astype(np.float32)
+
+    async def _embed(self, items: list[E], outcome: BatchOutcome[E]) -> None:
         try:
             result = await self._call(items, outcome)
         except TooManyInputs as exc:
@@ -176,7 +224,7 @@ class EmbedStage:
         if self.on_max_texts is not None:
             self.on_max_texts(new)
 
-    async def _call(self, items: list[Change], outcome: BatchOutcome) -> Embeddings:
+    async def _call(self, items: list[E], outcome: BatchOutcome[E]) -> Embeddings:
         texts = [c.text for c in items]
         text_type = items[0].text_type
         estimate = sum(c.tokens or estimate_tokens(c.text) for c in items)
@@ -224,7 +272,7 @@ class EmbedStage:
                 self._notify_fault()
 
     async def _request(
-        self, texts: list[str], text_type: TextType, estimate: int, outcome: BatchOutcome
+        self, texts: list[str], text_type: TextType, estimate: int, outcome: BatchOutcome[Any]
     ) -> Embeddings:
         """One HTTP request through the breaker, the concurrency gate and the limiter."""
         probe = await self.breaker.acquire()
@@ -272,7 +320,7 @@ class EmbedStage:
         if self.on_request is not None:
             self.on_request(outcome, time.monotonic() - began)
 
-    def _observe(self, exc: EmbeddingError, sent_at: float, outcome: BatchOutcome) -> None:
+    def _observe(self, exc: EmbeddingError, sent_at: float, outcome: BatchOutcome[Any]) -> None:
         """Feed a failed request to the breaker and the adaptive concurrency."""
         if not isinstance(exc, TransientError):
             self.breaker.record_success()  # a 400/401 is an answer: the provider is up
@@ -287,7 +335,7 @@ class EmbedStage:
             self.concurrency.on_throttle(sent_at)
 
     @staticmethod
-    def _count_retry(exc: EmbeddingError, outcome: BatchOutcome) -> None:
+    def _count_retry(exc: EmbeddingError, outcome: BatchOutcome[Any]) -> None:
         outcome.retries += 1
         outcome.retries_by_cause[cause_of(exc)] += 1
 

@@ -1,14 +1,17 @@
 """Prometheus metrics.
 
 Counters are read from the pipeline's own ``Stats`` at scrape time (one source of truth, no
-double bookkeeping), and so are the live gauges (lag, in-flight, AIMD limit, circuit state).
+double bookkeeping), and so are the live gauges (lag, in-flight, AIMD limit, circuit state):
+the pipeline hands a function that returns a ``PipelineSnapshot``, so this module needs
+nothing of the pipeline but its counters' type.
 Only distributions are observed as they happen: request latency, batch size, write latency
 and end-to-end latency.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -16,13 +19,34 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from worker.analysis.learn import Learner
-    from worker.pipeline.runner import Pipeline
+    from worker.analysis.stage import AnalysisStats
+    from worker.pipeline.stats import Stats
     from worker.side.consumer import SideConsumer
     from worker.side.interactions import Profiler
+    from worker.side.learn import Learner
 
 PREFIX = "embedding_worker"
 CIRCUIT_STATES = ("closed", "half_open", "open")
+
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """The pipeline's state as one scrape sees it."""
+
+    stats: Stats
+    analysis: AnalysisStats | None
+    in_flight: int
+    paused_partitions: int
+    concurrency_limit: int
+    concurrency_ceiling: int
+    requests_in_flight: int
+    max_texts: int
+    circuit_state: str
+    auth_fault: bool
+    postgres_up: bool
+    schema_registry_up: bool
+    ready: bool
+    lag: dict[tuple[str, int], int]
 
 
 class Metrics:
@@ -59,8 +83,8 @@ class Metrics:
     def request_seconds_observer(self, outcome: str, seconds: float) -> None:
         self.request_seconds.labels(outcome).observe(seconds)
 
-    def bind(self, pipeline: Pipeline) -> None:
-        self.registry.register(PipelineCollector(pipeline))
+    def bind(self, snapshot: Callable[[], PipelineSnapshot]) -> None:
+        self.registry.register(PipelineCollector(snapshot))
 
     def bind_learner(self, learner: Learner) -> None:
         self.registry.register(LearnerCollector(learner))
@@ -98,7 +122,7 @@ class SideConsumerCollector(Collector):
 
 
 class LearnerCollector(SideConsumerCollector):
-    """The moderation decisions (``worker.analysis.learn``), and the rebuilds they cause."""
+    """The moderation decisions (``worker.side.learn``), and the rebuilds they cause."""
 
     def __init__(self, learner: Learner) -> None:
         super().__init__(
@@ -118,11 +142,11 @@ class LearnerCollector(SideConsumerCollector):
 
 
 class PipelineCollector(Collector):
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, snapshot: Callable[[], PipelineSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        p = self.pipeline
+        p = self.snapshot()
         st = p.stats
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -158,7 +182,7 @@ class PipelineCollector(Collector):
         yield counter("api_throttled", "429 answers.", st.throttled)
         yield counter("db_transactions", "Postgres transactions committed.", st.transactions)
         if p.analysis is not None:
-            a = p.analysis.stats
+            a = p.analysis
             classified = CounterMetricFamily(
                 f"{PREFIX}_classifications",
                 "Classification results produced, by moderation action.",
@@ -171,27 +195,27 @@ class PipelineCollector(Collector):
             yield counter("anomalies", "Events that crossed the anomaly threshold.", a.anomalies)
             yield counter("anomaly_incidents", "Anomaly incidents opened.", a.incidents)
 
-        yield gauge("in_flight_events", "Events fetched but not yet stored.", p.tracker.in_flight)
+        yield gauge("in_flight_events", "Events fetched but not yet stored.", p.in_flight)
         yield gauge(
             "paused_partitions",
             "Partitions paused by backpressure.",
-            len(p.consumer.paused()) if p.running else 0,
+            p.paused_partitions,
         )
         yield gauge(
             "concurrency_limit",
             "Current AIMD limit of requests in flight.",
-            p.stage.concurrency.limit,
+            p.concurrency_limit,
         )
         yield gauge(
             "concurrency_ceiling",
             "Most the AIMD limit may grow to now (max_concurrency, or what the quota can use).",
-            p.stage.concurrency.ceiling,
+            p.concurrency_ceiling,
         )
-        yield gauge("api_requests_in_flight", "Requests in flight.", p.stage.concurrency.in_flight)
+        yield gauge("api_requests_in_flight", "Requests in flight.", p.requests_in_flight)
         yield gauge(
             "texts_per_request_limit",
             "Most texts per request (lowered when the provider refuses a batch's size).",
-            p.stage.max_texts,
+            p.max_texts,
         )
         circuit = GaugeMetricFamily(
             f"{PREFIX}_circuit_state",
@@ -199,18 +223,18 @@ class PipelineCollector(Collector):
             labels=["state"],
         )
         for state in CIRCUIT_STATES:
-            circuit.add_metric([state], 1.0 if p.stage.breaker.state == state else 0.0)
+            circuit.add_metric([state], 1.0 if p.circuit_state == state else 0.0)
         yield circuit
         yield gauge(
             "auth_fault",
             "1 while the provider rejects the credentials.",
-            float(p.stage.fault is not None),
+            float(p.auth_fault),
         )
-        yield gauge("postgres_up", "0 while Postgres is unreachable.", float(not p.postgres_down))
+        yield gauge("postgres_up", "0 while Postgres is unreachable.", float(p.postgres_up))
         yield gauge(
             "schema_registry_up",
             "0 while the schema registry cannot give a schema a fetch needs.",
-            float(p.limits.schemas is None or not p.limits.schemas.waiting),
+            float(p.schema_registry_up),
         )
         yield gauge("ready", "1 when the readiness probe passes.", float(p.ready))
         lag = GaugeMetricFamily(
@@ -218,6 +242,6 @@ class PipelineCollector(Collector):
             "Records behind the partition's high-water mark.",
             labels=["topic", "partition"],
         )
-        for (topic, partition), behind in sorted(p.lag().items()):
+        for (topic, partition), behind in sorted(p.lag.items()):
             lag.add_metric([topic, str(partition)], behind)
         yield lag

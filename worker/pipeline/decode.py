@@ -1,7 +1,8 @@
-"""Turn one Kafka record into a change to apply, or a dead letter with its reason.
+"""Decode: turn each Kafka record into a change to apply, or a dead letter with its reason.
 
 Every check that depends only on the record happens here, before any API call, so bad input
 never costs a request and never reaches Postgres (which cannot store NUL characters).
+``decode`` reads one record; ``Decoder`` a whole fetch, tracking offsets as it goes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -20,10 +22,17 @@ from worker.events import (
     Reason,
 )
 from worker.jsonvalue import Rejected, check_strings, describe, json_object
-from worker.model import NO_TIME, Change, Record, content_hash, identity_problem
+from worker.kafka.unreadable import Unreadable
+from worker.model import NO_TIME, Change, Record, Settled, content_hash, identity_problem
+from worker.pipeline.fetch import Fetched
 from worker.pipeline.formats import Ignored, is_native, to_event, tombstone
+from worker.pipeline.offsets import TP, OffsetTracker
 from worker.pipeline.registry import Schemas, jsonable
+from worker.pipeline.stats import Stats
 from worker.tokens import estimate_tokens, truncate_to_tokens
+
+if TYPE_CHECKING:
+    from worker.ops.tracing import Tracing
 
 NAMESPACE_HEADER = "namespace"
 
@@ -229,3 +238,79 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     change.metadata_json = metadata_json
     change.content_hash = content_hash(text, event.text_type)
     return change
+
+
+@dataclass
+class Decoded:
+    """One fetch, decoded: changes to apply, dead letters to send, offsets only to settle."""
+
+    changes: list[Change] = field(default_factory=list)
+    letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)
+
+
+class Decoder:
+    """Decode a whole fetch, tracking each record's offset under its partition's epoch.
+
+    Every partition is decoded and tracked before anything awaits, so a rebalance that
+    completes later (during the hash lookup or the dead letters) is seen by the epochs:
+    the stale changes are dropped downstream and redone by the partition's next owner.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        tracker: OffsetTracker,
+        revoking: set[TP],
+        stats: Stats,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.limits = limits
+        self.tracker = tracker
+        self.revoking = revoking
+        self.stats = stats
+        self.tracing = tracing
+
+    def fetch(self, fetched: Fetched) -> Decoded:
+        out = Decoded()
+        for tp, messages in fetched.batches.items():
+            self._partition(tp.topic, tp.partition, messages, out)
+        for record in fetched.unreadable:  # tracked after the records read before it
+            self._unreadable(record, out)
+        return out
+
+    def _partition(self, topic: str, partition: int, messages: list[object], out: Decoded) -> None:
+        key = (topic, partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self.revoking:
+            return  # not (or no longer) ours; whoever owns it now reads it again
+        tracing = self.tracing
+        for msg in messages:
+            record = Record.of(topic, partition, msg)
+            if not self.tracker.track(key, record.offset):
+                continue  # delivered again after a seek; already in hand
+            self.stats.consumed += 1
+            result = decode(record, self.limits)
+            if isinstance(result, DeadLetter):
+                out.letters.append((record.key, result))
+                out.settled.append(Settled(topic, partition, record.offset, epoch))
+            elif isinstance(result, Ignored):
+                out.settled.append(Settled(topic, partition, record.offset, epoch))
+            else:
+                result.epoch = epoch
+                out.changes.append(result)
+            if tracing is not None and not isinstance(result, Ignored):
+                span = tracing.received(topic, partition, record.offset, record.headers)
+                if isinstance(result, DeadLetter):
+                    result._trace = span
+                else:
+                    result.trace = span
+
+    def _unreadable(self, record: Unreadable, out: Decoded) -> None:
+        key = (record.topic, record.partition)
+        epoch = self.tracker.epoch(key)
+        if epoch is None or key in self.revoking or not self.tracker.track(key, record.offset):
+            return
+        self.stats.consumed += 1
+        out.letters.append((None, record.letter()))
+        out.settled.append(Settled(record.topic, record.partition, record.offset, epoch))

@@ -21,14 +21,14 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from worker.analysis.stage import RunPg
 from worker.config import Settings
 from worker.envelope import envelope_budget
 from worker.events import DeadLetter
+from worker.kafka.unreadable import UNREADABLE_ERRORS, isolate
 from worker.model import Record
-from worker.pipeline.unreadable import UNREADABLE_ERRORS, isolate
 from worker.sinks import postgres as store
 from worker.sinks.deadletter import DeadLetterSink
+from worker.sinks.store import RunPg
 
 log = structlog.get_logger(__name__)
 

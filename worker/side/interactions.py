@@ -2,7 +2,7 @@
 
 A consumer of its own (``worker.side.consumer``, group ``<kafka.group_id>.interactions``)
 reads ``recommend.interactions_topic`` one fetch at a time, as the moderation decisions'
-consumer does (``worker.analysis.learn``): bad interactions are dead-lettered (acknowledged
+consumer does (``worker.side.learn``): bad interactions are dead-lettered (acknowledged
 first) to ``recommend.interactions_dlq_topic``, and the profiles and the fetch's offsets are
 stored in one transaction, exactly once; the transaction also locks those offsets and skips
 what they cover, which keeps a replica that lost its partitions from applying them twice.
@@ -16,7 +16,6 @@ import numpy as np
 import structlog
 from aiokafka import AIOKafkaConsumer
 
-from worker.analysis.stage import RunPg
 from worker.config import Settings
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
@@ -25,6 +24,7 @@ from worker.side import profiles
 from worker.side.consumer import ConsumerStats, Letters, SideConsumer
 from worker.side.profiles import Interaction, Resolved
 from worker.sinks.deadletter import DeadLetterSink
+from worker.sinks.store import RunPg
 
 log = structlog.get_logger(__name__)
 

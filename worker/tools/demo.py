@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from worker.app import Worker
 from worker.config import Settings, load_settings
 from worker.embedding.providers import create_embedder
-from worker.kafka import make_producer, read_topic
+from worker.kafka.clients import make_producer, read_topic
 from worker.ops import logs
 from worker.read.recommend import by_history
 from worker.read.search import Mode, search

@@ -44,7 +44,7 @@ from worker.analysis.config import (
     load_analysis,
 )
 from worker.config import ConfigError, Settings, load_settings
-from worker.kafka import make_producer, read_topic
+from worker.kafka.clients import make_producer, read_topic
 from worker.sinks import postgres as store
 from worker.sinks.migrate import migrate
 from worker.tools.demo import run_until_caught_up

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from worker.config import ConfigError, KafkaSettings, Settings
 from worker.events import DeadLetter
-from worker.kafka import make_producer, started
+from worker.kafka.clients import make_producer, started
 from worker.model import Change, Record
 from worker.pipeline.decode import Limits, decode
 

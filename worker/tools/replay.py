@@ -33,8 +33,8 @@ from pydantic import ValidationError
 from worker.config import KafkaSettings
 from worker.envelope import RECORD_OVERHEAD_BYTES, digest, headers_digest, headers_size
 from worker.events import DeadLetter, Reason, SourcePosition
-from worker.kafka import at_high_water, common_options, make_producer, started
-from worker.pipeline.unreadable import UNREADABLE_ERRORS
+from worker.kafka.clients import at_high_water, common_options, make_producer, started
+from worker.kafka.unreadable import UNREADABLE_ERRORS
 
 REPLAYED_FROM = "replayed-from"
 

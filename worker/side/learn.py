@@ -28,13 +28,14 @@ from aiokafka import AIOKafkaConsumer
 from worker.analysis import decisions
 from worker.analysis.decisions import Decided, Example, Stored
 from worker.analysis.labels import Embed, LabelError, label_set
-from worker.analysis.stage import AnalysisStage, RunPg
+from worker.analysis.stage import AnalysisStage
 from worker.config import Settings
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
 from worker.model import Record
 from worker.side.consumer import ConsumerStats, Letters, SideConsumer
 from worker.sinks.deadletter import DeadLetterSink
+from worker.sinks.store import RunPg
 
 log = structlog.get_logger(__name__)
 

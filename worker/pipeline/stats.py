@@ -1,0 +1,23 @@
+"""The pipeline's counters: each stage adds to its own, metrics and the summary read them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    consumed: int = 0  # decode
+    stored: int = 0  # write: rows inserted or re-embedded
+    deleted: int = 0  # write: delete events applied
+    unchanged: int = 0  # dedupe
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    batches: int = 0  # dispatch, from here to throttled
+    texts_embedded: int = 0
+    tokens_estimated: int = 0
+    requests: int = 0
+    retries: int = 0
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    throttled: int = 0
+    transactions: int = 0  # write
