@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-kafka lint format install clean
+.PHONY: demo test test-unit test-kafka lint format install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# tests/unit only: no broker, Postgres, fake embedding API or worker process (about 20 s).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
 
 # The tests that use a broker, on Apache Kafka (one KRaft node, and a 3-node cluster for the
 # failover tests): needs Java 17+ and Maven; the first run resolves the jars from Maven Central.

@@ -1,5 +1,8 @@
 """Shared fixtures: one embedded stack per session, a fresh database and topics per test.
 
+Nothing starts until a test asks for ``stack``, ``env`` or ``fake_api``; tests/unit never does,
+tests/integration (marked ``integration`` by its conftest.py) does.
+
 The stack's broker is Tansu unless ``EMBEDDING_WORKER_DEVSTACK_BROKER`` says otherwise
 (``make test-kafka`` sets ``kafka``). On Apache Kafka only the tests that use a broker run:
 those that use the ``stack`` fixture or are marked ``devstack`` or ``kafka_only``; the others

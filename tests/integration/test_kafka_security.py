@@ -17,9 +17,9 @@ import pytest
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, migrate_db, running, wait_until
+from tests.integration.test_crashes import DIM, check_store, corpus, provider
+from tests.integration.test_startup_faults import log_entries, readyz, worker_process
 from tests.processes import cli
-from tests.test_crashes import DIM, check_store, corpus, provider
-from tests.test_startup_faults import log_entries, readyz, worker_process
 from worker.config import environment_for
 from worker.tools.devstack import DevStack
 from worker.tools.devstack.kafka import KafkaBroker, Secured

@@ -23,9 +23,9 @@ from opentelemetry.trace import SpanKind
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
+from tests.integration.test_analysis import NEWS, one_stream
+from tests.integration.test_startup_faults import assert_one_clear_line
 from tests.processes import cli
-from tests.test_analysis import NEWS, one_stream
-from tests.test_startup_faults import assert_one_clear_line
 from worker.config import TracingSettings
 
 POISON = "xx-poison-xx"

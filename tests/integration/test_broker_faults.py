@@ -25,8 +25,8 @@ from aiokafka.errors import KafkaError
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, highest, make_env, migrate_db, running, wait_until
-from tests.test_analysis import topics_for
-from tests.test_crashes import DIM, check_store, corpus, provider, stored_total
+from tests.integration.test_analysis import topics_for
+from tests.integration.test_crashes import DIM, check_store, corpus, provider, stored_total
 from worker.pipeline.runner import Pipeline
 from worker.tools.devstack import DevStack
 from worker.tools.devstack.kafka import KafkaBroker

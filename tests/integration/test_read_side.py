@@ -13,8 +13,8 @@ import numpy.typing as npt
 import pytest
 
 from tests.conftest import Env, migrate_db, running
+from tests.integration.test_cli import _env
 from tests.processes import cli
-from tests.test_cli import _env
 from worker.read.kmeans import Reservoir, Summarizer, spherical_kmeans, unit_rows
 
 # --- k-means math --------------------------------------------------------------------------

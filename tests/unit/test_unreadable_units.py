@@ -10,7 +10,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import CorruptRecordException
 
 from tests.pipeline_fakes import FakeStore, NoDeadLetters
-from tests.test_writer import InstantEmbedder
+from tests.unit.test_writer import InstantEmbedder
 from worker.config import load_settings
 from worker.events import Reason
 from worker.kafka.unreadable import Unreadable, isolate

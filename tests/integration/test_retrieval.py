@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from tests.conftest import Env, migrate_db, running
+from tests.integration.test_cli import _env
 from tests.processes import cli
-from tests.test_cli import _env
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import Embedder
 from worker.read import index

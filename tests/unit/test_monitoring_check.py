@@ -22,7 +22,7 @@ from scripts.check_monitoring import (
     rendered_problems,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "helm" / "embedding-worker" / "dashboards" / "embedding-worker.json"
 DOCS = ROOT / "docs" / "operations.md"
 

@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import Env, migrate_db, running, wait_until
-from tests.test_crashes import DIM, check_store, provider
+from tests.integration.test_crashes import DIM, check_store, provider
 from worker.app import Worker
 from worker.kafka.clients import make_producer
 

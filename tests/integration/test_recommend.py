@@ -16,10 +16,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running, wait_until
+from tests.integration.test_analysis import read_topic
+from tests.integration.test_cli import _env
+from tests.integration.test_read_side import TOPICS, _corpus
 from tests.processes import cli
-from tests.test_analysis import read_topic
-from tests.test_cli import _env
-from tests.test_read_side import TOPICS, _corpus
 from worker.config import Settings
 from worker.kafka.clients import make_producer
 from worker.model import Record
@@ -87,7 +87,7 @@ async def recommend(env: Env, *args: str) -> list[str]:
 
 async def documented_sql(env: Env, user: str, k: int) -> list[str]:
     """docs/recommend.md's SQL for `recommend --user`, run as a reader of the docs would."""
-    doc = (Path(__file__).parent.parent / "docs" / "recommend.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "recommend.md").read_text()
     [sql] = [b for b in re.findall(r"```sql\n(.*?)```", doc, re.S) if "NOT EXISTS" in b]
     sql = sql.replace("'u-17'", f"'{user}'").replace("LIMIT 5", f"LIMIT {k}")
     conn = await env.connect()

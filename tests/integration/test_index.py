@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import Env, migrate_db
+from tests.integration.test_cli import _env
 from tests.processes import cli
-from tests.test_cli import _env
 from worker.config import ConfigError
 from worker.read import index
 from worker.read.search import nearest

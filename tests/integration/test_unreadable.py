@@ -12,7 +12,7 @@ from aiokafka.record.util import calc_crc32c
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, highest, migrate_db, running
-from tests.test_data_faults import _rows
+from tests.integration.test_data_faults import _rows
 from worker.events import DeadLetter, Reason, SourcePosition
 from worker.tools.replay import SOURCE_UNREADABLE, UNREADABLE, Filters, Found, replay, scan
 

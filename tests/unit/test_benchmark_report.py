@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks import report
 
-RECORD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+RECORD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 
 
 def test_the_run_of_records_readme_is_rendered_from_its_results_and_analysis() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
-from tests.test_analysis import read_topic, single_partition, topics_for
+from tests.integration.test_analysis import read_topic, single_partition, topics_for
 from worker.analysis.results import AnomalyResult, IncidentResult
 
 ANALYSIS = """

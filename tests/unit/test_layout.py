@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "worker"
+PACKAGE = Path(__file__).resolve().parents[2] / "worker"
 
 # The pipeline's stages in the order an event meets them, with the modules that serve only
 # that stage; ``offsets`` and ``stats`` are shared bookkeeping, ``runner`` wires them all.

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from tests.conftest import Env, migrate_db, running, wait_until
-from tests.test_analysis import read_topic, single_partition, topics_for
+from tests.integration.test_analysis import read_topic, single_partition, topics_for
 from worker.analysis import decisions
 from worker.config import Settings
 from worker.kafka.clients import make_producer
