@@ -123,3 +123,9 @@ def test_nothing_but_the_tools_imports_the_tools() -> None:
         if within(target, "worker.tools")
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_test_file_is_unit_or_integration() -> None:
+    """A test file at the top of tests/ would be neither marked nor in the fast set."""
+    stray = sorted(p.name for p in (PACKAGE.parent / "tests").glob("test_*.py"))
+    assert not stray, f"move these into tests/unit or tests/integration: {stray}"
