@@ -289,6 +289,12 @@ class BatchSettings(BaseModel):
     # writer does not linger: it writes what is ready, and rows that arrive meanwhile wait for
     # the next transaction, so transactions grow with the load.
     write_max_rows: int = Field(default=500, ge=1)
+    # Writers, each on its own connection, for disjoint sets of partitions (partition modulo
+    # writers): an id stays in one partition, so per-id order holds, and each transaction
+    # stores the offsets of its own partitions. With an HNSW index Postgres's index
+    # maintenance bounds one writer; two share it out over two cores. One when the analysis
+    # runs (its state is kept in stream order per namespace).
+    writers: int = Field(default=2, ge=1, le=16)
 
 
 class HttpSettings(BaseModel):

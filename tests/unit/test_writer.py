@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 
 from tests.conftest import wait_until
-from tests.pipeline_fakes import P0, FakeConsumer, FakeStore, Msg, NoDeadLetters, T
+from tests.pipeline_fakes import P0, P1, FakeConsumer, FakeStore, Msg, NoDeadLetters, T
 from worker.config import load_settings
 from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
@@ -61,17 +62,21 @@ def writes() -> HeldWrites:
 
 
 async def started(
-    consumer: FakeConsumer, writes: HeldWrites, write_max_rows: int
+    consumer: FakeConsumer,
+    writes: HeldWrites,
+    write_max_rows: int,
+    writers: int = 2,
+    partitions: tuple[TopicPartition, ...] = (P0,),
 ) -> tuple[pl.Pipeline, asyncio.Event, Callable[[], Awaitable[None]]]:
     settings = load_settings(
         kafka={"input_topic": T},
         provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
-        batch={"linger_ms": 0, "write_max_rows": write_max_rows},
+        batch={"linger_ms": 0, "write_max_rows": write_max_rows, "writers": writers},
         http={"enabled": False},
     )
     store = FakeStore(write=writes.write)
     p = pl.Pipeline(settings, consumer, NoDeadLetters(), store, InstantEmbedder())  # type: ignore[arg-type]
-    await p.on_partitions_assigned([P0])
+    await p.on_partitions_assigned(list(partitions))
     stop = asyncio.Event()
     run = asyncio.create_task(p.run(stop))
 
@@ -94,7 +99,9 @@ async def test_an_idle_writer_writes_at_once_and_rows_gather_while_it_is_busy(
 
     # While that transaction runs, five more events are embedded and wait for the writer.
     await consumer.script.put({P0: [Msg(0, o) for o in range(1, 6)]})
-    await until(lambda: len(p.writer.ready) == 5, "five rows ready behind the running transaction")
+    await until(
+        lambda: len(p.writers[0].ready) == 5, "five rows ready behind the running transaction"
+    )
     assert writes.transactions == [[0]]
     writes.gate.set()
     await until(lambda: writes.stored.get(0) == 6, "everything stored")
@@ -117,3 +124,58 @@ async def test_the_writer_does_not_wait_for_kafka_commits(writes: HeldWrites) ->
     consumer.commit_gate.set()
     await finish()
     assert consumer.commits[-1] == {P0: 3}
+
+
+class HeldPerPartition(HeldWrites):
+    """Transactions held per partition (``gates``); each must hold one partition only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = {0: asyncio.Event(), 1: asyncio.Event()}
+
+    async def write(self, changes: Any, offsets: Any) -> WriteResult:
+        partitions = {c.partition for c in changes} | {p for _, p in offsets}
+        assert len(partitions) == 1, f"one transaction spans partitions {partitions}"
+        (partition,) = partitions
+        self.transactions.append([c.offset for c in changes])
+        await self.gates[partition].wait()
+        for (_, p), offset in offsets.items():
+            self.stored[p] = max(self.stored.get(p, 0), offset)
+        return WriteResult(upserted=len(changes))
+
+
+async def test_two_writers_store_one_partition_while_the_others_transaction_is_held() -> None:
+    """``batch.writers`` 2: partitions 0 and 1 have writers of their own, so a slow
+    transaction of one (an index to maintain, a lock) does not hold the other's rows or
+    offsets; each transaction stores only its own partition's offsets."""
+    consumer, writes = FakeConsumer(), HeldPerPartition()
+    writes.gates[1].set()
+    _, _, finish = await started(consumer, writes, 500, writers=2, partitions=(P0, P1))
+    await consumer.script.put({P0: [Msg(0, 0)]})
+    await until(lambda: writes.transactions == [[0]], "partition 0's transaction, held")
+    await consumer.script.put({P1: [Msg(1, 0), Msg(1, 1)]})
+    await until(lambda: writes.stored.get(1) == 2, "partition 1 stored meanwhile")
+    assert 0 not in writes.stored
+    writes.gates[0].set()
+    await until(lambda: writes.stored.get(0) == 1, "partition 0 stored once released")
+    await finish()
+    committed: dict[TopicPartition, int] = {}
+    for commit in consumer.commits:
+        committed.update(commit)
+    assert committed == {P0: 1, P1: 2}
+
+
+async def test_one_writer_keeps_every_partition_in_one_queue() -> None:
+    """``batch.writers`` 1: partition 1's rows wait behind partition 0's held transaction
+    and go in the next one (the behaviour before parallel writers)."""
+    consumer, writes = FakeConsumer(), HeldWrites()
+    writes.gate.clear()
+    p, _, finish = await started(consumer, writes, 500, writers=1, partitions=(P0, P1))
+    await consumer.script.put({P0: [Msg(0, 0)]})
+    await until(lambda: writes.transactions == [[0]], "partition 0's transaction, held")
+    await consumer.script.put({P1: [Msg(1, 0)]})
+    await until(lambda: len(p.writers[0].ready) == 1, "partition 1's row behind it")
+    assert writes.transactions == [[0]]
+    writes.gate.set()
+    await until(lambda: writes.stored == {0: 1, 1: 1}, "both stored")
+    await finish()

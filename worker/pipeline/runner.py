@@ -2,17 +2,19 @@
 -> commit.
 
 One task fetches, decodes and routes; up to the embed stage's concurrency ceiling of tasks
-embed (``dispatch``); one task writes (``write``); one copies stored offsets to Kafka
-(``commit``). What joins them is bounded by ``max_in_flight`` (events fetched but not yet
-stored): past it the consumer pauses its partitions and keeps polling (so it stays in the
-group) until the writer catches up. The runner also owns what crosses stages: rebalances
-(epochs in the ``OffsetTracker``), backpressure, the graceful drain and readiness.
+embed (``dispatch``); ``batch.writers`` tasks write (``write``), each for the partitions whose
+number modulo the writers is its own; one copies stored offsets to Kafka (``commit``). What
+joins them is bounded by ``max_in_flight`` (events fetched but not yet stored): past it the
+consumer pauses its partitions and keeps polling (so it stays in the group) until the writers
+catch up. The runner also owns what crosses stages: rebalances (epochs in the
+``OffsetTracker``), backpressure, the graceful drain and readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -22,6 +24,7 @@ from worker.analysis.stage import AnalysisStage
 from worker.config import Settings
 from worker.embedding.providers.base import Embedder
 from worker.embedding.stage import EmbedStage
+from worker.model import Item
 from worker.ops.metrics import Metrics, PipelineSnapshot
 from worker.pipeline.batch import MicroBatcher
 from worker.pipeline.commit import KafkaCommits
@@ -92,27 +95,32 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.decoder = Decoder(self.limits, self.tracker, self._revoking, self.stats, tracing)
         self.dedupe = Dedupe(store, embedder.model, embedder.dimension, self.stats)
         self.commits = KafkaCommits(consumer, self._revoking, self.COMMIT_EVERY_S)
-        self.writer = Writer(
-            store,
-            self.tracker,
-            on_stored=self.commits.offer,
-            group_id=settings.kafka.group_id,
-            model=embedder.model,
-            dimension=embedder.dimension,
-            max_rows=settings.batch.write_max_rows,
-            release=self.dedupe.release,
-            on_fatal=self._fail,
-            stats=self.stats,
-            metrics=self.metrics,
-            analysis=analysis,
-            tracing=tracing,
-        )
+        # Partition modulo writers picks the writer (one while the analysis runs).
+        count = 1 if analysis is not None else settings.batch.writers
+        self.writers = [
+            Writer(
+                store,
+                self.tracker,
+                on_stored=self.commits.offer,
+                group_id=settings.kafka.group_id,
+                model=embedder.model,
+                dimension=embedder.dimension,
+                max_rows=settings.batch.write_max_rows,
+                release=self.dedupe.release,
+                on_fatal=self._fail,
+                stats=self.stats,
+                metrics=self.metrics,
+                analysis=analysis,
+                tracing=tracing,
+            )
+            for _ in range(count)
+        ]
         self.dispatcher = Dispatcher(
             self.stage,
             self.tracker,
             release=self.dedupe.release,
             send_letters=self._dead_letter,
-            to_writer=self.writer.enqueue,
+            to_writer=self._to_writers,
             on_fatal=self._fail,
             stats=self.stats,
             metrics=self.metrics,
@@ -235,7 +243,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        writer = asyncio.create_task(self.writer.loop(), name="writer")
+        writers = [
+            asyncio.create_task(w.loop(), name=f"writer-{i}") for i, w in enumerate(self.writers)
+        ]
         committer = asyncio.create_task(self.commits.loop(), name="kafka-commits")
         self.running = True
         try:
@@ -256,9 +266,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         finally:
             self.running = False
-            writer.cancel()
-            committer.cancel()
-            await asyncio.gather(writer, committer, return_exceptions=True)
+            for task in (*writers, committer):
+                task.cancel()
+            await asyncio.gather(*writers, committer, return_exceptions=True)
             await self.dispatcher.cancel()
         if self.fatal is not None:
             raise self.fatal
@@ -271,9 +281,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         decoded = self.decoder.fetch(fetched)
         settled = [*decoded.settled, *await self.fetcher.markers()]
         await self._dead_letter(decoded.letters)
-        self.writer.enqueue(list(settled))
+        self._to_writers(settled)
         direct, embed = await self.dedupe.route(decoded.changes)
-        self.writer.enqueue(list(direct))
+        self._to_writers(direct)
         now = time.monotonic()
         for change in embed:
             for batch in self.batcher.add(change, now):
@@ -289,10 +299,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         self._flush_batcher()
         deadline = time.monotonic() + timeout_s
-        while (self.tracker.in_flight or self.writer.writing) and self.fatal is None:
+        while (self.tracker.in_flight or self._writing()) and self.fatal is None:
             if time.monotonic() > deadline:
                 break
-            if self.stage.fault is not None and not self.writer.busy:
+            if self.stage.fault is not None and not any(w.busy for w in self.writers):
                 break
             await asyncio.sleep(0.02)
         if self.tracker.in_flight:
@@ -333,6 +343,20 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.dead_letters.send(letters)
             for _, letter in letters:
                 self.stats.dead_lettered[letter.reason.value] += 1
+
+    def _to_writers(self, items: Sequence[Item]) -> None:
+        """Each item to the writer of its partition, in the order received."""
+        if len(self.writers) == 1:
+            self.writers[0].enqueue(list(items))
+            return
+        shares: list[list[Item]] = [[] for _ in self.writers]
+        for item in items:
+            shares[item.partition % len(shares)].append(item)
+        for writer, share in zip(self.writers, shares, strict=True):
+            writer.enqueue(share)
+
+    def _writing(self) -> bool:
+        return any(w.writing for w in self.writers)
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal = exc
