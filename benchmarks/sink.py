@@ -10,11 +10,15 @@ computed once before timing. Both sides write the same rows in the same transact
 * COPY: ``copy_records_to_table`` straight into ``embeddings`` (no guard, no offsets).
 
 Both are measured without a vector index and with HNSW (``vector_cosine_ops``, m=16,
-ef_construction=64, the pgvector defaults), the index created on the empty table.
+ef_construction=64, the pgvector defaults), the index created on the empty table. With HNSW
+both are measured again on ``PARALLEL`` connections at once, the rows split by partition the
+way the worker's ``batch.writers`` split them (partition modulo writers): index maintenance
+bounds one writer, and the question is how much of it a second connection takes over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -47,6 +51,10 @@ MODEL = "use-multilingual-v3"
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 TARGET_RATIO = 0.80
+# Issue 16: with HNSW, 2 writers >= 1.3x one, and >= 0.9 of COPY on as many connections.
+PARALLEL = 2
+SPEEDUP_TARGET = 1.3
+PARALLEL_RATIO_TARGET = 0.9
 NO_INDEX_REPEAT = 4
 GROUP = "bench-sink"
 TOPIC = "bench.sink"
@@ -138,6 +146,21 @@ async def copy_all(conn: store.Conn, rows: list[Change]) -> None:
             )
 
 
+def shares(rows: list[Change], writers: int) -> list[list[Change]]:
+    """The rows of each writer: partition modulo writers, as the worker's runner routes."""
+    return [[c for c in rows if c.partition % writers == k] for k in range(writers)]
+
+
+async def on_connections(pool: Any, rows: list[Change], writers: int, fn: Any) -> None:
+    """``fn`` over each writer's share at once, each on a connection of its own."""
+
+    async def one(share: list[Change]) -> None:
+        async with pool.acquire() as conn:
+            await fn(conn, share)
+
+    await asyncio.gather(*(one(share) for share in shares(rows, writers)))
+
+
 async def run(ctx: Context) -> list[Figure]:
     texts, vectors = embed(ctx.sizes.sink_rows)
     # Without an index a run of the embedded rows alone lasts ~0.2 s, too short for the CPU
@@ -145,14 +168,16 @@ async def run(ctx: Context) -> list[Figure]:
     rows_by_index = {False: changes(texts, vectors, NO_INDEX_REPEAT), True: changes(texts, vectors)}
     name = unique("bench_sink")
     dsn = await fresh_database(ctx.stack, name, DIMENSION)
-    pool = await store.create_pool(dsn, 1, 1)
+    pool = await store.create_pool(dsn, 1, 1 + PARALLEL)
     roots = {**stack_roots(ctx.stack), "harness (client)": os.getpid()}
     results: dict[tuple[str, bool], list[float]] = {}
     cpus: dict[tuple[str, bool], list[dict[str, float]]] = {}
     try:
         async with pool.acquire() as conn:
-            for hnsw in (False, True):
+            # (index, writers): each writer's rows on a connection of its own.
+            for hnsw, writers in ((False, 1), (True, 1), (True, PARALLEL)):
                 rows = rows_by_index[hnsw]
+                on = "" if writers == 1 else f" on {writers} connections"
                 for i in range(ctx.runs):
                     # Interleaved, so drift (autovacuum, page cache) hits both sides alike.
                     for kind, fn in (("upsert", upsert_all), ("copy", copy_all)):
@@ -160,15 +185,16 @@ async def run(ctx: Context) -> list[Figure]:
                         cpu = CpuWindow(roots)
                         cpu.start()
                         t0 = time.perf_counter()
-                        await fn(conn, rows)
+                        await on_connections(pool, rows, writers, fn)
                         elapsed = time.perf_counter() - t0
                         usage = cpu.stop()
                         n = int(await conn.fetchval("SELECT count(*) FROM embeddings"))
                         assert n == len(rows), (kind, n)
-                        results.setdefault((kind, hnsw), []).append(n / elapsed)
-                        cpus.setdefault((kind, hnsw), []).append(usage)
+                        key = (kind if writers == 1 else f"{kind}-parallel", hnsw)
+                        results.setdefault(key, []).append(n / elapsed)
+                        cpus.setdefault(key, []).append(usage)
                         log(
-                            f"sink {kind} hnsw={hnsw} run {i + 1}/{ctx.runs}: "
+                            f"sink {kind} hnsw={hnsw}{on} run {i + 1}/{ctx.runs}: "
                             f"{n / elapsed:,.0f} rows/s (postgres {usage['postgres']:.0f}% CPU)"
                         )
     finally:
@@ -218,6 +244,48 @@ async def run(ctx: Context) -> list[Figure]:
                 notes="per interleaved pair of runs",
             )
         )
+    ups1 = results[("upsert", True)]
+    ups, cps = results[("upsert-parallel", True)], results[("copy-parallel", True)]
+    info = {"rows": len(rows_by_index[True]), "dimension": DIMENSION, "rows_per_txn": WRITE_ROWS}
+    figures += [
+        Figure(
+            SCENARIO,
+            f"upsert, {index}, {PARALLEL} writers",
+            "rows/s",
+            ups,
+            cpu=median_cpu(cpus[("upsert-parallel", True)]),
+            notes=(
+                f"the rows split by partition (4 partitions, modulo {PARALLEL}) over {PARALLEL} "
+                "connections at once, as batch.writers does"
+            ),
+            extra=info,
+        ),
+        Figure(
+            SCENARIO,
+            f"raw binary COPY, {index}, {PARALLEL} connections",
+            "rows/s",
+            cps,
+            cpu=median_cpu(cpus[("copy-parallel", True)]),
+            extra=info,
+        ),
+        Figure(
+            SCENARIO,
+            f"upsert, {PARALLEL} writers ÷ 1 writer, {index}",
+            "ratio",
+            [u / statistics.median(ups1) for u in ups],
+            limit=SPEEDUP_TARGET,
+            limit_label=f"target ≥ {SPEEDUP_TARGET}",
+        ),
+        Figure(
+            SCENARIO,
+            f"upsert ÷ COPY, {index}, {PARALLEL} connections each",
+            "ratio",
+            [u / c for u, c in zip(ups, cps, strict=True)],
+            limit=PARALLEL_RATIO_TARGET,
+            limit_label=f"target ≥ {PARALLEL_RATIO_TARGET}",
+            notes="per interleaved pair of runs",
+        ),
+    ]
     no_idx = statistics.median(results[("upsert", False)])
     figures.append(
         Figure(
