@@ -199,6 +199,19 @@ def test_metadata_limit_counts_utf8_bytes_not_characters() -> None:
     assert as_letter(result).reason is Reason.METADATA_TOO_LARGE
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"big": 123456789012345678901234567890, "neg": -(2**70)},  # past 64 bits: kept exact
+        {"title": JAPANESE, "n": [1, 2.5, None, True], "nested": {"k": "\u00e9"}},
+    ],
+)
+def test_metadata_is_stored_as_the_same_json_values(metadata: dict[str, Any]) -> None:
+    change = as_change(decode(record({"id": "a", "text": "x", "metadata": metadata}), limits()))
+    assert json.loads(change.metadata_json) == metadata
+    assert '"big":123456789012345678901234567890' in change.metadata_json or "big" not in metadata
+
+
 def test_metadata_too_large_message_reports_bytes() -> None:
     metadata = {"title": JAPANESE}
     as_json = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))

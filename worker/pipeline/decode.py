@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import ValidationError
 
 from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
@@ -51,6 +52,11 @@ class Limits:
     input: InputSettings = field(default_factory=InputSettings)
     # The schemas of a schema-registry format (the pipeline fetches them before decoding).
     schemas: Schemas | None = field(default=None, compare=False)
+    # The native contract with its own field names (no mapping): known once, not per record.
+    native: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "native", is_native(self.input))
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -126,7 +132,7 @@ def _key(record: Record) -> str | None:
 
 def _decode(record: Record, limits: Limits) -> Change | Ignored:
     key = _key(record)
-    native = is_native(limits.input)
+    native = limits.native
     if record.value is None:
         return (None if native else tombstone(limits.input)) or _tombstone(record, key, limits)
     if limits.schemas is None:
@@ -202,14 +208,24 @@ def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
     return change
 
 
+def _metadata_json(metadata: Any) -> bytes:
+    """Compact UTF-8 JSON; orjson unless a value is out of its range (an integer past 64 bits,
+    which JSON and jsonb keep exactly). Non-finite numbers never get here (refused when
+    parsed)."""
+    try:
+        return orjson.dumps(metadata)
+    except orjson.JSONEncodeError:
+        text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode("utf-8")
+
+
 def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     text = event.text
     if text is None or not text.strip():
         raise Rejected(Reason.EMPTY_TEXT, "an upsert needs a non-empty `text`")
-    metadata_json = json.dumps(
-        event.metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    )
-    size = len(metadata_json.encode("utf-8"))
+    encoded = _metadata_json(event.metadata)
+    size = len(encoded)
+    metadata_json = encoded.decode("utf-8")
     if size > limits.max_metadata_bytes:
         raise Rejected(
             Reason.METADATA_TOO_LARGE,

@@ -8,7 +8,6 @@ split / stop decisions.
 from __future__ import annotations
 
 import email.utils
-import json
 import re
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from importlib.metadata import version
 from typing import Any
 
 import httpx
+import orjson
 import structlog
 
 from worker.config import ProviderSettings
@@ -90,7 +90,7 @@ class ApiClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base + path)
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        body = orjson.dumps(payload)
         request = httpx.Request(
             "POST", url, headers=self._headers, content=body, extensions=self._extensions
         )
@@ -137,8 +137,8 @@ async def post_json(client: ApiClient, path: str, payload: dict[str, Any]) -> An
         raise TransientError(f"connection error: {exc!r}", code="ConnectionError") from exc
     if response.status_code == 200:
         try:
-            return json.loads(response.content)
-        except ValueError as exc:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
             raise TransientError("the provider sent a body that is not JSON") from exc
     raise classify(response)
 
