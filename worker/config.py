@@ -352,6 +352,10 @@ class AnalysisSettings(BaseModel):
     namespaces: dict[str, NamespaceAnalysis] = Field(default_factory=dict)
     classifications_topic: str = "content.classifications"
     anomalies_topic: str = "content.anomalies"
+    # "json": each result as its own JSON object; "cloudevents": the same object as the
+    # `data` of a CloudEvent in structured mode (application/cloudevents+json), for
+    # consumers that route by CloudEvents attributes (Knative, Event Grid, Dapr).
+    results_format: Literal["json", "cloudevents"] = "json"
     # Moderation decisions ({"id", "label", "namespace"?}) that add labeled examples; off
     # unless set. Bad ones go to their own dead-letter topic, replayable to this one.
     decisions_topic: str | None = None

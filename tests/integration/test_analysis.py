@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +321,43 @@ async def test_results_are_not_lost_on_a_crash_between_produce_and_commit(
     for key, m in after:
         labels.setdefault(key, set()).add(m["label"])
     assert all(len(v) == 1 for v in labels.values()), "a replay gives the same answer"
+
+
+async def test_results_as_cloudevents_carry_the_same_result_in_structured_mode(
+    env: Env, tmp_path: Path
+) -> None:
+    """``analysis.results_format = "cloudevents"``: each message is a CloudEvent 1.0 in
+    structured mode (the Kafka binding's content-type header), its ``data`` the result a
+    JSON consumer would get, its ``id`` the result key (the same on a replay)."""
+    await migrate_db(env, 512)
+    topics = await topics_for(env)
+    analysis = {"file": str(analysis_file(tmp_path)), "results_format": "cloudevents", **topics}
+    events = news_events()
+    high = await env.produce(events)
+    async with running(env.settings(analysis=analysis)):
+        await env.wait_for_offsets(high)
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topics["classifications_topic"], 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        messages: list[Any] = []
+        while len(messages) < len(events):
+            batch = await asyncio.wait_for(consumer.getmany(tp, timeout_ms=300), 60)
+            messages += batch.get(tp, [])
+    finally:
+        await consumer.stop()
+    assert len(messages) == len(events)
+    for m in messages:
+        assert dict(m.headers)["content-type"] == b"application/cloudevents+json; charset=UTF-8"
+        envelope = json.loads(m.value)
+        result = ClassificationResult.model_validate(envelope["data"])
+        assert envelope["specversion"] == "1.0"
+        assert envelope["id"] == result.key == m.key.decode()
+        assert envelope["source"] == "/embedding-worker/news"
+        assert envelope["type"] == "io.github.embedding-worker.classification.v1"
+        assert envelope["subject"] == result.id
+        assert envelope["datacontenttype"] == "application/json"
+        assert datetime.fromisoformat(envelope["time"]) == result.analysed_at
+    assert {json.loads(m.value)["subject"] for m in messages} == {e["id"] for e in events}

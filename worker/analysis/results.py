@@ -7,6 +7,7 @@ same both times, so a consumer keeps the first or the last message per key and i
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -131,3 +132,29 @@ class IncidentResult(BaseModel):
         description="closed because incident_gap events or incident_gap_seconds passed",
     )
     analysed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+Result = ClassificationResult | AnomalyResult | IncidentResult
+CLOUDEVENTS_CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
+CLOUDEVENTS_TYPE = "io.github.embedding-worker.{kind}.v1"
+
+
+def cloudevent(result: Result) -> bytes:
+    """A result as a CloudEvent in structured mode (CloudEvents 1.0, JSON format; Kafka
+    binding: the ``content-type`` header says so). ``id`` is the same for the same result
+    sent again after a crash (the result key; an incident's key with its status and count),
+    so consumers de-duplicate by (``source``, ``id``) as the spec intends."""
+    event_id = result.key
+    if isinstance(result, IncidentResult):
+        event_id = f"{result.key}/{result.status}/{result.count}"
+    envelope = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"/embedding-worker/{result.namespace}",
+        "type": CLOUDEVENTS_TYPE.format(kind=result.kind),
+        "subject": result.key if isinstance(result, IncidentResult) else result.id,
+        "time": result.analysed_at.isoformat(),
+        "datacontenttype": "application/json",
+        "data": json.loads(result.model_dump_json()),
+    }
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()

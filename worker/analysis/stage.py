@@ -21,7 +21,13 @@ from aiokafka import AIOKafkaProducer
 from worker.analysis import anomaly, classify, decisions, incidents, scoring, state
 from worker.analysis.config import NamespaceAnalysis
 from worker.analysis.labels import Embed, LabelSet, sync
-from worker.analysis.results import AnomalyResult, ClassificationResult, IncidentResult
+from worker.analysis.results import (
+    CLOUDEVENTS_CONTENT_TYPE,
+    AnomalyResult,
+    ClassificationResult,
+    IncidentResult,
+    cloudevent,
+)
 from worker.config import AnalysisSettings
 from worker.model import Change
 from worker.sinks.postgres import Conn
@@ -134,17 +140,25 @@ class AnalysisStage:
         results: Sequence[ClassificationResult | AnomalyResult | IncidentResult],
         changes: Sequence[Change],
     ) -> None:
-        """With tracing on, a result carries its event's span (an incident, the produce's)."""
-        records = [(r.key.encode(), r.model_dump_json().encode()) for r in results]
+        """With tracing on, a result carries its event's span (an incident, the produce's).
+        As CloudEvents, the value is the envelope and a ``content-type`` header says so."""
+        cloud = self.settings.results_format == "cloudevents"
+        records = [
+            (r.key.encode(), cloudevent(r) if cloud else r.model_dump_json().encode())
+            for r in results
+        ]
+        base: list[tuple[str, bytes]] = (
+            [("content-type", CLOUDEVENTS_CONTENT_TYPE)] if cloud else []
+        )
         if self.tracing is None or not records:
-            await publish(self.producer, topic, records)
+            await publish(self.producer, topic, records, [base] * len(records) if cloud else None)
             return
         by_source = {(c.partition, c.offset): c.trace for c in changes}
         events = [
             None if isinstance(r, IncidentResult) else by_source.get(_position(r)) for r in results
         ]
         with self.tracing.producing(topic, events):
-            headers = [self.tracing.headers(e) for e in events]
+            headers = [base + self.tracing.headers(e) for e in events]
             await publish(self.producer, topic, records, headers)
 
     def history(self) -> dict[str, int]:
