@@ -6,9 +6,11 @@ and the baselines of ``evaluation.baselines`` (nearest centroid, logistic regres
 by CV, zero-shot descriptions), on the same examples (``worker.tools.evaluate.split``) and the same
 cached vectors (``DATA/vectors``, filled by ``evaluation.baselines``). Also, to choose the
 defaults: the head without its description prior, the head plus the old k-NN vote over the
-examples, and several out-of-scope scores on the out-of-scope protocol. One JSON line per
-set, model and seed; ``--summary`` prints the mean over seeds and the mean rank of each
-variant across every set and model.
+examples, several out-of-scope scores on the out-of-scope protocol, repeated folds and the
+one-standard-error rule (``head_cv3``, ``head_1se``), and self-training gated by the head's
+confidence (``self_p…_q…``). One JSON line per set, model and seed; ``--summary`` prints the
+mean over seeds and each variant's mean rank of accuracy and of ECE across every set and
+model (ties share their ranks).
 
     python -m evaluation.offline [--seed 0 --seed 1 ...] [--test-limit N] > OUT.jsonl
     python -m evaluation.offline --summary OUT.jsonl
@@ -28,6 +30,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +57,10 @@ SETS: dict[str, tuple[Callable[[], Path], str, int, str | None, bool]] = {
     "sms_spam": (lambda: SHARED / "sms_spam/sms_spam.jsonl", "sms_spam.toml", 32, "spam", True),
     "ag_news": (lambda: SHARED / "ag_news/ag_news_test.jsonl", "ag_news.toml", 32, None, False),
 }
-Variant = Callable[[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray], tuple[Any, np.ndarray]]
+# (examples, their labels, labels, description vectors, test vectors, seed) -> (head, logits)
+Variant = Callable[
+    [np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, int], tuple[Any, np.ndarray]
+]
 
 
 def ece(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
@@ -69,21 +75,20 @@ def ece(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
     )
 
 
-FITTED: dict[int, heads.Head] = {}  # the head of this run's examples, reused by with_vote
+FITTED: dict[int, heads.Head] = {}  # this run's head, reused by with_vote and self-training
 
 
-def head_only(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray) -> Any:
-    FITTED.clear()
+def head_only(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, _: int) -> Any:
     fitted = FITTED[id(x)] = heads.fit(x, y, n, d)
     return fitted, fitted.logits(t)
 
 
-def no_prior(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray) -> Any:
+def no_prior(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, _: int) -> Any:
     fitted = heads.fit(x, y, n, None)
     return fitted, fitted.logits(t)
 
 
-def with_vote(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray) -> Any:
+def with_vote(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, _: int) -> Any:
     """The head plus the removed few-shot vote (k = 10, temperature 0.05, over examples)."""
     fitted = FITTED.get(id(x)) or heads.fit(x, y, n, d)
     sims = t @ x.T
@@ -96,10 +101,112 @@ def with_vote(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray
     return fitted, fitted.logits(t) + np.log(votes + 1e-3)
 
 
+def with_settings(repeats: int, one_se: bool) -> Variant:
+    """The head with its C, prior and temperature chosen on ``repeats`` repeats of the folds,
+    and by the one-standard-error rule when ``one_se`` (``head.REPEATS``, ``head.ONE_SE``)."""
+
+    def variant(
+        x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, _: int
+    ) -> tuple[heads.Head, np.ndarray]:
+        before = heads.REPEATS, heads.ONE_SE
+        heads.REPEATS, heads.ONE_SE = repeats, one_se
+        try:
+            fitted = heads.fit(x, y, n, d)
+        finally:
+            heads.REPEATS, heads.ONE_SE = before
+        return fitted, fitted.logits(t)
+
+    return variant
+
+
+SELF_TRAIN_FIRST = 100  # stream events before the first refit; then one at every doubling
+
+
+def self_training(sure: float, typical: float, recalibrate: bool) -> Variant:
+    """The head, refitted on the stream events it was sure of (issue 13's proposal).
+
+    The test rows arrive in a seeded order (a stream); each is classified by the head as it
+    stands, and kept as an example of its predicted label when its top probability is at
+    least ``sure`` and its ``out_of_scope`` at most ``typical``. After 100 events and at
+    every doubling, the head is refitted on the examples and every event kept so far, with
+    the C and prior the examples' cross-validation chose. The kept events are the head's own
+    answers, so they never measure it: with ``recalibrate``, the temperature and the
+    out-of-scope reference are fitted again on the examples' folds, each held-out fold's
+    model trained on the other folds and every kept event; without, they stay the first
+    fit's. Figures are of the predictions as made, before the event could teach anything.
+    """
+
+    def variant(
+        x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, seed: int
+    ) -> tuple[heads.Head, np.ndarray]:
+        base = FITTED.get(id(x)) or heads.fit(x, y, n, d)
+        current = base
+        order = np.random.default_rng(seed).permutation(len(t))
+        logits = np.zeros((len(t), n))
+        kept_x, kept_y = [np.zeros((0, x.shape[1]))], [np.zeros(0, dtype=np.int64)]
+        start, stop = 0, SELF_TRAIN_FIRST
+        while start < len(t):
+            rows = order[start:stop]
+            got = current.logits(t[rows])
+            logits[rows] = got
+            confident = (softmax(got, axis=1).max(axis=1) >= sure) & (
+                current.out_of_scope(got) <= typical
+            )
+            kept_x.append(t[rows][confident])
+            kept_y.append(got.argmax(axis=1)[confident])
+            start, stop = stop, 2 * stop
+            if start < len(t):
+                kx, ky = np.vstack(kept_x), np.concatenate(kept_y)
+                current = _refit(base, x, y, kx, ky, n, d, recalibrate)
+        return current, logits
+
+    return variant
+
+
+def _refit(
+    base: heads.Head,
+    x: np.ndarray,
+    y: np.ndarray,
+    kept_x: np.ndarray,
+    kept_y: np.ndarray,
+    n: int,
+    d: np.ndarray,
+    recalibrate: bool,
+) -> heads.Head:
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    def fitted_on(xs: np.ndarray, ys: np.ndarray) -> Any:
+        xs, ys = np.vstack([xs, kept_x]), np.concatenate([ys, kept_y])
+        return heads._fit_one(xs, ys, np.bincount(ys, minlength=n), d, base.c, base.prior)
+
+    with threadpool_limits(1):
+        x, y = heads.canonical(x, y)
+        model = fitted_on(x, y)
+        if not recalibrate:
+            refitted = heads._head(model, n, base.temperature, None, base.c, base.prior)
+            return replace(base, weights=refitted.weights, bias=refitted.bias)
+        folds = min(heads.FOLDS, int(np.bincount(y, minlength=n).min()))
+        oof = np.zeros((len(y), n))
+        for train, test in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y):
+            oof[test] = heads._logits(fitted_on(x[train], y[train]), x[test], n)
+        temperature, _ = heads.temperature(oof, y)
+        return heads._head(model, n, temperature, oof, base.c, base.prior)
+
+
 VARIANTS: dict[str, Variant] = {
     "head": head_only,
     "head_no_prior": no_prior,
     "head_vote": with_vote,
+    "head_cv3": with_settings(3, False),
+    "head_1se": with_settings(1, True),
+    "head_cv3_1se": with_settings(3, True),
+    "self_uncal_p0.9_q0.5": self_training(0.9, 0.5, False),
+    **{
+        f"self_p{sure:g}_q{typical:g}": self_training(sure, typical, True)
+        for sure in (0.8, 0.9, 0.95)
+        for typical in (0.5, 0.9)
+    },
 }
 
 
@@ -164,11 +271,12 @@ def run(
     if oos.any():
         out["logreg"]["oos_auroc"] = auroc(1 - lr_probs.max(axis=1))
         out["centroid"]["oos_auroc"] = auroc(1 - t_cos.max(axis=1))
+    FITTED.clear()
     for variant, fn in VARIANTS.items():
         if variant not in variants:
             continue
         started = time.process_time()
-        fitted, logits = fn(xe, ye, len(names), d, xt)
+        fitted, logits = fn(xe, ye, len(names), d, xt, seed)
         probs = softmax(logits, axis=1)
         result = {
             **scored(probs),
@@ -193,22 +301,28 @@ def run(
     return out
 
 
+def mid_rank(value: float, values: list[float], higher: bool) -> float:
+    """1 for the best of ``values``; ties share the mean of their ranks."""
+    better = sum((v > value) if higher else (v < value) for v in values)
+    return 1 + better + (values.count(value) - 1) / 2
+
+
 def summary(path: Path) -> None:
-    """Mean over seeds per set and model, and each method's mean rank of accuracy."""
+    """Mean over seeds per set and model, and each method's mean rank of accuracy and ECE."""
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     runs = [r for r in runs if not r.get("missing")]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         groups[(r["set"], r["model"])].append(r)
-    methods = [
-        m for m in ["head", "head_no_prior", "head_vote", "logreg", "centroid"] if m in runs[0]
-    ]
+    methods = [m for m in [*VARIANTS, "logreg", "centroid"] if m in runs[0]]
     ranks: dict[str, list[float]] = defaultdict(list)
+    ece_ranks: dict[str, list[float]] = defaultdict(list)
     for (name, model), rs in sorted(groups.items()):
-        mean = {m: float(np.mean([r[m]["accuracy"] for r in rs])) for m in methods}
-        order = sorted(methods, key=lambda m: -mean[m])
+        mean = {m: round(float(np.mean([r[m]["accuracy"] for r in rs])), 4) for m in methods}
+        calibration = {m: round(float(np.mean([r[m]["ece"] for r in rs])), 4) for m in methods}
         for m in methods:
-            ranks[m].append(1 + order.index(m))
+            ranks[m].append(mid_rank(mean[m], [mean[o] for o in methods], higher=True))
+            ece_ranks[m].append(mid_rank(calibration[m], list(calibration.values()), higher=False))
         line: dict[str, Any] = {"set": name, "model": model, "seeds": sorted(r["seed"] for r in rs)}
         for m in [*methods, "zero_shot"]:
             line[m] = {
@@ -217,9 +331,9 @@ def summary(path: Path) -> None:
                 if k in rs[0][m]
             }
         print(json.dumps(line))
-    print(
-        json.dumps({"mean_rank_of_accuracy": {m: round(np.mean(v), 2) for m, v in ranks.items()}})
-    )
+    for what, got in (("accuracy", ranks), ("ece", ece_ranks)):
+        mean_rank = {m: round(float(np.mean(v)), 2) for m, v in got.items()}
+        print(json.dumps({f"mean_rank_of_{what}": mean_rank}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 C_GRID = (1.0, 10.0, 100.0, 1000.0)
 PRIOR_GRID = (0.0, 4.0, 16.0)
 FOLDS = 5
+# Alternatives measured over the suite and not adopted (docs/analysis.md, "Self-training and
+# calibration alternatives"): repeats of the folds, each with its own shuffle, and the
+# most regularized C and prior within one standard error of the best loss.
+REPEATS = 1
+ONE_SE = False
 # Used when some label has a single example (no stratified fold is possible).
 FALLBACK_C = 100.0
 FALLBACK_PRIOR = 4.0
@@ -122,22 +127,32 @@ def _fit(
         return _head(model, n_labels, 1.0, None, c, prior)
     from sklearn.model_selection import StratifiedKFold
 
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y))
-    best: tuple[float, float, float, float, np.ndarray] | None = None  # loss, T, C, prior, oof
+    # Each repeat holds every example out once; their out-of-fold logits are pooled.
+    splits = [
+        (r, train, test)
+        for r in range(REPEATS)
+        for train, test in StratifiedKFold(folds, shuffle=True, random_state=r).split(x, y)
+    ]
+    pooled = np.tile(y, REPEATS)
+    # (out-of-fold loss, its standard error, T, C, prior, out-of-fold logits) per candidate
+    tried: list[tuple[float, float, float, float, float, np.ndarray]] = []
     for prior in priors:
-        oof = {c: np.zeros((len(y), n_labels)) for c in C_GRID}
-        for train, test in splits:
+        oof = {c: np.zeros((REPEATS * len(y), n_labels)) for c in C_GRID}
+        for r, train, test in splits:
             tc = np.bincount(y[train], minlength=n_labels)
             model = None
             for c in C_GRID:  # ascending C, each fit warm-started from the last
                 model = _fit_one(x[train], y[train], tc, descriptions, c, prior, model)
-                oof[c][test] = _logits(model, x[test], n_labels)
+                oof[c][r * len(y) + test] = _logits(model, x[test], n_labels)
         for c in C_GRID:
-            t, loss = temperature(oof[c], y)
-            if best is None or loss < best[0] - 1e-9:
-                best = (loss, t, c, prior, oof[c])
-    assert best is not None
-    _, t, c, prior, oof_logits = best
+            t, loss = temperature(oof[c], pooled)
+            se = float(np.std(row_losses(oof[c] / t, pooled)) / np.sqrt(len(pooled)))
+            tried.append((loss, se, t, c, prior, oof[c]))
+    best = min(tried, key=lambda k: k[0])  # the first of equal losses: grid order
+    if ONE_SE:  # the most regularized within one standard error of the best loss
+        close = [k for k in tried if k[0] <= best[0] + best[1]]
+        best = min(close, key=lambda k: (k[3], -k[4]))
+    _, _, t, c, prior, oof_logits = best
     model = _fit_one(x, y, counts, descriptions, c, prior)
     return _head(model, n_labels, t, oof_logits, c, prior)
 
@@ -211,14 +226,19 @@ def _logits(model: LogisticRegression, x: np.ndarray, n_labels: int) -> np.ndarr
     return out
 
 
+def row_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from scipy.special import log_softmax
+
+    out: np.ndarray = -log_softmax(logits, axis=1)[np.arange(len(labels)), labels]
+    return out
+
+
 def temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The temperature minimising the mean log-loss of softmax(logits / T), and that loss."""
     from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
 
     def loss(log_t: float) -> float:
-        lp = log_softmax(logits / np.exp(log_t), axis=1)
-        return float(-lp[np.arange(len(labels)), labels].mean())
+        return float(row_losses(logits / np.exp(log_t), labels).mean())
 
     found = minimize_scalar(loss, bounds=(np.log(1e-4), np.log(100.0)), method="bounded")
     return float(np.exp(found.x)), float(found.fun)
