@@ -49,19 +49,23 @@ async def partitions(stack: DevStack, topic: str) -> list[dict[str, Any]]:
     """The topic's partitions as the cluster describes them (leader, replicas, isr).
 
     Retried: until the controller fences a killed node (its session times out), metadata
-    still lists it, and the admin client may pick it to ask."""
+    still lists it, and the admin client may pick it to ask; and a topic just created may be
+    described before the broker asked knows it (an error code and no partitions)."""
     for attempt in range(20):
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka(stack).live_bootstrap())
         try:
             await admin.start()
             (described,) = await admin.describe_topics([topic])
-            return sorted(described["partitions"], key=lambda p: p["partition"])
+            if described["partitions"]:
+                return sorted(described["partitions"], key=lambda p: p["partition"])
+            if attempt == 19:
+                raise AssertionError(f"{topic} has no partitions: {described}")
         except KafkaError:
             if attempt == 19:
                 raise
-            await asyncio.sleep(0.5)
         finally:
             await admin.close()
+        await asyncio.sleep(0.5)
     raise AssertionError("unreachable")
 
 

@@ -263,26 +263,37 @@ async def test_group_scales_1_3_1_with_a_kill_while_events_flow(
 
         return check
 
+    async def flowed() -> None:
+        """Events are produced while the group is as the step left it (a step can take less
+        than one feed interval: a SIGTERM's rebalance is quick)."""
+        before = produced_during()
+
+        async def more() -> bool:
+            return produced_during() > before
+
+        await wait_until(more, 30, "the feed stopped")
+        steps.append(produced_during())
+
     started: list[WorkerProcess] = []
     try:
         first = await WorkerProcess(settings_env, tmp_path / "w0.log").start()
         started.append(first)
         await wait_until(owns_all(first), 60, "the first worker did not take all partitions")
         await wait_until(lambda: _moved(env, 0), 60, "no progress with one worker")
-        steps.append(produced_during())
+        await flowed()
         second = await WorkerProcess(settings_env, tmp_path / "w1.log").start()
         third = await WorkerProcess(settings_env, tmp_path / "w2.log").start()
         started += [second, third]
         await wait_until(owns_all(first, second, third), 90, "three workers did not share")
-        steps.append(produced_during())
+        await flowed()
         await second.kill()
         await wait_until(
             owns_all(first, third), 90, "the killed worker's partitions stayed orphaned"
         )
-        steps.append(produced_during())
+        await flowed()
         assert await third.terminate() == 0
         await wait_until(owns_all(first), 90, "the last worker did not take every partition")
-        steps.append(produced_during())
+        await flowed()
         await asyncio.sleep(1.0)  # still flowing while one worker owns everything
         stop_feeding.set()
         await feeder
