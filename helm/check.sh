@@ -107,7 +107,7 @@ trap 'rm -rf "$tmp"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 # Scenarios: "default" (values.yaml alone) and each $CHART/ci/NAME-values.yaml on top of it.
-SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing networkpolicy monitoring)
+SCENARIOS=(default keda-kafka keda-prometheus hpa analysis analysis-existing networkpolicy monitoring tracing)
 values_file() { [[ "$1" == default ]] || echo "$CHART/ci/$1-values.yaml"; }
 values_args() {  # sets VALUES to the helm arguments of scenario $1
     VALUES=()
@@ -284,6 +284,8 @@ expect_failure "set resources.requests.cpu" --set hpa.enabled=true --set resourc
 expect_failure "minAvailable or maxUnavailable, not both" --set podDisruptionBudget.minAvailable=1
 expect_failure "keda.minReplicaCount >= 1" \
     --set keda.enabled=true --set keda.trigger=prometheus --set keda.minReplicaCount=0
+expect_failure "sampleRatio" --set tracing.enabled=true --set tracing.sampleRatio=2
+expect_failure "endpoint" --set tracing.enabled=true --set tracing.endpoint=collector:4318
 # analysis (the schema refuses the first two combinations too: skipped here to reach the helper)
 expect_failure "analysis.file and analysis.existingConfigMap are mutually exclusive" \
     --skip-schema-validation --set analysis.file=x --set analysis.existingConfigMap=rules

@@ -53,6 +53,8 @@ SECRET_ENV = {
 }
 
 ANALYSIS_FILE = "EMBEDDING_WORKER_ANALYSIS__FILE"
+TRACING_ENV = ("POD_NAME", "POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES")
+WORKER_ONLY_ENV = (ANALYSIS_FILE, *TRACING_ENV)
 DASHBOARD = Path(__file__).parent / "embedding-worker" / "dashboards" / "embedding-worker.json"
 
 failures: list[str] = []
@@ -237,6 +239,31 @@ def check_monitoring(values: Doc, dashboard_cm: Doc | None, rule: Doc | None) ->
             )
 
 
+def check_tracing(tracing: Doc, config: Doc, env: dict[str, Doc]) -> None:
+    """The tracing values become the worker's settings, and the pods name themselves."""
+    on = tracing["enabled"]
+    check(
+        (config.get("EMBEDDING_WORKER_TRACING__ENABLED") == "true") == on,
+        "tracing.enabled does not match EMBEDDING_WORKER_TRACING__ENABLED",
+    )
+    check(
+        config.get("EMBEDDING_WORKER_TRACING__ENDPOINT")
+        == ((tracing["endpoint"] or None) if on else None),
+        "tracing.endpoint does not match EMBEDDING_WORKER_TRACING__ENDPOINT",
+    )
+    ratio = tracing["sampleRatio"]
+    check(
+        config.get("EMBEDDING_WORKER_TRACING__SAMPLE_RATIO")
+        == (str(ratio) if on and ratio is not None else None),
+        "tracing.sampleRatio does not match EMBEDDING_WORKER_TRACING__SAMPLE_RATIO",
+    )
+    attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", {}).get("value", "")
+    check(
+        ("k8s.pod.name=$(POD_NAME)" in attributes and "POD_NAME" in env) == on,
+        "with tracing on, the pods must name themselves in OTEL_RESOURCE_ATTRIBUTES (only then)",
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
@@ -315,8 +342,9 @@ def main() -> int:
         env = container_env(migrate)
         inline = {k: v.get("value") for k, v in env.items() if "value" in v}
         check(inline == config, f"Job settings != ConfigMap: {inline} vs {config}")
-        # The worker's own env also points at the analysis file when analysis is on.
-        worker_env = {k: v for k, v in container_env(worker).items() if k != ANALYSIS_FILE}
+        # The worker's own env also points at the analysis file when analysis is on, and
+        # names its pod for the traces when tracing is on.
+        worker_env = {k: v for k, v in container_env(worker).items() if k not in WORKER_ONLY_ENV}
         check(
             {k: v for k, v in env.items() if k not in config} == worker_env,
             "Job secrets/extra env != worker's",
@@ -336,6 +364,7 @@ def main() -> int:
             "a NetworkPolicy rendered without networkPolicy.enabled, or missing with it",
         )
         check_monitoring(values, dashboard_cm, rule)
+        check_tracing(values["tracing"], config, container_env(worker))
     if policy is not None:
         spec = policy["spec"]
         check(spec["podSelector"]["matchLabels"] == selector, "NetworkPolicy selector")

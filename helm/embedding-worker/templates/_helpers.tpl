@@ -93,6 +93,15 @@ containerPort and bindAddress so that the probes and the Service cannot disagree
 {{- end }}
 {{- $_ := set $data "EMBEDDING_WORKER_HTTP__PORT" (toString .Values.containerPort) }}
 {{- $_ := set $data "EMBEDDING_WORKER_HTTP__HOST" (toString .Values.bindAddress) }}
+{{- if .Values.tracing.enabled }}
+{{- $_ := set $data "EMBEDDING_WORKER_TRACING__ENABLED" "true" }}
+{{- with .Values.tracing.endpoint }}
+{{- $_ := set $data "EMBEDDING_WORKER_TRACING__ENDPOINT" (toString .) }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.tracing.sampleRatio) }}
+{{- $_ := set $data "EMBEDDING_WORKER_TRACING__SAMPLE_RATIO" (toString .Values.tracing.sampleRatio) }}
+{{- end }}
+{{- end }}
 {{- toYaml $data }}
 {{- end }}
 
