@@ -151,6 +151,7 @@ class Worker:
             if analysis is not None and s.analysis.decisions_topic is not None:
                 learning = make_consumer(s.kafka.model_copy(update={"group_id": group_of(s)}))
                 self.learner = self._learner(pipeline, postgres, analysis, learning, producer)
+                self.learner.tracing = tracing
                 learning.subscribe([s.analysis.decisions_topic], listener=self.learner)
                 if not await self._wait_for_kafka("decisions consumer", learning.start, stop):
                     return
@@ -161,6 +162,7 @@ class Worker:
                 self.profiler = interactions.Profiler(
                     s, profiling, sink, postgres.run, embedder.model
                 )
+                self.profiler.tracing = tracing
                 self.metrics.bind_profiler(self.profiler)
                 profiling.subscribe([s.recommend.interactions_topic], listener=self.profiler)
                 if not await self._wait_for_kafka("interactions consumer", profiling.start, stop):

@@ -24,9 +24,12 @@ from opentelemetry.trace import SpanKind
 from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, running
 from tests.integration.test_analysis import NEWS, one_stream
+from tests.integration.test_read_side import _corpus
+from tests.integration.test_recommend import wait_for_interactions
 from tests.integration.test_startup_faults import assert_one_clear_line
 from tests.processes import cli
 from worker.config import TracingSettings
+from worker.kafka.clients import make_producer
 
 POISON = "xx-poison-xx"
 Headers = list[tuple[str, bytes]]
@@ -252,3 +255,54 @@ async def test_spans_reach_an_otlp_receiver(
                     names[span.name] = int.from_bytes(span.trace_id, "big")
     assert names[f"{env.topic} process"] == trace_id
     assert {"embed", "postgres transaction"} <= set(names)
+
+
+async def test_interactions_continue_their_trace_and_each_fetch_applied_links_them(
+    env: Env,
+) -> None:
+    """A side consumer (interactions) continues each record's ``traceparent`` like the
+    pipeline, under its own group, and the fetch applied (look-ups, the transaction with
+    the offsets) is one span linking them."""
+    await migrate_db(env, 512)
+    interactions = env.topic.replace(".events", ".interactions")
+    await env.stack.create_topics([interactions, interactions + ".dlq"], partitions=1)
+    settings = env.settings(
+        recommend={
+            "interactions_topic": interactions,
+            "interactions_dlq_topic": interactions + ".dlq",
+        },
+        tracing={"enabled": True},
+    )
+    rng = random.Random(5)
+    traces: dict[int, int] = {}
+    exporter = InMemorySpanExporter()
+    async with running(settings, span_exporter=exporter):
+        await env.wait_for_offsets(await env.produce(_corpus()))
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            for item in ("space-0", "space-1", "baking-0"):
+                trace_id, _, header = _traceparent(rng)
+                value = json.dumps({"user": "ann", "item": item, "namespace": "news"})
+                sent = await producer.send(
+                    interactions,
+                    key=b"ann",
+                    value=value.encode(),
+                    headers=[("traceparent", header)],
+                )
+                traces[(await sent).offset] = trace_id
+        finally:
+            await producer.stop()
+        await wait_for_interactions(env, settings, interactions, max(traces) + 1)
+    spans = exporter.get_finished_spans()
+    received = {
+        s.attributes["messaging.kafka.offset"]: s
+        for s in spans
+        if s.name == f"{interactions} process" and s.attributes is not None
+    }
+    assert {o: s.context.trace_id for o, s in received.items()} == traces
+    groups = {(s.attributes or {}).get("messaging.consumer.group.name") for s in received.values()}
+    assert groups == {f"{settings.kafka.group_id}.interactions"}
+    applied = [s for s in spans if s.name == "interactions apply"]
+    linked = {link.context.span_id for s in applied for link in s.links}
+    assert {s.context.span_id for s in received.values()} <= linked

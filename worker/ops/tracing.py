@@ -87,10 +87,16 @@ class Tracing:
     # ---- spans ---------------------------------------------------------------------------
 
     def received(
-        self, topic: str, partition: int, offset: int, headers: Headers
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        headers: Headers,
+        group: str | None = None,
     ) -> SpanContext | None:
         """One event's span, child of its ``traceparent`` (if any), ended at once: what the
-        event becomes later links it (a batch) or carries it (a dead letter, a result)."""
+        event becomes later links it (a batch) or carries it (a dead letter, a result).
+        ``group``: a side consumer's own group (else the pipeline's)."""
         parent = propagate.extract(headers, getter=_GETTER) if headers else None
         span = self.tracer.start_span(
             f"{topic} process",
@@ -102,7 +108,7 @@ class Tracing:
                 "messaging.destination.name": topic,
                 "messaging.destination.partition.id": str(partition),
                 "messaging.kafka.offset": offset,
-                "messaging.consumer.group.name": self.group,
+                "messaging.consumer.group.name": group or self.group,
             },
         )
         span.end()
@@ -154,6 +160,23 @@ class Tracing:
                 "db.system.name": "postgresql",
                 "db.operation.name": "write",
                 "embedding_worker.events": len(events),
+            },
+        )
+
+    def applying(
+        self, kind: str, topic: str, events: Sequence[SpanContext | None]
+    ) -> AbstractContextManager[Span]:
+        """The span of one fetch of a side consumer (decisions, interactions) applied: its
+        look-ups, its transaction with the offsets, its dead letters."""
+        return self.span(
+            f"{kind} apply",
+            events,
+            SpanKind.CONSUMER,
+            {
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic,
+                "messaging.batch.message_count": len(events),
             },
         )
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -29,6 +29,9 @@ from worker.model import Record
 from worker.sinks import postgres as store
 from worker.sinks.deadletter import DeadLetterSink
 from worker.sinks.store import RunPg
+
+if TYPE_CHECKING:
+    from worker.ops.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +74,9 @@ class SideConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         # were sought back to their stored offsets and are read again).
         self._generation = 0
         self._read_to: dict[TopicPartition, int] = {}
+        # Set by the app when tracing is on: each record continues its trace, each fetch
+        # applied is a span linking them.
+        self.tracing: Tracing | None = None
 
     def checks(self) -> dict[str, bool]:
         return {
@@ -83,6 +89,19 @@ class SideConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     ) -> None:
         """One fetch: dead-letter what cannot be applied, store the rest with the offsets."""
         raise NotImplementedError
+
+    async def _handle(
+        self, records: list[Record], unreadable: list[DeadLetter], generation: int
+    ) -> None:
+        tracing = self.tracing
+        if tracing is None:
+            await self.handle(records, unreadable, generation)
+            return
+        events = [
+            tracing.received(r.topic, r.partition, r.offset, r.headers, self.group) for r in records
+        ]
+        with tracing.applying(self.kind, self.topic, events):
+            await self.handle(records, unreadable, generation)
 
     # ---- rebalance -------------------------------------------------------------------
 
@@ -133,7 +152,7 @@ class SideConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 if self.stale(generation):
                     continue  # assigned again during the poll: keep nothing of it
                 if records or unreadable:
-                    await self.handle(records, unreadable, generation)
+                    await self._handle(records, unreadable, generation)
         finally:
             self.running = False
         if self.fatal is not None:
