@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -158,6 +159,48 @@ def with_database(dsn: str, database: str) -> str:
 def with_user(dsn: str, user: str) -> str:
     scheme, _, rest = dsn.partition("://")
     return f"{scheme}://{user}:{PASSWORD}@{rest.split('@', 1)[-1]}"
+
+
+@contextlib.asynccontextmanager
+async def password_role(env: Env, role: str, password: str) -> AsyncIterator[None]:
+    """A role that must give its password (the embedded server listens on a Unix socket and
+    trusts everyone): a line for this role alone goes first in pg_hba.conf (the other tests'
+    roles keep trust), and is taken out again after."""
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        hba = Path(await conn.fetchval("SHOW hba_file"))
+        before = await asyncio.to_thread(hba.read_text)
+        line = f"local all {role} scram-sha-256\n"
+        await asyncio.to_thread(hba.write_text, line + before)
+        assert await conn.fetchval("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(hba.write_text, before)
+            await conn.fetchval("SELECT pg_reload_conf()")
+            await conn.execute(f"DROP ROLE {role}")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("command", ["run", "migrate"])
+async def test_a_wrong_postgres_password_exits_2_without_showing_it(env: Env, command: str) -> None:
+    """The server answers and refuses the password: configuration (exit 2, naming the
+    setting and the server's reason), not an outage to wait out; the password never shows."""
+    async with password_role(env, "pw_role", "right-Pw-3x"):
+        scheme, _, rest = env.dsn.partition("://")
+        dsn = f"{scheme}://pw_role:{PASSWORD}@{rest.split('@', 1)[-1]}"
+        code, out, err = await cli(
+            command,
+            EMBEDDING_WORKER_POSTGRES__DSN=dsn,
+            EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=env.stack.bootstrap,
+            EMBEDDING_WORKER_HTTP__HOST="127.0.0.1",
+            EMBEDDING_WORKER_HTTP__PORT="0",
+        )
+    assert_one_clear_line(
+        code, out, err, DSN_VARIABLE, "refused the connection", "password authentication failed"
+    )
 
 
 @pytest.mark.parametrize("refusal", ["no-such-database", "no-such-role", "unknown-setting"])
