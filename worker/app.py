@@ -109,13 +109,19 @@ class Worker:
         # First: TLS files that are not PEM are a configuration error (exit 2).
         producer = make_producer(s.kafka)
         consumer = make_consumer(s.kafka)
-        # Check the schema before the pool: its connections need the vector type.
-        if not await self._wait_for_postgres(dsn, stop):
-            # Never started, but aiokafka reports a client it did not stop as unclosed.
-            await consumer.stop()
-            await producer.stop()
-            return
-        pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
+        # Check the schema before the pool: its connections need the vector type. A wrong
+        # schema or DSN raises with its reason, a stop returns: either way nothing started.
+        started = False
+        try:
+            if not await self._wait_for_postgres(dsn, stop):
+                return
+            pool = await store.create_pool(dsn, s.postgres.pool_min_size, s.postgres.pool_max_size)
+            started = True
+        finally:
+            if not started:
+                # Never started, but aiokafka reports a client it did not stop as unclosed.
+                await consumer.stop()
+                await producer.stop()
         embedder = create_embedder(s.provider)
         learning: AIOKafkaConsumer | None = None  # the decisions' consumer, if configured
         profiling: AIOKafkaConsumer | None = None  # the interactions' consumer, if configured
