@@ -137,6 +137,11 @@ class BatchService:
             path.startswith(p + "/files") or path.startswith(p + "/batches") for p in _PREFIXES
         )
 
+    def reset(self) -> None:
+        """Zero the counters (the files and batches stay, as they would on the service)."""
+        with self._lock:
+            self.created = self.lines = self.tokens = 0
+
     def snapshot(self) -> dict[str, int]:
         """Batches created, lines answered and the tokens they billed (at the batch price)."""
         with self._lock:

@@ -125,3 +125,4 @@ class FakeEmbeddingServer:
 
     def reset_stats(self) -> None:
         self._app.stats.reset()
+        self._app.batches.reset()
