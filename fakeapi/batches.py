@@ -156,6 +156,8 @@ class BatchService:
         if path == "/files":
             _allow(method, "POST")
             return 200, self._upload(content_type, body)
+        if path == "/batches" and method == "GET":
+            return 200, self._list()
         if path == "/batches":
             _allow(method, "POST")
             return 200, self._create(body)
@@ -216,6 +218,20 @@ class BatchService:
         with self._lock:
             self.created += 1
         return batch.describe()
+
+    def _list(self) -> dict[str, Any]:
+        """Every batch, newest first, on one page (the service pages with ``after``)."""
+        batches = list(self._batches.values())[::-1]
+        for batch in batches:
+            self._advance(batch)
+        data = [b.describe() for b in batches]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
 
     def _cancel(self, batch: _Batch) -> dict[str, Any]:
         self._advance(batch)

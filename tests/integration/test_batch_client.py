@@ -126,3 +126,11 @@ async def test_a_cancelled_job_is_a_batch_failure(
 def test_a_line_over_the_texts_limit_is_never_written(client: BatchClient) -> None:
     with pytest.raises(ValueError, match="11 texts"):
         client.jsonl([Line("a", [str(i) for i in range(11)])])
+
+
+async def test_a_created_batch_is_found_by_its_input_file(client: BatchClient) -> None:
+    lines = [Line("a", ["x"])]
+    first, second = await client.upload(lines), await client.upload(lines)
+    batch_id = await client.create(first)
+    assert await client.find(first) == batch_id
+    assert await client.find(second) is None

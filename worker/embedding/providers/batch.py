@@ -137,6 +137,20 @@ class BatchClient:
         body = await self._call("POST", "/batches", json=payload)
         return str(body["id"])
 
+    async def find(self, file_id: str) -> str | None:
+        """The batch already created on ``file_id``, if any: after a crash between the
+        creation and the recording of its id, the job is found instead of started again."""
+        after: str | None = None
+        while True:
+            params = {"limit": 100, **({"after": after} if after else {})}
+            page = await self._call("GET", "/batches", params=params)
+            for batch in page.get("data") or []:
+                if batch.get("input_file_id") == file_id:
+                    return str(batch["id"])
+            if not page.get("has_more") or not page.get("last_id"):
+                return None
+            after = str(page["last_id"])
+
     async def status(self, batch_id: str) -> dict[str, Any]:
         body: dict[str, Any] = await self._call("GET", f"/batches/{batch_id}")
         return body
