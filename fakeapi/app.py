@@ -28,7 +28,7 @@ from typing import Any
 
 import h11
 
-from fakeapi.batches import BatchService, Refused
+from fakeapi.batches import BatchService, Dropped, Refused
 from fakeapi.config import FAULT_RATES, FakeConfig
 from fakeapi.stats import FakeStats
 from fakeapi.tokens import count_tokens
@@ -230,6 +230,8 @@ class FakeApp:
             return _error(exc.status, exc.code, exc.message, "openai")
         except Refused as exc:
             return _error(exc.status, exc.code, exc.message, "openai")
+        except Dropped:
+            raise ResetConnection from None
         return Reply(status, answer if isinstance(answer, bytes) else _json(answer))
 
     def answer_offline(self, body: bytes) -> tuple[int, Any, int]:

@@ -13,7 +13,8 @@ answered once, at completion, by the same code as ``/v1/embeddings`` (limits, co
 inspection), minus the real-time faults and quotas, which a batch does not meet. Faults of
 its own: ``batch_line_failure_rate`` (a line fails with a 500 in the error file),
 ``batch_expire`` (the window runs out with half the lines done; the rest are
-``batch_expired`` errors).
+``batch_expired`` errors), ``batch_drop_create_answers`` (a batch is created but the answer
+is lost: a client that simply retries starts it twice).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Refused(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class Dropped(Exception):
+    """The request was carried out but its answer is lost (the app resets the connection)."""
 
 
 @dataclass
@@ -217,14 +222,16 @@ class BatchService:
         self._batches[batch.id] = batch
         with self._lock:
             self.created += 1
+        cfg = self._config()
+        if cfg.batch_drop_create_answers > 0:
+            cfg.batch_drop_create_answers -= 1
+            raise Dropped
         return batch.describe()
 
     def _list(self) -> dict[str, Any]:
-        """Every batch, newest first, on one page (the service pages with ``after``)."""
-        batches = list(self._batches.values())[::-1]
-        for batch in batches:
-            self._advance(batch)
-        data = [b.describe() for b in batches]
+        """Every batch, newest first, on one page (the service pages with ``after``); a job
+        moves only when looked at by its id, so a listing never runs another test's job."""
+        data = [b.describe() for b in list(self._batches.values())[::-1]]
         return {
             "object": "list",
             "data": data,

@@ -60,11 +60,13 @@ class FakeConfig:
     tpm: int | None = None
     # The batch interface (fakeapi/batches.py): seconds from creation to completion, the share
     # of lines that fail with a 500 in the error file, jobs that expire with half their lines
-    # done, and the most lines one input file may hold.
+    # done, the most lines one input file may hold, and how many of the next batch creations
+    # succeed but lose their answer (the connection is reset: did it happen or not?).
     batch_delay_s: float = 0.0
     batch_line_failure_rate: float = 0.0
     batch_expire: bool = False
     batch_max_lines: int = 50_000
+    batch_drop_create_answers: int = 0
 
     def validate(self) -> None:
         """Raise ValueError on a value the fake cannot honour."""
@@ -86,6 +88,8 @@ class FakeConfig:
         for name in ("max_texts", "max_tokens", "default_dimension", "batch_max_lines"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.batch_drop_create_answers < 0:
+            raise ValueError("batch_drop_create_answers must be >= 0")
         for name in ("rpm", "tpm"):
             quota = getattr(self, name)
             if quota is not None and quota <= 0:

@@ -199,3 +199,15 @@ async def test_the_command_from_an_offset_reports_its_tokens(
     assert report["batch_tokens"] == fake_api.batch_stats()["tokens"] > 0
     code, out, _ = await cli("backfill", "--poll-initial", "0.01", **environ)
     assert code == 0 and out.startswith("0 records read")
+
+
+async def test_a_creation_whose_answer_was_lost_is_found_not_repeated(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIM)
+    await env.produce([event(i) for i in range(15)])
+    fake_api.configure(batch_drop_create_answers=1)
+    report = await backfill(env, fake_api).run()
+    assert fake_api.config.batch_drop_create_answers == 0  # the fault did happen
+    assert fake_api.batch_stats()["created"] == report.jobs == 1
+    assert len(await rows(env)) == 15

@@ -17,18 +17,20 @@ group) and the job's ``stored`` status are one transaction, through the writer's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from worker import backoff
 from worker.config import Settings
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.base import EmbeddingError
+from worker.embedding.providers.base import EmbeddingError, TransientError
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line, Outcome
 from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter, envelope_budget
@@ -45,6 +47,7 @@ from worker.tools.replay import _partitions
 log = structlog.get_logger(__name__)
 
 Letters = list[tuple[bytes | None, DeadLetter]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -264,29 +267,13 @@ class Backfill:
 
     async def _finish(self, job: Job, chunk: _Chunk) -> None:
         """Submit the job unless it was (once only), wait for it, store what it gave."""
-        texts = {
-            custom_id: [chunk.by_position[pos].text for pos in positions]
-            for custom_id, positions in job.lines.items()
-            if all(pos in chunk.by_position for pos in positions)
-        }
         if job.batch_id is None:
-            if job.file_id is None:
-                file_id = await self.client.upload([Line(k, v) for k, v in texts.items()])
-                await batchjobs.uploaded(self.conn, job, file_id)
-            assert job.file_id is not None
-            batch_id = await self.client.find(job.file_id)
-            if batch_id is None:
-                batch_id = await self.client.create(
-                    job.file_id, {"job": str(job.id), "group": self.group_id}
-                )
-            await batchjobs.submitted(self.conn, job, batch_id)
-            self.report.jobs += 1
-            self.report.lines += len(texts)
-            log.info("batch job submitted", job=job.id, batch=batch_id, lines=len(texts))
+            await self._submit(job, chunk)
         assert job.batch_id is not None
         batch = await self.client.wait(job.batch_id)
+        counts = {custom_id: len(positions) for custom_id, positions in job.lines.items()}
         try:
-            outcome = await self.client.outcome(batch, {k: len(v) for k, v in texts.items()})
+            outcome = await self._retrying(lambda: self.client.outcome(batch, counts))
         except BatchFailed:
             # Refused as a whole or cancelled: nothing ran, so the next run submits it again.
             await self.conn.execute(
@@ -296,6 +283,50 @@ class Backfill:
             )
             raise
         await self._store(job, chunk, job.ranges, outcome, job.lines)
+
+    async def _submit(self, job: Job, chunk: _Chunk) -> None:
+        """Upload and create, each answer recorded at once. Before a creation, the batches
+        on the file are looked up: after a creation whose answer was lost (here, or in a
+        process that died), the job is found instead of started a second time."""
+        texts = {
+            custom_id: [chunk.by_position[pos].text for pos in positions]
+            for custom_id, positions in job.lines.items()
+            if all(pos in chunk.by_position for pos in positions)
+        }
+
+        async def submit() -> str:
+            if job.file_id is None:
+                file_id = await self.client.upload([Line(k, v) for k, v in texts.items()])
+                await batchjobs.uploaded(self.conn, job, file_id)
+            assert job.file_id is not None
+            found = await self.client.find(job.file_id)
+            if found is not None:
+                return found
+            metadata = {"job": str(job.id), "group": self.group_id}
+            return await self.client.create(job.file_id, metadata)
+
+        batch_id = await self._retrying(submit)
+        await batchjobs.submitted(self.conn, job, batch_id)
+        self.report.jobs += 1
+        self.report.lines += len(texts)
+        log.info("batch job submitted", job=job.id, batch=batch_id, lines=len(texts))
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        """``op`` again after a transient error, with the provider's backoff settings."""
+        p = self.settings.provider
+        attempt = 0
+        while True:
+            try:
+                return await op()
+            except TransientError as exc:
+                if p.max_retries is not None and attempt >= p.max_retries:
+                    raise
+                delay = backoff.jittered(
+                    attempt, p.backoff_initial_s, p.backoff_max_s, exc.retry_after
+                )
+                log.warning("batch request failed, retrying", error=exc.message, delay_s=delay)
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def _store(
         self, job: Job | None, chunk: _Chunk, ranges: Ranges, outcome: Outcome, lines: Lines
