@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 from typing import Any
 
 import numpy as np
@@ -211,3 +214,43 @@ async def test_a_creation_whose_answer_was_lost_is_found_not_repeated(
     assert fake_api.config.batch_drop_create_answers == 0  # the fault did happen
     assert fake_api.batch_stats()["created"] == report.jobs == 1
     assert len(await rows(env)) == 15
+
+
+async def test_a_killed_command_is_resumed_by_the_next_run(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIM)
+    high = await env.produce([event(i) for i in range(25)])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ["DASHSCOPE_API_KEY"] = API_KEY
+    fake_api.configure(batch_delay_s=3600.0)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "backfill",
+        "--poll-initial",
+        "0.01",
+        env=environ,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def submitted() -> bool:
+            return any(j["status"] == "submitted" for j in await jobs(env))
+
+        await wait_until(submitted, 60, "the job was never submitted")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert await rows(env) == {}
+
+    fake_api.configure(batch_delay_s=0.0)
+    code, out, err = await cli("backfill", "--poll-initial", "0.01", "--json", **environ)
+    assert code == 0, err
+    assert json.loads(out)["resumed"] == 1
+    assert fake_api.batch_stats()["created"] == 1
+    assert len(await rows(env)) == 25
+    assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}

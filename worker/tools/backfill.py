@@ -42,7 +42,7 @@ from worker.sinks import batchjobs
 from worker.sinks import postgres as pg
 from worker.sinks.batchjobs import Job, Lines, Ranges
 from worker.sinks.deadletter import DeadLetterSink
-from worker.tools.replay import _partitions
+from worker.tools.replay import partitions_of
 
 log = structlog.get_logger(__name__)
 
@@ -131,7 +131,7 @@ class Backfill:
             log.info("resuming a batch job", job=job.id, batch=job.batch_id, file=job.file_id)
             self.report.resumed += 1
             await self._finish(job, await self._decoded(await self._read(job.ranges)))
-        partitions = await _partitions(self.settings.kafka, self.topic)
+        partitions = await partitions_of(self.settings.kafka, self.topic)
         tps = [TopicPartition(self.topic, p) for p in partitions]
         ends = await self._ends(tps)
         while True:
