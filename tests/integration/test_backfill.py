@@ -254,3 +254,15 @@ async def test_a_killed_command_is_resumed_by_the_next_run(
     assert fake_api.batch_stats()["created"] == 1
     assert len(await rows(env)) == 25
     assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}
+
+
+async def test_query_texts_go_the_real_time_way_which_sends_their_text_type(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIM)
+    query = {"id": "q-1", "text": "which documents mention topic 3?", "text_type": "query"}
+    await env.produce([event(i) for i in range(5)] + [query])
+    report = await backfill(env, fake_api).run()
+    assert (report.batch_texts, report.realtime_texts) == (5, 1)
+    assert fake_api.stats()["by_dialect"] == {"native": 1}
+    assert len(await rows(env)) == 6

@@ -34,7 +34,7 @@ from worker.embedding.providers.base import EmbeddingError, TransientError
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line, Outcome
 from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter, envelope_budget
-from worker.events import DeadLetter, Reason
+from worker.events import DeadLetter, Reason, TextType
 from worker.kafka.clients import common_options, make_producer, started
 from worker.model import Change, Record
 from worker.pipeline.decode import Limits, decode
@@ -251,10 +251,12 @@ class Backfill:
         return chunk
 
     def _lines(self, chunk: _Chunk) -> Lines:
-        """Lines of at most ``max_texts`` texts, per partition in offset order."""
+        """Lines of at most ``max_texts`` texts, per partition in offset order. Documents
+        only: the OpenAI-compatible body has no ``text_type``, so a query-type text goes the
+        real-time way, which sends it (DashScope's native dialect)."""
         by_partition: dict[int, list[Change]] = defaultdict(list)
         for c in chunk.latest:
-            if c.op == "upsert" and not c.unchanged:
+            if c.op == "upsert" and not c.unchanged and c.text_type is TextType.DOCUMENT:
                 by_partition[c.partition].append(c)
         size = self.client.max_texts
         lines: Lines = {}
@@ -340,7 +342,7 @@ class Backfill:
                     change.vector = vector
                     self.report.batch_texts += 1
         self.report.batch_tokens += outcome.tokens
-        for custom_id, error in outcome.failed.items():
+        for custom_id, error in sorted(outcome.failed.items()):
             log.warning(
                 "batch line failed; embedding it in real time",
                 line=custom_id,

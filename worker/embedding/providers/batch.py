@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
+import structlog
 
 from worker import backoff
 from worker.config import ProviderKind, ProviderSettings
@@ -31,6 +32,8 @@ from worker.embedding.providers.base import (
 )
 from worker.embedding.providers.http import classify
 from worker.embedding.providers.openai import _decode
+
+log = structlog.get_logger(__name__)
 
 ENDPOINT = "/v1/embeddings"
 WINDOW = "24h"
@@ -159,12 +162,17 @@ class BatchClient:
         """Poll until the job has ended, the delay doubling up to ``poll_max_s``; a transient
         error of a poll is only a later poll."""
         attempt = 0
+        seen = None
         while True:
             try:
                 batch = await self.status(batch_id)
             except TransientError:
                 batch = {}
-            if batch.get("status") in ENDED:
+            status = batch.get("status")
+            if status is not None and status != seen:
+                seen = status
+                log.info("batch job", batch=batch_id, status=status, **_counts(batch))
+            if status in ENDED:
                 return batch
             await asyncio.sleep(backoff.capped(attempt, self.poll_initial_s, self.poll_max_s))
             attempt += 1
@@ -226,6 +234,13 @@ class BatchClient:
         if response.status_code != 200:
             raise classify(response)
         return response
+
+
+def _counts(batch: Mapping[str, Any]) -> dict[str, int]:
+    counts = batch.get("request_counts")
+    return (
+        {k: v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
+    )
 
 
 def _line_error(row: Mapping[str, Any]) -> EmbeddingError:
