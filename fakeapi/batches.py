@@ -19,6 +19,7 @@ is lost: a client that simply retries starts it twice).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -284,7 +285,9 @@ class BatchService:
 
     def _run(self, batch: _Batch, cfg: FakeConfig) -> None:
         lines, _ = _validate(self._files[batch.input_file_id].content, cfg)
-        rng = random.Random(f"{cfg.seed}:{batch.id}")
+        # Seeded by the file's content: the same job fails the same lines, run after run.
+        content = self._files[batch.input_file_id].content
+        rng = random.Random(f"{cfg.seed}:{hashlib.sha256(content).hexdigest()}")
         done = len(lines) // 2 if cfg.batch_expire else len(lines)
         outputs: list[bytes] = []
         failures: list[bytes] = []

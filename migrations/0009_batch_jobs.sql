@@ -8,7 +8,11 @@
 --   batch_id: the provider's batch (NULL until its creation answered).
 --   status:   uploading, submitted, stored (its rows and offsets committed, in the same
 --             transaction as this status).
---   batch_tokens:    tokens the provider billed at the batch price.
+--   round:    the submission: lines that failed for a transient cause (a 500, the job's
+--             window expired) are submitted again, alone, in the next round; the rows of
+--             the round before are stored by then (without offsets), and lines, file_id and
+--             batch_id are the new round's.
+--   batch_tokens:    tokens the provider billed at the batch price (every round).
 --   realtime_tokens: tokens (estimated) of the lines embedded again in real time.
 CREATE TABLE batch_jobs (
     id              bigserial   PRIMARY KEY,
@@ -20,6 +24,7 @@ CREATE TABLE batch_jobs (
     batch_id        text,
     status          text        NOT NULL DEFAULT 'uploading'
                     CHECK (status IN ('uploading', 'submitted', 'stored')),
+    round           integer     NOT NULL DEFAULT 1,
     batch_tokens    bigint      NOT NULL DEFAULT 0,
     realtime_tokens bigint      NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),

@@ -82,11 +82,12 @@ stderr; stdout holds only the report."""
 BACKFILL_EPILOG = """\
 Each chunk of records is one batch job: the worker's decoder (bad records dead-lettered),
 unchanged content skipped, lines of at most 10 texts uploaded (/files), run (/batches) and
-polled; a failed line's texts go through the real-time path (retries, bisection,
-provider_rejected dead letters). Rows, offsets and the job's status are one transaction. A job
-that outlives the process is resumed by the next run (its ids are kept in batch_jobs), never
-submitted twice. Exit 1 when the provider refused a job as a whole (it is submitted again by
-the next run). See docs/backfill.md."""
+polled; a line that failed for a transient cause (a 500, the job expired) is submitted
+again (--rounds), a refused one, or one still failing, goes through the real-time path
+(retries, bisection, provider_rejected dead letters). Rows, offsets and the job's status are
+one transaction. A job that outlives the process is resumed by the next run (its ids are kept
+in batch_jobs), never submitted twice. Exit 1 when the provider refused a job as a whole (it
+is submitted again by the next run). See docs/backfill.md."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,6 +266,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         default=20_000,
         help="records per batch job (a job's lines hold at most 10 texts each)",
+    )
+    backfill.add_argument(
+        "--rounds",
+        type=_positive,
+        default=3,
+        help="submissions per job: lines failed for a transient cause (a 500, the job "
+        "expired) go again in a batch of their own, up to this; then in real time",
     )
     backfill.add_argument(
         "--poll-initial",
@@ -725,6 +733,7 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         chunk_records=args.chunk,
         poll_initial_s=args.poll_initial,
         poll_max_s=args.poll_max,
+        rounds=args.rounds,
     )
     try:
         report = await job.run()

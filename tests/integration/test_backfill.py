@@ -18,6 +18,7 @@ from fakeapi import FakeEmbeddingServer, count_tokens, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, wait_until
 from tests.processes import cli
 from worker.config import environment_for
+from worker.sinks import batchjobs
 from worker.tools.backfill import Backfill, Report
 
 DIM = 64
@@ -134,19 +135,55 @@ async def test_unchanged_content_is_not_embedded_again(
 @pytest.mark.parametrize(
     "fault", [{"batch_line_failure_rate": 0.5, "seed": 5}, {"batch_expire": True}]
 )
-async def test_failed_and_expired_lines_are_embedded_in_real_time(
+async def test_lines_failed_for_a_transient_cause_go_again_then_in_real_time(
     env: Env, fake_api: FakeEmbeddingServer, fault: dict[str, Any]
 ) -> None:
     await migrate_db(env, DIM)
     high = await env.produce([event(i) for i in range(80)])
     fake_api.configure(**fault)
-    report = await backfill(env, fake_api).run()
+    report = await backfill(env, fake_api, rounds=3).run()
     found = await rows(env)
     assert len(found) == 80
     assert_vectors(found)
+    assert fake_api.batch_stats()["created"] == report.jobs == 3  # one chunk, three rounds
+    (job,) = await jobs(env)
+    assert (job["round"], job["status"]) == (3, "stored")
+    assert job["batch_tokens"] == report.batch_tokens == fake_api.batch_stats()["tokens"]
     assert report.batch_texts > 0 and report.realtime_texts > 0
     assert report.batch_texts + report.realtime_texts == 80
-    assert report.realtime_tokens > 0
+    assert job["realtime_tokens"] == report.realtime_tokens > 0
+    assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}
+
+
+async def test_a_restart_between_rounds_keeps_the_rows_of_the_round_before(
+    env: Env, fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await migrate_db(env, DIM)
+    high = await env.produce([event(i) for i in range(80)])
+    fake_api.configure(batch_expire=True)  # each round runs half of its lines
+    recorded = batchjobs.uploaded
+
+    async def crash_in_round_2(conn: Any, job: batchjobs.Job, file_id: str) -> None:
+        if job.round == 2:
+            raise RuntimeError("the process dies after uploading round 2")
+        await recorded(conn, job, file_id)
+
+    monkeypatch.setattr(batchjobs, "uploaded", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="round 2"):
+        await backfill(env, fake_api, rounds=3).run()
+    (job,) = await jobs(env)
+    assert (job["round"], job["status"], job["file_id"]) == (2, "uploading", None)
+    first_round = await rows(env)
+    assert 0 < len(first_round) < 80 and await stored_offsets(env) == {}
+
+    monkeypatch.setattr(batchjobs, "uploaded", recorded)
+    report = await backfill(env, fake_api, rounds=3).run()
+    assert report.resumed == 1 and report.jobs == 2  # rounds 2 and 3, each once
+    assert fake_api.batch_stats()["created"] == 3
+    assert report.batch_texts + report.realtime_texts == 80 - len(first_round)
+    found = await rows(env)
+    assert len(found) == 80
+    assert_vectors(found)
     assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}
 
 

@@ -34,12 +34,13 @@ class Job:
     file_id: str | None
     batch_id: str | None
     status: str
+    round: int = 1
 
 
 async def open_job(conn: Conn, group_id: str, topic: str) -> Job | None:
     """The job of this group and topic not stored yet, if any."""
     row = await conn.fetchrow(
-        "SELECT id, ranges, lines, file_id, batch_id, status FROM batch_jobs "
+        "SELECT id, ranges, lines, file_id, batch_id, status, round FROM batch_jobs "
         "WHERE group_id = $1 AND topic = $2 AND status <> 'stored'",
         group_id,
         topic,
@@ -49,7 +50,15 @@ async def open_job(conn: Conn, group_id: str, topic: str) -> Job | None:
     ranges = {int(p): (int(r[0]), int(r[1])) for p, r in json.loads(row["ranges"]).items()}
     lines = {k: [(int(p), int(o)) for p, o in v] for k, v in json.loads(row["lines"]).items()}
     return Job(
-        row["id"], group_id, topic, ranges, lines, row["file_id"], row["batch_id"], row["status"]
+        row["id"],
+        group_id,
+        topic,
+        ranges,
+        lines,
+        row["file_id"],
+        row["batch_id"],
+        row["status"],
+        row["round"],
     )
 
 
@@ -81,14 +90,37 @@ async def submitted(conn: Conn, job: Job, batch_id: str) -> None:
     job.batch_id, job.status = batch_id, "submitted"
 
 
+async def next_round(
+    conn: Conn, job: Job, lines: Lines, batch_tokens: int, realtime_tokens: int
+) -> None:
+    """The lines to submit again, inside the transaction that stores the round's rows."""
+    done = await conn.execute(
+        "UPDATE batch_jobs SET lines = $2::jsonb, file_id = NULL, batch_id = NULL, "
+        "status = 'uploading', round = round + 1, batch_tokens = batch_tokens + $3, "
+        "realtime_tokens = realtime_tokens + $4 WHERE id = $1 AND status = 'submitted'",
+        job.id,
+        json.dumps(lines),
+        batch_tokens,
+        realtime_tokens,
+    )
+    _check(job, done)
+    job.lines, job.file_id, job.batch_id = lines, None, None
+    job.status, job.round = "uploading", job.round + 1
+
+
 async def stored(conn: Conn, job: Job, batch_tokens: int, realtime_tokens: int) -> None:
     """Mark the job stored, inside the transaction of its rows and offsets."""
     done = await conn.execute(
-        "UPDATE batch_jobs SET status = 'stored', stored_at = now(), batch_tokens = $2, "
-        "realtime_tokens = $3 WHERE id = $1 AND status = 'submitted'",
+        "UPDATE batch_jobs SET status = 'stored', stored_at = now(), "
+        "batch_tokens = batch_tokens + $2, realtime_tokens = realtime_tokens + $3 "
+        "WHERE id = $1 AND status = 'submitted'",
         job.id,
         batch_tokens,
         realtime_tokens,
     )
+    _check(job, done)
+
+
+def _check(job: Job, done: str) -> None:
     if done != "UPDATE 1":
         raise JobTaken(f"batch job {job.id} was stored by another process")

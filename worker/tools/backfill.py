@@ -7,9 +7,11 @@ stored content hashes (unchanged content is not embedded again). The newest vers
 key to embed goes into lines of at most the provider's texts per request, per partition. The
 job's row (``batch_jobs``, ``worker/sinks/batchjobs.py``) is written before the upload, and
 the file's and the batch's ids as soon as the provider answers, so a job that outlives the
-process is resumed, never submitted twice. A failed line's texts (refused, failed in the
-provider, or not run before the job expired) are embedded in real time through the embed
-stage, with its retries, bisection and ``provider_rejected`` dead letters. Dead letters are
+process is resumed, never submitted twice. A line failed for a transient cause (a 5xx in the
+provider, not run before the job expired) goes again in the job's next round, up to
+``rounds``; a refused line's texts, or a line still failing then, are embedded in real time
+through the embed stage, with its retries, bisection and ``provider_rejected`` dead letters.
+A round's rows are stored when the next round is recorded. Dead letters are
 acknowledged first; then the rows, the offsets (``consumer_offsets``, the backfill's own
 group) and the job's ``stored`` status are one transaction, through the writer's own
 ``sinks/postgres.write``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,12 +93,14 @@ class Backfill:
         chunk_records: int,
         poll_initial_s: float,
         poll_max_s: float,
+        rounds: int = 3,
     ) -> None:
         self.settings = settings
         self.topic = topic
         self.group_id = group_id
         self.start_offset = start_offset
         self.chunk_records = chunk_records
+        self.rounds = rounds
         self.poll = (poll_initial_s, poll_max_s)
         self.limits = Limits.of(settings)
         self.letter_budget = envelope_budget(settings.kafka.dlq_max_message_bytes)
@@ -268,23 +273,35 @@ class Backfill:
         return lines
 
     async def _finish(self, job: Job, chunk: _Chunk) -> None:
-        """Submit the job unless it was (once only), wait for it, store what it gave."""
-        if job.batch_id is None:
-            await self._submit(job, chunk)
-        assert job.batch_id is not None
-        batch = await self.client.wait(job.batch_id)
-        counts = {custom_id: len(positions) for custom_id, positions in job.lines.items()}
-        try:
-            outcome = await self._retrying(lambda: self.client.outcome(batch, counts))
-        except BatchFailed:
-            # Refused as a whole or cancelled: nothing ran, so the next run submits it again.
-            await self.conn.execute(
-                "UPDATE batch_jobs SET file_id = NULL, batch_id = NULL, status = 'uploading' "
-                "WHERE id = $1",
-                job.id,
-            )
-            raise
-        await self._store(job, chunk, job.ranges, outcome, job.lines)
+        """Submit the job unless it was (once per round), wait for it, store what it gave;
+        lines failed for a transient cause go again in the next round, up to ``rounds``."""
+        while True:
+            if job.batch_id is None:
+                await self._submit(job, chunk)
+            assert job.batch_id is not None
+            batch = await self.client.wait(job.batch_id)
+            counts = {custom_id: len(positions) for custom_id, positions in job.lines.items()}
+            try:
+                outcome = await self._retrying(
+                    functools.partial(self.client.outcome, batch, counts)
+                )
+            except BatchFailed:
+                # Refused as a whole or cancelled: nothing ran; the next run submits it again.
+                await self.conn.execute(
+                    "UPDATE batch_jobs SET file_id = NULL, batch_id = NULL, "
+                    "status = 'uploading' WHERE id = $1",
+                    job.id,
+                )
+                raise
+            again = {
+                custom_id: job.lines[custom_id]
+                for custom_id, error in outcome.failed.items()
+                if isinstance(error, TransientError) and custom_id in job.lines
+            }
+            if not again or job.round >= self.rounds:
+                await self._store(job, chunk, job.ranges, outcome, job.lines)
+                return
+            await self._store_round(job, chunk, outcome, again)
 
     async def _submit(self, job: Job, chunk: _Chunk) -> None:
         """Upload and create, each answer recorded at once. Before a creation, the batches
@@ -330,18 +347,45 @@ class Backfill:
                 attempt += 1
                 await asyncio.sleep(delay)
 
+    async def _store_round(self, job: Job, chunk: _Chunk, outcome: Outcome, again: Lines) -> None:
+        """Store what a round embedded (rows only: the offsets wait for the last round),
+        with the job moved to its next round, which holds only the lines in ``again``.
+
+        The texts of the lines that failed for good go the real-time way first. A row stored
+        here is the round's checkpoint: after a restart, its content hash marks it unchanged.
+        """
+        self._place(chunk, outcome, job.lines)
+        retried = {pos for positions in again.values() for pos in positions}
+        now = [c for c in self._unembedded(chunk) if (c.partition, c.offset) not in retried]
+        realtime_before = self.report.realtime_tokens
+        letters = await self._realtime(now)
+        await self.sink.send(letters)
+        self.report.dead_letters += len(letters)
+        done = [c for c in chunk.latest if c.op == "upsert" and c.vector is not None]
+        realtime = self.report.realtime_tokens - realtime_before
+        log.info(
+            "batch round stored; submitting its failed lines again",
+            job=job.id,
+            round=job.round,
+            rows=len(done),
+            again=len(again),
+        )
+
+        async def advance(conn: pg.Conn) -> None:
+            await batchjobs.next_round(conn, job, again, outcome.tokens, realtime)
+
+        p = self.settings.provider
+        await pg.write(self.conn, done, {}, self.group_id, p.model_name, p.dim, within=advance)
+        # Stored, or dead-lettered: the last round has nothing more to do for them.
+        settled = {(c.partition, c.offset) for c in [*done, *now]}
+        chunk.latest = [c for c in chunk.latest if (c.partition, c.offset) not in settled]
+
     async def _store(
         self, job: Job | None, chunk: _Chunk, ranges: Ranges, outcome: Outcome, lines: Lines
     ) -> None:
         """Vectors placed by custom_id, the rest embedded in real time, then one transaction."""
         realtime_before = self.report.realtime_tokens
-        for custom_id, embeddings in outcome.embedded.items():
-            for pos, vector in zip(lines[custom_id], embeddings.vectors, strict=True):
-                change = chunk.by_position.get(pos)
-                if change is not None:
-                    change.vector = vector
-                    self.report.batch_texts += 1
-        self.report.batch_tokens += outcome.tokens
+        self._place(chunk, outcome, lines)
         for custom_id, error in sorted(outcome.failed.items()):
             log.warning(
                 "batch line failed; embedding it in real time",
@@ -349,11 +393,8 @@ class Backfill:
                 code=error.code,
                 error=error.message,
             )
-        rest = [
-            c for c in chunk.latest if c.op == "upsert" and c.vector is None and not c.unchanged
-        ]
         letters = list(chunk.letters)
-        letters += await self._realtime(rest)
+        letters += await self._realtime(self._unembedded(chunk))
         await self.sink.send(letters)
         self.report.dead_letters += len(letters)
         self.report.unchanged += sum(1 for c in chunk.latest if c.unchanged and c.vector is None)
@@ -374,6 +415,22 @@ class Backfill:
             self.conn, writable, offsets, self.group_id, p.model_name, p.dim, within=mark
         )
         log.info("batch job stored", job=None if job is None else job.id, rows=len(writable))
+
+    def _place(self, chunk: _Chunk, outcome: Outcome, lines: Lines) -> None:
+        """A round's vectors onto the changes, by custom_id and then by index."""
+        for custom_id, embeddings in outcome.embedded.items():
+            for pos, vector in zip(lines[custom_id], embeddings.vectors, strict=True):
+                change = chunk.by_position.get(pos)
+                if change is not None:
+                    change.vector = vector
+                    self.report.batch_texts += 1
+        self.report.batch_tokens += outcome.tokens
+
+    @staticmethod
+    def _unembedded(chunk: _Chunk) -> list[Change]:
+        return [
+            c for c in chunk.latest if c.op == "upsert" and c.vector is None and not c.unchanged
+        ]
 
     async def _realtime(self, changes: Sequence[Change]) -> Letters:
         """Embed through the real-time path; what it refuses for good is dead-lettered."""
