@@ -239,6 +239,8 @@ async def test_the_command_from_an_offset_reports_its_tokens(
     assert report["batch_tokens"] == fake_api.batch_stats()["tokens"] > 0
     code, out, _ = await cli("backfill", "--poll-initial", "0.01", **environ)
     assert code == 0 and out.startswith("0 records read")
+    code, _, err = await cli("backfill", "--topic", f"{env.topic}.typo", **environ)
+    assert code == 2 and "does not exist" in err
 
 
 async def test_a_creation_whose_answer_was_lost_is_found_not_repeated(

@@ -31,7 +31,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker import backoff
-from worker.config import Settings
+from worker.config import ConfigError, Settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import EmbeddingError, TransientError
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line, Outcome
@@ -137,6 +137,8 @@ class Backfill:
             self.report.resumed += 1
             await self._finish(job, await self._decoded(await self._read(job.ranges)))
         partitions = await partitions_of(self.settings.kafka, self.topic)
+        if not partitions:
+            raise ConfigError(f"backfill: topic {self.topic!r} does not exist")
         tps = [TopicPartition(self.topic, p) for p in partitions]
         ends = await self._ends(tps)
         while True:
@@ -149,8 +151,7 @@ class Backfill:
             if not lines:  # deletes, unchanged content, dead letters: nothing to embed
                 await self._store(None, chunk, ranges, Outcome("completed"), {})
                 continue
-            async with self.conn.transaction():
-                job = await batchjobs.new_job(self.conn, self.group_id, self.topic, ranges, lines)
+            job = await batchjobs.new_job(self.conn, self.group_id, self.topic, ranges, lines)
             await self._finish(job, chunk)
 
     async def _ends(self, tps: list[TopicPartition]) -> dict[int, int]:
