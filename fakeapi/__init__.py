@@ -2,7 +2,8 @@
 
 Both dialects (native and OpenAI-compatible), the real limits and error bodies, and injectable
 faults (429 with and without Retry-After, 500, timeouts, TCP resets, content-inspection refusals,
-RPM/TPM quotas). Never imported by production code.
+RPM/TPM quotas), and the OpenAI-compatible batch interface (files and batches, in
+``batches.py``). Never imported by production code.
 """
 
 from fakeapi.config import FakeConfig

@@ -28,6 +28,7 @@ from typing import Any
 
 import h11
 
+from fakeapi.batches import BatchService, Dropped, Refused
 from fakeapi.config import FAULT_RATES, FakeConfig
 from fakeapi.stats import FakeStats
 from fakeapi.tokens import count_tokens
@@ -142,6 +143,7 @@ class FakeApp:
         self._rng = random.Random(self._seed)
         self._rpm: TokenBucket | None = None
         self._tpm: TokenBucket | None = None
+        self.batches = BatchService(lambda: self.config, self.answer_offline)
 
     async def handle(
         self, method: str, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -150,6 +152,8 @@ class FakeApp:
         path = target.split("?", 1)[0]
         if path.startswith("/_fake/"):
             return self._control(method, path, body)
+        if BatchService.owns(path):
+            return self._batch_api(method, path, headers, body)
         dialect = _ROUTES.get(path)
         if dialect is None:
             return _error(404, "NotFound", f"no route for {path}", "native")
@@ -200,10 +204,7 @@ class FakeApp:
             self._tpm = _bucket(self._tpm, cfg.tpm)
             if self._tpm is not None:
                 _check_quota(self._tpm, total_tokens, "Tokens rate limit exceeded")
-            if cfg.poison and any(p in t for t in job.texts for p in cfg.poison):
-                raise ApiError(
-                    400, "DataInspectionFailed", "Input data may contain inappropriate content."
-                )
+            _inspect(cfg, job)
             delay_ms = cfg.latency_ms
             if cfg.latency_jitter_ms:
                 delay_ms += self._rng.uniform(0.0, cfg.latency_jitter_ms)
@@ -216,6 +217,38 @@ class FakeApp:
             return _error(exc.status, exc.code, exc.message, dialect, exc.headers)
         self.stats.embedded(len(job.texts), total_tokens)
         return reply
+
+    def _batch_api(
+        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> Reply:
+        """Files and batches (fakeapi/batches.py), behind the same key as the embeddings."""
+        content_type = next((v for k, v in headers if k == b"content-type"), b"")
+        try:
+            self._check_auth(self.config, headers)
+            status, answer = self.batches.handle(method, path, content_type.decode("latin-1"), body)
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message, "openai")
+        except Refused as exc:
+            return _error(exc.status, exc.code, exc.message, "openai")
+        except Dropped:
+            raise ResetConnection from None
+        return Reply(status, answer if isinstance(answer, bytes) else _json(answer))
+
+    def answer_offline(self, body: bytes) -> tuple[int, Any, int]:
+        """One line of a batch: what ``/v1/embeddings`` answers (status, body, tokens billed),
+        without the real-time faults, quotas and latency, which an offline job does not meet."""
+        cfg = self.config
+        try:
+            job = self._parse("openai", cfg, body)
+            tokens = self._validate(cfg, job)
+            _inspect(cfg, job)
+        except ApiError as exc:
+            return (
+                exc.status,
+                json.loads(_error(exc.status, exc.code, exc.message, "openai").body),
+                0,
+            )
+        return 200, json.loads(self._embed(cfg, job, tokens).body), tokens
 
     def _check_auth(self, cfg: FakeConfig, headers: Sequence[tuple[bytes, bytes]]) -> None:
         if cfg.auth_fault:
@@ -406,6 +439,12 @@ def _parse_openai(cfg: FakeConfig, model: str, data: dict[str, Any]) -> _Job:
     if encoding not in ("float", "base64"):
         raise _bad("encoding_format must be 'float' or 'base64'.")
     return _Job("openai", model, texts, dimension, base64=encoding == "base64")
+
+
+def _inspect(cfg: FakeConfig, job: _Job) -> None:
+    """The provider's content inspection: a poison substring refuses the whole request."""
+    if cfg.poison and any(p in t for t in job.texts for p in cfg.poison):
+        raise ApiError(400, "DataInspectionFailed", "Input data may contain inappropriate content.")
 
 
 def _bucket(bucket: TokenBucket | None, quota: int | None) -> TokenBucket | None:

@@ -58,6 +58,15 @@ class FakeConfig:
     # Per-minute quotas, enforced per second (quota / 60) with one second's worth of burst.
     rpm: int | None = None
     tpm: int | None = None
+    # The batch interface (fakeapi/batches.py): seconds from creation to completion, the share
+    # of lines that fail with a 500 in the error file, jobs that expire with half their lines
+    # done, the most lines one input file may hold, and how many of the next batch creations
+    # succeed but lose their answer (the connection is reset: did it happen or not?).
+    batch_delay_s: float = 0.0
+    batch_line_failure_rate: float = 0.0
+    batch_expire: bool = False
+    batch_max_lines: int = 50_000
+    batch_drop_create_answers: int = 0
 
     def validate(self) -> None:
         """Raise ValueError on a value the fake cannot honour."""
@@ -65,12 +74,22 @@ class FakeConfig:
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {rate}")
-        for name in ("latency_ms", "latency_jitter_ms", "retry_after_s", "timeout_sleep_s"):
+        if not 0.0 <= self.batch_line_failure_rate <= 1.0:
+            raise ValueError("batch_line_failure_rate must be within [0, 1]")
+        for name in (
+            "latency_ms",
+            "latency_jitter_ms",
+            "retry_after_s",
+            "timeout_sleep_s",
+            "batch_delay_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_texts", "max_tokens", "default_dimension"):
+        for name in ("max_texts", "max_tokens", "default_dimension", "batch_max_lines"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.batch_drop_create_answers < 0:
+            raise ValueError("batch_drop_create_answers must be >= 0")
         for name in ("rpm", "tpm"):
             quota = getattr(self, name)
             if quota is not None and quota <= 0:

@@ -119,5 +119,10 @@ class FakeEmbeddingServer:
         """A snapshot of the counters (see FakeStats.snapshot)."""
         return self._app.stats.snapshot()
 
+    def batch_stats(self) -> dict[str, int]:
+        """Batches created, lines answered and the tokens they billed (fakeapi/batches.py)."""
+        return self._app.batches.snapshot()
+
     def reset_stats(self) -> None:
         self._app.stats.reset()
+        self._app.batches.reset()

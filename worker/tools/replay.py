@@ -83,7 +83,7 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
         enable_auto_commit=False, fetch_max_wait_ms=100, **common_options(k)
     )
     async with started(consumer):
-        partitions = await _partitions(k, k.dlq_topic)
+        partitions = await partitions_of(k, k.dlq_topic)
         tps = [TopicPartition(k.dlq_topic, p) for p in partitions]
         if not tps:
             return out
@@ -108,7 +108,7 @@ async def scan(k: KafkaSettings, filters: Filters) -> Scan:
     return out
 
 
-async def _partitions(k: KafkaSettings, topic: str) -> list[int]:
+async def partitions_of(k: KafkaSettings, topic: str) -> list[int]:
     """Asked of the cluster: an unassigned consumer's metadata has no partitions for a topic
     (Apache Kafka answers a metadata request for no topics with none)."""
     admin = AIOKafkaAdminClient(**common_options(k))
@@ -272,7 +272,7 @@ async def _fetch(
     )
     out: dict[Position, Original | None] = {}
     async with started(consumer):
-        partitions = {t: await _partitions(k, t) for t in {s.topic for s in sources}}
+        partitions = {t: await partitions_of(k, t) for t in {s.topic for s in sources}}
         for source in sources:
             position = _position(source)
             if position in out or source.partition not in partitions[source.topic]:
