@@ -188,3 +188,37 @@ async def test_a_table_without_the_sparse_column_is_refused_with_the_migration_n
     code, _, err = await cli("search", "x", **_env(env))
     assert code == 3, err
     assert "0008_sparse.sql" in err and "embedding-worker migrate" in err
+
+
+async def test_rows_stored_without_sparse_vectors_are_embedded_again_when_switched_on(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """The hash skip counts a row as embedded only if it has what the provider now returns:
+    the same content after output_type became dense&sparse gets its sparse vector."""
+    await migrate_db(env, DIMENSION)
+    event = {"id": "inc-1", "text": INCIDENT[1], "namespace": "ops"}
+
+    async def stored_sparse() -> Any:
+        conn = await env.connect()
+        try:
+            return await conn.fetchval("SELECT sparse FROM embeddings WHERE id = 'inc-1'")
+        finally:
+            await conn.close()
+
+    high = await env.produce([event])
+    async with running(env.settings(dashscope(fake_api, DIMENSION))):
+        await env.wait_for_offsets(high)
+    assert await stored_sparse() is None
+    high = await env.produce([event])
+    async with running(env.settings(_provider(fake_api))) as worker:
+        await env.wait_for_offsets(high)
+        assert worker.pipeline is not None and worker.pipeline.stats.unchanged == 0
+    got = await stored_sparse()
+    assert dict(zip(got.indices(), got.values(), strict=True)) == pytest.approx(
+        _weights(INCIDENT[1])
+    )
+    # Once it has one, the same content again is unchanged (no request).
+    high = await env.produce([event])
+    async with running(env.settings(_provider(fake_api))) as worker:
+        await env.wait_for_offsets(high)
+        assert worker.pipeline is not None and worker.pipeline.stats.unchanged == 1

@@ -266,9 +266,11 @@ def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
 
 
 async def stored_hashes(
-    conn: Conn, keys: Sequence[tuple[str, str]], model: str, dimension: int
+    conn: Conn, keys: Sequence[tuple[str, str]], model: str, dimension: int, sparse: bool = False
 ) -> dict[tuple[str, str], bytes]:
-    """Content hashes already embedded with this model and dimension."""
+    """Content hashes already embedded with this model and dimension (and, with ``sparse``,
+    with a sparse vector: rows stored before output_type became dense&sparse are embedded
+    again when their event comes, not kept without one)."""
     if not keys:
         return {}
     # Both arrays in one primary-key index scan (a join with unnest() may be planned as a
@@ -277,11 +279,12 @@ async def stored_hashes(
     rows = await conn.fetch(
         "SELECT namespace, id, content_hash FROM embeddings "
         "WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]) "
-        "AND model = $3 AND dimension = $4",
+        "AND model = $3 AND dimension = $4 AND (NOT $5 OR sparse IS NOT NULL)",
         sorted({k[0] for k in keys}),
         [k[1] for k in keys],
         model,
         dimension,
+        sparse,
     )
     wanted = set(keys)
     found = {(r["namespace"], r["id"]): r["content_hash"] for r in rows}

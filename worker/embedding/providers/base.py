@@ -72,6 +72,8 @@ class Embedder(ABC):
     model: str
     dimension: int
     max_texts: int
+    # Whether each text also gets a sparse vector (provider.output_type = dense&sparse).
+    sparse: bool = False
 
     @abstractmethod
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings: ...
