@@ -5,6 +5,7 @@ without sparse output. The fake answers with XLM-R token ids (fakeapi/vocabulary
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tests.integration.test_retrieval import CATALOGUE, SKU
 from tests.processes import cli
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.dashscope import SPARSE_DIMENSION, SPARSE_MAX_ENTRIES
+from worker.events import TextType
 from worker.read.search import Hit, Mode, rrf, search
 
 DIMENSION = 256
@@ -222,3 +224,42 @@ async def test_rows_stored_without_sparse_vectors_are_embedded_again_when_switch
     async with running(env.settings(_provider(fake_api))) as worker:
         await env.wait_for_offsets(high)
         assert worker.pipeline is not None and worker.pipeline.stats.unchanged == 1
+
+
+def _documented_sql(after: str) -> str:
+    """The first SQL block of docs/retrieval.md after the line starting with `after`."""
+    text = (Path(__file__).parents[2] / "docs" / "retrieval.md").read_text()
+    rest = text[text.index("\n" + after) :]
+    return rest.split("```sql\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_documented_sql_returns_what_search_returns(
+    stored: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    embedder = create_embedder(stored.settings(_provider(fake_api)).provider)
+    # Only the parameters a statement uses may be sent: $6 (the sparse vector) renumbered.
+    sparse_sql = _documented_sql("Sparse, the rows sharing").replace("$6", "$1")
+    hybrid_sql = _documented_sql("Hybrid with sparse vectors").replace("$6", "$5")
+    conn = await stored.connect()
+    try:
+        for query, namespace, where in [
+            (SKU, "shop", None),
+            ("ERR_7731_QX billing", None, None),
+            ("headphones noise cancelling", "shop", {"dept": "audio"}),
+        ]:
+            embedded = await embedder.embed([query], TextType.QUERY)
+            assert embedded.sparse is not None
+            dense, tokens = embedded.vectors[0], embedded.sparse[0]
+            filters = None if where is None else json.dumps(where)
+            rows = await conn.fetch(sparse_sql, tokens, embedder.model, namespace, filters)
+            mine = await search(conn, embedder, query, 10, namespace, where, Mode.SPARSE)
+            assert [(r["id"], r["score"]) for r in rows] == [
+                (h.id, pytest.approx(h.score)) for h in mine
+            ]
+            fused = await conn.fetch(hybrid_sql, dense, embedder.model, namespace, filters, tokens)
+            mine = await search(conn, embedder, query, 10, namespace, where, Mode.HYBRID)
+            assert [r["id"] for r in fused] == [h.id for h in mine], query
+            assert [float(r["score"]) for r in fused] == pytest.approx([h.score for h in mine])
+    finally:
+        await conn.close()
+        await embedder.close()
