@@ -26,7 +26,7 @@ PATH = "/services/embeddings/text-embedding/text-embedding"
 MAX_TEXTS = 10
 # The sparse column's dimension (migrations/0008_sparse.sql): indices are token ids of the
 # model's vocabulary, which DashScope does not publish. 2^20 covers every common one with
-# room (Qwen3's 151,669 tokens, XLM-R's 250,002 of the fake, Gemma's 262,144); a sparsevec
+# room (Qwen3's 151,669 tokens, XLM-R's 250,002 of the fake, Gemma 3's 262,144); a sparsevec
 # stores only its non-zeros, so the bound costs nothing.
 SPARSE_DIMENSION = 1 << 20
 # pgvector's HNSW index takes a sparsevec of at most 1,000 non-zeros (and refuses to insert a
