@@ -190,7 +190,9 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", help="text search configuration(s)")
-    parser.add_argument("--mode", action="append", type=Mode, help="default: all three")
+    parser.add_argument(
+        "--mode", action="append", type=Mode, help="default: dense, lexical, hybrid"
+    )
     parser.add_argument("--rrf-k", type=int, default=RRF_K)
     parser.add_argument("--candidates", type=int, default=CANDIDATES)
     parser.add_argument(
@@ -203,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
     args = parser.parse_args(argv)
     args.config = args.config or ["simple", "english"]
-    args.mode = args.mode or list(Mode)
+    # No sparse vectors here (the local model has none): dense, lexical, hybrid.
+    args.mode = args.mode or [Mode.DENSE, Mode.LEXICAL, Mode.HYBRID]
     args.repo = {k: Path(v) for k, _, v in (spec.partition("=") for spec in args.repo)}
     with_postgres(lambda dsn: run(args, dsn), args.dsn)
 

@@ -9,12 +9,18 @@ Vectors come from the local model through ``evaluation.baselines.VectorCache`` (
 outside the repository); the data set is only read.
 
     python -m evaluation.retrieval [--rows 5000] [--config simple --config english] [--dsn DSN]
-        [--lexical-index] [--queries N]
+        [--lexical-index] [--sparse] [--queries N]
 
 Without ``--dsn`` an embedded Postgres is started in a temporary directory. Dense search is
 exact (no HNSW index), so its figures are the model's, not the index's; lexical search scans
 unless ``--lexical-index`` builds the GIN index (same answers, other times). ``--queries``
 measures the first N titles only, for timing.
+
+``--sparse`` also stores a sparse vector per row and measures sparse search and hybrid of dense
+and sparse. No real sparse model is at hand: the vectors are the fake provider's (XLM-R pieces
+weighted by their rarity under the unigram model and their count, fakeapi/vocabulary.py), so
+those figures measure the search path with a plausible lexical weighting, not DashScope's
+sparse output.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from evaluation.baselines import VectorCache
 from evaluation.datasets import data_dir
 from evaluation.offline import SHARED
 from evaluation.postgres import with_postgres
+from fakeapi.vocabulary import sparse_vector
+from worker.embedding.providers import dashscope
 from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
 from worker.read import index
@@ -79,12 +87,21 @@ def articles(path: Path, rows: int) -> tuple[list[Article], int]:
 class Cached(Embedder):
     """The queries' vectors, embedded beforehand (a batch, not one model call per query)."""
 
-    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+    def __init__(self, vectors: dict[str, np.ndarray], sparse: bool = False) -> None:
         self.model, self.dimension, self.max_texts = MODEL, DIMENSION, 1
         self.vectors = vectors
+        self.sparse = sparse  # also the fake's sparse vectors (so hybrid fuses dense + sparse)
 
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings:
-        return Embeddings(np.stack([self.vectors[t] for t in texts]).astype(np.float32))
+        dense = np.stack([self.vectors[t] for t in texts]).astype(np.float32)
+        if not self.sparse:
+            return Embeddings(dense)
+        return Embeddings(dense, sparse=[fake_sparse(t) for t in texts])
+
+
+def fake_sparse(text: str) -> Any:
+    """The fake provider's sparse vector of `text`, as the DashScope provider stores it."""
+    return dashscope.sparse_vector([dict(e) for e in sparse_vector(text)])
 
 
 async def fill(
@@ -92,9 +109,10 @@ async def fill(
     rows: Sequence[tuple[str, str]],
     vectors: np.ndarray,
     namespace: str = NAMESPACE,
+    sparse: bool = False,
 ) -> float:
     """Store (id, content) rows with their vectors in `namespace` (binary COPY, as the
-    worker's direct path); seconds."""
+    worker's direct path), and with `sparse` the fake's sparse vectors; seconds."""
     now = datetime.now(UTC)
     began = time.perf_counter()
     await conn.copy_records_to_table(
@@ -112,6 +130,7 @@ async def fill(
                 0,
                 i,
                 now,
+                fake_sparse(content) if sparse else None,
             )
             for i, ((id, content), vector) in enumerate(zip(rows, vectors, strict=True))
         ],
@@ -127,6 +146,7 @@ async def fill(
             "source_partition",
             "source_offset",
             "event_time",
+            "sparse",
         ),
     )
     return time.perf_counter() - began
@@ -164,7 +184,9 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
     cache = VectorCache(data_dir() / "vectors", MODEL)
     documents = await cache.embed([a.description for a in kept], TextType.DOCUMENT)
     queries = await cache.embed([a.title for a in kept], TextType.QUERY)
-    embedder = Cached({a.title: q for a, q in zip(kept, queries, strict=True)})
+    by_title = {a.title: q for a, q in zip(kept, queries, strict=True)}
+    # Hybrid is dense + lexical with the first, dense + sparse with the second.
+    embedders = [Cached(by_title)] + ([Cached(by_title, sparse=True)] if args.sparse else [])
     results: list[dict[str, Any]] = []
     admin = await asyncpg.connect(admin_dsn)
     try:
@@ -178,20 +200,28 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> list[dict[str, Any]]:
                 await migrate(conn, DIMENSION, text_search_config=config)
                 await register_vector(conn)
                 fill_s = await fill(
-                    conn, [(str(i), a.description) for i, a in enumerate(kept)], documents
+                    conn,
+                    [(str(i), a.description) for i, a in enumerate(kept)],
+                    documents,
+                    sparse=args.sparse,
                 )
                 if args.lexical_index:
                     await index.create_lexical(conn)
                 await conn.execute("ANALYZE embeddings")
-                for mode in args.mode:
-                    if mode is Mode.DENSE and config != args.config[0]:
+                for mode, embedder in [(m, e) for e in embedders for m in args.mode]:
+                    if mode is Mode.DENSE and (config != args.config[0] or embedder.sparse):
                         continue  # the same with every configuration
+                    if mode in (Mode.SPARSE, Mode.LEXICAL) and embedder.sparse != (
+                        mode is Mode.SPARSE
+                    ):
+                        continue  # each once
                     scores = await measure(
                         conn, embedder, kept, mode, args.rrf_k, args.candidates, args.queries
                     )
+                    second = "sparse" if embedder.sparse else "lexical"
                     row = {
                         "config": config,
-                        "mode": mode.value,
+                        "mode": f"hybrid ({second})" if mode is Mode.HYBRID else mode.value,
                         "lexical_index": args.lexical_index,
                         "queries": len(kept[: args.queries]),
                         "rows": len(kept),
@@ -213,17 +243,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--file", type=Path, default=SHARED / "ag_news" / "ag_news_test.jsonl")
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--config", action="append", help="text search configuration(s)")
-    parser.add_argument("--mode", action="append", type=Mode, help="default: all three")
+    parser.add_argument("--mode", action="append", type=Mode, help="default: all")
     parser.add_argument("--rrf-k", type=int, default=RRF_K)
     parser.add_argument("--candidates", type=int, default=CANDIDATES)
     parser.add_argument(
         "--lexical-index", action="store_true", help="with `index create --lexical`'s GIN index"
     )
+    parser.add_argument(
+        "--sparse", action="store_true", help="also sparse and dense+sparse hybrid (fake weights)"
+    )
     parser.add_argument("--queries", type=int, help="measure the first N titles only (timing)")
     parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
     args = parser.parse_args(argv)
     args.config = args.config or ["simple", "english"]
-    args.mode = args.mode or list(Mode)
+    args.mode = args.mode or [m for m in Mode if args.sparse or m is not Mode.SPARSE]
     with_postgres(lambda dsn: run(args, dsn), args.dsn)
 
 

@@ -32,7 +32,8 @@ from fakeapi.batches import BatchService, Dropped, Refused
 from fakeapi.config import FAULT_RATES, FakeConfig
 from fakeapi.stats import FakeStats
 from fakeapi.tokens import count_tokens
-from fakeapi.vectors import fake_sparse, fake_vector, fake_vector_b64
+from fakeapi.vectors import fake_vector, fake_vector_b64
+from fakeapi.vocabulary import sparse_vector
 
 NATIVE_PATH = "/api/v1/services/embeddings/text-embedding/text-embedding"
 OPENAI_PATHS = ("/compatible-mode/v1/embeddings", "/v1/embeddings")
@@ -327,7 +328,7 @@ class FakeApp:
                 if job.dense:
                     item["embedding"] = fake_vector(texts[i], dim).tolist()
                 if job.sparse:
-                    item["sparse_embedding"] = fake_sparse(texts[i])
+                    item["sparse_embedding"] = sparse_vector(texts[i])
                 items.append(item)
             payload: dict[str, Any] = {
                 "output": {"embeddings": items},

@@ -37,7 +37,7 @@ _TOKEN_RE = re.compile(rf"[{_CJK}]|\d+|[^\W\d_{_CJK}]+|[^\w\s]|_+")
 
 
 def tokenize(text: str) -> list[str]:
-    """Split ``text`` into the fake's tokens (also the vocabulary of its sparse vectors)."""
+    """Split ``text`` into the fake's tokens (what it bills and limits by)."""
     return _TOKEN_RE.findall(text)
 
 

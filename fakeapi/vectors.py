@@ -11,29 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-import zlib
 from functools import lru_cache
-from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
 import pybase64
 
-from fakeapi.tokens import tokenize
-
 Vector = npt.NDArray[np.float32]
-
-
-class SparseEntry(TypedDict):
-    """One non-zero of the native dialect's ``sparse_embedding``."""
-
-    index: int
-    value: float
-    token: str
-
-
-# Vocabulary size of the Qwen tokenizers; sparse indices fall in [0, _SPARSE_VOCAB).
-_SPARSE_VOCAB = 151_646
 
 
 _local = threading.local()
@@ -90,25 +74,3 @@ def fake_vector_b64(text: str, dimension: int) -> str:
     return pybase64.b64encode(
         fake_vector(text, dimension).astype("<f4", copy=False).tobytes()
     ).decode("ascii")
-
-
-def fake_sparse(text: str) -> list[SparseEntry]:
-    """A small deterministic lexical vector: one entry per distinct lower-cased token.
-
-    Weights grow with the token's frequency and vary per token (crc32) as a learned lexical
-    weight would. Indices are unique (a hash collision merges the two tokens) and sorted, so the
-    result is valid input for pgvector's ``sparsevec``.
-    """
-    counts: dict[str, int] = {}
-    for token in tokenize(text):
-        key = token.lower()
-        counts[key] = counts.get(key, 0) + 1
-    by_index: dict[int, SparseEntry] = {}
-    for token, n in counts.items():
-        h = zlib.crc32(token.encode("utf-8", "surrogatepass"))
-        weight = (0.05 + 0.3 * ((h >> 8) & 0xFFFF) / 0xFFFF) * (1.0 + math.log(n))
-        index = h % _SPARSE_VOCAB
-        if index in by_index:
-            weight += by_index[index]["value"]
-        by_index[index] = {"index": index, "value": round(weight, 6), "token": token}
-    return [by_index[i] for i in sorted(by_index)]

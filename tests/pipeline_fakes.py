@@ -101,7 +101,7 @@ class FakeStore:
         return {} if self._load_offsets is None else await self._load_offsets(group_id, topic)
 
     async def stored_hashes(
-        self, keys: Sequence[Key], model: str, dimension: int
+        self, keys: Sequence[Key], model: str, dimension: int, sparse: bool = False
     ) -> dict[Key, bytes]:
         return {} if self._stored_hashes is None else await self._stored_hashes(keys)
 

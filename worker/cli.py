@@ -123,17 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     command("run", "consume, embed and store until SIGTERM")
     command("migrate", "apply pending SQL migrations")
     search = command(
-        "search", "search the stored rows: dense (vectors), lexical (full text) or hybrid"
+        "search",
+        "search the stored rows: dense (vectors), sparse (token weights), lexical (full text) "
+        "or hybrid",
     )
     search.add_argument("query", help="the text to search for")
     search.add_argument("-k", type=_positive, default=5, help="number of results")
     search.add_argument("--namespace", help="only this namespace (default: all)")
     search.add_argument(
         "--mode",
-        choices=("dense", "lexical", "hybrid"),
+        choices=("dense", "sparse", "lexical", "hybrid"),
         default="dense",
-        help="dense: cosine over the vectors; lexical: Postgres full-text search over the "
-        "stored content (any of the words); hybrid: both, fused by reciprocal rank",
+        help="dense: cosine over the vectors; sparse: inner product of the sparse vectors "
+        "(provider.output_type = dense&sparse); lexical: Postgres full-text search over the "
+        "stored content (any of the words); hybrid: dense and sparse (with sparse vectors) or "
+        "dense and lexical, fused by reciprocal rank",
     )
     search.add_argument(
         "--rrf-k", type=_positive, help="hybrid: fusion constant (default: search.rrf_k, 60)"
@@ -445,6 +449,13 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
     from worker.read.search import Mode, has_words, search, text_config
 
     mode = Mode(args.mode)
+    if mode is Mode.SPARSE and not settings.provider.sparse:
+        raise ConfigError(
+            "search --mode sparse needs provider.output_type = 'dense&sparse' (DashScope's "
+            "native API); this provider stores dense vectors only: use --mode lexical or hybrid"
+        )
+    # Hybrid fuses dense with sparse when the provider has sparse vectors, else with lexical.
+    words = mode is Mode.LEXICAL or (mode is Mode.HYBRID and not settings.provider.sparse)
     dsn = settings.postgres.dsn.get_secret_value()
     # Lexical search needs no model: it is not loaded (nor an API called).
     embedder = None if mode is Mode.LEXICAL else create_embedder(settings.provider)
@@ -456,7 +467,7 @@ async def _search(args: argparse.Namespace, settings: Settings) -> int:
         raise
     try:
         # Before 0006: a clear error (exit 3), not a missing function.
-        config = None if mode is Mode.DENSE else await text_config(conn)
+        config = await text_config(conn) if words else None
         if config is not None and not await has_words(conn, args.query):
             print(
                 f"embedding-worker: the query has no words to match in text search configuration "

@@ -60,6 +60,14 @@ class ProviderKind(StrEnum):
     OPENAI = "openai"
 
 
+class OutputType(StrEnum):
+    """What the provider returns per text: the dense vector, or also a sparse lexical one
+    (stored beside it; `search --mode sparse`). Only DashScope's native API has sparse."""
+
+    DENSE = "dense"
+    DENSE_SPARSE = "dense&sparse"
+
+
 class LocalModel(StrEnum):
     USE = "use-multilingual-v3"
     E5 = "multilingual-e5-small"
@@ -232,6 +240,7 @@ class ProviderSettings(BaseModel):
     auth_retry_s: float = Field(default=30.0, gt=0)
     # DashScope native only.
     instruct: str | None = None
+    output_type: OutputType = OutputType.DENSE
     # OpenAI dialect: base64 is far cheaper to decode; some servers only speak float.
     encoding_format: Literal["base64", "float"] = "base64"
     send_dimensions: bool = True
@@ -253,6 +262,22 @@ class ProviderSettings(BaseModel):
                     f"must be an http:// or https:// URL with a host ({reason})"
                 ) from None
         return value
+
+    @model_validator(mode="after")
+    def _sparse_needs_native(self) -> ProviderSettings:
+        if self.output_type is OutputType.DENSE_SPARSE and self.kind is not ProviderKind.DASHSCOPE:
+            raise ValueError(
+                f"provider.output_type 'dense&sparse' needs provider.kind 'dashscope' (its native "
+                f"API is the only one with sparse vectors); provider.kind {self.kind.value!r} "
+                "returns dense vectors only: set provider.output_type = 'dense' (lexical and "
+                "hybrid search work on every provider)"
+            )
+        return self
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the provider returns a sparse vector beside each dense one."""
+        return self.output_type is OutputType.DENSE_SPARSE
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> ProviderSettings:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
+from pgvector import SparseVector
 
 from worker.events import ID_MAX_CHARS, NAMESPACE_MAX_CHARS, TextType
 
@@ -67,6 +68,8 @@ class Change:
     tokens: int = 0
     # Filled by the embedder; None for deletes and for unchanged content (vector reused).
     vector: np.ndarray | None = None
+    # With provider.output_type = dense&sparse, its sparse (lexical) vector; else None.
+    sparse: SparseVector | None = None
     unchanged: bool = False
     epoch: int = 0
     # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.ops.tracing).

@@ -71,6 +71,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0005_incidents.sql",
             "applied 0006_lexical.sql",
             "applied 0007_profiles.sql",
+            "applied 0008_sparse.sql",
             "applied 0009_batch_jobs.sql",
         ],
     )

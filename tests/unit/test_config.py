@@ -122,6 +122,17 @@ def test_concurrency_is_adaptive_up_to_a_high_ceiling_for_an_api_and_4_for_the_l
         load_settings(provider={**api, "min_concurrency": 4, "max_concurrency": 3})
 
 
+def test_sparse_output_is_dashscope_native_only() -> None:
+    native = {"kind": "dashscope", "api_key": SECRET, "output_type": "dense&sparse"}
+    assert load_settings(provider=native).provider.sparse
+    assert not load_settings(provider={**native, "output_type": "dense"}).provider.sparse
+    for other in ({"kind": "openai", "api_key": SECRET}, {"kind": "local"}):
+        with pytest.raises(ConfigError, match=r"provider\.output_type 'dense&sparse' needs"):
+            load_settings(provider={**other, "output_type": "dense&sparse"})
+    with pytest.raises(ConfigError, match="output_type"):
+        load_settings(provider={**native, "output_type": "sparse"})  # no dense: not offered
+
+
 def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDDING_WORKER_KAFKA__GROUP_ID", "group-from-env")
     monkeypatch.setenv("EMBEDDING_WORKER_BATCH__LINGER_MS", "7")

@@ -29,6 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import structlog
+from pgvector import SparseVector
 
 from worker import backoff
 from worker.config import INITIAL_CONCURRENCY, ProviderSettings
@@ -64,6 +65,7 @@ class Embeddable(Protocol):
     text_type: TextType
     tokens: int
     vector: np.ndarray | None
+    sparse: SparseVector | None
 
 
 E = TypeVar("E", bound=Embeddable)
@@ -75,6 +77,7 @@ class Text:
     text_type: TextType
     tokens: int
     vector: np.ndarray | None = None
+    sparse: SparseVector | None = None
 
 
 class TextRefused(Exception):
@@ -195,8 +198,10 @@ class EmbedStage:
             await self._embed(items[:middle], outcome)
             await self._embed(items[middle:], outcome)
             return
-        for change, vector in zip(items, result.vectors, strict=True):
+        sparse: Sequence[SparseVector | None] = result.sparse or [None] * len(items)
+        for change, vector, lexical in zip(items, result.vectors, sparse, strict=True):
             change.vector = vector
+            change.sparse = lexical
         outcome.embedded.extend(items)
 
     def _lower_max_texts(self, sent: int, exc: TooManyInputs) -> None:

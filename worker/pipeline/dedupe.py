@@ -16,10 +16,13 @@ from worker.sinks.store import Store
 
 
 class Dedupe:
-    def __init__(self, store: Store, model: str, dimension: int, stats: Stats) -> None:
+    def __init__(
+        self, store: Store, model: str, dimension: int, stats: Stats, sparse: bool = False
+    ) -> None:
         self.store = store
         self.model = model
         self.dimension = dimension
+        self.sparse = sparse  # only rows with a sparse vector count as embedded
         self.stats = stats
         self._in_flight: Counter[tuple[str, str]] = Counter()
 
@@ -34,7 +37,7 @@ class Dedupe:
         known: dict[tuple[str, str], bytes] = {}
         if lookup:
             known = await self.store.stored_hashes(
-                [c.key for c in lookup], self.model, self.dimension
+                [c.key for c in lookup], self.model, self.dimension, self.sparse
             )
         trusted = {id(c) for c in lookup}
         direct: list[Change] = []

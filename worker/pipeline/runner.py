@@ -93,7 +93,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             consumer, self.tracker, settings.kafka, self.limits.schemas, self._revoking
         )
         self.decoder = Decoder(self.limits, self.tracker, self._revoking, self.stats, tracing)
-        self.dedupe = Dedupe(store, embedder.model, embedder.dimension, self.stats)
+        self.dedupe = Dedupe(store, embedder.model, embedder.dimension, self.stats, embedder.sparse)
         self.commits = KafkaCommits(consumer, self._revoking, self.COMMIT_EVERY_S)
         # Partition modulo writers picks the writer (one while the analysis runs).
         count = 1 if analysis is not None else settings.batch.writers

@@ -1,7 +1,9 @@
 """The read side over whatever the worker stored: search (dense: embed the query, rank by
-cosine distance; lexical: Postgres full-text search over the stored content; hybrid: both
-fused by reciprocal rank), similar (a stored row's own vector is the query) and cluster
-(k-means, streamed). docs/retrieval.md has the equivalent SQL and the measured quality."""
+cosine distance; sparse: by the inner product of the sparse vectors, for a provider with
+output_type dense&sparse; lexical: Postgres full-text search over the stored content; hybrid:
+dense and sparse, or dense and lexical without sparse vectors, fused by reciprocal rank),
+similar (a stored row's own vector is the query) and cluster (k-means, streamed).
+docs/retrieval.md has the equivalent SQL and the measured quality."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+from pgvector import SparseVector
 
 from worker.embedding.providers.base import Embedder
 from worker.events import TextType
@@ -25,7 +28,8 @@ from worker.sinks.postgres import SchemaError
 class Hit:
     namespace: str
     id: str
-    # dense: cosine similarity; lexical: ts_rank (length-normalised); hybrid: the fused sum
+    # dense: cosine similarity; sparse: inner product; lexical: ts_rank (length-normalised);
+    # hybrid: the fused sum
     score: float
     content: str | None
     metadata: dict[str, Any]
@@ -33,6 +37,7 @@ class Hit:
 
 class Mode(StrEnum):
     DENSE = "dense"
+    SPARSE = "sparse"
     LEXICAL = "lexical"
     HYBRID = "hybrid"
 
@@ -55,26 +60,40 @@ async def search(
     rrf_k: int = RRF_K,
     candidates: int = CANDIDATES,
 ) -> list[Hit]:
-    """The top-k stored rows for `query` in one of three modes, each within `namespace` and
+    """The top-k stored rows for `query` in one of four modes, each within `namespace` and
     the metadata subset `metadata` (jsonb containment), over the rows of one model (the
     embedder's, else `model`; None in lexical mode: every row).
 
-    dense: nearest by cosine distance (needs `embedder`). lexical: rows holding any of the
-    query's words under the table's text search configuration, by ts_rank; a query with no
-    words to match (empty, punctuation, only stop words) finds nothing. hybrid: the
-    `candidates` best of each (at least k), fused by ``rrf``; with no words to match it is the
-    dense list (re-scored)."""
+    dense: nearest by cosine distance (needs `embedder`). sparse: rows sharing a token with
+    the query's sparse vector, by inner product (needs an embedder that returns sparse
+    vectors: provider.output_type dense&sparse; ValueError otherwise). lexical: rows holding
+    any of the query's words under the table's text search configuration, by ts_rank; a
+    query with no words to match (empty, punctuation, only stop words) finds nothing.
+    hybrid: the `candidates` best of dense and of sparse when the embedder returns sparse
+    vectors, else of dense and of lexical (at least k of each), fused by ``rrf``; with
+    nothing to match on the second side it is the dense list (re-scored)."""
     if embedder is not None:
         model = embedder.model
     if mode is Mode.LEXICAL:
         return await lexical(conn, query, k, namespace, metadata, model)
     if embedder is None:
         raise ValueError(f"{mode.value} search needs an embedder")
-    vector = (await embedder.embed([query], TextType.QUERY)).vectors[0]
+    embedded = await embedder.embed([query], TextType.QUERY)
+    vector = embedded.vectors[0]
     if mode is Mode.DENSE:
         return await nearest(conn, vector, embedder.model, k, namespace, metadata)
+    if mode is Mode.SPARSE:
+        if embedded.sparse is None:
+            raise ValueError(
+                "sparse search needs sparse vectors: provider.output_type = 'dense&sparse' "
+                "(DashScope's native API)"
+            )
+        return await sparse(conn, embedded.sparse[0], embedder.model, k, namespace, metadata)
     depth = max(candidates, k)
     dense = await nearest(conn, vector, embedder.model, depth, namespace, metadata)
+    if embedded.sparse is not None:
+        tokens = await sparse(conn, embedded.sparse[0], embedder.model, depth, namespace, metadata)
+        return rrf([dense, tokens], rrf_k, k)
     words = await lexical(conn, query, depth, namespace, metadata, model)
     return rrf([dense, words], rrf_k, k)
 
@@ -134,6 +153,42 @@ async def lexical(
         # generic plan for the optional filters runs without parallel workers (2.5x slower).
         await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
         rows = await conn.fetch(sql, query, model, namespace, where, k)
+    return [
+        Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
+        for r in rows
+    ]
+
+
+# The rows sharing a token with the query (inner product above 0), by inner product; `<#>` is
+# its negative. Exact: with an HNSW index on the column (sparsevec_ip_ops, docs/retrieval.md)
+# `ORDER BY sparse <#> $1` alone lets it answer.
+SPARSE = """
+SELECT namespace, id, content, metadata, -(sparse <#> $1) AS score
+FROM embeddings
+WHERE model = $2 AND sparse IS NOT NULL AND (sparse <#> $1) < 0
+  AND ($3::text IS NULL OR namespace = $3)
+  AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
+ORDER BY sparse <#> $1, namespace, id
+LIMIT $5
+"""
+
+
+async def sparse(
+    conn: asyncpg.Connection,
+    vector: SparseVector,
+    model: str,
+    k: int = 5,
+    namespace: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> list[Hit]:
+    """Top-k rows of this model by the inner product of their stored sparse vector with the
+    query's (rows without one, or sharing no token with it, are never hits)."""
+    where = None if metadata is None else json.dumps(metadata)
+    async with conn.transaction():
+        # Custom plans, as for the other modes: the generic plan of the optional filters
+        # is a sequential scan even where an index would answer.
+        await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+        rows = await conn.fetch(SPARSE, vector, model, namespace, where, k)
     return [
         Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
         for r in rows

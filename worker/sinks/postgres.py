@@ -37,6 +37,7 @@ UPSERT_COLUMNS = (
     "source_partition",
     "source_offset",
     "event_time",
+    "sparse",
 )
 
 # Rows and offsets in one statement, so in one round trip, and in its own transaction when
@@ -47,15 +48,15 @@ UPSERT_AND_STORE_OFFSETS = f"""
 WITH s AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::vector[], $6::text[], $7::bytea[],
         $8::text[], $9::jsonb[], $10::bool[], $11::text[], $12::int[], $13::bigint[],
-        $14::timestamptz[])
+        $14::timestamptz[], $19::sparsevec[])
     AS s({", ".join(UPSERT_COLUMNS)})
 ), upserted AS (
     INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
         model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
-        event_time)
+        event_time, sparse)
     SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
         s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset,
-        s.event_time
+        s.event_time, s.sparse
     FROM s
     WHERE NOT EXISTS (
         SELECT 1 FROM embedding_tombstones d
@@ -67,7 +68,8 @@ WITH s AS (
         model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
         truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
         source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-        event_time = EXCLUDED.event_time, version = t.version + 1, updated_at = now()
+        event_time = EXCLUDED.event_time, sparse = EXCLUDED.sparse, version = t.version + 1,
+        updated_at = now()
     WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
     RETURNING 1
 ), stored AS (
@@ -231,7 +233,8 @@ async def connecting() -> AsyncIterator[None]:
 
 
 async def check_schema(conn: Conn, dimension: int) -> None:
-    """Refuse to start against a missing table or one of another vector dimension."""
+    """Refuse to start against a missing table, one of another vector dimension, or one
+    without the sparse column (every write names it, NULL for a dense-only provider)."""
     typmod = await conn.fetchval(
         "SELECT a.atttypmod FROM pg_attribute a "
         "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
@@ -244,6 +247,14 @@ async def check_schema(conn: Conn, dimension: int) -> None:
             f"{dimension}-d; use the matching dimension, or migrate the model into a new "
             "database (the stored vectors cannot be mixed)"
         )
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
+        "AND attname = 'sparse' AND NOT attisdropped)"
+    ):
+        raise SchemaError(
+            "table `embeddings` has no `sparse` column (migration 0008_sparse.sql): run "
+            "`embedding-worker migrate`"
+        )
 
 
 def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
@@ -255,9 +266,11 @@ def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
 
 
 async def stored_hashes(
-    conn: Conn, keys: Sequence[tuple[str, str]], model: str, dimension: int
+    conn: Conn, keys: Sequence[tuple[str, str]], model: str, dimension: int, sparse: bool = False
 ) -> dict[tuple[str, str], bytes]:
-    """Content hashes already embedded with this model and dimension."""
+    """Content hashes already embedded with this model and dimension (and, with ``sparse``,
+    with a sparse vector: rows stored before output_type became dense&sparse are embedded
+    again when their event comes, not kept without one)."""
     if not keys:
         return {}
     # Both arrays in one primary-key index scan (a join with unnest() may be planned as a
@@ -266,11 +279,12 @@ async def stored_hashes(
     rows = await conn.fetch(
         "SELECT namespace, id, content_hash FROM embeddings "
         "WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]) "
-        "AND model = $3 AND dimension = $4",
+        "AND model = $3 AND dimension = $4 AND (NOT $5 OR sparse IS NOT NULL)",
         sorted({k[0] for k in keys}),
         [k[1] for k in keys],
         model,
         dimension,
+        sparse,
     )
     wanted = set(keys)
     found = {(r["namespace"], r["id"]): r["content_hash"] for r in rows}
@@ -356,13 +370,15 @@ async def _write(
         if direct:
             guarded = await _copy_new(conn, split.embedded, model, dimension)
             result.upserted += len(split.embedded) - len(guarded)
+        *columns, sparse = _columns(guarded)
         result.upserted += await conn.fetchval(
             UPSERT_AND_STORE_OFFSETS,
             model,
             dimension,
-            *_columns(guarded),
+            *columns,
             group_id,
             *_offset_columns(offsets),
+            sparse,
         )
         if split.unchanged:
             await _touch(conn, split.unchanged)
@@ -428,6 +444,7 @@ def _row(c: Change) -> tuple[object, ...]:
         c.partition,
         c.offset,
         c.event_time,
+        c.sparse,
     )
 
 

@@ -47,7 +47,7 @@ class Store(Protocol):
     async def load_offsets(self, group_id: str, topic: str) -> dict[int, int]: ...
 
     async def stored_hashes(
-        self, keys: Sequence[Key], model: str, dimension: int
+        self, keys: Sequence[Key], model: str, dimension: int, sparse: bool = False
     ) -> dict[Key, bytes]: ...
 
     async def write(
@@ -100,10 +100,11 @@ class PostgresStore:
         return await self.run("load offsets", lambda c: postgres.load_offsets(c, group_id, topic))
 
     async def stored_hashes(
-        self, keys: Sequence[Key], model: str, dimension: int
+        self, keys: Sequence[Key], model: str, dimension: int, sparse: bool = False
     ) -> dict[Key, bytes]:
         return await self.run(
-            "hash lookup", lambda c: postgres.stored_hashes(c, list(keys), model, dimension)
+            "hash lookup",
+            lambda c: postgres.stored_hashes(c, list(keys), model, dimension, sparse),
         )
 
     async def write(

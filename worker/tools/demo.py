@@ -222,7 +222,8 @@ async def _show_shop(settings: Settings) -> None:
     embedder = create_embedder(settings.provider)
     conn = await store.connect(settings.postgres.dsn.get_secret_value(), settings.provider.dim)
     try:
-        for mode in Mode:
+        # The local model has no sparse vectors: its lexical side is full-text search.
+        for mode in (Mode.DENSE, Mode.LEXICAL, Mode.HYBRID):
             _say(f'\nSearch --mode {mode.value}: "{SKU_QUERY}" (namespace shop)')
             for hit in await search(conn, embedder, SKU_QUERY, 3, "shop", mode=mode):
                 _say(f"  {hit.score:.3f}  {hit.id:<14} {_clip(hit.content, 60)}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pgvector import SparseVector
 
 from worker.events import TextType
 
@@ -56,6 +57,8 @@ class ConfigurationFault(EmbeddingError):
 class Embeddings:
     vectors: np.ndarray  # (n, dimension) float32, row i for text i
     tokens: int | None = None  # as reported by the provider, when it reports it
+    # With provider.output_type = dense&sparse: text i's sparse vector at i; else None.
+    sparse: list[SparseVector] | None = None
 
 
 class Embedder(ABC):
@@ -69,6 +72,8 @@ class Embedder(ABC):
     model: str
     dimension: int
     max_texts: int
+    # Whether each text also gets a sparse vector (provider.output_type = dense&sparse).
+    sparse: bool = False
 
     @abstractmethod
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings: ...
