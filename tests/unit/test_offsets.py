@@ -62,6 +62,22 @@ def test_out_of_order_completion() -> None:
     assert tracker.pending(A) == 0 and tracker.in_flight == 0
 
 
+def test_in_order_releases_a_partition_only_up_to_its_first_missing_offset() -> None:
+    """What an ordered writer may take: each partition's ready items before the first
+    offset that is neither durable nor ready (batches embed out of order)."""
+    tracker, epoch = tracked(A, range(6))
+    epoch_b = tracker.assign(B, 0)
+    assert tracker.track(B, 0)
+    ready = items(A, epoch, 3, 4, 0, 1) + items(B, epoch_b, 0)
+    assert tracker.in_order(ready) == [False, False, True, True, True]  # 2 is missing
+    tracker.complete(items(A, epoch, 2))  # 2 durable (say, a dead letter written earlier)
+    assert tracker.in_order(ready) == [True, True, True, True, True]
+    # An item of an old epoch is let through: the writer drops it.
+    tracker.revoke(A)
+    tracker.assign(A, 0)
+    assert tracker.in_order(items(A, epoch, 5)) == [True]
+
+
 def test_complete_forgets_the_settled_prefix() -> None:
     tracker, epoch = tracked(A, range(100, 106))
     tracker.complete(items(A, epoch, 100, 101, 102, 104))

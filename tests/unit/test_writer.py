@@ -19,7 +19,12 @@ from tests.pipeline_fakes import P0, P1, FakeConsumer, FakeStore, Msg, NoDeadLet
 from worker.config import load_settings
 from worker.embedding.providers.base import Embedder, Embeddings
 from worker.events import TextType
+from worker.model import Settled
+from worker.ops.metrics import Metrics
 from worker.pipeline import runner as pl
+from worker.pipeline.offsets import OffsetTracker
+from worker.pipeline.stats import Stats
+from worker.pipeline.write import Writer
 from worker.sinks.postgres import WriteResult
 
 
@@ -179,3 +184,38 @@ async def test_one_writer_keeps_every_partition_in_one_queue() -> None:
     writes.gate.set()
     await until(lambda: writes.stored == {0: 1, 1: 1}, "both stored")
     await finish()
+
+
+async def test_an_ordered_writer_keeps_each_partitions_stream_order() -> None:
+    """With the analysis on, rows are written in stream order even when a later batch is
+    embedded first: the writer holds it until the batch before it is ready."""
+    writes = HeldWrites()
+    tracker = OffsetTracker()
+    epoch = tracker.assign((T, 0), 0)
+    for offset in range(4):
+        tracker.track((T, 0), offset)
+    writer = Writer(
+        FakeStore(write=writes.write),
+        tracker,
+        on_stored=lambda offsets: None,
+        group_id="g",
+        model="m",
+        dimension=4,
+        max_rows=500,
+        release=lambda items: None,
+        on_fatal=lambda exc: None,
+        stats=Stats(),
+        metrics=Metrics(),
+        ordered=True,
+    )
+    loop = asyncio.create_task(writer.loop())
+    try:
+        writer.enqueue([Settled(T, 0, 2, epoch), Settled(T, 0, 3, epoch)])  # 2, 3 first
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert writes.transactions == [] and not writer.busy, "2 and 3 wait for 0 and 1"
+        writer.enqueue([Settled(T, 0, 1, epoch), Settled(T, 0, 0, epoch)])
+        await until(lambda: writes.stored.get(0) == 4, "all four stored")
+    finally:
+        loop.cancel()
+    assert len(writes.transactions) == 1 and not writer.ready

@@ -8,7 +8,7 @@ before a rebalance can be recognised and discarded instead of storing a stale of
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +84,31 @@ class OffsetTracker:
     def is_current(self, item: Positioned) -> bool:
         part = self._parts.get((item.topic, item.partition))
         return part is not None and part.epoch == item.epoch
+
+    def in_order(self, items: Sequence[Positioned]) -> list[bool]:
+        """For each of ``items``, whether every offset before it in its partition that is not
+        durable yet is among ``items`` too: writing just those keeps each partition's stream
+        order (an item of another epoch, or of a partition no longer assigned, is dropped by
+        its writer anyway: True)."""
+        ready: dict[TP, set[int]] = {}
+        for item in items:
+            ready.setdefault((item.topic, item.partition), set()).add(item.offset)
+        upto: dict[TP, int | None] = {}
+        for tp, offsets in ready.items():
+            part = self._parts.get(tp)
+            first_missing = None
+            if part is not None:
+                for offset in part.pending:
+                    if offset not in part.done and offset not in offsets:
+                        first_missing = offset
+                        break
+            upto[tp] = first_missing
+        out = []
+        for item in items:
+            tp = (item.topic, item.partition)
+            limit = upto[tp]
+            out.append(not self.is_current(item) or limit is None or item.offset < limit)
+        return out
 
     def plan(self, items: Iterable[Positioned]) -> dict[TP, int]:
         """Offsets to store if ``items`` become durable now (nothing is changed yet)."""

@@ -112,6 +112,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 metrics=self.metrics,
                 analysis=analysis,
                 tracing=tracing,
+                ordered=analysis is not None,
             )
             for _ in range(count)
         ]

@@ -48,7 +48,12 @@ class Writer:
         metrics: Metrics,
         analysis: AnalysisStage | None = None,
         tracing: Tracing | None = None,
+        ordered: bool = False,
     ) -> None:
+        """``ordered`` (the runner sets it when the analysis runs): rows are written in each
+        partition's stream order, an item waiting until every earlier event of its partition
+        is ready too (embedding batches finish out of order), so that the analysis sees each
+        namespace's history in order."""
         self.store = store
         self.tracker = tracker
         # Told the offsets each transaction stored (the Kafka commits).
@@ -63,6 +68,7 @@ class Writer:
         self.metrics = metrics
         self.analysis = analysis
         self.tracing = tracing
+        self.ordered = ordered
         self.ready: list[Item] = []
         self.writing = False
         self._has_work = asyncio.Event()
@@ -74,7 +80,10 @@ class Writer:
 
     @property
     def busy(self) -> bool:
-        return self.writing or bool(self.ready)
+        """Writing, or holding rows it can write now (not rows waiting for earlier ones)."""
+        if self.writing or not self.ready:
+            return self.writing
+        return not self.ordered or any(self.tracker.in_order(self.ready))
 
     async def loop(self) -> None:
         """Write what is ready at once; what arrives meanwhile waits for the next transaction."""
@@ -83,8 +92,8 @@ class Writer:
             self._has_work.clear()
             self.writing = True
             try:
-                while self.ready:
-                    await self._write_once()
+                while self.ready and await self._write_once():
+                    pass
             except ShuttingDown:
                 return
             except Exception as exc:
@@ -94,12 +103,23 @@ class Writer:
             finally:
                 self.writing = False
 
-    async def _write_once(self) -> None:
-        items, self.ready = self.ready[: self.max_rows], self.ready[self.max_rows :]
+    async def _write_once(self) -> bool:
+        """One transaction of what is ready; False when nothing can be written yet."""
+        if not self.ordered:
+            items, self.ready = self.ready[: self.max_rows], self.ready[self.max_rows :]
+        else:
+            flags = self.tracker.in_order(self.ready)
+            writable = [i for i, ok in zip(self.ready, flags, strict=True) if ok]
+            if not writable:
+                return False
+            writable.sort(key=lambda i: (i.topic, i.partition, i.offset))
+            items = writable[: self.max_rows]
+            taken = {id(i) for i in items}
+            self.ready = [i for i in self.ready if id(i) not in taken]
         current = [i for i in items if self.tracker.is_current(i)]
         self.release([i for i in items if not self.tracker.is_current(i)])
         if not current:
-            return
+            return True
         offsets = self.tracker.plan(current)
         changes = [i for i in current if isinstance(i, Change)]
         within = None
@@ -132,3 +152,4 @@ class Writer:
         self.stats.stored += result.upserted
         self.stats.deleted += sum(1 for c in changes if c.op == "delete")
         self.on_stored(offsets)
+        return True
