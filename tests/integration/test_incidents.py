@@ -58,9 +58,15 @@ async def test_a_burst_is_one_incident_and_a_restart_mid_incident_keeps_it(
     await migrate_db(env, 256)
     await single_partition(env)
     topics = await topics_for(env)
+    # Batches that finish out of order (small ones, each answered after 5-45 ms): the
+    # analysis must still see each namespace in stream order (before the writer kept that
+    # order, a later batch could be scored first and the burst's incident close early).
+    fake_api.configure(latency_ms=5, latency_jitter_ms=40)
     path = tmp_path / "analysis.toml"
     path.write_text(ANALYSIS)
-    settings = env.settings(dashscope(fake_api, 256), analysis={"file": str(path), **topics})
+    settings = env.settings(
+        dashscope(fake_api, 256), analysis={"file": str(path), **topics}, batch={"linger_ms": 0}
+    )
     # Phase 1: warm-up and routine, then the first half of the burst; the worker stops
     # with the incident open.
     first = routine(50) + BURST[:4]
