@@ -123,25 +123,7 @@ async def copy_all(conn: store.Conn, rows: list[Change]) -> None:
         async with conn.transaction():
             await conn.copy_records_to_table(
                 "embeddings",
-                records=[
-                    (
-                        c.namespace,
-                        c.id,
-                        c.vector,
-                        c.text,
-                        c.content_hash,
-                        c.text_type.value,
-                        c.metadata_json,
-                        c.truncated,
-                        c.topic,
-                        c.partition,
-                        c.offset,
-                        c.event_time,
-                        MODEL,
-                        DIMENSION,
-                    )
-                    for c in batch
-                ],
+                records=[(*store.copy_record(c), MODEL, DIMENSION) for c in batch],
                 columns=COPY_COLUMNS,
             )
 

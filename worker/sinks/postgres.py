@@ -404,7 +404,7 @@ async def _copy_new(conn: Conn, embedded: list[Change], model: str, dimension: i
         try:
             await conn.copy_records_to_table(
                 "embeddings",
-                records=[(*_row(c), model, dimension) for c in new],
+                records=[(*copy_record(c), model, dimension) for c in new],
                 columns=DIRECT_COLUMNS,
             )
         except asyncpg.UniqueViolationError:
@@ -430,7 +430,9 @@ async def _touch(conn: Conn, unchanged: list[Change]) -> None:
     )
 
 
-def _row(c: Change) -> tuple[object, ...]:
+def copy_record(c: Change) -> tuple[object, ...]:
+    """A change's values in ``UPSERT_COLUMNS`` order (the rows COPY sends; the benchmarks'
+    raw COPY sends the same)."""
     return (
         c.namespace,
         c.id,
@@ -452,7 +454,7 @@ def _columns(changes: list[Change]) -> list[list[object]]:
     """``UPSERT_COLUMNS`` as arrays (vectors wrapped: asyncpg would read an array as rows)."""
     columns: list[list[object]] = [[] for _ in UPSERT_COLUMNS]
     for c in changes:
-        for column, value in zip(columns, _row(c), strict=True):
+        for column, value in zip(columns, copy_record(c), strict=True):
             column.append(value)
     columns[2] = [Vector(cast(np.ndarray, v)) for v in columns[2]]
     return columns
