@@ -197,14 +197,23 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--members", type=_non_negative, default=3, help="rows shown per cluster")
     cluster.add_argument("--json", action="store_true", help="one JSON document")
     hnsw = command(
-        "index", "create, inspect or drop the HNSW (or the lexical GIN) index search uses"
+        "index",
+        "create, inspect or drop the HNSW index of dense search (or the sparse HNSW, or the "
+        "lexical GIN index)",
     )
     hnsw.add_argument("action", choices=("create", "status", "drop"), help="what to do")
-    hnsw.add_argument(
+    which = hnsw.add_mutually_exclusive_group()
+    which.add_argument(
         "--lexical",
         action="store_true",
         help="the GIN index of lexical and hybrid search instead (docs/retrieval.md): "
         "faster keyword search on a large table, at a cost on every write",
+    )
+    which.add_argument(
+        "--sparse",
+        action="store_true",
+        help="the HNSW index of sparse search (inner product) instead, for rows stored with "
+        "provider.output_type dense&sparse (docs/retrieval.md); takes --m, --ef-construction",
     )
     hnsw.add_argument("--m", type=int, default=16, help="HNSW links per node")
     hnsw.add_argument("--ef-construction", type=int, default=64, help="HNSW build candidate list")
@@ -631,6 +640,8 @@ async def _index(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.lexical:
             return await _lexical_index(conn, args)
+        if args.sparse:
+            return await _sparse_index(conn, args)
         if args.action == "create":
             index.check(args.m, args.ef_construction, args.maintenance_work_mem)
             print(f"building: {index.statement(dimension, args.m, args.ef_construction)}")
@@ -672,6 +683,26 @@ async def _lexical_index(conn: asyncpg.Connection, args: argparse.Namespace) -> 
     else:
         current = await index.state(conn, name)
         print(_describe(current) if current else f"no index {name}: lexical search scans")
+    return 0
+
+
+async def _sparse_index(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    name = index.SPARSE_NAME
+    if args.action == "create":
+        index.check(args.m, args.ef_construction, args.maintenance_work_mem)
+        # store.connect refused a table without the sparse column (migration 0008).
+        print(f"building: {index.sparse_statement(args.m, args.ef_construction)}")
+        built, new = await index.create_sparse(
+            conn, args.m, args.ef_construction, args.maintenance_work_mem
+        )
+        if not new:
+            print("a valid sparse index exists already (drop it first to change its parameters)")
+        print(_describe(built))
+    elif args.action == "drop":
+        print(f"dropped {name}" if await index.drop(conn, name) else "no sparse index to drop")
+    else:
+        current = await index.state(conn, name)
+        print(_describe(current) if current else f"no index {name}: sparse search is exact")
     return 0
 
 

@@ -15,11 +15,13 @@ from fakeapi.vectors import fake_vector
 from fakeapi.vocabulary import sparse_vector, vocabulary
 from tests.conftest import Env, dashscope, migrate_db, openai, running
 from tests.integration.test_cli import _env
+from tests.integration.test_observability import _metrics
 from tests.integration.test_retrieval import CATALOGUE, SKU
 from tests.processes import cli
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.dashscope import SPARSE_DIMENSION, SPARSE_MAX_ENTRIES
 from worker.events import TextType
+from worker.read import index
 from worker.read.search import Hit, Mode, rrf, search
 
 DIMENSION = 256
@@ -122,13 +124,54 @@ async def test_sparse_search_finds_the_keyword_only_row_and_filters_apply(
         assert {h.metadata["dept"] for h in kitchen} == {"kitchen"}
         for mode in Mode:
             assert await search(conn, embedder, SKU, 5, "elsewhere", None, mode) == [], mode
-        # An HNSW index on the column builds (every stored vector has <= 1,000 entries) and
-        # answers the same query the same way.
-        await conn.execute(
-            "CREATE INDEX embeddings_sparse_idx ON embeddings USING hnsw (sparse sparsevec_ip_ops)"
+    finally:
+        await conn.close()
+        await embedder.close()
+
+
+async def _sparse_plan(env: Env, embedder: Any) -> str:
+    """The plan of sparse search's query, sequential scans off: can it use the index?"""
+    query = (await embedder.embed(["ERR_7731_QX"], TextType.QUERY)).sparse[0]
+    conn = await env.connect()
+    try:
+        async with conn.transaction():
+            order = await index.sparse_order(conn, 3)
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            rows = await conn.fetch(
+                f"EXPLAIN SELECT id FROM embeddings ORDER BY {order} LIMIT 3", query
+            )
+    finally:
+        await conn.close()
+    return "\n".join(r[0] for r in rows)
+
+
+async def test_the_sparse_index_is_built_by_the_command_used_by_search_and_dropped(
+    stored: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """Every stored sparse vector has <= 1,000 entries (the long row is cut), so pgvector's
+    HNSW index builds; search orders so that the index answers, with the same hits."""
+    environment = _sparse_env(stored, fake_api)
+    embedder = create_embedder(stored.settings(_provider(fake_api)).provider)
+    conn = await stored.connect()
+    try:
+        exact = await search(conn, embedder, "ERR_7731_QX", 3, mode=Mode.SPARSE)
+        assert index.SPARSE_NAME not in await _sparse_plan(stored, embedder)
+        code, out, err = await cli("index", "status", "--sparse", **environment)
+        assert code == 0 and "sparse search is exact" in out, err
+        code, out, err = await cli(
+            "index", "create", "--sparse", "--m", "8", "--ef-construction", "32", **environment
         )
-        again = await search(conn, embedder, "ERR_7731_QX", 3, mode=Mode.SPARSE)
-        assert [h.id for h in again] == [h.id for h in hits]
+        assert code == 0, err
+        assert "sparsevec_ip_ops" in out and "m='8'" in out and "valid" in out
+        assert f"Index Scan using {index.SPARSE_NAME}" in await _sparse_plan(stored, embedder)
+        indexed = await search(conn, embedder, "ERR_7731_QX", 3, mode=Mode.SPARSE)
+        assert [h.id for h in indexed] == [h.id for h in exact]
+        assert [h.score for h in indexed] == pytest.approx([h.score for h in exact])
+        code, out, err = await cli("index", "create", "--sparse", "--lexical", **environment)
+        assert code == 2 and "not allowed with" in err
+        code, out, _ = await cli("index", "drop", "--sparse", **environment)
+        assert (code, out.strip()) == (0, f"dropped {index.SPARSE_NAME}")
+        assert index.SPARSE_NAME not in await _sparse_plan(stored, embedder)
     finally:
         await conn.close()
         await embedder.close()
@@ -263,3 +306,20 @@ async def test_the_documented_sql_returns_what_search_returns(
     finally:
         await conn.close()
         await embedder.close()
+
+
+async def test_sparse_metrics_count_the_vectors_their_entries_and_the_cut(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIMENSION)
+    texts = {"short-1": INCIDENT[1], "long-1": LONG}
+    async with running(env.settings(_provider(fake_api))) as worker:
+        before = await _metrics(worker)
+        assert "sparse_vectors_total" not in before, "nothing sparse yet: not exported"
+        high = await env.produce([{"id": id, "text": text} for id, text in texts.items()])
+        await env.wait_for_offsets(high)
+        after = await _metrics(worker)
+    assert after["sparse_vectors_total"] == 2
+    short = len(_weights(INCIDENT[1]))
+    assert after["sparse_entries_total"] == short + SPARSE_MAX_ENTRIES
+    assert after["sparse_at_cap_total"] == 1

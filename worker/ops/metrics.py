@@ -180,6 +180,16 @@ class PipelineCollector(Collector):
             retries.add_metric([cause], count)
         yield retries
         yield counter("api_throttled", "429 answers.", st.throttled)
+        if st.sparse_vectors:
+            yield counter("sparse_vectors", "Sparse vectors received.", st.sparse_vectors)
+            yield counter(
+                "sparse_entries", "Non-zero entries of the sparse vectors.", st.sparse_entries
+            )
+            yield counter(
+                "sparse_at_cap",
+                "Sparse vectors cut to the 1,000 entries an index takes (lightest dropped).",
+                st.sparse_at_cap,
+            )
         yield counter("db_transactions", "Postgres transactions committed.", st.transactions)
         if p.analysis is not None:
             a = p.analysis

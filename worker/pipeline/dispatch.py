@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from worker.embedding.providers.base import ConfigurationFault
+from worker.embedding.providers.dashscope import SPARSE_MAX_ENTRIES
 from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
@@ -115,6 +116,12 @@ class Dispatcher:
         st.retries_by_cause.update(outcome.retries_by_cause)
         st.throttled += outcome.throttled
         st.texts_embedded += len(outcome.embedded)
+        for change in outcome.embedded:
+            if change.sparse is not None:
+                entries = len(change.sparse.indices())
+                st.sparse_vectors += 1
+                st.sparse_entries += entries
+                st.sparse_at_cap += entries >= SPARSE_MAX_ENTRIES
         letters: Letters = []
         settled: list[Item] = []
         for change, error in outcome.refused:

@@ -20,4 +20,7 @@ class Stats:
     retries: int = 0
     retries_by_cause: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
+    sparse_vectors: int = 0  # with output_type dense&sparse: vectors received,
+    sparse_entries: int = 0  # their non-zero entries,
+    sparse_at_cap: int = 0  # and those at the 1,000-entry cap (lightest tokens dropped)
     transactions: int = 0  # write

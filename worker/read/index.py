@@ -1,5 +1,5 @@
 """``embedding-worker index``: the indexes that keep search fast on a large table, HNSW for
-dense search and (``--lexical``) GIN for lexical search.
+dense search, (``--sparse``) HNSW for sparse search and (``--lexical``) GIN for lexical search.
 
 The migrations do not create it: keeping HNSW up to date is the ceiling of real-time
 ingest (benchmark scenario 5: ~20x fewer rows/s with one), so the operator picks the
@@ -11,6 +11,9 @@ index is on the ``halfvec`` cast, and search orders by that same expression to u
 The lexical option (docs/retrieval.md) stores each row's words, ``embeddings_lexical(content)``
 of migration 0006, in a generated column with a GIN index; lexical search reads the column
 when it exists (fast matching and ranking) and computes the words per scanned row otherwise.
+The sparse option indexes the ``sparse`` column of migration 0008 by inner product; every
+stored sparse vector fits it (the worker keeps a text's 1,000 heaviest tokens, pgvector's
+limit), so it can be built at any time.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ ADD_LEXICAL_COLUMN = (
 LEXICAL_STATEMENT = (
     f"CREATE INDEX CONCURRENTLY {LEXICAL_NAME} ON embeddings USING gin ({LEXICAL_COLUMN})"
 )
+# The sparse side's HNSW index (``create_sparse``): by inner product, as sparse search ranks.
+SPARSE_NAME = "embeddings_sparse_hnsw"
 MAX_VECTOR_DIMENSIONS = 2000
 MAX_HALFVEC_DIMENSIONS = 4000
 # A Postgres memory size, as maintenance_work_mem takes it (e.g. 512MB, 2GB).
@@ -69,6 +74,13 @@ def statement(dimension: int, m: int, ef_construction: int) -> str:
     return (
         f"CREATE INDEX CONCURRENTLY {NAME} ON embeddings USING hnsw ({target}) "
         f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
+    )
+
+
+def sparse_statement(m: int, ef_construction: int) -> str:
+    return (
+        f"CREATE INDEX CONCURRENTLY {SPARSE_NAME} ON embeddings USING hnsw "
+        f"(sparse sparsevec_ip_ops) WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
     )
 
 
@@ -140,22 +152,18 @@ async def drop(conn: Conn, name: str = NAME) -> bool:
     return existing is not None
 
 
-async def search_order(conn: Conn, dimension: int, k: int) -> str:
-    """How a top-k query over ``embeddings`` must order (query vector ``$1``) to use the
-    index, with the transaction set for it: ``hnsw.ef_search`` at least k; on pgvector 0.8+,
-    iterative scans, so a filter (model, namespace, metadata) still yields k rows; and
-    custom plans: from a prepared statement's sixth run Postgres may switch to a generic
-    plan, whose guess for the ``$3 IS NULL OR namespace = $3`` filters makes a sequential
-    scan look cheaper than the index (measured on 10,000 rows: exact, 45-60 ms, not 1-2 ms)."""
-    row = await conn.fetchrow(
-        "SELECT pg_get_indexdef(i.indexrelid) AS definition, "
-        "(SELECT extversion FROM pg_extension WHERE extname = 'vector') AS version "
-        "FROM pg_index i WHERE i.indexrelid = to_regclass($1) AND i.indisvalid",
-        NAME,
+async def create_sparse(
+    conn: Conn, m: int, ef_construction: int, maintenance_work_mem: str | None
+) -> tuple[Index, bool]:
+    check(m, ef_construction, maintenance_work_mem)
+    return await build(
+        conn, SPARSE_NAME, sparse_statement(m, ef_construction), maintenance_work_mem
     )
-    if row is None:
-        return "embedding <=> $1"
-    major_minor = tuple(int(p) for p in str(row["version"]).split(".")[:2])
+
+
+async def _tune_hnsw(conn: Conn, version: str, k: int) -> None:
+    """The transaction set for a top-k query through an HNSW index (see ``search_order``)."""
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
     # SET LOCAL, as set_config(..., true), for all settings in one round trip.
     await conn.execute(
         "SELECT set_config('hnsw.ef_search', $1, true), "
@@ -167,7 +175,44 @@ async def search_order(conn: Conn, dimension: int, k: int) -> str:
         ),
         str(max(40, min(int(k), 1000))),
     )
-    if "halfvec" in row["definition"]:
+
+
+async def _valid(conn: Conn, name: str) -> tuple[str, str] | None:
+    """(definition, pgvector version) of a valid index ``name``, or None."""
+    row = await conn.fetchrow(
+        "SELECT pg_get_indexdef(i.indexrelid) AS definition, "
+        "(SELECT extversion FROM pg_extension WHERE extname = 'vector') AS version "
+        "FROM pg_index i WHERE i.indexrelid = to_regclass($1) AND i.indisvalid",
+        name,
+    )
+    return None if row is None else (str(row["definition"]), str(row["version"]))
+
+
+async def sparse_order(conn: Conn, k: int) -> str:
+    """How a top-k sparse query (query vector ``$1``) must order: with the sparse index,
+    by ``sparse <#> $1`` alone (the only order pgvector's index answers), the transaction
+    set as for dense search; without it, exact, ties broken by namespace and id."""
+    found = await _valid(conn, SPARSE_NAME)
+    if found is None:
+        await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+        return "sparse <#> $1, namespace, id"
+    await _tune_hnsw(conn, found[1], k)
+    return "sparse <#> $1"
+
+
+async def search_order(conn: Conn, dimension: int, k: int) -> str:
+    """How a top-k query over ``embeddings`` must order (query vector ``$1``) to use the
+    index, with the transaction set for it: ``hnsw.ef_search`` at least k; on pgvector 0.8+,
+    iterative scans, so a filter (model, namespace, metadata) still yields k rows; and
+    custom plans: from a prepared statement's sixth run Postgres may switch to a generic
+    plan, whose guess for the ``$3 IS NULL OR namespace = $3`` filters makes a sequential
+    scan look cheaper than the index (measured on 10,000 rows: exact, 45-60 ms, not 1-2 ms)."""
+    found = await _valid(conn, NAME)
+    if found is None:
+        return "embedding <=> $1"
+    definition, version = found
+    await _tune_hnsw(conn, version, k)
+    if "halfvec" in definition:
         return f"embedding::halfvec({dimension}) <=> $1::halfvec({dimension})"
     return "embedding <=> $1"
 

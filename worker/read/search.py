@@ -160,15 +160,15 @@ async def lexical(
 
 
 # The rows sharing a token with the query (inner product above 0), by inner product; `<#>` is
-# its negative. Exact: with an HNSW index on the column (sparsevec_ip_ops, docs/retrieval.md)
-# `ORDER BY sparse <#> $1` alone lets it answer.
+# its negative. Exact, ties by namespace and id; with the sparse HNSW index (`index create
+# --sparse`) ordered by `sparse <#> $1` alone, which the index answers (index.sparse_order).
 SPARSE = """
 SELECT namespace, id, content, metadata, -(sparse <#> $1) AS score
 FROM embeddings
 WHERE model = $2 AND sparse IS NOT NULL AND (sparse <#> $1) < 0
   AND ($3::text IS NULL OR namespace = $3)
   AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
-ORDER BY sparse <#> $1, namespace, id
+ORDER BY {order}
 LIMIT $5
 """
 
@@ -185,10 +185,10 @@ async def sparse(
     query's (rows without one, or sharing no token with it, are never hits)."""
     where = None if metadata is None else json.dumps(metadata)
     async with conn.transaction():
-        # Custom plans, as for the other modes: the generic plan of the optional filters
-        # is a sequential scan even where an index would answer.
-        await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
-        rows = await conn.fetch(SPARSE, vector, model, namespace, where, k)
+        # Custom plans, as for the other modes (set by sparse_order): the generic plan of
+        # the optional filters is a sequential scan even where an index would answer.
+        order = await index.sparse_order(conn, k)
+        rows = await conn.fetch(SPARSE.format(order=order), vector, model, namespace, where, k)
     return [
         Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
         for r in rows
