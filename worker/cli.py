@@ -758,12 +758,21 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
     from worker.embedding.providers.batch import BatchFailed
+    from worker.sinks.batchjobs import JobTaken
     from worker.tools.backfill import Backfill
 
     if settings.provider.kind is ProviderKind.LOCAL:
         print(
             "embedding-worker: backfill needs a provider with a batch interface "
             "(provider.kind dashscope or openai)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if settings.provider.sparse:
+        print(
+            "embedding-worker: backfill cannot store sparse vectors (provider.output_type "
+            "dense&sparse): the batch interface returns dense vectors only; run the worker "
+            "from the offset instead (docs/backfill.md)",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -781,6 +790,13 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         report = await job.run()
     except BatchFailed as exc:
         print(f"embedding-worker: {exc} (the next run submits it again)", file=sys.stderr)
+        return EXIT_FAILED
+    except JobTaken as exc:
+        print(
+            f"embedding-worker: {exc} (two backfills of one group ran at once); nothing was "
+            "stored twice: run it again to go on",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     if args.json:
         print(json.dumps(report.as_dict()))

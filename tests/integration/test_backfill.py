@@ -16,6 +16,7 @@ import pytest
 
 from fakeapi import FakeEmbeddingServer, count_tokens, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, wait_until
+from tests.integration.test_unreadable import BAD, Rec, produce_batch
 from tests.processes import cli
 from worker.config import environment_for
 from worker.sinks import batchjobs
@@ -305,3 +306,98 @@ async def test_query_texts_go_the_real_time_way_which_sends_their_text_type(
     assert (report.batch_texts, report.realtime_texts) == (5, 1)
     assert fake_api.stats()["by_dialect"] == {"native": 1}
     assert len(await rows(env)) == 6
+
+
+async def test_a_record_the_client_cannot_parse_is_dead_lettered_and_the_rest_stored(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """As in the worker (worker.kafka.unreadable): the unreadable record, and the one after
+    it in its record batch, are dead-lettered with their position; everything else is
+    stored once, and the backfill ends."""
+    await migrate_db(env, DIM)
+    good = [(f"doc-{i}", f"document number {i}") for i in range(12)]
+
+    def rec(id: str, text: str) -> Rec:
+        return (id.encode(), json.dumps({"id": id, "text": text}).encode(), ())
+
+    offsets = await produce_batch(env, 0, [rec(*good[0]), rec(*good[1]), BAD, rec(*good[2])])
+    later = await produce_batch(env, 0, [rec(*g) for g in good[3:8]])
+    elsewhere = await produce_batch(env, 1, [rec(*g) for g in good[8:]])
+
+    report = await backfill(env, fake_api, chunk_records=4).run()
+
+    found = await rows(env)
+    lost = {good[2][0]}  # after the unreadable record in its batch: the client cannot read it
+    assert set(found) == {id for id, _ in good} - lost
+    assert_vectors(found)
+    assert await stored_offsets(env) == {0: later[-1] + 1, 1: elsewhere[-1] + 1}
+    letters = await env.dead_letters(2)
+    assert [(x["reason"], x["source"]["offset"]) for x in letters] == [
+        ("unreadable_record", offsets[2]),
+        ("unreadable_record", offsets[3]),
+    ]
+    assert report.dead_letters == 2
+
+
+async def test_two_backfills_of_one_group_store_a_job_once_and_the_second_says_so(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """Both resume the same job; the first to see it done stores it, the other's transaction
+    is refused (JobTaken) and the command exits 1 with the reason, no traceback."""
+    await migrate_db(env, DIM)
+    high = await env.produce([event(i) for i in range(20)])
+    fake_api.configure(batch_delay_s=3600.0)
+    first = asyncio.create_task(backfill(env, fake_api).run())
+
+    async def submitted() -> bool:
+        return any(j["status"] == "submitted" for j in await jobs(env))
+
+    await wait_until(submitted, 30, "the job was never submitted")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ["DASHSCOPE_API_KEY"] = API_KEY
+    second = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "worker", "backfill", "--poll-initial", "3", "--poll-max", "3"),
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert second.stdout is not None and second.stderr is not None
+        seen = b""  # its log (stderr)
+        while b"in_progress" not in seen:  # its first look, then 3 s of sleep
+            line = await asyncio.wait_for(second.stderr.readline(), 60)
+            assert line, f"the second backfill ended early: {seen.decode()}"
+            seen += line
+        fake_api.configure(batch_delay_s=0.0)
+        report = await first  # polls every 10-50 ms: stores the job first
+        out, rest = await asyncio.wait_for(second.communicate(), 60)
+        err = seen + rest
+    finally:
+        if second.returncode is None:
+            second.kill()
+            await second.wait()
+    assert report.resumed == 0 and report.jobs == 1
+    assert second.returncode == 1, err
+    message = err.decode()
+    assert "was stored by another process" in message and "run it again" in message
+    assert "Traceback" not in message + out.decode()
+    (job,) = await jobs(env)
+    assert job["status"] == "stored"
+    assert len(await rows(env)) == 20
+    assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}
+    # Run again: nothing left.
+    code, out2, err2 = await cli("backfill", "--json", **environ)
+    assert code == 0 and json.loads(out2)["records"] == 0, err2
+
+
+async def test_a_backfill_refuses_sparse_output_the_batch_interface_cannot_give(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, DIM)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ["DASHSCOPE_API_KEY"] = API_KEY
+    environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"] = "dense&sparse"
+    code, _, err = await cli("backfill", **environ)
+    assert code == 2 and "dense vectors only" in err and "provider.output_type" in err

@@ -39,6 +39,7 @@ from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter, envelope_budget
 from worker.events import DeadLetter, Reason, TextType
 from worker.kafka.clients import common_options, make_producer, started
+from worker.kafka.unreadable import UNREADABLE_ERRORS, Unreadable, isolate
 from worker.model import Change, Record
 from worker.pipeline.decode import Limits, decode
 from worker.sinks import batchjobs
@@ -51,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 Letters = list[tuple[bytes | None, DeadLetter]]
 T = TypeVar("T")
+# Records per partition read while isolating an unreadable one, when no chunk bounds it.
+ISOLATE_RECORDS = 500
 
 
 @dataclass
@@ -135,7 +138,7 @@ class Backfill:
         if job is not None:
             log.info("resuming a batch job", job=job.id, batch=job.batch_id, file=job.file_id)
             self.report.resumed += 1
-            await self._finish(job, await self._decoded(await self._read(job.ranges)))
+            await self._finish(job, await self._decoded(*await self._read(job.ranges)))
         partitions = await partitions_of(self.settings.kafka, self.topic)
         if not partitions:
             raise ConfigError(f"backfill: topic {self.topic!r} does not exist")
@@ -145,8 +148,8 @@ class Backfill:
             positions = await self._positions(tps, ends)
             if all(positions[p] >= ends[p] for p in positions):
                 return
-            records, ranges = await self._read_chunk(positions, ends)
-            chunk = await self._decoded(records)
+            records, unreadable, ranges = await self._read_chunk(positions, ends)
+            chunk = await self._decoded(records, unreadable)
             lines = self._lines(chunk)
             if not lines:  # deletes, unchanged content, dead letters: nothing to embed
                 await self._store(None, chunk, ranges, Outcome("completed"), {})
@@ -177,50 +180,58 @@ class Backfill:
 
     async def _read_chunk(
         self, positions: dict[int, int], ends: dict[int, int]
-    ) -> tuple[list[Record], Ranges]:
-        """Up to ``chunk_records`` records from ``positions`` on, none at or past ``ends``."""
-        tps = [TopicPartition(self.topic, p) for p in positions if positions[p] < ends[p]]
+    ) -> tuple[list[Record], list[Unreadable], Ranges]:
+        """About ``chunk_records`` records from ``positions`` on, none at or past ``ends``."""
+        return await self._collect(positions, ends, self.chunk_records)
+
+    async def _read(self, ranges: Ranges) -> tuple[list[Record], list[Unreadable]]:
+        """The records of a job's ranges again (a resumed job's, after a restart)."""
+        starts = {p: r[0] for p, r in ranges.items()}
+        records, unreadable, _ = await self._collect(starts, {p: r[1] for p, r in ranges.items()})
+        return records, unreadable
+
+    async def _collect(
+        self, starts: dict[int, int], ends: dict[int, int], limit: int | None = None
+    ) -> tuple[list[Record], list[Unreadable], Ranges]:
+        """The records from ``starts`` up to ``ends`` (at most about ``limit``), the ones the
+        client cannot parse (isolated and skipped as the worker does, worker.kafka.unreadable)
+        and the range each partition was read over."""
+        tps = [TopicPartition(self.topic, p) for p in starts if starts[p] < ends[p]]
         records: list[Record] = []
-        async with self._assigned(tps, positions):
+        unreadable: list[Unreadable] = []
+        read_to = {tp: starts[tp.partition] for tp in tps}
+        async with self._assigned(tps, starts):
             pending = set(tps)
-            while pending and len(records) < self.chunk_records:
-                got = await self.consumer.getmany(
-                    *pending, timeout_ms=500, max_records=self.chunk_records - len(records)
-                )
+            while pending and (limit is None or len(records) < limit):
+                room = ISOLATE_RECORDS if limit is None else limit - len(records)
+                try:
+                    got: dict[TopicPartition, list[Any]] = await self.consumer.getmany(
+                        *pending, timeout_ms=500, max_records=None if limit is None else room
+                    )
+                except UNREADABLE_ERRORS as exc:
+                    log.warning("a record cannot be parsed; isolating it", error=repr(exc))
+                    got, found = await isolate(
+                        self.consumer, {tp: read_to[tp] for tp in pending}, room
+                    )
+                    unreadable += [u for u in found if u.offset < ends[u.partition]]
                 for tp, messages in got.items():
                     end = ends[tp.partition]
                     records += [
                         Record.of(self.topic, tp.partition, m) for m in messages if m.offset < end
                     ]
+                    if messages:
+                        read_to[tp] = messages[-1].offset + 1
                 for tp in list(pending):
                     if await self.consumer.position(tp) >= ends[tp.partition]:
                         pending.discard(tp)
             ranges = {
                 tp.partition: (
-                    positions[tp.partition],
+                    starts[tp.partition],
                     min(await self.consumer.position(tp), ends[tp.partition]),
                 )
                 for tp in tps
             }
-        return records, {p: r for p, r in ranges.items() if r[0] < r[1]}
-
-    async def _read(self, ranges: Ranges) -> list[Record]:
-        """The records of a job's ranges again (a resumed job's, after a restart)."""
-        tps = [TopicPartition(self.topic, p) for p in ranges]
-        records: list[Record] = []
-        async with self._assigned(tps, {p: r[0] for p, r in ranges.items()}):
-            pending = set(tps)
-            while pending:
-                got = await self.consumer.getmany(*pending, timeout_ms=500)
-                for tp, messages in got.items():
-                    end = ranges[tp.partition][1]
-                    records += [
-                        Record.of(self.topic, tp.partition, m) for m in messages if m.offset < end
-                    ]
-                for tp in list(pending):
-                    if await self.consumer.position(tp) >= ranges[tp.partition][1]:
-                        pending.discard(tp)
-        return records
+        return records, unreadable, {p: r for p, r in ranges.items() if r[0] < r[1]}
 
     @contextlib.asynccontextmanager
     async def _assigned(
@@ -236,9 +247,10 @@ class Backfill:
         finally:
             self.consumer.assign([])
 
-    async def _decoded(self, records: list[Record]) -> _Chunk:
-        """Decode as the worker does; mark content stored already as unchanged."""
-        chunk = _Chunk()
+    async def _decoded(self, records: list[Record], unreadable: list[Unreadable]) -> _Chunk:
+        """Decode as the worker does; mark content stored already as unchanged. A record the
+        client cannot parse is dead-lettered like any bad record (its position only)."""
+        chunk = _Chunk(letters=[(None, u.letter()) for u in unreadable])
         changes: list[Change] = []
         for record in records:
             result = decode(record, self.limits)
@@ -246,7 +258,7 @@ class Backfill:
                 chunk.letters.append((record.key, result))
             elif isinstance(result, Change):
                 changes.append(result)
-        self.report.records += len(records)
+        self.report.records += len(records) + len(unreadable)
         chunk.latest = pg.newest_per_key(changes)
         upserts = [c for c in chunk.latest if c.op == "upsert"]
         p = self.settings.provider
