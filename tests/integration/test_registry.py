@@ -1,14 +1,21 @@
-"""Schema-registry formats: Avro and JSON Schema in the Confluent wire format, schemas from a
-registry on loopback (tests/schema_registry.py); a registry that cannot answer is waited
-for, bytes that do not fit their schema are dead letters (`schema_mismatch`)."""
+"""Schema-registry formats: Avro, JSON Schema and Protobuf in the Confluent wire format, schemas
+from a registry on loopback; a registry that cannot answer is waited for, bytes that do not
+fit their schema are dead letters (`schema_mismatch`).
+
+The registry is the test one (tests/schema_registry.py) on its own, or, where
+``EMBEDDING_WORKER_DEVSTACK_REGISTRY=apicurio`` (the default of ``make test-kafka``), the same
+in front of a real Apicurio Registry (worker/tools/devstack/registry.py), adding only faults.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
+import os
 import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import httpx
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 from prometheus_client import generate_latest
 
 from fakeapi import FakeEmbeddingServer
-from tests.conftest import Env, dashscope, migrate_db, running, wait_until
+from tests.conftest import Env, broker_kind, dashscope, migrate_db, running, wait_until
 from tests.schema_registry import SchemaRegistry
 from worker.config import ConfigError, FieldMap, InputFormat, InputSettings, load_settings
 from worker.events import DeadLetter, Reason
@@ -29,6 +37,7 @@ from worker.model import Change, Record
 from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.pipeline.registry import Schemas, schema_id
+from worker.tools.devstack.registry import ApicurioRegistry
 from worker.tools.produce import check_file
 
 TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
@@ -54,16 +63,76 @@ ARTICLE_JSON = {
     "required": ["id", "text"],
 }
 UPDATED = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+# article_proto() as a producer writes it: what a real registry is given (it compiles it).
+ARTICLE_PROTO = """syntax = "proto3";
+package shop;
+
+import "google/protobuf/timestamp.proto";
+
+message Article {
+  int64 uid = 1;
+  string body = 2;
+  google.protobuf.Timestamp updated = 3;
+  message Tag {
+    string name = 1;
+  }
+}
+
+message Other {
+  string id = 1;
+  string text = 2;
+}
+"""
+REGISTRY_ENV = "EMBEDDING_WORKER_DEVSTACK_REGISTRY"
+
+pytestmark = pytest.mark.schema_registry
 
 
-@pytest.fixture
-async def registry() -> AsyncIterator[SchemaRegistry]:
-    server = SchemaRegistry()
+def registry_kind() -> str:
+    """``fake`` or ``apicurio``; by default the real one where the broker is Apache Kafka."""
+    default = "fake" if broker_kind() == "tansu" else "apicurio"
+    kind = os.environ.get(REGISTRY_ENV, "").strip().lower() or default
+    if kind not in ("fake", "apicurio"):
+        raise RuntimeError(f"{REGISTRY_ENV}={kind!r}: expected fake or apicurio")
+    return kind
+
+
+@pytest.fixture(scope="session")
+async def apicurio(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str | None]:
+    """The real registry's URL, started once per session; None when the fake serves alone."""
+    if registry_kind() == "fake":
+        yield None
+        return
+    server = ApicurioRegistry()
+    await server.start(tmp_path_factory.mktemp("schema-registry"))
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(upstream: str | None) -> AsyncIterator[SchemaRegistry]:
+    server = SchemaRegistry(upstream)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def registry(apicurio: str | None) -> AsyncIterator[SchemaRegistry]:
+    async with serving(apicurio) as server:
+        yield server
+
+
+@pytest.fixture
+async def fake_registry() -> AsyncIterator[SchemaRegistry]:
+    """The test registry alone, for serialized Protobuf descriptors: Apicurio Registry 2.4
+    ignores ``format=serialized`` (see test_a_registry_that_answers_proto_text_...)."""
+    async with serving(None) as server:
+        yield server
 
 
 def framed(schema_id: int, payload: bytes) -> bytes:
@@ -174,6 +243,10 @@ async def test_json_schema_payloads_are_validated(registry: SchemaRegistry) -> N
 async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRegistry) -> None:
     """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for the id, a
     registry down, one slower than the timeout and a 503, until the schema comes."""
+    # What the registry answers for an id it does not know (the real one's, in front of it).
+    async with httpx.AsyncClient() as client:
+        unknown = await client.get(f"{registry.url}/schemas/ids/987654")
+    assert unknown.status_code == 404 and unknown.json()["error_code"] == 40403
     id = registry.register(json.dumps(ARTICLE))
     registry.hidden.add(id)
     schemas = Schemas(input_settings(registry))  # registry_timeout_s=1
@@ -207,6 +280,26 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
     registry.failing = 503
     stop.set()
     assert not await schemas.prefetch([framed(99, b"")], stop)
+
+
+async def test_the_registry_answers_as_a_confluent_one(registry: SchemaRegistry) -> None:
+    """What the worker relies on, checked against the real registry where there is one (and
+    so that the fake answers the same): an id per schema content, Avro's type left out, an
+    invalid schema refused at registration (422, 42201) so no producer can use it."""
+    avro_id = registry.register(json.dumps(ARTICLE))
+    json_id = registry.register(json.dumps(ARTICLE_JSON), "JSON")
+    assert registry.register(json.dumps(ARTICLE)) == avro_id != json_id
+    async with httpx.AsyncClient(base_url=registry.url) as client:
+        got = (await client.get(f"/schemas/ids/{avro_id}")).json()
+        assert json.loads(got["schema"]) == ARTICLE and "schemaType" not in got
+        got = (await client.get(f"/schemas/ids/{json_id}")).json()
+        assert json.loads(got["schema"]) == ARTICLE_JSON and got["schemaType"] == "JSON"
+        refused = await client.post(
+            "/subjects/invalid-value/versions",
+            json={"schema": json.dumps({"type": "record", "name": "X", "fields": "none"})},
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        )
+    assert refused.status_code == 422 and refused.json()["error_code"] == 42201, refused.text
 
 
 async def _true(value: bool) -> bool:
@@ -256,9 +349,12 @@ def proto_classes() -> tuple[Any, Any, Any]:
     )
 
 
-async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegistry) -> None:
+async def test_protobuf_messages_by_their_message_indexes(
+    fake_registry: SchemaRegistry,
+) -> None:
+    registry = fake_registry
     proto = article_proto()
-    id = registry.register("syntax = ...", "PROTOBUF", proto.SerializeToString())
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF", proto.SerializeToString())
     Article, Tag, Other = proto_classes()
     first = Article(uid=42, body="Rates rise")
     first.updated.FromDatetime(UPDATED)
@@ -282,6 +378,21 @@ async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegist
     for name in ("no index", "cut"):
         dead = letter(decode(record(values[name]), limits))
         assert dead.reason is Reason.SCHEMA_MISMATCH, (name, dead)
+
+
+async def test_a_registry_that_answers_proto_text_has_its_records_refused_saying_why(
+    registry: SchemaRegistry,
+) -> None:
+    """Apicurio Registry 2.4 answers ``format=serialized`` with the .proto text, which the
+    worker cannot compile: each record is a dead letter that names the cause (a replay after
+    the registry is upgraded stores them), not a silent loss nor a stalled partition."""
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF")  # no descriptor: the fake answers text
+    Article, _, _ = proto_classes()
+    value = framed(id, b"\x00" + Article(uid=1, body="x").SerializeToString())
+    limits = await limits_for(input_settings(registry, "protobuf", id="uid", text="body"), value)
+    dead = letter(decode(record(value), limits))
+    assert dead.reason is Reason.SCHEMA_MISMATCH
+    assert "answered the .proto text" in dead.message, dead.message
 
 
 def test_a_registry_format_needs_a_registry_url_and_the_extra(
@@ -378,10 +489,11 @@ async def test_a_worker_waits_for_a_registry_that_is_down(
 
 
 async def test_a_worker_stores_protobuf_events(
-    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
+    env: Env, fake_api: FakeEmbeddingServer, fake_registry: SchemaRegistry
 ) -> None:
+    registry = fake_registry
     await migrate_db(env, 64)
-    id = registry.register("syntax = ...", "PROTOBUF", article_proto().SerializeToString())
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF", article_proto().SerializeToString())
     Article, _, _ = proto_classes()
     bad_indexes = framed(id, b"\x02\x0a" + Article(uid=3, body="x").SerializeToString())
     high = await env.produce_raw(

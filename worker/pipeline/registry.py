@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import io
 import json
@@ -241,7 +242,15 @@ def _protobuf_reader(text: str) -> Reader:
     from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
     from google.protobuf.message import DecodeError
 
-    file = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
+    try:
+        serialized = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError(
+            "the registry answered the .proto text, not the serialized descriptor asked for "
+            "(format=serialized; Apicurio Registry 2.x ignores it), and the worker does not "
+            "compile .proto text"
+        ) from None
+    file = descriptor_pb2.FileDescriptorProto.FromString(serialized)
     pool = descriptor_pool.DescriptorPool()
     for dependency in file.dependency:  # the well-known types only (no schema references)
         module = dependency.removesuffix(".proto").replace("/", ".") + "_pb2"
