@@ -129,8 +129,7 @@ async def registry(apicurio: str | None) -> AsyncIterator[SchemaRegistry]:
 
 @pytest.fixture
 async def fake_registry() -> AsyncIterator[SchemaRegistry]:
-    """The test registry alone, for serialized Protobuf descriptors: Apicurio Registry 2.4
-    ignores ``format=serialized`` (see test_a_registry_that_answers_proto_text_...)."""
+    """The test registry alone: it serves what a real one would refuse to register."""
     async with serving(None) as server:
         yield server
 
@@ -349,10 +348,9 @@ def proto_classes() -> tuple[Any, Any, Any]:
     )
 
 
-async def test_protobuf_messages_by_their_message_indexes(
-    fake_registry: SchemaRegistry,
-) -> None:
-    registry = fake_registry
+async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegistry) -> None:
+    """The fake answers the serialized descriptor; Apicurio Registry 2.4 the .proto text,
+    which the worker compiles: the same records decode either way."""
     proto = article_proto()
     id = registry.register(ARTICLE_PROTO, "PROTOBUF", proto.SerializeToString())
     Article, Tag, Other = proto_classes()
@@ -380,19 +378,23 @@ async def test_protobuf_messages_by_their_message_indexes(
         assert dead.reason is Reason.SCHEMA_MISMATCH, (name, dead)
 
 
-async def test_a_registry_that_answers_proto_text_has_its_records_refused_saying_why(
-    registry: SchemaRegistry,
+async def test_proto_text_is_compiled_and_text_that_does_not_compile_is_refused(
+    registry: SchemaRegistry, fake_registry: SchemaRegistry
 ) -> None:
-    """Apicurio Registry 2.4 answers ``format=serialized`` with the .proto text, which the
-    worker cannot compile: each record is a dead letter that names the cause (a replay after
-    the registry is upgraded stores them), not a silent loss nor a stalled partition."""
+    """A registry may answer ``format=serialized`` with the .proto text (Apicurio Registry
+    2.4 does): the worker compiles it. Text that does not compile (no real registry would
+    have accepted it: the fake serves it) refuses each record of its schema, saying why."""
     id = registry.register(ARTICLE_PROTO, "PROTOBUF")  # no descriptor: the fake answers text
     Article, _, _ = proto_classes()
-    value = framed(id, b"\x00" + Article(uid=1, body="x").SerializeToString())
+    value = framed(id, b"\x00" + Article(uid=7, body="compiled").SerializeToString())
     limits = await limits_for(input_settings(registry, "protobuf", id="uid", text="body"), value)
-    dead = letter(decode(record(value), limits))
-    assert dead.reason is Reason.SCHEMA_MISMATCH
-    assert "answered the .proto text" in dead.message, dead.message
+    got = decode(record(value), limits)
+    assert isinstance(got, Change) and (got.id, got.text) == ("7", "compiled")
+    broken = fake_registry.register("syntax = nonsense", "PROTOBUF")
+    value = framed(broken, b"\x00" + Article(uid=8, body="x").SerializeToString())
+    settings = input_settings(fake_registry, "protobuf", id="uid", text="body")
+    dead = letter(decode(record(value), await limits_for(settings, value)))
+    assert dead.reason is Reason.SCHEMA_MISMATCH and "does not compile" in dead.message
 
 
 def test_a_registry_format_needs_a_registry_url_and_the_extra(
@@ -401,11 +403,14 @@ def test_a_registry_format_needs_a_registry_url_and_the_extra(
     with pytest.raises(ConfigError, match=r"needs input\.registry_url"):
         load_settings(input={"format": "avro"})
     find_spec = importlib.util.find_spec
+    missing = {"fastavro", "grpc_tools"}
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "fastavro" else find_spec(name)
+        importlib.util, "find_spec", lambda name: None if name in missing else find_spec(name)
     )
-    with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
-        load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+    for fmt in ("avro", "protobuf"):
+        with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
+            load_settings(input={"format": fmt, "registry_url": "http://127.0.0.1:1"})
+    load_settings(input={"format": "jsonschema", "registry_url": "http://127.0.0.1:1"})
 
 
 def test_produce_refuses_a_registry_format(tmp_path: Path) -> None:
@@ -489,9 +494,8 @@ async def test_a_worker_waits_for_a_registry_that_is_down(
 
 
 async def test_a_worker_stores_protobuf_events(
-    env: Env, fake_api: FakeEmbeddingServer, fake_registry: SchemaRegistry
+    env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
 ) -> None:
-    registry = fake_registry
     await migrate_db(env, 64)
     id = registry.register(ARTICLE_PROTO, "PROTOBUF", article_proto().SerializeToString())
     Article, _, _ = proto_classes()
