@@ -29,15 +29,13 @@ class SchemaRegistry:
     ``GET /schemas/ids/{id}`` answers (``?format=serialized``: the FileDescriptorProto that
     ``register`` was given for a Protobuf schema, else the text, as a registry that ignores
     ``format`` does; a real registry compiles it). Faults: ``stop()`` (down: connections
-    refused), ``failing`` (answer with that status), ``hidden`` (ids answered 404),
-    ``delay_s``."""
+    refused), ``failing`` (answer with that status), ``delay_s``."""
 
     def __init__(self, upstream: str | None = None) -> None:
         self.upstream = upstream
         self.schemas: list[dict[str, Any]] = []
         self.serialized: dict[int, str] = {}
         self.failing: int | None = None
-        self.hidden: set[int] = set()
         self.delay_s = 0.0
         self.requests = 0
         self.port = 0
@@ -112,8 +110,6 @@ class SchemaRegistry:
         path, _, query = target.partition("?")
         if self.failing is not None:
             return f"{self.failing} Failing", {"error_code": self.failing, "message": "injected"}
-        if (m := SCHEMA_BY_ID.match(path)) and int(m.group(1)) in self.hidden:
-            return "404 Not Found", {"error_code": 40403, "message": "Schema not found"}
         if self.upstream is not None:
             return await self._forward(method, target, body)
         if method == "POST" and (m := SUBJECT_VERSIONS.match(path)):

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,14 +241,14 @@ async def test_json_schema_payloads_are_validated(registry: SchemaRegistry) -> N
 
 
 async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRegistry) -> None:
-    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for the id, a
-    registry down, one slower than the timeout and a 503, until the schema comes."""
-    # What the registry answers for an id it does not know (the real one's, in front of it).
+    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for an id the
+    registry does not know yet, one slower than the timeout, a 503 and a registry down, until
+    the id is registered and the schema comes."""
+    # An id nobody has registered yet: the registry's next one (it gives ids in order).
+    id = registry.register(json.dumps({**ARTICLE, "doc": f"before {uuid.uuid4()}"})) + 1
     async with httpx.AsyncClient() as client:
-        unknown = await client.get(f"{registry.url}/schemas/ids/987654")
+        unknown = await client.get(f"{registry.url}/schemas/ids/{id}")
     assert unknown.status_code == 404 and unknown.json()["error_code"] == 40403
-    id = registry.register(json.dumps(ARTICLE))
-    registry.hidden.add(id)
     schemas = Schemas(input_settings(registry))  # registry_timeout_s=1
     value = avro(id, **article(1, "x"))
     stop = asyncio.Event()
@@ -258,8 +259,8 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
         await wait_until(lambda: _true(registry.requests >= seen + 2), 30, "no retry")
         assert schemas.waiting and not fetching.done()
 
-    await retried()  # 404
-    registry.hidden.clear()
+    await retried()  # 404: not registered yet
+    assert registry.register(json.dumps({**ARTICLE, "doc": f"after {uuid.uuid4()}"})) == id
     registry.delay_s = 1.5
     await retried()  # timeouts
     registry.delay_s = 0
