@@ -5,8 +5,10 @@ tests/integration (marked ``integration`` by its conftest.py) does.
 
 The stack's broker is Tansu unless ``EMBEDDING_WORKER_DEVSTACK_BROKER`` says otherwise
 (``make test-kafka`` sets ``kafka``). On Apache Kafka only the tests that use a broker run:
-those that use the ``stack`` fixture or are marked ``devstack`` or ``kafka_only``; the others
-do not depend on the broker and ran in ``make test`` already. Tests marked ``kafka_only``
+those that use the ``stack`` fixture or are marked ``devstack`` or ``kafka_only``, and those
+marked ``schema_registry``, which then run against a real registry (Apicurio, see
+tests/integration/test_registry.py); the others do not depend on the broker and ran in
+``make test`` already. Tests marked ``kafka_only``
 need what only Apache Kafka has (data that survives a broker restart, replicas) and are
 skipped on Tansu.
 """
@@ -52,6 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if "stack" in getattr(i, "fixturenames", ())
             or i.get_closest_marker("devstack")
             or i.get_closest_marker("kafka_only")
+            or i.get_closest_marker("schema_registry")
         ]
         if len(keep) < len(items):
             config.hook.pytest_deselected(items=[i for i in items if i not in keep])

@@ -1,8 +1,10 @@
 """A schema registry for the tests: the subset of the Confluent REST API the worker and a
 producer use, served over real HTTP on loopback, with faults to inject.
 
-Not a real registry: Karapace has no distribution on PyPI (``pip install karapace`` finds
-none), and Apicurio Registry from Maven Central (a Quarkus application) was not tried.
+Alone it answers from memory. In front of a real registry (``upstream``: Apicurio Registry
+from worker/tools/devstack/registry.py) it forwards every request and only adds the faults:
+the schemas, ids and answers (a 404 with ``error_code`` 40403 for an unknown id) are then the
+real registry's. Karapace has no distribution on PyPI (``pip install karapace`` finds none).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import re
 from typing import Any
+
+import fastavro
+import httpx
 
 SUBJECT_VERSIONS = re.compile(r"^/subjects/([^/]+)/versions$")
 SCHEMA_BY_ID = re.compile(r"^/schemas/ids/(\d+)$")
@@ -21,15 +27,15 @@ SCHEMA_BY_ID = re.compile(r"^/schemas/ids/(\d+)$")
 class SchemaRegistry:
     """``POST /subjects/{subject}/versions`` registers (the same schema keeps its id) and
     ``GET /schemas/ids/{id}`` answers (``?format=serialized``: the FileDescriptorProto that
-    ``register`` was given for a Protobuf schema; a real registry compiles it). Faults:
-    ``stop()`` (down: connections refused), ``failing`` (answer with that status), ``hidden``
-    (ids answered 404), ``delay_s``."""
+    ``register`` was given for a Protobuf schema, else the text, as a registry that ignores
+    ``format`` does; a real registry compiles it). Faults: ``stop()`` (down: connections
+    refused), ``failing`` (answer with that status), ``delay_s``."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: str | None = None) -> None:
+        self.upstream = upstream
         self.schemas: list[dict[str, Any]] = []
         self.serialized: dict[int, str] = {}
         self.failing: int | None = None
-        self.hidden: set[int] = set()
         self.delay_s = 0.0
         self.requests = 0
         self.port = 0
@@ -51,6 +57,18 @@ class SchemaRegistry:
             self._server = None
 
     def register(self, schema: str, schema_type: str = "AVRO", serialized: bytes = b"") -> int:
+        """The schema's id; the same schema keeps its id. ``serialized`` (the compiled
+        FileDescriptorProto) only serves the fake: a real registry compiles the text."""
+        if self.upstream is not None:
+            # A subject per schema, as a producer's TopicNameStrategy would give each topic.
+            subject = "s-" + hashlib.sha256(schema.encode()).hexdigest()[:16] + "-value"
+            response = httpx.post(
+                f"{self.upstream}/subjects/{subject}/versions",
+                json={"schema": schema, "schemaType": schema_type},
+                headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+            )
+            response.raise_for_status()
+            return int(response.json()["id"])
         entry = {"schema": schema, "schemaType": schema_type}
         if entry not in self.schemas:
             self.schemas.append(entry)
@@ -73,7 +91,7 @@ class SchemaRegistry:
             body = await reader.readexactly(length) if length else b""
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            status, answer = self._route(method, path, body)
+            status, answer = await self._route(method, path, body)
             data = json.dumps(answer).encode()
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\n"
@@ -88,20 +106,54 @@ class SchemaRegistry:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _route(self, method: str, target: str, body: bytes) -> tuple[str, dict[str, Any]]:
+    async def _route(self, method: str, target: str, body: bytes) -> tuple[str, dict[str, Any]]:
         path, _, query = target.partition("?")
         if self.failing is not None:
             return f"{self.failing} Failing", {"error_code": self.failing, "message": "injected"}
+        if self.upstream is not None:
+            return await self._forward(method, target, body)
         if method == "POST" and (m := SUBJECT_VERSIONS.match(path)):
             request = json.loads(body)
-            return "200 OK", {
-                "id": self.register(request["schema"], request.get("schemaType", "AVRO"))
-            }
+            schema, schema_type = request["schema"], request.get("schemaType", "AVRO")
+            problem = _invalid(schema, schema_type)
+            if problem is not None:
+                return "422 Unprocessable Entity", {"error_code": 42201, "message": problem}
+            return "200 OK", {"id": self.register(schema, schema_type)}
         if method == "GET" and (m := SCHEMA_BY_ID.match(path)):
             id = int(m.group(1))
-            if id in self.hidden or not 1 <= id <= len(self.schemas):
+            if not 1 <= id <= len(self.schemas):
                 return "404 Not Found", {"error_code": 40403, "message": "Schema not found"}
+            entry = self.schemas[id - 1]
+            # As Confluent's and Apicurio's: no schemaType for Avro, the default type.
+            answer = {"schema": entry["schema"], "references": []}
+            if entry["schemaType"] != "AVRO":
+                answer["schemaType"] = entry["schemaType"]
             if query == "format=serialized" and id in self.serialized:
-                return "200 OK", {**self.schemas[id - 1], "schema": self.serialized[id]}
-            return "200 OK", self.schemas[id - 1]
+                answer["schema"] = self.serialized[id]
+            return "200 OK", answer
         return "404 Not Found", {"error_code": 404, "message": "not in this test registry"}
+
+    async def _forward(self, method: str, target: str, body: bytes) -> tuple[str, dict[str, Any]]:
+        assert self.upstream is not None
+        async with httpx.AsyncClient() as client:
+            response = await client.request(
+                method,
+                self.upstream + target,
+                content=body,
+                headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+            )
+        return f"{response.status_code} {response.reason_phrase}", response.json()
+
+
+def _invalid(schema: str, schema_type: str) -> str | None:
+    """Why a registry refuses to register ``schema`` (422, error code 42201), if it does: an
+    Avro or JSON schema must parse (Protobuf text is not checked here)."""
+    if schema_type not in ("AVRO", "JSON"):
+        return None
+    try:
+        parsed = json.loads(schema)
+        if schema_type == "AVRO":
+            fastavro.parse_schema(parsed)
+    except Exception as exc:
+        return f"Invalid schema: {exc}"
+    return None

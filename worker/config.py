@@ -437,11 +437,12 @@ class InputFormat(StrEnum):
     PROTOBUF = "protobuf"
 
 
-# What each schema-registry format needs installed (the `registry` extra).
+# What each schema-registry format needs installed (the `registry` extra); grpc_tools
+# compiles the .proto text that some registries answer (worker/pipeline/registry.py).
 REGISTRY_FORMATS = {
-    InputFormat.AVRO: "fastavro",
-    InputFormat.JSONSCHEMA: "jsonschema",
-    InputFormat.PROTOBUF: "google.protobuf",
+    InputFormat.AVRO: ("fastavro",),
+    InputFormat.JSONSCHEMA: ("jsonschema",),
+    InputFormat.PROTOBUF: ("google.protobuf", "grpc_tools"),
 }
 
 
@@ -484,21 +485,24 @@ class InputSettings(BaseModel):
 
     @model_validator(mode="after")
     def _registry(self) -> InputSettings:
-        module = REGISTRY_FORMATS.get(self.format)
-        if module is None:
+        modules = REGISTRY_FORMATS.get(self.format)
+        if modules is None:
             return self
         if not self.registry_url:
             raise ValueError(f"input.format {self.format.value!r} needs input.registry_url")
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # `google` itself, for google.protobuf
-            found = False
-        if not found:
+        if not all(map(_installed, modules)):
             raise ValueError(
                 f"input.format {self.format.value!r} needs the `registry` extra "
                 "(pip install 'embedding-worker[registry]')"
             )
         return self
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # `google` itself, for google.protobuf
+        return False
 
 
 class Settings(BaseSettings):

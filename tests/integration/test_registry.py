@@ -1,27 +1,36 @@
-"""Schema-registry formats: Avro and JSON Schema in the Confluent wire format, schemas from a
-registry on loopback (tests/schema_registry.py); a registry that cannot answer is waited
-for, bytes that do not fit their schema are dead letters (`schema_mismatch`)."""
+"""Schema-registry formats: Avro, JSON Schema and Protobuf in the Confluent wire format, schemas
+from a registry on loopback; a registry that cannot answer is waited for, bytes that do not
+fit their schema are dead letters (`schema_mismatch`).
+
+The registry is the test one (tests/schema_registry.py) on its own, or, where
+``EMBEDDING_WORKER_DEVSTACK_REGISTRY=apicurio`` (the default of ``make test-kafka``), the same
+in front of a real Apicurio Registry (worker/tools/devstack/registry.py), adding only faults.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
+import os
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fastavro
+import httpx
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 from prometheus_client import generate_latest
 
 from fakeapi import FakeEmbeddingServer
-from tests.conftest import Env, dashscope, migrate_db, running, wait_until
+from tests.conftest import Env, broker_kind, dashscope, migrate_db, running, wait_until
 from tests.schema_registry import SchemaRegistry
 from worker.config import ConfigError, FieldMap, InputFormat, InputSettings, load_settings
 from worker.events import DeadLetter, Reason
@@ -29,6 +38,7 @@ from worker.model import Change, Record
 from worker.pipeline.decode import Limits, decode
 from worker.pipeline.formats import Ignored
 from worker.pipeline.registry import Schemas, schema_id
+from worker.tools.devstack.registry import ApicurioRegistry
 from worker.tools.produce import check_file
 
 TS_MS = 1_796_083_200_000  # 2026-12-01: the record time, after every event time here
@@ -54,16 +64,75 @@ ARTICLE_JSON = {
     "required": ["id", "text"],
 }
 UPDATED = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+# article_proto() as a producer writes it: what a real registry is given (it compiles it).
+ARTICLE_PROTO = """syntax = "proto3";
+package shop;
+
+import "google/protobuf/timestamp.proto";
+
+message Article {
+  int64 uid = 1;
+  string body = 2;
+  google.protobuf.Timestamp updated = 3;
+  message Tag {
+    string name = 1;
+  }
+}
+
+message Other {
+  string id = 1;
+  string text = 2;
+}
+"""
+REGISTRY_ENV = "EMBEDDING_WORKER_DEVSTACK_REGISTRY"
+
+pytestmark = pytest.mark.schema_registry
 
 
-@pytest.fixture
-async def registry() -> AsyncIterator[SchemaRegistry]:
-    server = SchemaRegistry()
+def registry_kind() -> str:
+    """``fake`` or ``apicurio``; by default the real one where the broker is Apache Kafka."""
+    default = "fake" if broker_kind() == "tansu" else "apicurio"
+    kind = os.environ.get(REGISTRY_ENV, "").strip().lower() or default
+    if kind not in ("fake", "apicurio"):
+        raise RuntimeError(f"{REGISTRY_ENV}={kind!r}: expected fake or apicurio")
+    return kind
+
+
+@pytest.fixture(scope="session")
+async def apicurio(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str | None]:
+    """The real registry's URL, started once per session; None when the fake serves alone."""
+    if registry_kind() == "fake":
+        yield None
+        return
+    server = ApicurioRegistry()
+    await server.start(tmp_path_factory.mktemp("schema-registry"))
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(upstream: str | None) -> AsyncIterator[SchemaRegistry]:
+    server = SchemaRegistry(upstream)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def registry(apicurio: str | None) -> AsyncIterator[SchemaRegistry]:
+    async with serving(apicurio) as server:
+        yield server
+
+
+@pytest.fixture
+async def fake_registry() -> AsyncIterator[SchemaRegistry]:
+    """The test registry alone: it serves what a real one would refuse to register."""
+    async with serving(None) as server:
+        yield server
 
 
 def framed(schema_id: int, payload: bytes) -> bytes:
@@ -172,10 +241,14 @@ async def test_json_schema_payloads_are_validated(registry: SchemaRegistry) -> N
 
 
 async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRegistry) -> None:
-    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for the id, a
-    registry down, one slower than the timeout and a 503, until the schema comes."""
-    id = registry.register(json.dumps(ARTICLE))
-    registry.hidden.add(id)
+    """Transient: ``prefetch`` retries (not ready meanwhile) through a 404 for an id the
+    registry does not know yet, one slower than the timeout, a 503 and a registry down, until
+    the id is registered and the schema comes."""
+    # An id nobody has registered yet: the registry's next one (it gives ids in order).
+    id = registry.register(json.dumps({**ARTICLE, "doc": f"before {uuid.uuid4()}"})) + 1
+    async with httpx.AsyncClient() as client:
+        unknown = await client.get(f"{registry.url}/schemas/ids/{id}")
+    assert unknown.status_code == 404 and unknown.json()["error_code"] == 40403
     schemas = Schemas(input_settings(registry))  # registry_timeout_s=1
     value = avro(id, **article(1, "x"))
     stop = asyncio.Event()
@@ -186,8 +259,8 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
         await wait_until(lambda: _true(registry.requests >= seen + 2), 30, "no retry")
         assert schemas.waiting and not fetching.done()
 
-    await retried()  # 404
-    registry.hidden.clear()
+    await retried()  # 404: not registered yet
+    assert registry.register(json.dumps({**ARTICLE, "doc": f"after {uuid.uuid4()}"})) == id
     registry.delay_s = 1.5
     await retried()  # timeouts
     registry.delay_s = 0
@@ -207,6 +280,26 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
     registry.failing = 503
     stop.set()
     assert not await schemas.prefetch([framed(99, b"")], stop)
+
+
+async def test_the_registry_answers_as_a_confluent_one(registry: SchemaRegistry) -> None:
+    """What the worker relies on, checked against the real registry where there is one (and
+    so that the fake answers the same): an id per schema content, Avro's type left out, an
+    invalid schema refused at registration (422, 42201) so no producer can use it."""
+    avro_id = registry.register(json.dumps(ARTICLE))
+    json_id = registry.register(json.dumps(ARTICLE_JSON), "JSON")
+    assert registry.register(json.dumps(ARTICLE)) == avro_id != json_id
+    async with httpx.AsyncClient(base_url=registry.url) as client:
+        got = (await client.get(f"/schemas/ids/{avro_id}")).json()
+        assert json.loads(got["schema"]) == ARTICLE and "schemaType" not in got
+        got = (await client.get(f"/schemas/ids/{json_id}")).json()
+        assert json.loads(got["schema"]) == ARTICLE_JSON and got["schemaType"] == "JSON"
+        refused = await client.post(
+            "/subjects/invalid-value/versions",
+            json={"schema": json.dumps({"type": "record", "name": "X", "fields": "none"})},
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        )
+    assert refused.status_code == 422 and refused.json()["error_code"] == 42201, refused.text
 
 
 async def _true(value: bool) -> bool:
@@ -257,8 +350,10 @@ def proto_classes() -> tuple[Any, Any, Any]:
 
 
 async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegistry) -> None:
+    """The fake answers the serialized descriptor; Apicurio Registry 2.4 the .proto text,
+    which the worker compiles: the same records decode either way."""
     proto = article_proto()
-    id = registry.register("syntax = ...", "PROTOBUF", proto.SerializeToString())
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF", proto.SerializeToString())
     Article, Tag, Other = proto_classes()
     first = Article(uid=42, body="Rates rise")
     first.updated.FromDatetime(UPDATED)
@@ -284,17 +379,39 @@ async def test_protobuf_messages_by_their_message_indexes(registry: SchemaRegist
         assert dead.reason is Reason.SCHEMA_MISMATCH, (name, dead)
 
 
+async def test_proto_text_is_compiled_and_text_that_does_not_compile_is_refused(
+    registry: SchemaRegistry, fake_registry: SchemaRegistry
+) -> None:
+    """A registry may answer ``format=serialized`` with the .proto text (Apicurio Registry
+    2.4 does): the worker compiles it. Text that does not compile (no real registry would
+    have accepted it: the fake serves it) refuses each record of its schema, saying why."""
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF")  # no descriptor: the fake answers text
+    Article, _, _ = proto_classes()
+    value = framed(id, b"\x00" + Article(uid=7, body="compiled").SerializeToString())
+    limits = await limits_for(input_settings(registry, "protobuf", id="uid", text="body"), value)
+    got = decode(record(value), limits)
+    assert isinstance(got, Change) and (got.id, got.text) == ("7", "compiled")
+    broken = fake_registry.register("syntax = nonsense", "PROTOBUF")
+    value = framed(broken, b"\x00" + Article(uid=8, body="x").SerializeToString())
+    settings = input_settings(fake_registry, "protobuf", id="uid", text="body")
+    dead = letter(decode(record(value), await limits_for(settings, value)))
+    assert dead.reason is Reason.SCHEMA_MISMATCH and "does not compile" in dead.message
+
+
 def test_a_registry_format_needs_a_registry_url_and_the_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with pytest.raises(ConfigError, match=r"needs input\.registry_url"):
         load_settings(input={"format": "avro"})
     find_spec = importlib.util.find_spec
+    missing = {"fastavro", "grpc_tools"}
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "fastavro" else find_spec(name)
+        importlib.util, "find_spec", lambda name: None if name in missing else find_spec(name)
     )
-    with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
-        load_settings(input={"format": "avro", "registry_url": "http://127.0.0.1:1"})
+    for fmt in ("avro", "protobuf"):
+        with pytest.raises(ConfigError, match=r"embedding-worker\[registry\]"):
+            load_settings(input={"format": fmt, "registry_url": "http://127.0.0.1:1"})
+    load_settings(input={"format": "jsonschema", "registry_url": "http://127.0.0.1:1"})
 
 
 def test_produce_refuses_a_registry_format(tmp_path: Path) -> None:
@@ -381,7 +498,7 @@ async def test_a_worker_stores_protobuf_events(
     env: Env, fake_api: FakeEmbeddingServer, registry: SchemaRegistry
 ) -> None:
     await migrate_db(env, 64)
-    id = registry.register("syntax = ...", "PROTOBUF", article_proto().SerializeToString())
+    id = registry.register(ARTICLE_PROTO, "PROTOBUF", article_proto().SerializeToString())
     Article, _, _ = proto_classes()
     bad_indexes = framed(id, b"\x02\x0a" + Article(uid=3, body="x").SerializeToString())
     high = await env.produce_raw(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import io
 import json
@@ -47,7 +48,8 @@ SCHEMA_TYPES = {
     InputFormat.PROTOBUF: "PROTOBUF",
 }
 # Protobuf schemas are asked for as a FileDescriptorProto (base64): the protobuf package
-# builds message classes from descriptors, it does not parse .proto text.
+# builds message classes from descriptors, it does not parse .proto text. A registry that
+# answers the text anyway has it compiled by protoc (_compile_proto).
 SERIALIZED = {"format": "serialized"}
 MAX_RETRY_DELAY_S = 10.0
 
@@ -241,7 +243,10 @@ def _protobuf_reader(text: str) -> Reader:
     from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
     from google.protobuf.message import DecodeError
 
-    file = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
+    try:
+        file = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
+    except binascii.Error:  # not base64: the .proto text (the registry ignored the format)
+        file = _compile_proto(text)
     pool = descriptor_pool.DescriptorPool()
     for dependency in file.dependency:  # the well-known types only (no schema references)
         module = dependency.removesuffix(".proto").replace("/", ".") + "_pb2"
@@ -275,6 +280,30 @@ def _protobuf_reader(text: str) -> Reader:
         return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
     return read
+
+
+def _compile_proto(text: str) -> Any:
+    """The FileDescriptorProto of ``.proto`` text, compiled by protoc (from grpcio-tools),
+    for a registry that answers the text though asked for ``format=serialized``: Apicurio
+    Registry 2.x does. It may import the well-known types, which grpcio-tools ships."""
+    import importlib.resources
+    import tempfile
+    from pathlib import Path
+
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    include = importlib.resources.files("grpc_tools") / "_proto"
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "schema.proto").write_text(text, "utf-8")
+        out = Path(tmp, "schema.desc")
+        code = protoc.main(
+            ["protoc", f"-I{tmp}", f"-I{include}", f"--descriptor_set_out={out}", "schema.proto"]
+        )
+        if code != 0:
+            raise ValueError(f"its .proto text does not compile (protoc exit {code})")
+        files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    return files[0]
 
 
 def _message_indexes(payload: bytes) -> tuple[tuple[int, ...], int]:
