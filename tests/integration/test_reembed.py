@@ -1,0 +1,208 @@
+"""``embedding-worker reembed`` on the embedded stack (broker, Postgres, the fake provider):
+a target filled beside ``embeddings`` while the worker indexes, changes caught up, the
+switch in one step, a killed start resumed without embedding anything twice, and the guard."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+
+from fakeapi import FakeEmbeddingServer, fake_vector
+from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
+from tests.processes import cli
+from worker.config import environment_for
+from worker.sinks import postgres as pg
+from worker.tools.reembed import Reembed, status
+
+OLD, NEW = 64, 128
+TARGET = {"model": "text-embedding-v3", "dimension": NEW}
+POISON = "FORBIDDEN"
+
+
+def event(i: int, text: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": f"doc-{i}", "text": text or f"document {i} about topic {i % 7}", **extra}
+
+
+async def table(env: Env, name: str) -> dict[str, dict[str, Any]]:
+    conn = await env.connect()
+    try:
+        found = await conn.fetch(f"SELECT * FROM {name}")
+    finally:
+        await conn.close()
+    return {r["id"]: dict(r) for r in found}
+
+
+async def target_row(env: Env, name: str = "v3") -> dict[str, Any]:
+    conn = await env.connect()
+    try:
+        row = await conn.fetchrow("SELECT * FROM reembed_targets WHERE name = $1", name)
+    finally:
+        await conn.close()
+    return {} if row is None else dict(row)
+
+
+def cli_env(env: Env, fake: FakeEmbeddingServer, dimension: int = OLD) -> dict[str, str]:
+    environ = environment_for(env.config(dashscope(fake, dimension)))
+    return {**environ, "DASHSCOPE_API_KEY": API_KEY}
+
+
+async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one_step(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, OLD)
+    settings = env.settings(dashscope(fake_api, OLD))
+    async with running(settings):
+        await env.wait_for_offsets(await env.produce([event(i) for i in range(40)]))
+        job = Reembed(settings, "v3", page_rows=7, progress=False)
+        report = await job.start(TARGET)
+        assert (report.embedded, report.copied, report.refused) == (40, 0, 0)
+        # Changes while the target waits: new content, a new version with the same content
+        # (metadata), a delete, a new row, and one the target's provider refuses.
+        changes = [
+            event(1, "document 1, edited"),
+            event(2, metadata={"lang": "de"}),
+            {"id": "doc-3", "op": "delete"},
+            event(40),
+            event(41, f"a {POISON} text"),
+        ]
+        await env.wait_for_offsets(await env.produce(changes))
+        fake_api.configure(poison=[POISON])
+        (before,) = await status(settings, "v3")
+        assert before.counts is not None and before.counts.pending == 5
+        assert before.counts.current == 41 and before.counts.target == 40
+        # Search answers from the current table all along.
+        assert (await table(env, "embeddings"))["doc-0"]["dimension"] == OLD
+        final = await Reembed(settings, "v3", page_rows=7, progress=False).switch(1000, 10)
+        assert final.pending == 0
+    rows = await table(env, "embeddings")
+    old = await table(env, "embeddings_before_v3")
+    assert set(old) == {f"doc-{i}" for i in range(42)} - {"doc-3"}
+    assert set(rows) == set(old) - {"doc-41"}  # refused: dead-lettered, left out
+    for row in rows.values():
+        assert (row["model"], row["dimension"]) == ("text-embedding-v3", NEW)
+        assert np.allclose(row["embedding"].to_numpy(), fake_vector(row["content"], NEW), atol=1e-5)
+        for column, value in old[row["id"]].items():
+            if column not in ("embedding", "model", "dimension"):
+                assert row[column] == value, (row["id"], column)
+    assert rows["doc-1"]["content"] == "document 1, edited"
+    assert rows["doc-2"]["metadata"] == '{"lang": "de"}'
+    (letter,) = [x for x in await env.dead_letters(1) if x["id"] == "doc-41"]
+    assert letter["reason"] == "provider_rejected" and "re-embed v3" in letter["message"]
+    assert (await target_row(env))["state"] == "switched"
+
+    # The guard: the switched table takes no row of another model, nor of another dimension.
+    conn = await env.connect()
+    try:
+        await pg.check_schema(conn, NEW)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "UPDATE embeddings SET model = 'text-embedding-v4' WHERE id = 'doc-0'"
+            )
+        with pytest.raises(pg.SchemaError, match="64-d"):
+            await pg.check_schema(conn, OLD)
+    finally:
+        await conn.close()
+
+    # The worker with the target's settings and search run on the switched table.
+    new = env.settings(dashscope(fake_api, NEW, model="text-embedding-v3"))
+    async with running(new):
+        await env.wait_for_offsets(await env.produce([event(50)]))
+    assert (await table(env, "embeddings"))["doc-50"]["dimension"] == NEW
+    environ = {
+        **cli_env(env, fake_api, NEW),
+        "EMBEDDING_WORKER_PROVIDER__MODEL": "text-embedding-v3",
+    }
+    code, out, err = await cli("search", "document 1, edited", "-k", "1", **environ)
+    assert (code, out.split()[1:2]) == (0, ["default/doc-1"]), err
+    code, out, _ = await cli("reembed", "drop", "v3", **environ)
+    assert (code, out.strip()) == (0, "dropped embeddings_before_v3")
+    assert not await table_exists(env, "embeddings_before_v3")
+
+
+async def table_exists(env: Env, name: str) -> bool:
+    conn = await env.connect()
+    try:
+        return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name))
+    finally:
+        await conn.close()
+
+
+async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twice(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, OLD)
+    settings = env.settings(dashscope(fake_api, OLD))
+    async with running(settings):
+        await env.wait_for_offsets(await env.produce([event(i) for i in range(120)]))
+    fake_api.configure(latency_ms=100)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.update(cli_env(env, fake_api))
+    args = ["reembed", "start", "v3", "--model", "text-embedding-v3", "--dimension", str(NEW)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        "--page",
+        "10",
+        "--no-progress",
+        env=environ,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def some_pages() -> bool:
+            return int((await target_row(env)).get("embedded", 0)) >= 30
+
+        await wait_until(some_pages, 60, "the re-embed stored no pages")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    killed = await target_row(env)
+    stored = await table(env, "reembed_v3")
+    # The checkpoint and the rows were one transaction: the cursor is the last row stored.
+    assert killed["embedded"] == len(stored) < 120
+    conn = await env.connect()
+    try:
+        upto = await conn.fetchval(
+            "SELECT count(*) FROM embeddings e, reembed_targets t WHERE t.name = 'v3' "
+            "AND (e.namespace, e.id) <= (t.cursor->>0, t.cursor->>1)"
+        )
+    finally:
+        await conn.close()
+    assert upto == len(stored)
+    fake_api.configure(latency_ms=0)
+    report = await Reembed(settings, "v3", progress=False).start({})
+    assert report.embedded == 120 - len(stored)  # nothing stored before is embedded again
+    assert (await target_row(env))["passes"] == 2
+    rows = await table(env, "reembed_v3")
+    assert len(rows) == 120
+    for row in rows.values():
+        assert np.allclose(row["embedding"].to_numpy(), fake_vector(row["content"], NEW), atol=1e-5)
+
+
+async def test_configuration_errors_are_named(env: Env, fake_api: FakeEmbeddingServer) -> None:
+    await migrate_db(env, OLD)
+    # The current table's dimension does not match the configuration: refused as for `run`.
+    code, _, err = await cli(
+        "reembed", "start", "v3", "--dimension", "128", **cli_env(env, fake_api, 256)
+    )
+    assert code == 3 and "64-d" in err and "256-d" in err
+    code, _, err = await cli("reembed", "start", "Bad-Name", **cli_env(env, fake_api))
+    assert code == 2 and "target name 'Bad-Name'" in err
+    code, _, err = await cli(
+        "reembed", "start", "v3", "--dimension", "100", **cli_env(env, fake_api)
+    )
+    assert code == 2 and "provider.dimension 100" in err
+    code, _, err = await cli("reembed", "switch", "nothing", **cli_env(env, fake_api))
+    assert code == 2 and "does not exist" in err
+    code, out, _ = await cli("reembed", "status", **cli_env(env, fake_api))
+    assert (code, out.strip()) == (0, "no re-embed targets")

@@ -1,0 +1,416 @@
+"""``embedding-worker reembed``: a second provider configuration (a target: model, dimension,
+instruct, ...) filled beside ``embeddings`` from the stored content, while the worker keeps
+indexing into ``embeddings`` and search answers from it; then a switch in one transaction,
+and the old table dropped when the operator says so.
+
+Catch-up, not dual write: the running worker is unchanged and knows nothing of the target.
+Each pass (``worker/sinks/reembed.py``) makes the target equal ``embeddings`` as it was when
+each page was read: new or changed content embedded, new versions copied, deleted keys
+deleted. ``start`` runs the fill (resuming a killed one after its last stored page) and one
+catch-up pass; ``switch`` runs catch-up passes, then takes ``embeddings`` in EXCLUSIVE mode
+(writers wait, search goes on), runs a last pass that embeds what is left (at most
+``max_locked`` rows, else nothing changes), checks that nothing differs, and renames the
+tables in the same transaction. So no event stored before the switch is missing or stale in
+the target, and no event is stored in the old table after it.
+
+Requests go through the worker's own ``EmbedStage`` with the target's provider settings: the
+same retries, bisection, breaker and RPM/TPM limiter; a row the provider refuses for good is
+dead-lettered (``provider_rejected``, its source offset kept for ``dead-letters --replay``)
+and left out of the target. The limits are the re-embed's own (a separate process): give it
+the share of the quota the worker leaves (``--rpm``/``--tpm``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from worker.config import ConfigError, ProviderSettings, Settings, load_settings
+from worker.embedding.providers import create_embedder
+from worker.embedding.providers.base import Embedder
+from worker.embedding.stage import EmbedStage
+from worker.envelope import dead_letter, envelope_budget
+from worker.events import DeadLetter, Reason
+from worker.kafka.clients import make_producer
+from worker.model import Record
+from worker.sinks import postgres as pg
+from worker.sinks import reembed as sql
+from worker.sinks.deadletter import DeadLetterSink
+from worker.sinks.postgres import SchemaError
+from worker.sinks.reembed import Counts, Page, Row, Shape, Target
+from worker.tokens import truncate_to_tokens
+from worker.tools.progress import Progress
+
+log = structlog.get_logger(__name__)
+
+# Advisory lock key space of re-embeds (one process per target at a time).
+LOCK_ID = 0x72656D62  # "remb"
+# Options of `reembed start` that make a target's provider settings.
+OPTIONS = ("kind", "model", "dimension", "base_url", "instruct", "output_type", "rpm", "tpm")
+# Settings resolved for the current provider's kind, not carried to another kind.
+PER_KIND = ("model", "dimension", "base_url", "max_concurrency", "output_type")
+
+
+class Busy(Exception):
+    """Another process holds this target (start, switch or drop)."""
+
+
+class SwitchRefused(Exception):
+    """Too much is left to embed under the lock, or the last pass did not converge."""
+
+
+def target_provider(
+    settings: Settings, config_file: str | None, options: dict[str, Any]
+) -> ProviderSettings:
+    """The current provider settings with ``options`` over them, validated as the worker's
+    (the API key is the current one; settings resolved for another kind are dropped)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    current = settings.provider.model_dump(mode="json", exclude={"api_key"})
+    if given.get("kind", current["kind"]) != current["kind"]:
+        current = {k: v for k, v in current.items() if k not in PER_KIND}
+    key = settings.provider.api_key
+    provider = {**current, **given, "api_key": None if key is None else key.get_secret_value()}
+    return load_settings(config_file, provider=provider).provider
+
+
+def stored_provider(provider: ProviderSettings) -> dict[str, Any]:
+    return provider.model_dump(mode="json", exclude={"api_key"})
+
+
+@dataclass
+class Report:
+    rows: int = 0  # rows of ``embeddings`` read
+    embedded: int = 0
+    copied: int = 0
+    refused: int = 0
+    tokens: int = 0
+
+
+class Reembed:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        config_file: str | None = None,
+        page_rows: int = 500,
+        progress: bool = True,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = sql.check_name(name)
+        self.config_file = config_file
+        self.page_rows = page_rows
+        self.progress = progress
+        self.stop = stop or asyncio.Event()
+        self.report = Report()
+        self._producer: AIOKafkaProducer | None = None
+        self._sink: DeadLetterSink | None = None
+
+    # ---- commands ---------------------------------------------------------------------
+
+    async def start(self, options: dict[str, Any]) -> Report:
+        """Create the target (or resume it), fill it, then one catch-up pass."""
+        async with self._held() as conn:
+            target = await sql.load(conn, self.name)
+            given = {k: v for k, v in options.items() if v is not None}
+            if target is None:
+                provider = target_provider(self.settings, self.config_file, options)
+                target = await sql.create(
+                    conn,
+                    self.name,
+                    stored_provider(provider),
+                    provider.model_name,
+                    provider.dim,
+                )
+                log.info("re-embed target created", target=self.name, table=target.table)
+            else:
+                self._check_open(target)
+                provider = self._provider(target)
+                asked = stored_provider(target_provider(self.settings, self.config_file, given))
+                changed = [k for k in given if asked[k] != target.provider.get(k)]
+                if given and changed:
+                    raise ConfigError(
+                        f"re-embed {self.name!r} exists with other settings "
+                        f"({', '.join(sorted(changed))}); `reembed drop {self.name}` first, or "
+                        "start another target"
+                    )
+            await sql.check_table(conn, target)
+            async with self._stage(target, provider) as stage:
+                # The fill (resumed where it stopped), then one catch-up pass.
+                await self._passes(conn, target, stage, until=max(target.passes, 1) + 1)
+        return self.report
+
+    async def switch(self, max_locked: int, lock_timeout_s: float) -> Counts:
+        """Catch up, then the final pass and the swap in one transaction under the lock."""
+        async with self._held() as conn:
+            target = await self._open(conn)
+            s = await sql.shape(conn)
+            async with self._stage(target, self._provider(target)) as stage:
+                for _ in range(3):  # catch-up passes without the lock, while much is left
+                    await self._passes(conn, target, stage, until=target.passes + 1)
+                    left = await sql.counts(conn, s, target)
+                    if left.pending <= max_locked:
+                        break
+                async with conn.transaction():
+                    await sql.lock_current(conn, lock_timeout_s)
+                    left = await sql.counts(conn, s, target)
+                    if left.pending > max_locked:
+                        raise SwitchRefused(
+                            f"{left.pending} rows still differ (more than --max-locked "
+                            f"{max_locked}, which would be embedded while writers wait); run "
+                            "`reembed start` again, or raise --max-locked"
+                        )
+                    target.cursor = None
+                    await self._pass(conn, s, target, stage, None)
+                    final = await sql.counts(conn, s, target)
+                    if final.pending:
+                        raise SwitchRefused(
+                            f"{final.pending} rows still differ after the final pass; nothing "
+                            "was switched"
+                        )
+                    await sql.swap(conn, target)
+        log.info("re-embed switched", target=self.name, rows=final.target)
+        return final
+
+    async def drop(self) -> str:
+        async with self._held() as conn:
+            target = await sql.load(conn, self.name)
+            if target is None or target.state == "dropped":
+                raise ConfigError(f"re-embed {self.name!r}: nothing to drop")
+            return await sql.drop(conn, target)
+
+    # ---- passes -----------------------------------------------------------------------
+
+    async def _passes(self, conn: pg.Conn, target: Target, stage: EmbedStage, until: int) -> None:
+        s = await sql.shape(conn)
+        while target.passes < until and not self.stop.is_set():
+            total = await conn.fetchval(f"SELECT count(*) FROM {sql.CURRENT}")
+            label = f"{self.name} pass {target.passes + 1}"
+            bar = Progress(label, int(total)) if self.progress else None
+            if bar is not None and target.cursor is not None:
+                bar.add(await self._before_cursor(conn, s, target))
+            try:
+                await self._pass(conn, s, target, stage, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+
+    async def _before_cursor(self, conn: pg.Conn, s: Shape, target: Target) -> int:
+        cols = ", ".join(s.key)
+        params = ", ".join(f"${i + 1}::{t}" for i, t in enumerate(s.key_types))
+        where = f"({cols}) <= ({params})"
+        found = await conn.fetchval(
+            f"SELECT count(*) FROM {sql.CURRENT} WHERE {where}", *(target.cursor or [])
+        )
+        return int(found)
+
+    async def _pass(
+        self, conn: pg.Conn, s: Shape, target: Target, stage: EmbedStage, bar: Progress | None
+    ) -> None:
+        """Pages until the end of ``embeddings`` (or a stop, between two pages)."""
+        while not self.stop.is_set():
+            page = await sql.read_page(conn, s, target, self.page_rows)
+            refused, letters, tokens = await self._embed(stage, page)
+            vectors = [r.vector for r in page.embed if r.vector is not None]
+            sql.guard(target, stage.embedder.model, vectors)
+            if letters:
+                await (await self._letters()).send(letters)
+            async with conn.transaction():
+                await sql.write_page(conn, s, target, page, refused, tokens)
+            self.report.rows += page.rows
+            self.report.embedded += len(vectors)
+            self.report.copied += len(page.copy)
+            self.report.refused += len(refused)
+            self.report.tokens += tokens
+            if bar is not None:
+                bar.add(page.rows)
+            if page.end:
+                return
+
+    async def _embed(
+        self, stage: EmbedStage, page: Page
+    ) -> tuple[list[Row], list[tuple[bytes | None, DeadLetter]], int]:
+        """The page's texts through the stage, as many requests at once as it allows."""
+        cap = stage.settings.max_tokens_per_text
+        budget = stage.settings.max_tokens_per_request
+        by_type: dict[Any, list[Row]] = defaultdict(list)
+        for row in page.embed:
+            row.text = truncate_to_tokens(row.text, cap)
+            by_type[row.text_type].append(row)
+        batches: list[list[Row]] = []
+        for rows in by_type.values():
+            batch: list[Row] = []
+            for row in rows:
+                if batch and (
+                    len(batch) >= stage.max_texts
+                    or sum(r.tokens for r in batch) + row.tokens > budget
+                ):
+                    batches.append(batch)
+                    batch = []
+                batch.append(row)
+            if batch:
+                batches.append(batch)
+        outcomes = await asyncio.gather(*(stage.run(b) for b in batches))
+        refused = list(page.no_content)
+        letters: list[tuple[bytes | None, DeadLetter]] = [
+            (r.id.encode(), self._letter(r, Reason.NO_CONTENT, "no stored content", None))
+            for r in page.no_content
+        ]
+        for outcome in outcomes:
+            for row, error in outcome.refused:
+                refused.append(row)
+                letter = self._letter(row, Reason.PROVIDER_REJECTED, error.message, error.code)
+                letters.append((row.id.encode(), letter))
+        tokens = sum(r.tokens for r in page.embed if r.vector is not None)
+        return refused, letters, tokens
+
+    def _letter(self, row: Row, reason: Reason, message: str, code: str | None) -> DeadLetter:
+        """The row's event, named by its source position (``dead-letters --replay`` reads it
+        there again); no copy of the value, which the table does not keep as it was."""
+        topic, partition, offset = row.source
+        record = Record(topic, partition, offset, row.id.encode(), None)
+        return dead_letter(
+            record,
+            reason,
+            f"re-embed {self.name}: {message}",
+            code,
+            namespace=row.namespace,
+            id=row.id,
+            budget=envelope_budget(self.settings.kafka.dlq_max_message_bytes),
+        )
+
+    async def _letters(self) -> DeadLetterSink:
+        """Started at the first dead letter: a re-embed without one needs no broker."""
+        if self._sink is None:
+            k = self.settings.kafka
+            self._producer = make_producer(k)
+            await self._producer.start()
+            self._sink = DeadLetterSink(self._producer, k.dlq_topic)
+        return self._sink
+
+    # ---- set-up -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _held(self) -> AsyncIterator[pg.Conn]:
+        """A checked connection holding the target's advisory lock."""
+        s = self.settings
+        conn = await pg.connect(s.postgres.dsn.get_secret_value(), s.provider.dim)
+        try:
+            if await conn.fetchval("SELECT to_regclass('reembed_targets')") is None:
+                raise SchemaError(
+                    "table `reembed_targets` does not exist (migration 0011_reembed.sql): run "
+                    "`embedding-worker migrate`"
+                )
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_ID, self.name
+            ):
+                raise Busy(f"re-embed {self.name!r} is in use by another process")
+            yield conn
+        finally:
+            if self._producer is not None:
+                await self._producer.stop()
+                self._producer, self._sink = None, None
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _stage(self, target: Target, provider: ProviderSettings) -> AsyncIterator[EmbedStage]:
+        embedder: Embedder = create_embedder(provider)
+        try:
+            await embedder.start()
+            sql.guard(target, embedder.model, [])
+            if embedder.dimension != target.dimension:
+                raise ConfigError(
+                    f"re-embed {target.name!r} is {target.dimension}-d; the provider is "
+                    f"configured for {embedder.dimension}-d"
+                )
+            yield EmbedStage(embedder, provider)
+        finally:
+            await embedder.close()
+
+    def _provider(self, target: Target) -> ProviderSettings:
+        key = self.settings.provider.api_key
+        stored = {**target.provider, "api_key": None if key is None else key.get_secret_value()}
+        return load_settings(self.config_file, provider=stored).provider
+
+    async def _open(self, conn: pg.Conn) -> Target:
+        target = await sql.load(conn, self.name)
+        if target is None:
+            raise ConfigError(f"re-embed {self.name!r} does not exist: `reembed start` it first")
+        self._check_open(target)
+        await sql.check_table(conn, target)
+        return target
+
+    def _check_open(self, target: Target) -> None:
+        if target.state != "filling":
+            raise ConfigError(
+                f"re-embed {self.name!r} is {target.state}; start another target"
+                + (f" (or `reembed drop {self.name}`)" if target.state == "switched" else "")
+            )
+
+
+@dataclass(frozen=True)
+class Status:
+    target: Target
+    counts: Counts | None  # None once switched or dropped
+    eta_s: float | None
+
+
+async def status(settings: Settings, name: str | None) -> list[Status]:
+    """Each target (or ``name``): its state, what a pass would still do, and an ETA at the
+    rate it has embedded so far."""
+    s = settings
+    conn = await pg.connect(s.postgres.dsn.get_secret_value(), s.provider.dim)
+    try:
+        if name is not None:
+            found = await sql.load(conn, sql.check_name(name))
+            if found is None:
+                raise ConfigError(f"re-embed {name!r} does not exist")
+            targets = [found]
+        else:
+            targets = await sql.all_targets(conn)
+        shape = await sql.shape(conn)
+        out = []
+        for t in targets:
+            if t.state != "filling":
+                out.append(Status(t, None, None))
+                continue
+            counts = await sql.counts(conn, shape, t)
+            seconds = await conn.fetchval(
+                "SELECT extract(epoch FROM updated_at - created_at) FROM reembed_targets "
+                "WHERE name = $1",
+                t.name,
+            )
+            done = t.embedded + t.copied
+            rate = done / float(seconds) if seconds and done else None
+            out.append(Status(t, counts, None if rate is None else counts.pending / rate))
+        return out
+    finally:
+        await conn.close()
+
+
+def describe(found: Sequence[Status]) -> list[str]:
+    from worker.tools.progress import clock
+
+    lines = []
+    for st in found:
+        t = st.target
+        head = f"{t.name}: {t.state}, {t.model} {t.dimension}-d, table {t.table}"
+        if t.state == "switched":
+            head += f" is `embeddings` now; the table before: {sql.retired_of(t.name)}"
+        lines.append(head)
+        c = st.counts
+        if c is not None:
+            where = "a pass is under way" if t.cursor is not None else "between passes"
+            lines.append(
+                f"  {c.target:,}/{c.current:,} rows, {c.pending:,} to embed, copy or delete, "
+                f"{c.refused:,} refused; {t.passes} passes done ({where}); ETA {clock(st.eta_s)}"
+            )
+        lines.append(f"  embedded {t.embedded:,} ({t.tokens:,} tokens), copied {t.copied:,}")
+    return lines
