@@ -18,6 +18,7 @@ from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
 from tests.processes import cli
 from worker.config import environment_for
+from worker.read import index
 from worker.sinks import postgres as pg
 from worker.tools.reembed import Reembed, status
 
@@ -60,6 +61,11 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
     settings = env.settings(dashscope(fake_api, OLD))
     async with running(settings):
         await env.wait_for_offsets(await env.produce([event(i) for i in range(40)]))
+        conn = await env.connect()
+        try:
+            await index.create(conn, OLD, 8, 32, None)  # built again on the target by the switch
+        finally:
+            await conn.close()
         job = Reembed(settings, "v3", page_rows=7, progress=False)
         report = await job.start(TARGET)
         assert (report.embedded, report.copied, report.refused) == (40, 0, 0)
@@ -101,6 +107,11 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
     conn = await env.connect()
     try:
         await pg.check_schema(conn, NEW)
+        built = await index.state(conn)
+        assert built is not None and built.valid
+        assert "ON public.embeddings USING hnsw" in built.definition
+        assert "m='8'" in built.definition and "ef_construction='32'" in built.definition
+        assert await index.state(conn, f"{index.NAME}_before_v3") is not None
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute(
                 "UPDATE embeddings SET model = 'text-embedding-v4' WHERE id = 'doc-0'"
@@ -145,6 +156,36 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
     environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
     environ.update(cli_env(env, fake_api))
     args = ["reembed", "start", "v3", "--model", "text-embedding-v3", "--dimension", str(NEW)]
+
+    async def some_pages(rows: int) -> None:
+        async def stored() -> bool:
+            return int((await target_row(env)).get("embedded", 0)) >= rows
+
+        await wait_until(stored, 60, "the re-embed stored no pages")
+
+    # SIGTERM: the page under way is finished and stored, then the command exits.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        "--page",
+        "10",
+        "--no-progress",
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await some_pages(10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert "stopped; `reembed start` resumes it" in out.decode()
+    stopped = await target_row(env)
+    assert stopped["embedded"] == len(await table(env, "reembed_v3")) < 120
+    # SIGKILL: whatever was under way is lost; what was stored stays, with its cursor.
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -158,11 +199,7 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-
-        async def some_pages() -> bool:
-            return int((await target_row(env)).get("embedded", 0)) >= 30
-
-        await wait_until(some_pages, 60, "the re-embed stored no pages")
+        await some_pages(stopped["embedded"] + 20)
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()

@@ -451,10 +451,12 @@ async def lock_current(conn: Conn, timeout_s: float) -> None:
     await conn.execute(f"LOCK TABLE {CURRENT} IN EXCLUSIVE MODE")
 
 
-async def swap(conn: Conn, target: Target) -> None:
+async def swap(conn: Conn, target: Target, names: dict[str, str] | None = None) -> None:
     """Inside the switch's transaction: the target's table becomes ``embeddings``, and the
     current one ``embeddings_before_<name>``, each index renamed with its table (the target's
-    indexes take the names of the current table's matching ones, so ``index`` finds them)."""
+    indexes take the names of the current table's matching ones, so ``index`` finds them;
+    ``names``: the target's indexes whose new name is given, e.g. its HNSW index)."""
+    names = names or {}
     retired = retired_of(target.name)
     old = await _indexes(conn, CURRENT)
     new = await _indexes(conn, target.table)
@@ -466,7 +468,9 @@ async def swap(conn: Conn, target: Target) -> None:
         await conn.execute(f"ALTER INDEX {name} RENAME TO {moved}")
         renamed[shape_of] = name
     for shape_of, name in new.items():
-        if shape_of in renamed:
+        if name in names:
+            await conn.execute(f"ALTER INDEX {name} RENAME TO {names[name]}")
+        elif shape_of in renamed and renamed[shape_of] not in names.values():
             await conn.execute(f"ALTER INDEX {name} RENAME TO {renamed[shape_of]}")
     await conn.execute(
         "UPDATE reembed_targets SET state = 'switched', switched_at = now(), updated_at = now() "

@@ -40,6 +40,7 @@ from worker.envelope import dead_letter, envelope_budget
 from worker.events import DeadLetter, Reason
 from worker.kafka.clients import make_producer
 from worker.model import Record
+from worker.read import index
 from worker.sinks import postgres as pg
 from worker.sinks import reembed as sql
 from worker.sinks.deadletter import DeadLetterSink
@@ -152,6 +153,7 @@ class Reembed:
         async with self._held() as conn:
             target = await self._open(conn)
             s = await sql.shape(conn)
+            hnsw = await self._hnsw_like_current(conn, target)
             async with self._stage(target, self._provider(target)) as stage:
                 for _ in range(3):  # catch-up passes without the lock, while much is left
                     await self._passes(conn, target, stage, until=target.passes + 1)
@@ -175,9 +177,28 @@ class Reembed:
                             f"{final.pending} rows still differ after the final pass; nothing "
                             "was switched"
                         )
-                    await sql.swap(conn, target)
+                    await sql.swap(conn, target, {} if hnsw is None else {hnsw: index.NAME})
         log.info("re-embed switched", target=self.name, rows=final.target)
         return final
+
+    async def _hnsw_like_current(self, conn: pg.Conn, target: Target) -> str | None:
+        """The current table's HNSW index (``embedding-worker index``), built on the target
+        too with the same parameters before the switch, so search stays as fast after it."""
+        current = await index.state(conn)
+        if current is None or not current.valid:
+            return None
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)", index.NAME
+        )
+        given = dict(o.split("=", 1) for o in options or [])
+        m, ef = int(given.get("m", 16)), int(given.get("ef_construction", 64))
+        name = f"{target.table}_hnsw"
+        statement = index.statement(target.dimension, m, ef).replace(
+            f"{index.NAME} ON {sql.CURRENT} ", f"{name} ON {target.table} "
+        )
+        log.info("building the target's HNSW index", target=self.name, index=name, m=m, ef=ef)
+        await index.build(conn, name, statement)
+        return name
 
     async def drop(self) -> str:
         async with self._held() as conn:
