@@ -17,7 +17,7 @@ import pytest
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
 from tests.processes import cli
-from worker.config import environment_for
+from worker.config import Settings, environment_for
 from worker.read import index
 from worker.sinks import postgres as pg
 from worker.tools.reembed import Reembed, status
@@ -59,36 +59,21 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
 ) -> None:
     await migrate_db(env, OLD)
     settings = env.settings(dashscope(fake_api, OLD))
-    async with running(settings):
-        await env.wait_for_offsets(await env.produce([event(i) for i in range(40)]))
-        conn = await env.connect()
-        try:
-            await index.create(conn, OLD, 8, 32, None)  # built again on the target by the switch
-        finally:
-            await conn.close()
-        job = Reembed(settings, "v3", page_rows=7, progress=False)
-        report = await job.start(TARGET)
-        assert (report.embedded, report.copied, report.refused) == (40, 0, 0)
-        # Changes while the target waits: new content, a new version with the same content
-        # (metadata), a delete, a new row, and one the target's provider refuses.
-        changes = [
-            event(1, "document 1, edited"),
-            event(2, metadata={"lang": "de"}),
-            {"id": "doc-3", "op": "delete"},
-            event(40),
-            event(41, f"a {POISON} text"),
-        ]
-        await env.wait_for_offsets(await env.produce(changes))
-        fake_api.configure(poison=[POISON])
-        (before,) = await status(settings, "v3")
-        assert before.counts is not None and before.counts.pending == 5
-        assert before.counts.current == 41 and before.counts.target == 40
-        # Search answers from the current table all along.
-        assert (await table(env, "embeddings"))["doc-0"]["dimension"] == OLD
-        final = await Reembed(settings, "v3", page_rows=7, progress=False).switch(1000, 10)
-        assert final.pending == 0
+    # The worker keeps running with the old settings through the switch: its first write
+    # after it is refused by the guard, and it stops without storing it.
+    with pytest.raises(asyncpg.DataError, match="expected 128 dimensions, not 64"):
+        async with running(settings) as worker:
+            late = await _fill_and_switch(env, fake_api, settings)
+
+            async def stopped() -> bool:
+                return worker.pipeline is not None and worker.pipeline.fatal is not None
+
+            await wait_until(stopped, 30, "the old worker wrote into the target")
+    stored = await env.stored_offsets()
+    assert all(stored.get(p, 0) <= o for p, o in late.items())
     rows = await table(env, "embeddings")
     old = await table(env, "embeddings_before_v3")
+    assert "doc-50" not in rows and "doc-50" not in old
     assert set(old) == {f"doc-{i}" for i in range(42)} - {"doc-3"}
     assert set(rows) == set(old) - {"doc-41"}  # refused: dead-lettered, left out
     for row in rows.values():
@@ -123,8 +108,8 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
 
     # The worker with the target's settings and search run on the switched table.
     new = env.settings(dashscope(fake_api, NEW, model="text-embedding-v3"))
-    async with running(new):
-        await env.wait_for_offsets(await env.produce([event(50)]))
+    async with running(new):  # from the stored offsets: the event the old worker could not write
+        await env.wait_for_offsets(late)
     assert (await table(env, "embeddings"))["doc-50"]["dimension"] == NEW
     environ = {
         **cli_env(env, fake_api, NEW),
@@ -135,6 +120,41 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
     code, out, _ = await cli("reembed", "drop", "v3", **environ)
     assert (code, out.strip()) == (0, "dropped embeddings_before_v3")
     assert not await table_exists(env, "embeddings_before_v3")
+
+
+async def _fill_and_switch(
+    env: Env, fake_api: FakeEmbeddingServer, settings: Settings
+) -> dict[int, int]:
+    """Rows, a filled target, changes caught up by the switch; then an event produced for
+    the worker (still on the old settings) to write after the switch."""
+    await env.wait_for_offsets(await env.produce([event(i) for i in range(40)]))
+    conn = await env.connect()
+    try:
+        await index.create(conn, OLD, 8, 32, None)  # built again on the target by the switch
+    finally:
+        await conn.close()
+    job = Reembed(settings, "v3", page_rows=7, progress=False)
+    report = await job.start(TARGET)
+    assert (report.embedded, report.copied, report.refused) == (40, 0, 0)
+    # Changes while the target waits: new content, a new version with the same content
+    # (metadata), a delete, a new row, and one the target's provider refuses.
+    changes = [
+        event(1, "document 1, edited"),
+        event(2, metadata={"lang": "de"}),
+        {"id": "doc-3", "op": "delete"},
+        event(40),
+        event(41, f"a {POISON} text"),
+    ]
+    await env.wait_for_offsets(await env.produce(changes))
+    fake_api.configure(poison=[POISON])
+    (before,) = await status(settings, "v3")
+    assert before.counts is not None and before.counts.pending == 5
+    assert before.counts.current == 41 and before.counts.target == 40
+    # Search answers from the current table all along.
+    assert (await table(env, "embeddings"))["doc-0"]["dimension"] == OLD
+    final = await Reembed(settings, "v3", page_rows=7, progress=False).switch(1000, 10)
+    assert final.pending == 0
+    return await env.produce([event(50)])
 
 
 async def table_exists(env: Env, name: str) -> bool:
