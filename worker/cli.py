@@ -381,7 +381,10 @@ def _reembed_parser(
     actions = reembed.add_subparsers(dest="action", required=True)
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, help=help, description=help, parents=[config], formatter_class=_HelpFormatter
+        )
+        return parser
 
     start = action("start", "create a target (or resume it) and fill it")
     start.add_argument("name", help="the target's name: a-z, 0-9, _ (its table: reembed_NAME)")

@@ -200,9 +200,9 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
         await some_pages(10)
     finally:
         proc.send_signal(signal.SIGTERM)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    said, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
-    assert "stopped; `reembed start` resumes it" in out.decode()
+    assert "stopped; `reembed start` resumes it" in said.decode()
     stopped = await target_row(env)
     assert stopped["embedded"] == len(await table(env, "reembed_v3")) < 120
     # SIGKILL: whatever was under way is lost; what was stored stays, with its cursor.
@@ -220,6 +220,12 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
     )
     try:
         await some_pages(stopped["embedded"] + 20)
+        fake_api.configure(latency_ms=60_000)  # its next request hangs: it runs still
+        # One process per target: a second start is refused while this one runs.
+        code, _, err = await cli(*args, **cli_env(env, fake_api))
+        assert code == 1 and "in use by another process" in err
+        code, out, _ = await cli("reembed", "status", "v3", **cli_env(env, fake_api))
+        assert code == 0 and "a pass is under way" in out and "/120 rows" in out
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()

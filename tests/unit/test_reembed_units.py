@@ -3,11 +3,13 @@ SQL of a pass's cursor, and the progress line's rate and ETA."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
 import pytest
 
+from worker.cli import _parser
 from worker.config import ConfigError, ProviderKind, load_settings
 from worker.sinks import reembed as sql
 from worker.sinks.reembed import Shape, Target
@@ -83,3 +85,16 @@ def test_a_progress_bar_not_on_a_terminal_writes_plain_lines() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("v4 [############") and "4/10" in lines[0]
     assert "\r" not in out.getvalue()
+
+
+@pytest.mark.parametrize("action", ["start", "status", "switch", "drop"])
+def test_every_reembed_action_has_help_with_its_defaults(action: str) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        _parser().parse_args(["reembed", action, "--help"])
+    text = " ".join(out.getvalue().split())
+    assert f"usage: embedding-worker reembed {action}" in text and "--config FILE" in text
+    if action in ("start", "switch"):
+        assert "rows per transaction (default: 500)" in text
+    if action == "switch":
+        assert "(default: 1000)" in text and "(default: 30.0)" in text
