@@ -97,6 +97,15 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
         assert "ON public.embeddings USING hnsw" in built.definition
         assert "m='8'" in built.definition and "ef_construction='32'" in built.definition
         assert await index.state(conn, f"{index.NAME}_before_v3") is not None
+        for derived, column in (("label_vectors", "embedding"), ("profiles", "mean")):
+            assert await conn.fetchval(f"SELECT count(*) FROM {derived}") == 0
+            assert await conn.fetchval(f"SELECT count(*) FROM {derived}_before_v3") == 1
+            typmod = await conn.fetchval(
+                "SELECT atttypmod FROM pg_attribute WHERE attrelid = $1::regclass AND attname = $2",
+                derived,
+                column,
+            )
+            assert typmod == NEW
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute(
                 "UPDATE embeddings SET model = 'text-embedding-v4' WHERE id = 'doc-0'"
@@ -119,7 +128,8 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
     assert (code, out.split()[1:2]) == (0, ["default/doc-1"]), err
     code, out, _ = await cli("reembed", "drop", "v3", **environ)
     assert (code, out.strip()) == (0, "dropped embeddings_before_v3")
-    assert not await table_exists(env, "embeddings_before_v3")
+    for gone in ("embeddings_before_v3", "label_vectors_before_v3", "profiles_before_v3"):
+        assert not await table_exists(env, gone)
 
 
 async def _fill_and_switch(
@@ -131,6 +141,19 @@ async def _fill_and_switch(
     conn = await env.connect()
     try:
         await index.create(conn, OLD, 8, 32, None)  # built again on the target by the switch
+        # Analysis and profile rows of the old dimension: moved aside by the switch.
+        vector = fake_vector("sports", OLD)
+        await conn.execute(
+            "INSERT INTO label_vectors (namespace, model, kind, label, text_hash, content, "
+            "embedding) VALUES ('default', 'text-embedding-v4', 'description', 'sports', "
+            "'\\x00', 'sports', $1)",
+            vector,
+        )
+        await conn.execute(
+            "INSERT INTO profiles (namespace, model, user_id, mean, weight, profile_time, "
+            "interactions) VALUES ('default', 'text-embedding-v4', 'u1', $1, 1, now(), 1)",
+            vector,
+        )
     finally:
         await conn.close()
     job = Reembed(settings, "v3", page_rows=7, progress=False)

@@ -39,6 +39,10 @@ OWN = ("embedding", "model", "dimension", "sparse")
 # Version columns: a row whose values differ here (same content) is copied, not embedded.
 VERSION = ("version", "source_offset", "event_time", "updated_at", "metadata")
 GUARD = "reembed_guard"
+# Tables beside ``embeddings`` with a vector column of the configured dimension, their rows
+# keyed by model (analysis, profiles): a switch to another dimension moves their rows aside
+# (``<table>_before_<name>``, dropped with the rest) and retypes the column.
+DERIVED = (("label_vectors", "embedding"), ("analysis_points", "embedding"), ("profiles", "mean"))
 
 
 def check_name(name: str) -> str:
@@ -472,12 +476,31 @@ async def swap(conn: Conn, target: Target, names: dict[str, str] | None = None) 
             await conn.execute(f"ALTER INDEX {name} RENAME TO {names[name]}")
         elif shape_of in renamed and renamed[shape_of] not in names.values():
             await conn.execute(f"ALTER INDEX {name} RENAME TO {renamed[shape_of]}")
+    await _retype_derived(conn, target)
     await conn.execute(
         "UPDATE reembed_targets SET state = 'switched', switched_at = now(), updated_at = now() "
         "WHERE name = $1",
         target.name,
     )
     target.state = "switched"
+
+
+async def _retype_derived(conn: Conn, target: Target) -> None:
+    """The tables of ``DERIVED`` of another dimension: their rows (of the old model, whose
+    vectors cannot be kept in the new type) copied aside, then the column retyped."""
+    for table, column in DERIVED:
+        typmod = await conn.fetchval(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2",
+            table,
+            column,
+        )
+        if typmod is None or typmod == target.dimension:
+            continue
+        await conn.execute(f"CREATE TABLE {table}_before_{target.name} AS TABLE {table}")
+        await conn.execute(f"TRUNCATE {table}")
+        await conn.execute(
+            f"ALTER TABLE {table} ALTER COLUMN {column} TYPE vector({int(target.dimension)})"
+        )
 
 
 async def _indexes(conn: Conn, table: str) -> dict[str, str]:
@@ -496,6 +519,8 @@ async def drop(conn: Conn, target: Target) -> str:
     table = retired_of(target.name) if target.state == "switched" else target.table
     async with conn.transaction():
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for derived, _ in DERIVED:
+            await conn.execute(f"DROP TABLE IF EXISTS {derived}_before_{target.name}")
         await conn.execute(
             "UPDATE reembed_targets SET state = 'dropped', cursor = NULL, updated_at = now() "
             "WHERE name = $1",
