@@ -9,6 +9,11 @@
 --   cursor:   the primary key of the last row of `embeddings` the current pass stored, in the
 --             transaction of its rows (NULL: a pass starts from the first key).
 --   passes:   complete passes over `embeddings` (the fill, then each catch-up).
+--   job:      `start --via batch`: the page's batch job, {"after": the cursor it starts
+--             after, "lines": {custom_id: [[key..., content hash hex], ...]}, "file_id",
+--             "batch_id"}, each id recorded as the provider answers, cleared in the
+--             transaction of the page's rows (a killed start resumes the job, never submits
+--             it twice).
 CREATE TABLE reembed_targets (
     name        text        PRIMARY KEY,
     provider    jsonb       NOT NULL,
@@ -18,6 +23,7 @@ CREATE TABLE reembed_targets (
                 CHECK (state IN ('filling', 'switched', 'dropped')),
     cursor      jsonb,
     passes      integer     NOT NULL DEFAULT 0,
+    job         jsonb,
     embedded    bigint      NOT NULL DEFAULT 0,
     copied      bigint      NOT NULL DEFAULT 0,
     tokens      bigint      NOT NULL DEFAULT 0,

@@ -292,3 +292,57 @@ async def test_configuration_errors_are_named(env: Env, fake_api: FakeEmbeddingS
     assert code == 2 and "does not exist" in err
     code, out, _ = await cli("reembed", "status", **cli_env(env, fake_api))
     assert (code, out.strip()) == (0, "no re-embed targets")
+
+
+async def test_via_batch_a_killed_start_resumes_its_job_and_never_submits_it_twice(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, OLD)
+    settings = env.settings(dashscope(fake_api, OLD))
+    async with running(settings):
+        await env.wait_for_offsets(
+            await env.produce([event(i) for i in range(25)] + [event(25, f"a {POISON} text")])
+        )
+    fake_api.configure(batch_delay_s=3600.0, poison=[POISON])
+    fake_api.reset_stats()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
+    environ.update(cli_env(env, fake_api))
+    args = ["reembed", "start", "v3", "--model", "text-embedding-v3", "--dimension", str(NEW)]
+    options = ["--via", "batch", "--poll-initial", "0.01", "--no-progress"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        *options,
+        env=environ,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def submitted() -> bool:
+            job = (await target_row(env)).get("job")
+            return job is not None and '"batch_id": "' in job
+
+        await wait_until(submitted, 60, "the batch job was never submitted")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert fake_api.batch_stats()["created"] == 1
+    assert await table(env, "reembed_v3") == {}
+    fake_api.configure(batch_delay_s=0.0)
+    job = Reembed(settings, "v3", progress=False, via="batch", poll_s=(0.01, 0.05))
+    report = await job.start({})
+    assert fake_api.batch_stats()["created"] == 1  # the job was resumed, not submitted again
+    rows = await table(env, "reembed_v3")
+    assert set(rows) == {f"doc-{i}" for i in range(25)}
+    for row in rows.values():
+        assert np.allclose(row["embedding"].to_numpy(), fake_vector(row["content"], NEW), atol=1e-5)
+    # The poisoned text's line failed in the batch; its texts went in real time, where
+    # bisection isolated it and dead-lettered it alone.
+    assert (report.embedded, report.refused) == (25, 1)
+    assert fake_api.stats()["requests"] > 0
+    (letter,) = await env.dead_letters(1)
+    assert (letter["id"], letter["reason"]) == ("doc-25", "provider_rejected")
+    assert (await target_row(env))["job"] is None

@@ -75,6 +75,7 @@ class Target:
     embedded: int = 0
     copied: int = 0
     tokens: int = 0
+    job: dict[str, Any] | None = None  # ``--via batch``: the page's batch job (migration 0011)
 
     @property
     def table(self) -> str:
@@ -152,6 +153,7 @@ def _target(row: Any) -> Target:
         row["embedded"],
         row["copied"],
         row["tokens"],
+        None if row["job"] is None else json.loads(row["job"]),
     )
 
 
@@ -370,7 +372,7 @@ async def write_page(
         )
     cursor = None if page.end or page.last is None else list(page.last)
     await conn.execute(
-        "UPDATE reembed_targets SET cursor = $2::jsonb, passes = passes + $3, "
+        "UPDATE reembed_targets SET cursor = $2::jsonb, passes = passes + $3, job = NULL, "
         "embedded = embedded + $4, copied = copied + $5, tokens = tokens + $6, "
         "updated_at = now() WHERE name = $1",
         target.name,
@@ -380,12 +382,22 @@ async def write_page(
         len(page.copy),
         tokens,
     )
-    target.cursor = cursor
+    target.cursor, target.job = cursor, None
     target.passes += int(page.end)
     target.embedded += len(embedded)
     target.copied += len(page.copy)
     target.tokens += tokens
     return written
+
+
+async def save_job(conn: Conn, target: Target, job: dict[str, Any] | None) -> None:
+    """Record the page's batch job (or its provider's latest answer) at once."""
+    await conn.execute(
+        "UPDATE reembed_targets SET job = $2::jsonb, updated_at = now() WHERE name = $1",
+        target.name,
+        None if job is None else json.dumps(job, default=str),
+    )
+    target.job = job
 
 
 async def _delete_gone(conn: Conn, s: Shape, target: Target, page: Page) -> None:

@@ -17,7 +17,8 @@ Requests go through the worker's own ``EmbedStage`` with the target's provider s
 same retries, bisection, breaker and RPM/TPM limiter; a row the provider refuses for good is
 dead-lettered (``provider_rejected``, its source offset kept for ``dead-letters --replay``)
 and left out of the target. The limits are the re-embed's own (a separate process): give it
-the share of the quota the worker leaves (``--rpm``/``--tpm``).
+the share of the quota the worker leaves (``--rpm``/``--tpm``). With ``via="batch"``, each
+page's documents go through the batch interface first (``_by_batch``), the rest as above.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from worker.config import ConfigError, ProviderSettings, Settings, load_settings
+from worker.config import ConfigError, ProviderKind, ProviderSettings, Settings, load_settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import Embedder
+from worker.embedding.providers.batch import BatchClient, BatchFailed, Line
 from worker.embedding.stage import EmbedStage
 from worker.envelope import dead_letter, envelope_budget
-from worker.events import DeadLetter, Reason
+from worker.events import DeadLetter, Reason, TextType
 from worker.kafka.clients import make_producer
 from worker.model import Record
 from worker.read import index
@@ -103,7 +105,11 @@ class Reembed:
         page_rows: int = 500,
         progress: bool = True,
         stop: asyncio.Event | None = None,
+        via: str = "realtime",
+        poll_s: tuple[float, float] = (5.0, 300.0),
     ) -> None:
+        """``via`` "batch": ``start`` sends each page's documents through the provider's batch
+        interface (about half the price), the rest, and the lines that fail, in real time."""
         self.settings = settings
         self.name = sql.check_name(name)
         self.config_file = config_file
@@ -111,6 +117,9 @@ class Reembed:
         self.progress = progress
         self.stop = stop or asyncio.Event()
         self.report = Report()
+        self.via = via
+        self.poll_s = poll_s
+        self._batch: BatchClient | None = None
         self._producer: AIOKafkaProducer | None = None
         self._sink: DeadLetterSink | None = None
 
@@ -143,6 +152,15 @@ class Reembed:
                         "start another target"
                     )
             await sql.check_table(conn, target)
+            if self.via == "batch":
+                if provider.kind is ProviderKind.LOCAL:
+                    raise ConfigError(
+                        "reembed start --via batch needs a provider with a batch interface "
+                        "(provider.kind dashscope or openai)"
+                    )
+                self._batch = BatchClient(
+                    provider, poll_initial_s=self.poll_s[0], poll_max_s=self.poll_s[1]
+                )
             async with self._stage(target, provider) as stage:
                 # The fill (resumed where it stopped), then one catch-up pass.
                 await self._passes(conn, target, stage, until=max(target.passes, 1) + 1)
@@ -238,7 +256,14 @@ class Reembed:
         """Pages until the end of ``embeddings`` (or a stop, between two pages)."""
         while not self.stop.is_set():
             page = await sql.read_page(conn, s, target, self.page_rows)
-            refused, letters, tokens = await self._embed(stage, page)
+            cap = stage.settings.max_tokens_per_text
+            for row in page.embed:
+                row.text = truncate_to_tokens(row.text, cap)
+            tokens = 0
+            if self._batch is not None:
+                tokens += await self._by_batch(conn, target, page, self._batch)
+            refused, letters, realtime = await self._embed(stage, page)
+            tokens += realtime
             vectors = [r.vector for r in page.embed if r.vector is not None]
             sql.guard(target, stage.embedder.model, vectors)
             if letters:
@@ -258,12 +283,12 @@ class Reembed:
     async def _embed(
         self, stage: EmbedStage, page: Page
     ) -> tuple[list[Row], list[tuple[bytes | None, DeadLetter]], int]:
-        """The page's texts through the stage, as many requests at once as it allows."""
-        cap = stage.settings.max_tokens_per_text
+        """The page's texts not embedded yet through the stage, as many requests at once as
+        it allows; returns the refused rows, their dead letters and the tokens sent."""
         budget = stage.settings.max_tokens_per_request
         by_type: dict[Any, list[Row]] = defaultdict(list)
-        for row in page.embed:
-            row.text = truncate_to_tokens(row.text, cap)
+        todo = [row for row in page.embed if row.vector is None]
+        for row in todo:
             by_type[row.text_type].append(row)
         batches: list[list[Row]] = []
         for rows in by_type.values():
@@ -289,8 +314,59 @@ class Reembed:
                 refused.append(row)
                 letter = self._letter(row, Reason.PROVIDER_REJECTED, error.message, error.code)
                 letters.append((row.id.encode(), letter))
-        tokens = sum(r.tokens for r in page.embed if r.vector is not None)
+        tokens = sum(r.tokens for r in todo if r.vector is not None)
         return refused, letters, tokens
+
+    async def _by_batch(
+        self, conn: pg.Conn, target: Target, page: Page, client: BatchClient
+    ) -> int:
+        """The page's documents through one batch job (the OpenAI-compatible body has no
+        ``text_type``: query-type texts go in real time). The job is recorded before its file
+        is uploaded and each id as the provider answers, so a killed start resumes it (found
+        by its file rather than created again); a line that fails, or a row changed since
+        the job was made, is left to the real-time path. Returns the tokens billed."""
+        docs = {
+            (r.key, r.content_hash.hex()): r for r in page.embed if r.text_type is TextType.DOCUMENT
+        }
+        job = target.job
+        if job is not None and (job["after"] != target.cursor or job["file_id"] is None):
+            job = None  # another page's, or never uploaded: made again from this page
+        if job is None:
+            if not docs:
+                return 0
+            rows = list(docs.values())
+            size = client.max_texts
+            lines = {
+                str(i // size): [[*r.key, r.content_hash.hex()] for r in rows[i : i + size]]
+                for i in range(0, len(rows), size)
+            }
+            job = {"after": target.cursor, "lines": lines, "file_id": None, "batch_id": None}
+            await sql.save_job(conn, target, job)
+            texts = [Line(cid, [docs[_entry(e)].text for e in es]) for cid, es in lines.items()]
+            job["file_id"] = await client.upload(texts)
+            await sql.save_job(conn, target, job)
+        if job["batch_id"] is None:
+            found = await client.find(job["file_id"])
+            job["batch_id"] = found or await client.create(job["file_id"], {"reembed": self.name})
+            await sql.save_job(conn, target, job)
+            log.info("re-embed batch job submitted", target=self.name, batch=job["batch_id"])
+        batch = await client.wait(job["batch_id"])
+        counts = {cid: len(entries) for cid, entries in job["lines"].items()}
+        try:
+            outcome = await client.outcome(batch, counts)
+        except BatchFailed:
+            await sql.save_job(conn, target, None)  # nothing ran: the next start submits again
+            raise
+        for cid, embeddings in outcome.embedded.items():
+            for entry, vector in zip(job["lines"][cid], embeddings.vectors, strict=True):
+                row = docs.get(_entry(entry))
+                if row is not None:
+                    row.vector = vector
+        for cid, error in sorted(outcome.failed.items()):
+            log.warning(
+                "batch line failed; embedding it in real time", line=cid, error=error.message
+            )
+        return outcome.tokens
 
     def _letter(self, row: Row, reason: Reason, message: str, code: str | None) -> DeadLetter:
         """The row's event, named by its source position (``dead-letters --replay`` reads it
@@ -335,6 +411,9 @@ class Reembed:
                 raise Busy(f"re-embed {self.name!r} is in use by another process")
             yield conn
         finally:
+            if self._batch is not None:
+                await self._batch.close()
+                self._batch = None
             if self._producer is not None:
                 await self._producer.stop()
                 self._producer, self._sink = None, None
@@ -374,6 +453,11 @@ class Reembed:
                 f"re-embed {self.name!r} is {target.state}; start another target"
                 + (f" (or `reembed drop {self.name}`)" if target.state == "switched" else "")
             )
+
+
+def _entry(entry: list[Any]) -> tuple[tuple[Any, ...], str]:
+    """A job line's ``[key..., content hash hex]`` as the page's ``(key, hash)``."""
+    return tuple(entry[:-1]), str(entry[-1])
 
 
 @dataclass(frozen=True)
