@@ -214,18 +214,19 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
         *args,
         "--page",
         "10",
-        "--no-progress",
         env=environ,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await some_pages(10)
     finally:
         proc.send_signal(signal.SIGTERM)
-    said, _ = await asyncio.wait_for(proc.communicate(), 60)
+    said, progress = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
     assert "stopped; `reembed start` resumes it" in said.decode()
+    # Not a terminal: plain progress lines, the last one when the pass stopped.
+    assert "v3 pass 1 [" in progress.decode() and "/120" in progress.decode()
     stopped = await target_row(env)
     assert stopped["embedded"] == len(await table(env, "reembed_v3")) < 120
     # SIGKILL: whatever was under way is lost; what was stored stays, with its cursor.

@@ -98,3 +98,8 @@ def test_every_reembed_action_has_help_with_its_defaults(action: str) -> None:
         assert "rows per transaction (default: 500)" in text
     if action == "switch":
         assert "(default: 1000)" in text and "(default: 30.0)" in text
+
+
+def test_a_resumed_run_counts_only_its_own_rows_in_the_rate() -> None:
+    # 60 of 100 done before; 20 more in 10 s: 2/s, 20 left: 10 s.
+    assert line("v4", 80, 100, 10.0, base=60).endswith("80/100  2/s  ETA 0:10")

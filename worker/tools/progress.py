@@ -29,14 +29,16 @@ def clock(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def line(label: str, done: int, total: int, seconds: float) -> str:
-    """``label [######......]  45%  4,500/10,000  120/s  ETA 0:45``."""
+def line(label: str, done: int, total: int, seconds: float, base: int = 0) -> str:
+    """``label [######......]  45%  4,500/10,000  120/s  ETA 0:45``; the rate and the ETA
+    count what was done in ``seconds``, not the ``base`` done before (a resumed run)."""
     share = 1.0 if total <= 0 else min(1.0, done / total)
     filled = int(share * WIDTH)
-    rate = done / seconds if seconds > 0 else 0.0
+    rate = (done - base) / seconds if seconds > 0 else 0.0
+    left = eta(done - base, total - base, seconds)
     return (
         f"{label} [{'#' * filled}{'.' * (WIDTH - filled)}] {share:4.0%}  {done:,}/{total:,}  "
-        f"{rate:,.0f}/s  ETA {clock(eta(done, total, seconds))}"
+        f"{rate:,.0f}/s  ETA {clock(left)}"
     )
 
 
@@ -48,10 +50,12 @@ class Progress:
         out: TextIO | None = None,
         every_s: float = 0.2,
         quiet_s: float = 10.0,
+        base: int = 0,
     ) -> None:
+        """``base``: done already when this run began (shown, not counted in the rate)."""
         self.label = label
         self.total = total
-        self.done = 0
+        self.done = self.base = base
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
         self.every_s = every_s if self.tty else quiet_s
@@ -72,6 +76,7 @@ class Progress:
             self.out.flush()
 
     def _show(self) -> None:
-        text = line(self.label, self.done, self.total, time.monotonic() - self.began)
+        seconds = time.monotonic() - self.began
+        text = line(self.label, self.done, self.total, seconds, self.base)
         self.out.write(f"\r{text}" if self.tty else f"{text}\n")
         self.out.flush()

@@ -232,9 +232,10 @@ class Reembed:
         while target.passes < until and not self.stop.is_set():
             total = await conn.fetchval(f"SELECT count(*) FROM {sql.CURRENT}")
             label = f"{self.name} pass {target.passes + 1}"
-            bar = Progress(label, int(total)) if self.progress else None
-            if bar is not None and target.cursor is not None:
-                bar.add(await self._before_cursor(conn, s, target))
+            bar = None
+            if self.progress:
+                done = await self._before_cursor(conn, s, target) if target.cursor else 0
+                bar = Progress(label, int(total), base=done)
             try:
                 await self._pass(conn, s, target, stage, bar)
             finally:
