@@ -246,17 +246,27 @@ def _on(s: Shape, a: str, b: str) -> str:
     return " AND ".join(f"{a}.{k} = {b}.{k}" for k in s.key)
 
 
+def _to_embed(s: Shape) -> str:
+    """The target's row ``t`` of ``embeddings``' row ``e`` is missing or of other content."""
+    return (
+        f"(t.{s.key[0]} IS NULL OR t.content_hash <> e.content_hash OR t.text_type <> e.text_type)"
+    )
+
+
+def _to_copy(s: Shape) -> str:
+    """The target's row is of another version (a copy of the columns suffices)."""
+    differs = [f"t.{c} IS DISTINCT FROM e.{c}" for c in VERSION if c in s.columns]
+    return f"({' OR '.join(differs) or 'false'})"
+
+
 async def read_page(conn: Conn, s: Shape, target: Target, rows: int) -> Page:
     """The page of ``embeddings`` after the target's cursor, sorted into what to do."""
     key = ", ".join(f"e.{k}" for k in s.key)
     where = f"WHERE {_after(s, 3)}" if target.cursor is not None else ""
-    differs = " OR ".join(f"t.{c} IS DISTINCT FROM e.{c}" for c in VERSION if c in s.columns)
     sql = f"""
         SELECT {key}, e.namespace, e.id, e.content, e.text_type, e.content_hash,
             e.source_topic, e.source_partition, e.source_offset,
-            t.{s.key[0]} IS NULL OR t.content_hash <> e.content_hash
-                OR t.text_type <> e.text_type AS embed,
-            ({differs or "false"}) AS copy,
+            {_to_embed(s)} AS embed, {_to_copy(s)} AS copy,
             EXISTS (SELECT 1 FROM reembed_refused r WHERE r.target = $1
                     AND r.key = jsonb_build_array({key}) AND r.content_hash = e.content_hash)
                 AS refused
@@ -437,7 +447,6 @@ class Counts:
 
 async def counts(conn: Conn, s: Shape, target: Target) -> Counts:
     """What a pass would still do now (a full comparison: a scan of both tables)."""
-    differs = " OR ".join(f"t.{c} IS DISTINCT FROM e.{c}" for c in VERSION if c in s.columns)
     key = ", ".join(f"e.{k}" for k in s.key)
     row = await conn.fetchrow(
         f"""
@@ -445,8 +454,7 @@ async def counts(conn: Conn, s: Shape, target: Target) -> Counts:
                (SELECT count(*) FROM {target.table}) AS target,
                (SELECT count(*) FROM {CURRENT} e LEFT JOIN {target.table} t
                   ON {_on(s, "t", "e")}
-                WHERE (t.{s.key[0]} IS NULL OR t.content_hash <> e.content_hash
-                       OR t.text_type <> e.text_type OR {differs or "false"})
+                WHERE ({_to_embed(s)} OR {_to_copy(s)})
                   AND NOT EXISTS (SELECT 1 FROM reembed_refused r WHERE r.target = $1
                       AND r.key = jsonb_build_array({key}) AND r.content_hash = e.content_hash))
                + (SELECT count(*) FROM {target.table} t
