@@ -5,6 +5,7 @@ switch in one step, a killed start resumed without embedding anything twice, and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -126,6 +127,16 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
     }
     code, out, err = await cli("search", "document 1, edited", "-k", "1", **environ)
     assert (code, out.split()[1:2]) == (0, ["default/doc-1"]), err
+    code, out, _ = await cli("reembed", "status", "--json", **environ)
+    (shown,) = [json.loads(line) for line in out.splitlines()]
+    # 40 filled, then doc-1 (edited) and doc-40 embedded, doc-2 (metadata) copied.
+    assert code == 0
+    assert (shown["state"], shown["counts"], shown["embedded"], shown["copied"]) == (
+        "switched",
+        None,
+        42,
+        1,
+    )
     code, out, _ = await cli("reembed", "drop", "v3", **environ)
     assert (code, out.strip()) == (0, "dropped embeddings_before_v3")
     for gone in ("embeddings_before_v3", "label_vectors_before_v3", "profiles_before_v3"):
