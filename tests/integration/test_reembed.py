@@ -21,7 +21,7 @@ from tests.processes import cli
 from worker.config import Settings, environment_for
 from worker.read import index
 from worker.sinks import postgres as pg
-from worker.tools.reembed import Reembed, status
+from worker.tools.reembed import Reembed, SwitchRefused, status
 
 OLD, NEW = 64, 128
 TARGET = {"model": "text-embedding-v3", "dimension": NEW}
@@ -358,3 +358,25 @@ async def test_via_batch_a_killed_start_resumes_its_job_and_never_submits_it_twi
     (letter,) = await env.dead_letters(1)
     assert (letter["id"], letter["reason"]) == ("doc-25", "provider_rejected")
     assert (await target_row(env))["job"] is None
+
+
+async def test_a_switch_that_cannot_take_the_table_changes_nothing(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, OLD)
+    settings = env.settings(dashscope(fake_api, OLD))
+    async with running(settings):
+        await env.wait_for_offsets(await env.produce([event(i) for i in range(5)]))
+    await Reembed(settings, "v3", progress=False).start(TARGET)
+    writer = await env.connect()
+    try:
+        async with writer.transaction():  # a write that does not end
+            await writer.execute("LOCK TABLE embeddings IN ROW EXCLUSIVE MODE")
+            with pytest.raises(SwitchRefused, match="could not take `embeddings`"):
+                await Reembed(settings, "v3", progress=False).switch(1000, 0.2)
+    finally:
+        await writer.close()
+    assert (await target_row(env))["state"] == "filling"
+    assert (await table(env, "embeddings"))["doc-0"]["dimension"] == OLD
+    final = await Reembed(settings, "v3", progress=False).switch(1000, 5)
+    assert (final.target, final.pending) == (5, 0)

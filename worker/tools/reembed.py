@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 
@@ -55,6 +56,9 @@ log = structlog.get_logger(__name__)
 
 # Advisory lock key space of re-embeds (one process per target at a time).
 LOCK_ID = 0x72656D62  # "remb"
+# The switch's lock: taken again after a deadlock with a writer or a lock_timeout, this often.
+LOCK_ATTEMPTS = 3
+LOCK_FAULTS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.LockNotAvailableError)
 # Options of `reembed start` that make a target's provider settings.
 OPTIONS = ("kind", "model", "dimension", "base_url", "instruct", "output_type", "rpm", "tpm")
 # Settings resolved for the current provider's kind, not carried to another kind.
@@ -178,25 +182,57 @@ class Reembed:
                     left = await sql.counts(conn, s, target)
                     if left.pending <= max_locked:
                         break
-                async with conn.transaction():
-                    await sql.lock_current(conn, lock_timeout_s)
-                    left = await sql.counts(conn, s, target)
-                    if left.pending > max_locked:
-                        raise SwitchRefused(
-                            f"{left.pending} rows still differ (more than --max-locked "
-                            f"{max_locked}, which would be embedded while writers wait); run "
-                            "`reembed start` again, or raise --max-locked"
+                for attempt in range(1, LOCK_ATTEMPTS + 1):
+                    try:
+                        final = await self._locked(
+                            conn, s, target, stage, max_locked, lock_timeout_s, hnsw
                         )
-                    target.cursor = None
-                    await self._pass(conn, s, target, stage, None)
-                    final = await sql.counts(conn, s, target)
-                    if final.pending:
-                        raise SwitchRefused(
-                            f"{final.pending} rows still differ after the final pass; nothing "
-                            "was switched"
+                        break
+                    except LOCK_FAULTS as exc:
+                        # A writer that read the table in its transaction waits for our lock
+                        # while our rename waits for its read: Postgres ends one of the two.
+                        if attempt == LOCK_ATTEMPTS:
+                            raise SwitchRefused(
+                                f"could not take `embeddings` ({exc}); nothing was switched"
+                            ) from None
+                        log.warning(
+                            "switch: lock not taken, again", error=str(exc), attempt=attempt
                         )
-                    await sql.swap(conn, target, {} if hnsw is None else {hnsw: index.NAME})
+                        reloaded = await sql.load(conn, self.name)
+                        assert reloaded is not None
+                        target = reloaded
         log.info("re-embed switched", target=self.name, rows=final.target)
+        return final
+
+    async def _locked(
+        self,
+        conn: pg.Conn,
+        s: Shape,
+        target: Target,
+        stage: EmbedStage,
+        max_locked: int,
+        lock_timeout_s: float,
+        hnsw: str | None,
+    ) -> Counts:
+        """The switch's transaction: the lock, the last pass, the check, the swap."""
+        async with conn.transaction():
+            await sql.lock_current(conn, lock_timeout_s)
+            left = await sql.counts(conn, s, target)
+            if left.pending > max_locked:
+                raise SwitchRefused(
+                    f"{left.pending} rows still differ (more than --max-locked "
+                    f"{max_locked}, which would be embedded while writers wait); run "
+                    "`reembed start` again, or raise --max-locked"
+                )
+            target.cursor = None
+            await self._pass(conn, s, target, stage, None)
+            final = await sql.counts(conn, s, target)
+            if final.pending:
+                raise SwitchRefused(
+                    f"{final.pending} rows still differ after the final pass (stopped?); "
+                    "nothing was switched"
+                )
+            await sql.swap(conn, target, {} if hnsw is None else {hnsw: index.NAME})
         return final
 
     async def _hnsw_like_current(self, conn: pg.Conn, target: Target) -> str | None:
