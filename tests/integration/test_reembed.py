@@ -98,6 +98,11 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
         assert "ON public.embeddings USING hnsw" in built.definition
         assert "m='8'" in built.definition and "ef_construction='32'" in built.definition
         assert await index.state(conn, f"{index.NAME}_before_v3") is not None
+        lexical = await index.state(conn, index.LEXICAL_NAME)
+        assert lexical is not None and "ON public.embeddings USING gin" in lexical.definition
+        assert await conn.fetchval(
+            "SELECT count(*) FROM embeddings WHERE content_tsv = embeddings_lexical(content)"
+        ) == len(rows)
         for derived, column in (("label_vectors", "embedding"), ("profiles", "mean")):
             assert await conn.fetchval(f"SELECT count(*) FROM {derived}") == 0
             assert await conn.fetchval(f"SELECT count(*) FROM {derived}_before_v3") == 1
@@ -152,6 +157,7 @@ async def _fill_and_switch(
     conn = await env.connect()
     try:
         await index.create(conn, OLD, 8, 32, None)  # built again on the target by the switch
+        await index.create_lexical(conn)  # a generated column and its GIN: copied by LIKE
         # Analysis and profile rows of the old dimension: moved aside by the switch.
         vector = fake_vector("sports", OLD)
         await conn.execute(
