@@ -103,9 +103,27 @@ async def test_a_target_is_filled_beside_the_indexing_worker_and_switched_in_one
         assert await conn.fetchval(
             "SELECT count(*) FROM embeddings WHERE content_tsv = embeddings_lexical(content)"
         ) == len(rows)
-        for derived, column in (("label_vectors", "embedding"), ("profiles", "mean")):
-            assert await conn.fetchval(f"SELECT count(*) FROM {derived}") == 0
-            assert await conn.fetchval(f"SELECT count(*) FROM {derived}_before_v3") == 1
+        carried = await conn.fetch(
+            "SELECT decided_id, content, embedding FROM label_vectors WHERE kind = 'decision' "
+            "AND model = 'text-embedding-v3'"
+        )
+        assert sorted(r["decided_id"] for r in carried) == ["doc-5", "gone"]
+        for r in carried:
+            assert np.allclose(r["embedding"].to_numpy(), fake_vector(r["content"], NEW), atol=1e-5)
+        assert (
+            await conn.fetchval(
+                "SELECT version FROM decision_state WHERE model = 'text-embedding-v3'"
+            )
+            == 1
+        )
+        for derived, column, before in (("label_vectors", "embedding", 3), ("profiles", "mean", 1)):
+            assert (
+                await conn.fetchval(
+                    f"SELECT count(*) FROM {derived} WHERE model = 'text-embedding-v4'"
+                )
+                == 0
+            )
+            assert await conn.fetchval(f"SELECT count(*) FROM {derived}_before_v3") == before
             typmod = await conn.fetchval(
                 "SELECT atttypmod FROM pg_attribute WHERE attrelid = $1::regclass AND attname = $2",
                 derived,
@@ -166,6 +184,17 @@ async def _fill_and_switch(
             "'\\x00', 'sports', $1)",
             vector,
         )
+        # Moderation decisions: carried over to the target's model by the switch, one with
+        # its event's vector in the target, one (its event gone) embedded.
+        for decided, content in (("doc-5", "document 5 about topic 5"), ("gone", "a gone text")):
+            await conn.execute(
+                "INSERT INTO label_vectors (namespace, model, kind, label, text_hash, content, "
+                "embedding, decided_id, decision_partition, decision_offset) VALUES "
+                "('default', 'text-embedding-v4', 'decision', 'spam', '\\x01', $1, $2, $3, 0, 1)",
+                content,
+                fake_vector(content, OLD),
+                decided,
+            )
         await conn.execute(
             "INSERT INTO profiles (namespace, model, user_id, mean, weight, profile_time, "
             "interactions) VALUES ('default', 'text-embedding-v4', 'u1', $1, 1, now(), 1)",

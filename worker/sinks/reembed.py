@@ -523,6 +523,89 @@ async def _retype_derived(conn: Conn, target: Target) -> None:
         )
 
 
+@dataclass
+class Decision:
+    """A moderation decision learned as an example (``label_vectors`` of kind ``decision``,
+    ``worker/analysis/decisions.py``), to carry over to the target's model."""
+
+    namespace: str
+    decided_id: str
+    label: str
+    text_hash: bytes
+    content: str
+    partition: int | None
+    offset: int | None
+    vector: Any = None
+
+
+async def decisions_of(conn: Conn, model: str) -> list[Decision]:
+    """The decisions of ``model``, with their writers held off until the transaction ends
+    (none is learned between this read and the switch)."""
+    if await conn.fetchval("SELECT to_regclass('decision_state')") is None:
+        return []  # before migration 0004
+    await conn.execute("LOCK TABLE label_vectors IN SHARE ROW EXCLUSIVE MODE")
+    rows = await conn.fetch(
+        "SELECT namespace, decided_id, label, text_hash, content, decision_partition, "
+        "decision_offset FROM label_vectors WHERE kind = 'decision' AND model = $1",
+        model,
+    )
+    return [Decision(*r) for r in rows]
+
+
+async def stored_vectors(conn: Conn, decisions: Sequence[Decision]) -> None:
+    """Each decision's vector from its event's row in ``embeddings`` (the target after the
+    swap), as the decisions module takes it, when the row holds the same content."""
+    if not decisions:
+        return
+    rows = await conn.fetch(
+        "SELECT namespace, id, content, embedding FROM embeddings "
+        "WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[])",
+        sorted({d.namespace for d in decisions}),
+        [d.decided_id for d in decisions],
+    )
+    found = {(r["namespace"], r["id"]): r for r in rows}
+    for d in decisions:
+        row = found.get((d.namespace, d.decided_id))
+        if row is not None and row["content"] == d.content:
+            d.vector = row["embedding"]
+
+
+async def add_decisions(conn: Conn, target: Target, decisions: Sequence[Decision]) -> None:
+    """The decisions as the target model's examples, and its namespaces' decision versions
+    raised (replicas running the target load them)."""
+    done = [d for d in decisions if d.vector is not None]
+    if not done:
+        return
+    await conn.execute(
+        """
+        WITH added AS (
+            INSERT INTO label_vectors (namespace, model, kind, label, text_hash, content,
+                embedding, decided_id, decision_partition, decision_offset)
+            SELECT s.namespace, $1, 'decision', s.label, s.text_hash, s.content, s.embedding,
+                s.decided_id, s.decision_partition, s.decision_offset
+            FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
+                $7::vector[], $8::int[], $9::bigint[])
+            AS s(namespace, decided_id, label, text_hash, content, embedding,
+                 decision_partition, decision_offset)
+            ON CONFLICT (namespace, model, decided_id) WHERE kind = 'decision' DO NOTHING
+            RETURNING namespace
+        )
+        INSERT INTO decision_state AS d (namespace, model, version)
+        SELECT namespace, $1, 1 FROM added GROUP BY namespace
+        ON CONFLICT (namespace, model) DO UPDATE SET version = d.version + 1, updated_at = now()
+        """,
+        target.model,
+        [d.namespace for d in done],
+        [d.decided_id for d in done],
+        [d.label for d in done],
+        [d.text_hash for d in done],
+        [d.content for d in done],
+        [d.vector if isinstance(d.vector, Vector) else _vector(d.vector) for d in done],
+        [d.partition for d in done],
+        [d.offset for d in done],
+    )
+
+
 async def _indexes(conn: Conn, table: str) -> dict[str, str]:
     """Index names by their definition without their own and their table's name."""
     rows = await conn.fetch(

@@ -38,7 +38,7 @@ from worker.config import ConfigError, ProviderKind, ProviderSettings, Settings,
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import Embedder
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line
-from worker.embedding.stage import EmbedStage
+from worker.embedding.stage import EmbedStage, Text
 from worker.envelope import dead_letter, envelope_budget
 from worker.events import DeadLetter, Reason, TextType
 from worker.kafka.clients import make_producer
@@ -49,7 +49,7 @@ from worker.sinks import reembed as sql
 from worker.sinks.deadletter import DeadLetterSink
 from worker.sinks.postgres import SchemaError
 from worker.sinks.reembed import Counts, Page, Row, Shape, Target
-from worker.tokens import truncate_to_tokens
+from worker.tokens import estimate_tokens, truncate_to_tokens
 from worker.tools.progress import Progress
 
 log = structlog.get_logger(__name__)
@@ -232,8 +232,34 @@ class Reembed:
                     f"{final.pending} rows still differ after the final pass (stopped?); "
                     "nothing was switched"
                 )
+            decisions = await sql.decisions_of(conn, self.settings.provider.model_name)
             await sql.swap(conn, target, {} if hnsw is None else {hnsw: index.NAME})
+            await self._carry(conn, target, stage, decisions)
         return final
+
+    async def _carry(
+        self, conn: pg.Conn, target: Target, stage: EmbedStage, decisions: list[sql.Decision]
+    ) -> None:
+        """Moderation decisions become the target model's examples: the decided event's
+        vector in the target, else their text embedded (one the provider refuses is left
+        out, logged)."""
+        await sql.stored_vectors(conn, decisions)
+        texts = [d for d in decisions if d.vector is None]
+        cap = stage.settings.max_tokens_per_text
+        cut = [truncate_to_tokens(d.content, cap) for d in texts]
+        items = [Text(t, TextType.DOCUMENT, estimate_tokens(t)) for t in cut]
+        outcome = await stage.run(items)
+        for decision, item in zip(texts, items, strict=True):
+            decision.vector = item.vector
+        for item, error in outcome.refused:
+            log.warning(
+                "switch: a decision's text refused", text=item.text[:80], error=error.message
+            )
+        await sql.add_decisions(conn, target, decisions)
+        if decisions:
+            log.info(
+                "switch: decisions carried over", decisions=len(decisions), embedded=len(texts)
+            )
 
     async def _hnsw_like_current(self, conn: pg.Conn, target: Target) -> str | None:
         """The current table's HNSW index (``embedding-worker index``), built on the target
