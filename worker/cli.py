@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +90,28 @@ in batch_jobs), never submitted twice. Exit 1 when the provider refused a job as
 is submitted again by the next run). See docs/backfill.md."""
 
 
+REEMBED_EPILOG = """\
+A target (a second provider configuration: model, dimension, instruct, ...) is filled
+beside `embeddings` from the stored content, in its own table reembed_NAME, while the worker
+keeps indexing into `embeddings` and search answers from it:
+  start NAME --model M --dimension D   create the target and fill it (a killed or stopped
+                                       start resumes after its last stored page); then one
+                                       catch-up pass over what changed meanwhile
+  status [NAME]                        rows done and left, passes, an ETA
+  switch NAME                          catch up, then under a lock (writers wait, search goes
+                                       on) embed the last changes and make the target
+                                       `embeddings` in one transaction; then run the worker
+                                       with the target's provider settings
+  drop NAME                            after a switch: the table before it; before one: the
+                                       abandoned target's table
+Requests go through the worker's retries, bisection, breaker and its own RPM/TPM limits
+(--rpm/--tpm: the quota's share left by the worker); a row refused for good is
+dead-lettered (provider_rejected) and left out. `start --via batch` sends each page's
+documents as one job of the batch interface (resumed after a restart, never submitted
+twice). Exit 1: the target is busy (another process), the switch was refused (nothing
+changed) or the provider refused a batch job as a whole. See docs/reembed.md."""
+
+
 def _parser() -> argparse.ArgumentParser:
     # --config before or after the command: the sub-commands' copy has no default, so that
     # it only overrides the top-level one when given.
@@ -111,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(
+        parser: argparse.ArgumentParser = sub.add_parser(
             name,
             help=help,
             description=help,
@@ -119,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
             parents=[config],
             formatter_class=_HelpFormatter,
         )
+        return parser
 
     command("run", "consume, embed and store until SIGTERM")
     command("migrate", "apply pending SQL migrations")
@@ -298,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         "--poll-max", type=float, default=300.0, metavar="S", help="most seconds between looks"
     )
     backfill.add_argument("--json", action="store_true", help="the report as JSON")
+    _reembed_parser(command, config)
     evaluate = command(
         "evaluate",
         "classification or anomaly quality on a labeled JSONL file (embedded stack)",
@@ -354,6 +378,79 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", "the whole pipeline on the embedded stack")
     demo.add_argument("--keep-logs", action="store_true", help="show the worker's log lines")
     return parser
+
+
+def _reembed_parser(
+    command: Callable[[str, str, str], argparse.ArgumentParser], config: argparse.ArgumentParser
+) -> None:
+    reembed = command(
+        "reembed",
+        "re-embed the stored rows with another model or dimension beside the current ones, "
+        "then switch search and the worker to them",
+        REEMBED_EPILOG,
+    )
+    actions = reembed.add_subparsers(dest="action", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, help=help, description=help, parents=[config], formatter_class=_HelpFormatter
+        )
+        return parser
+
+    start = action("start", "create a target (or resume it) and fill it")
+    start.add_argument("name", help="the target's name: a-z, 0-9, _ (its table: reembed_NAME)")
+    start.add_argument("--kind", choices=[k.value for k in ProviderKind], help="provider.kind")
+    start.add_argument("--model", help="provider.model of the target")
+    start.add_argument("--dimension", type=_positive, help="provider.dimension of the target")
+    start.add_argument("--base-url", help="provider.base_url of the target")
+    start.add_argument("--instruct", help="provider.instruct of the target (DashScope)")
+    start.add_argument(
+        "--output-type", choices=("dense", "dense&sparse"), help="provider.output_type"
+    )
+    start.add_argument("--rpm", type=_positive, help="requests per minute the re-embed may use")
+    start.add_argument("--tpm", type=_positive, help="tokens per minute the re-embed may use")
+    start.add_argument("--page", type=_positive, default=500, help="rows per transaction")
+    start.add_argument(
+        "--via",
+        choices=("realtime", "batch"),
+        default="realtime",
+        help="batch: each page's documents as one job of the provider's batch interface "
+        "(about half the price; a page of thousands of rows pays off), failed lines in real "
+        "time",
+    )
+    start.add_argument(
+        "--poll-initial",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="--via batch: seconds before the first look at a job; doubled per look",
+    )
+    start.add_argument(
+        "--poll-max", type=float, default=300.0, metavar="S", help="most seconds between looks"
+    )
+    start.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    status = action("status", "each target's state, rows left and ETA")
+    status.add_argument("name", nargs="?", help="only this target")
+    status.add_argument("--json", action="store_true", help="one JSON object per target")
+    switch = action("switch", "catch up and make the target `embeddings` in one transaction")
+    switch.add_argument("name", help="the target")
+    switch.add_argument(
+        "--max-locked",
+        type=_non_negative,
+        default=1000,
+        help="most rows to embed while writers wait; more than that left: refused (exit 1)",
+    )
+    switch.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the running writes before taking the table",
+    )
+    switch.add_argument("--page", type=_positive, default=500, help="rows per transaction")
+    switch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    drop = action("drop", "drop the table before a switch, or an abandoned target's table")
+    drop.add_argument("name", help="the target")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -432,6 +529,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await _produce(args, settings)
     if args.command == "backfill":
         return await _backfill(args, settings)
+    if args.command == "reembed":
+        return await _reembed(args, settings)
     raise AssertionError(args.command)
 
 
@@ -811,6 +910,64 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         f"at the batch price (about half): ~{saved:.0f} tokens' worth saved "
         f"({saved / max(1, r.batch_tokens + r.realtime_tokens):.0%} of the real-time cost)"
     )
+    return 0
+
+
+async def _reembed(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    from dataclasses import asdict
+
+    from worker.embedding.providers.batch import BatchFailed
+    from worker.sinks.reembed import retired_of
+    from worker.tools import reembed
+
+    if args.action == "status":
+        found = await reembed.status(settings, args.name)
+        if args.json:
+            for st in found:
+                counts = None if st.counts is None else asdict(st.counts)
+                print(json.dumps({**asdict(st.target), "counts": counts, "eta_s": st.eta_s}))
+        else:
+            print("\n".join(reembed.describe(found)) or "no re-embed targets")
+        return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    job = reembed.Reembed(
+        settings,
+        args.name,
+        config_file=args.config,
+        page_rows=getattr(args, "page", 500),
+        progress=not getattr(args, "no_progress", True),
+        stop=stop,
+        via=getattr(args, "via", "realtime"),
+        poll_s=(getattr(args, "poll_initial", 5.0), getattr(args, "poll_max", 300.0)),
+    )
+    try:
+        if args.action == "start":
+            options = {k: getattr(args, k) for k in reembed.OPTIONS}
+            r = await job.start(options)
+            done = "stopped; `reembed start` resumes it" if stop.is_set() else "filled"
+            print(
+                f"{args.name}: {done}: {r.rows:,} rows read, {r.embedded:,} embedded "
+                f"(~{r.tokens:,} tokens), {r.copied:,} copied, {r.refused:,} refused"
+            )
+        elif args.action == "switch":
+            final = await job.switch(args.max_locked, args.lock_timeout)
+            print(
+                f"{args.name} is `embeddings` now ({final.target:,} rows); the table before "
+                f"is {retired_of(args.name)}: run the worker with the target's "
+                f"provider settings, then `reembed drop {args.name}`"
+            )
+        else:
+            print(f"dropped {await job.drop()}")
+    except (reembed.Busy, reembed.SwitchRefused) as exc:
+        print(f"embedding-worker: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BatchFailed as exc:
+        print(f"embedding-worker: {exc} (the next start submits it again)", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
