@@ -184,6 +184,24 @@ async def test_unlimited_never_waits() -> None:
     assert clock.sleeps == []
 
 
+async def test_a_retry_after_holds_every_request_until_it_passes() -> None:
+    """With or without a quota configured: the provider's own quota is the account's."""
+    for quota in ({}, {"rpm": 6000}):
+        clock = VirtualClock()
+        limiter = RateLimiter(**quota, clock=clock, sleep=clock.sleep)
+        await limiter.acquire(1)
+        limiter.hold(0.5)
+        limiter.hold(0.2)  # a shorter one later does not shorten it
+        first, second = start(limiter.acquire(1)), start(limiter.acquire(1))
+        await settle()
+        await clock.advance(0.4)
+        assert not first.done() and not second.done(), quota
+        await clock.advance(0.1)
+        assert first.done() and second.done(), quota
+        await limiter.acquire(1)  # past it: no wait
+        assert sum(clock.sleeps) == pytest.approx(0.5), quota
+
+
 async def test_cancelled_waiter_takes_nothing_and_unblocks_the_queue() -> None:
     clock = VirtualClock()
     limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep)
@@ -212,6 +230,20 @@ def test_aimd_starts_at_max_and_halves_once_per_window() -> None:
     clock.now = 1.0
     gate.on_throttle()
     assert gate.limit == 2
+
+
+def test_aimd_halves_at_most_once_per_round_trip_once_it_is_known() -> None:
+    clock = VirtualClock()
+    gate = AdaptiveConcurrency(1, 64, window_s=1.0, clock=clock)
+    gate.observe(0.1)
+    gate.on_throttle(sent_at=0.0)
+    assert gate.limit == 32
+    clock.now = 0.05
+    gate.on_throttle(sent_at=0.01)  # within the round trip: the same wave
+    assert gate.limit == 32
+    clock.now = 0.12
+    gate.on_throttle(sent_at=0.02)  # sent after the decrease, a round trip later
+    assert gate.limit == 16
 
 
 def test_aimd_ignores_throttles_of_requests_sent_before_the_decrease() -> None:
@@ -269,13 +301,25 @@ async def test_aimd_throttle_restarts_the_round() -> None:
     assert gate.limit == 4
 
 
-async def test_aimd_grows_past_its_initial_limit_while_it_is_in_use() -> None:
-    gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
+async def test_aimd_slow_start_doubles_per_round_until_the_first_throttle() -> None:
+    clock = VirtualClock()
+    gate = AdaptiveConcurrency(1, 256, initial=16, window_s=1.0, clock=clock)
     assert gate.limit == 16 and gate.ceiling == 256
-    await busy_successes(gate, 16)
-    assert gate.limit == 17
-    await busy_successes(gate, 17 + 18)
-    assert gate.limit == 19
+    await busy_successes(gate, 16)  # one round of the initial limit: doubled
+    assert gate.limit == 32
+    await busy_successes(gate, 32)
+    assert gate.limit == 64
+    await busy_successes(gate, 500)
+    assert gate.limit == 256  # the ceiling
+    gate.on_throttle()
+    assert gate.limit == 128
+    # After a throttle: additive increase, +1 per round of successes.
+    await busy_successes(gate, 127)
+    assert gate.limit == 128
+    await busy_successes(gate, 1)
+    assert gate.limit == 129
+    await busy_successes(gate, 129 + 130)
+    assert gate.limit == 131
 
 
 async def test_aimd_does_not_grow_while_demand_stays_below_the_limit() -> None:

@@ -2,13 +2,18 @@
 
 Requests in flight are what a latency-bound worker's throughput is made of (Little's law:
 requests/s = in flight / latency), and no fixed number suits both a provider 20 ms away and
-one 200 ms away. As TCP does with its window, the limit starts at a guess, grows by one per
-round of successes (one success per slot) and halves on a throttle or a timeout. It grows only
-while it is in use (the gate was full during the round): a limit that idle demand never
-reached proves nothing about the provider, and would let a later burst through all at once.
+one 200 ms away. As TCP does with its window, the limit starts at a guess and, until the first
+throttle, grows by one per success (slow start: it doubles per round trip, so a far provider
+is filled within a few round trips instead of one slot per round); after a throttle or a
+timeout it halves, then grows by one per round of successes (one success per slot). It grows
+only while it is in use (the gate was full): a limit that idle demand never reached proves
+nothing about the provider, and would let a later burst through all at once.
 
-A burst of 429s from one wave of requests halves it once: throttles are ignored for a short
-window after a decrease and for requests sent before it (they were answered for the old limit).
+A burst of 429s from one wave of requests halves it once: throttles are ignored for a round
+trip after a decrease (the moving average of successful requests' latency, at most
+``window_s``) and for requests sent before it (they were answered for the old limit). A
+longer window let a provider's instant 429s recycle the slots above its capacity for a whole
+second (benchmark scenario 3 without the quota configured).
 
 The limit never passes a ceiling: the configured maximum, or, when the quota is known, the
 requests that quota can keep busy at the observed latency (:func:`quota_ceiling`); more would
@@ -74,6 +79,8 @@ class AdaptiveConcurrency:
         self._in_flight = 0
         self._successes = 0
         self._full = False  # the gate was full since the limit last moved
+        self._slow_start = True  # until the first throttle
+        self._round_trip_s: float | None = None  # moving average of successful requests
         self._decreased_at = -float("inf")
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -123,10 +130,10 @@ class AdaptiveConcurrency:
         self._wake()
 
     def on_success(self) -> None:
-        """Additive increase: +1 once ``limit`` requests in a row have succeeded while the
-        gate was full at least once."""
+        """Slow start: +1 per success while the gate is full. Then additive increase: +1
+        once ``limit`` requests in a row have succeeded while the gate was full at least once."""
         self._successes += 1
-        if self._successes < self._limit:
+        if not self._slow_start and self._successes < self._limit:
             return
         self._successes = 0
         if self._full and self._limit < self._ceiling:
@@ -135,15 +142,24 @@ class AdaptiveConcurrency:
             log.debug("concurrency limit raised", limit=self._limit)
             self._wake()
 
+    def observe(self, seconds: float) -> None:
+        """A successful request's latency: the round trip that spaces two decreases."""
+        rtt = self._round_trip_s
+        self._round_trip_s = seconds if rtt is None else rtt + 0.2 * (seconds - rtt)
+
     def on_throttle(self, sent_at: float | None = None) -> None:
         """Multiplicative decrease on a 429 or a timeout, at most once per wave."""
         self._successes = 0
         now = self._clock()
-        if now - self._decreased_at < self.window_s:
+        window = self.window_s
+        if self._round_trip_s is not None:
+            window = min(window, self._round_trip_s)
+        if now - self._decreased_at < window:
             return
         if sent_at is not None and sent_at < self._decreased_at:
             return
         self._decreased_at = now
+        self._slow_start = False
         new = max(self.minimum, self._limit // 2)
         if new != self._limit:
             log.info("concurrency limit lowered", limit=new, was=self._limit)

@@ -282,6 +282,7 @@ class EmbedStage:
                 began = time.monotonic()
                 result = await self.embedder.embed(texts, text_type)
                 self._timed("ok", began)
+                self.concurrency.observe(time.monotonic() - began)
                 self._observe_success(time.monotonic() - began, estimate)
             except EmbeddingError as exc:
                 self._timed(cause_of(exc), began)
@@ -326,6 +327,8 @@ class EmbedStage:
         if cause == "429":
             outcome.throttled += 1
             self.breaker.record_success()
+            if exc.retry_after is not None:
+                self.limiter.hold(exc.retry_after)
         else:
             self.breaker.record_failure()
         if cause in ("429", "Timeout"):
