@@ -123,7 +123,7 @@ async def copy_all(conn: store.Conn, rows: list[Change]) -> None:
         async with conn.transaction():
             await conn.copy_records_to_table(
                 "embeddings",
-                records=[(*store.copy_record(c), MODEL, DIMENSION) for c in batch],
+                records=[(*r, MODEL, DIMENSION) for c in batch for r in store.copy_records(c)],
                 columns=COPY_COLUMNS,
             )
 

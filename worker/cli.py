@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     search = command(
         "search",
         "search the stored rows: dense (vectors), sparse (token weights), lexical (full text) "
-        "or hybrid",
+        "or hybrid; a chunked document (oversize_policy = chunk) is one hit, its best chunk's "
+        "text the snippet",
     )
     search.add_argument("query", help="the text to search for")
     search.add_argument("-k", type=_positive, default=5, help="number of results")
@@ -675,7 +676,8 @@ def _print_hits(hits: Sequence[Any], as_json: bool) -> None:
         if as_json:
             print(json.dumps(hit.__dict__, ensure_ascii=False))
         else:
-            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}  {_snippet(hit.content)}")
+            chunk = f" [chunk {hit.chunk}]" if hit.chunk else ""
+            print(f"{hit.score:.3f}  {hit.namespace}/{hit.id}{chunk}  {_snippet(hit.content)}")
 
 
 def _ids(value: str) -> list[str]:

@@ -76,6 +76,8 @@ class LocalModel(StrEnum):
 class OversizePolicy(StrEnum):
     TRUNCATE = "truncate"
     REJECT = "reject"
+    # Split into overlapping chunks of `chunking.max_tokens`, each its own row (README).
+    CHUNK = "chunk"
 
 
 DASHSCOPE_DIMENSIONS = (2048, 1536, 1024, 768, 512, 256, 128, 64)
@@ -322,6 +324,24 @@ class BatchSettings(BaseModel):
     writers: int = Field(default=2, ge=1, le=16)
 
 
+class ChunkingSettings(BaseModel):
+    """The chunks of ``oversize_policy = chunk`` (worker/chunking.py): a text of more
+    tokens than ``max_tokens`` (as worker/tokens.py estimates them, capped at
+    ``provider.max_tokens_per_text``) is split into chunks of at most that many, each
+    sharing up to ``overlap_tokens`` with the one before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=256, ge=16)
+    overlap_tokens: int = Field(default=32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSettings:
+        if self.overlap_tokens >= self.max_tokens:
+            raise ValueError("chunking.overlap_tokens must be below chunking.max_tokens")
+        return self
+
+
 class HttpSettings(BaseModel):
     """The probe and metrics port (/healthz, /readyz, /metrics)."""
 
@@ -526,6 +546,7 @@ class Settings(BaseSettings):
     recommend: RecommendSettings = RecommendSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
+    chunking: ChunkingSettings = ChunkingSettings()
     max_metadata_bytes: int = Field(default=64_000, ge=1)
     # A version time (event `timestamp`, else the record's) further ahead than this of the
     # record's own time (or the worker's clock, if earlier) is dead-lettered: README, Ordering.

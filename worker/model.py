@@ -16,6 +16,7 @@ import numpy as np
 from pgvector import SparseVector
 
 from worker.events import ID_MAX_CHARS, NAMESPACE_MAX_CHARS, TextType
+from worker.tokens import estimate_tokens
 
 # (namespace, id) is the primary key: its btree entry must stay well under 2,704 bytes.
 MAX_ID_BYTES = 1024
@@ -74,6 +75,18 @@ class Change:
     epoch: int = 0
     # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.ops.tracing).
     trace: Any = None
+    # oversize_policy = chunk (worker/chunking.py), a document of more than one chunk: the
+    # chunks' texts (decode), then the chunks as changes of their own (``pieces``, made when
+    # batched) that are embedded like any text; the document reaches the writer once the
+    # last of them is embedded (``waiting`` counts down), with ``vector`` its first chunk's.
+    chunks: tuple[str, ...] = ()
+    pieces: list[Change] | None = None
+    waiting: int = 0
+    # Refused or dropped after a rebalance: its other chunks are dropped too.
+    abandoned: bool = False
+    # A chunk: its number and the document it belongs to.
+    chunk: int = 0
+    document: Change | None = None
 
     @property
     def topic(self) -> str:
@@ -91,6 +104,32 @@ class Change:
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.id)
 
+    def embeddables(self) -> list[Change]:
+        """What must be embedded for this change: itself, or each of its chunks (made here,
+        as changes carrying the document's record, epoch and trace)."""
+        if not self.chunks:
+            return [self]
+        if self.pieces is None:
+            self.pieces = [
+                Change(
+                    record=self.record,
+                    namespace=self.namespace,
+                    id=self.id,
+                    op=self.op,
+                    event_time=self.event_time,
+                    text=text,
+                    text_type=self.text_type,
+                    tokens=estimate_tokens(text),
+                    epoch=self.epoch,
+                    trace=self.trace,
+                    chunk=number,
+                    document=self,
+                )
+                for number, text in enumerate(self.chunks)
+            ]
+            self.waiting = len(self.pieces)
+        return self.pieces
+
 
 @dataclass(slots=True)
 class Settled:
@@ -106,9 +145,11 @@ Item = Change | Settled
 """What the writer receives: rows to apply, or offsets to settle."""
 
 
-def content_hash(text: str, text_type: TextType) -> bytes:
-    """What decides "unchanged": the embedded text and how it is embedded."""
-    return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
+def content_hash(text: str, text_type: TextType, chunking: str = "") -> bytes:
+    """What decides "unchanged": the embedded text and how it is embedded (for a chunked
+    document, the whole text and the chunk budget, so a new budget splits it anew)."""
+    tail = f"\x1f{chunking}" if chunking else ""
+    return hashlib.sha256(f"{text_type.value}\x1f{text}{tail}".encode()).digest()
 
 
 def identity_problem(namespace: str, id: str) -> str | None:

@@ -73,6 +73,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0007_profiles.sql",
             "applied 0008_sparse.sql",
             "applied 0009_batch_jobs.sql",
+            "applied 0010_chunks.sql",
             "applied 0011_reembed.sql",
         ],
     )

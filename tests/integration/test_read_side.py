@@ -226,7 +226,14 @@ async def test_similar_ranks_the_near_duplicate_first_and_excludes_the_query(
 ) -> None:
     hits = await _json_lines(filled, "similar", QUERY_ID, "--namespace", "news", "-k", "4")
     assert len(hits) == 4
-    assert set(hits[0]) == {"namespace", "id", "score", "content", "metadata"}  # like search
+    assert set(hits[0]) == {
+        "namespace",
+        "id",
+        "score",
+        "content",
+        "metadata",
+        "chunk",
+    }  # like search
     assert hits[0]["id"] == NEAR_DUPLICATE["id"]
     assert hits[0]["content"] == NEAR_DUPLICATE["text"]
     ids = [h["id"] for h in hits]

@@ -153,7 +153,7 @@ async def test_hybrid_is_the_fusion_of_the_two_lists(catalogue: Env) -> None:
     assert [h["id"] for h in hybrid] == [h.id for h in expected]
     assert [h["score"] for h in hybrid] == pytest.approx([h.score for h in expected])
     assert "hp-1" in {h["id"] for h in hybrid}
-    assert set(hybrid[0]) == {"namespace", "id", "score", "content", "metadata"}
+    assert set(hybrid[0]) == {"namespace", "id", "score", "content", "metadata", "chunk"}
 
 
 def _as_hits(lines: list[dict[str, Any]]) -> list[Hit]:

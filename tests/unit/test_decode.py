@@ -412,7 +412,14 @@ def check_result(result: Change | DeadLetter | Ignored, rec: Record, lim: Limits
     assert result.event_time.tzinfo is not None
     if rec.key is not None:
         assert result.id == rec.key.decode()
-    if result.op == "upsert":
+    if result.op == "upsert" and result.chunks:
+        assert lim.oversize_policy is OversizePolicy.CHUNK and len(result.chunks) > 1
+        budget = min(lim.chunk_tokens, lim.max_tokens_per_text)
+        assert all(c.strip() and estimate_tokens(c) <= budget for c in result.chunks)
+        assert result.tokens == sum(estimate_tokens(c) for c in result.chunks)
+        spec = f"chunks {budget}/{min(lim.chunk_overlap_tokens, budget - 1)}"
+        assert result.content_hash == content_hash(result.text, result.text_type, spec)
+    elif result.op == "upsert":
         assert result.text
         assert result.tokens == estimate_tokens(result.text) <= lim.max_tokens_per_text
         assert result.content_hash == content_hash(result.text, result.text_type)

@@ -166,7 +166,7 @@ def latest(examples: Sequence[Example]) -> list[Example]:
 
 LOOKUP = """
 SELECT namespace, id, content, text_type, model, embedding FROM embeddings
-WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[])
+WHERE namespace = ANY($1::text[]) AND id = ANY($2::text[]) AND chunk = 0
 """
 
 

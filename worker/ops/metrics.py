@@ -171,6 +171,10 @@ class PipelineCollector(Collector):
         yield dead
         yield counter("batches", "Micro-batches embedded.", st.batches)
         yield counter("texts_embedded", "Texts embedded.", st.texts_embedded)
+        yield counter(
+            "documents_chunked", "Documents split into chunks (oversize_policy chunk).", st.chunked
+        )
+        yield counter("chunks", "Chunks of chunked documents (a text and a row each).", st.chunks)
         yield counter("tokens_estimated", "Tokens sent, as estimated.", st.tokens_estimated)
         yield counter("api_requests", "Embedding API requests sent.", st.requests)
         retries = CounterMetricFamily(

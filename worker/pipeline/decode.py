@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import ValidationError
 
+from worker.chunking import split
 from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
 from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, envelope_budget, read_or_letter
 from worker.events import (
@@ -44,6 +45,9 @@ class Limits:
     max_tokens_per_text: int
     oversize_policy: OversizePolicy
     max_metadata_bytes: int
+    # oversize_policy = chunk: the chunk budget and overlap (settings.chunking).
+    chunk_tokens: int = 256
+    chunk_overlap_tokens: int = 32
     # How far a version's time may run ahead of the record's own time (or the worker's clock).
     max_clock_skew_s: float = 300.0
     # What a dead letter's JSON may take (see worker.envelope).
@@ -66,6 +70,8 @@ class Limits:
             max_tokens_per_text=settings.provider.max_tokens_per_text,
             oversize_policy=settings.oversize_policy,
             max_metadata_bytes=settings.max_metadata_bytes,
+            chunk_tokens=settings.chunking.max_tokens,
+            chunk_overlap_tokens=settings.chunking.overlap_tokens,
             max_clock_skew_s=settings.max_clock_skew_s,
             dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
             input=settings.input,
@@ -232,6 +238,8 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
             f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}",
         )
     tokens = estimate_tokens(text)
+    if limits.oversize_policy is OversizePolicy.CHUNK:
+        return _chunked(change, event, metadata_json, text, tokens, limits)
     if tokens > limits.max_tokens_per_text:
         if limits.oversize_policy is OversizePolicy.REJECT:
             raise Rejected(
@@ -253,6 +261,39 @@ def _with_text(change: Change, event: ContentEvent, limits: Limits) -> Change:
     change.text_type = event.text_type
     change.metadata_json = metadata_json
     change.content_hash = content_hash(text, event.text_type)
+    return change
+
+
+def _chunked(
+    change: Change, event: ContentEvent, metadata_json: str, text: str, tokens: int, limits: Limits
+) -> Change:
+    """A text over the chunk budget becomes its chunks (each embedded as its own row); one
+    that fits is embedded whole, as under any policy. The content hash is the whole text's
+    (and the budget's), so the skip of unchanged content works per document."""
+    budget = min(limits.chunk_tokens, limits.max_tokens_per_text)
+    change.text = text
+    change.tokens = tokens
+    change.text_type = event.text_type
+    change.metadata_json = metadata_json
+    if tokens <= budget:
+        change.content_hash = content_hash(text, event.text_type)
+        return change
+    overlap = min(limits.chunk_overlap_tokens, budget - 1)
+    chunks = split(text, budget, overlap)
+    largest = max(estimate_tokens(c) for c in chunks)
+    if largest > limits.max_tokens_per_text:  # one character past a tiny budget
+        raise Rejected(
+            Reason.TEXT_TOO_LONG,
+            f"a chunk of the text is about {largest} tokens; the model takes at most "
+            f"{limits.max_tokens_per_text}",
+        )
+    if len(chunks) == 1:  # only white space around one chunk's worth of words
+        change.text, change.tokens = chunks[0], largest
+        change.content_hash = content_hash(chunks[0], event.text_type)
+        return change
+    change.chunks = tuple(chunks)
+    change.tokens = sum(estimate_tokens(c) for c in chunks)
+    change.content_hash = content_hash(text, event.text_type, f"chunks {budget}/{overlap}")
     return change
 
 
@@ -315,6 +356,9 @@ class Decoder:
             else:
                 result.epoch = epoch
                 out.changes.append(result)
+                if result.chunks:
+                    self.stats.chunked += 1
+                    self.stats.chunks += len(result.chunks)
             if tracing is not None and not isinstance(result, Ignored):
                 span = tracing.received(topic, partition, record.offset, record.headers)
                 if isinstance(result, DeadLetter):

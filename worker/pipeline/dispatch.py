@@ -3,7 +3,10 @@
 Batches wait in order while the stage's concurrency ceiling is reached; a batch whose
 partition was revoked meanwhile is dropped before it costs a request. What the provider
 refuses for good is dead-lettered here (with the original record) and only its offset goes
-on; the embedded changes go to the writer.
+on; the embedded changes go to the writer. A chunked document's chunks may be embedded in
+several batches: the document goes to the writer when its last chunk is embedded, so its rows
+are written together; one refused chunk dead-letters the document (once), and its other
+chunks are dropped.
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ class Dispatcher:
     def _dispatch(self) -> None:
         while self._queued and self._embedding < self.stage.concurrency.maximum:
             queued = self._queued.pop(0)
-            batch = [c for c in queued if self.tracker.is_current(c)]
-            self.release([c for c in queued if not self.tracker.is_current(c)])
+            batch = [c for c in queued if self.tracker.is_current(c) and not _abandoned(c)]
+            self.release(_give_up([c for c in queued if not self.tracker.is_current(c)]))
             if not batch:
                 continue
             self._embedding += 1
@@ -124,11 +127,18 @@ class Dispatcher:
                 st.sparse_at_cap += entries >= SPARSE_MAX_ENTRIES
         letters: Letters = []
         settled: list[Item] = []
-        for change, error in outcome.refused:
+        for refused, error in outcome.refused:
+            gone = _give_up([refused])
+            if not gone:
+                continue  # another chunk of its document was refused already
+            change = gone[0]
+            message = error.message
+            if refused.document is not None:
+                message = f"chunk {refused.chunk} of {len(change.chunks)}: {message}"
             letter = dead_letter(
                 change.record,
                 Reason.PROVIDER_REJECTED,
-                error.message,
+                message,
                 error.code,
                 namespace=change.namespace,
                 id=change.id,
@@ -139,4 +149,43 @@ class Dispatcher:
             settled.append(Settled(change.topic, change.partition, change.offset, change.epoch))
             self.release([change])
         await self.send_letters(letters)
-        self.to_writer([*outcome.embedded, *settled])
+        self.to_writer([*_complete(outcome.embedded), *settled])
+
+
+def _abandoned(change: Change) -> bool:
+    return change.document is not None and change.document.abandoned
+
+
+def _give_up(changes: list[Change]) -> list[Change]:
+    """The events these changes stand for, each once: a chunk stands for its document,
+    which is abandoned at its first chunk given up (its other chunks are then dropped)."""
+    events: list[Change] = []
+    for change in changes:
+        document = change.document
+        if document is None:
+            events.append(change)
+        elif not document.abandoned:
+            document.abandoned = True
+            events.append(document)
+    return events
+
+
+def _complete(embedded: list[Change]) -> list[Change]:
+    """The changes ready to write: embedded texts, and the documents whose last chunk this
+    batch embedded (their rows' vectors are their chunks'; ``vector``, the first chunk's,
+    is what the analysis sees)."""
+    ready: list[Change] = []
+    for change in embedded:
+        document = change.document
+        if document is None:
+            ready.append(change)
+            continue
+        if document.abandoned:
+            continue
+        document.waiting -= 1
+        if document.waiting == 0:
+            assert document.pieces is not None
+            document.vector = document.pieces[0].vector
+            document.sparse = document.pieces[0].sparse
+            ready.append(document)
+    return ready

@@ -287,8 +287,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self._to_writers(direct)
         now = time.monotonic()
         for change in embed:
-            for batch in self.batcher.add(change, now):
-                self.dispatcher.submit(batch)
+            for text in change.embeddables():  # a chunked document: each chunk
+                for batch in self.batcher.add(text, now):
+                    self.dispatcher.submit(batch)
 
     async def _drain(self, timeout_s: float = 30.0) -> None:
         """Graceful stop: embed and store what was fetched, within a bounded time.

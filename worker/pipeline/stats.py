@@ -15,6 +15,8 @@ class Stats:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     batches: int = 0  # dispatch, from here to throttled
     texts_embedded: int = 0
+    chunked: int = 0  # decode: documents split into chunks (oversize_policy = chunk)
+    chunks: int = 0  # decode: their chunks, each a text to embed and a row
     tokens_estimated: int = 0
     requests: int = 0
     retries: int = 0

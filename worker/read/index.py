@@ -191,11 +191,11 @@ async def _valid(conn: Conn, name: str) -> tuple[str, str] | None:
 async def sparse_order(conn: Conn, k: int) -> str:
     """How a top-k sparse query (query vector ``$1``) must order: with the sparse index,
     by ``sparse <#> $1`` alone (the only order pgvector's index answers), the transaction
-    set as for dense search; without it, exact, ties broken by namespace and id."""
+    set as for dense search; without it, exact, ties broken by namespace, id and chunk."""
     found = await _valid(conn, SPARSE_NAME)
     if found is None:
         await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
-        return "sparse <#> $1, namespace, id"
+        return "sparse <#> $1, namespace, id, chunk"
     await _tune_hnsw(conn, found[1], k)
     return "sparse <#> $1"
 

@@ -28,12 +28,13 @@ async def by_history(
     metadata: dict[str, Any] | None = None,
 ) -> list[Hit]:
     """The k rows of ``namespace`` and ``model`` nearest the mean of the unit vectors of the
-    stored rows ``ids`` (each counted once), leaving those rows out. ``UnknownId`` names the
+    stored rows ``ids`` (each counted once; a chunked document by its first chunk, as the
+    analysis sees it), leaving those rows out. ``UnknownId`` names the
     ids with no stored row of this model."""
     wanted = list(dict.fromkeys(ids))
     rows = await conn.fetch(
         "SELECT id, embedding FROM embeddings WHERE namespace = $1 AND model = $2 "
-        "AND id = ANY($3::text[])",
+        "AND id = ANY($3::text[]) AND chunk = 0",
         namespace,
         model,
         wanted,

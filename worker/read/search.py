@@ -3,12 +3,14 @@ cosine distance; sparse: by the inner product of the sparse vectors, for a provi
 output_type dense&sparse; lexical: Postgres full-text search over the stored content; hybrid:
 dense and sparse, or dense and lexical without sparse vectors, fused by reciprocal rank),
 similar (a stored row's own vector is the query) and cluster (k-means, streamed).
-docs/retrieval.md has the equivalent SQL and the measured quality."""
+Every mode returns documents: a chunked document (oversize_policy = chunk) by its best
+chunk, whose text is the hit's content. docs/retrieval.md has the equivalent SQL and the
+measured quality."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -31,8 +33,9 @@ class Hit:
     # dense: cosine similarity; sparse: inner product; lexical: ts_rank (length-normalised);
     # hybrid: the fused sum
     score: float
-    content: str | None
+    content: str | None  # a chunked document: its best chunk's text
     metadata: dict[str, Any]
+    chunk: int = 0  # which chunk of the document matched best (0 when not chunked)
 
 
 class Mode(StrEnum):
@@ -98,6 +101,38 @@ async def search(
     return rrf([dense, words], rrf_k, k)
 
 
+# More rows are asked for, this many times as many each round, while chunks of the same
+# documents fill the k.
+WIDEN = 4
+
+
+async def per_document(
+    fetch: Callable[[int], Awaitable[list[asyncpg.Record]]], k: int
+) -> list[Hit]:
+    """The best row of each document among rows ranked best first (``fetch(limit)``): k
+    rows are asked for, and more only while several chunks of one document leave fewer
+    than k documents (so a table without chunked documents runs each query once, as
+    before)."""
+    limit = k
+    while True:
+        rows = await fetch(limit)
+        hits: dict[tuple[str, str], Hit] = {}
+        for r in rows:
+            key = (r["namespace"], r["id"])
+            if key not in hits:
+                hits[key] = Hit(
+                    r["namespace"],
+                    r["id"],
+                    float(r["score"]),
+                    r["content"],
+                    json.loads(r["metadata"]),
+                    r["chunk"],
+                )
+        if len(hits) >= k or len(rows) < limit:
+            return list(hits.values())[:k]
+        limit *= WIDEN
+
+
 def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None) -> list[Hit]:
     """Reciprocal rank fusion (Cormack et al., 2009): each row scores the sum over the lists
     that hold it of 1 / (k + rank), ranks from 1; a large k flattens the head of each list.
@@ -119,13 +154,13 @@ def rrf(lists: Sequence[Sequence[Hit]], k: int = RRF_K, limit: int | None = None
 # {words} is the stored column of `index create --lexical` if there is one (its GIN index
 # answers `@@`), else the words computed per scanned row; the functions come from 0006.
 LEXICAL = """
-SELECT namespace, id, content, metadata, ts_rank({words}, q, 1) AS score
+SELECT namespace, id, chunk, content, metadata, ts_rank({words}, q, 1) AS score
 FROM embeddings, embeddings_lexical_query($1) AS q
 WHERE numnode(q) > 0 AND {words} @@ q
   AND ($2::text IS NULL OR model = $2)
   AND ($3::text IS NULL OR namespace = $3)
   AND ($4::jsonb IS NULL OR metadata @> $4::jsonb)
-ORDER BY score DESC, namespace, id
+ORDER BY score DESC, namespace, id, chunk
 LIMIT $5
 """
 
@@ -152,18 +187,16 @@ async def lexical(
         # Custom plans, as for dense search (index.search_order): a prepared statement's
         # generic plan for the optional filters runs without parallel workers (2.5x slower).
         await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
-        rows = await conn.fetch(sql, query, model, namespace, where, k)
-    return [
-        Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
-        for r in rows
-    ]
+        return await per_document(
+            lambda limit: conn.fetch(sql, query, model, namespace, where, limit), k
+        )
 
 
 # The rows sharing a token with the query (inner product above 0), by inner product; `<#>` is
 # its negative. Exact, ties by namespace and id; with the sparse HNSW index (`index create
 # --sparse`) ordered by `sparse <#> $1` alone, which the index answers (index.sparse_order).
 SPARSE = """
-SELECT namespace, id, content, metadata, -(sparse <#> $1) AS score
+SELECT namespace, id, chunk, content, metadata, -(sparse <#> $1) AS score
 FROM embeddings
 WHERE model = $2 AND sparse IS NOT NULL AND (sparse <#> $1) < 0
   AND ($3::text IS NULL OR namespace = $3)
@@ -184,15 +217,15 @@ async def sparse(
     """Top-k rows of this model by the inner product of their stored sparse vector with the
     query's (rows without one, or sharing no token with it, are never hits)."""
     where = None if metadata is None else json.dumps(metadata)
-    async with conn.transaction():
+
+    async def fetch(limit: int) -> list[asyncpg.Record]:
         # Custom plans, as for the other modes (set by sparse_order): the generic plan of
         # the optional filters is a sequential scan even where an index would answer.
-        order = await index.sparse_order(conn, k)
-        rows = await conn.fetch(SPARSE.format(order=order), vector, model, namespace, where, k)
-    return [
-        Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
-        for r in rows
-    ]
+        order = await index.sparse_order(conn, limit)
+        return await conn.fetch(SPARSE.format(order=order), vector, model, namespace, where, limit)
+
+    async with conn.transaction():
+        return await per_document(fetch, k)
 
 
 async def text_config(conn: asyncpg.Connection) -> str:
@@ -223,27 +256,29 @@ async def nearest(
     """Top-k rows of this model, optionally within a namespace and a metadata subset,
     leaving out the row `exclude` = (namespace, id). Exact without an HNSW index, through
     it (approximate) with one (``embedding-worker index``)."""
-    async with conn.transaction():
-        order = await index.search_order(conn, len(vector), k)
-        rows = await conn.fetch(
-            "SELECT namespace, id, content, metadata, 1 - (embedding <=> $1) AS score "
+    query = np.asarray(vector, dtype=np.float32)
+    where = None if metadata is None else json.dumps(metadata)
+
+    async def fetch(limit: int) -> list[asyncpg.Record]:
+        order = await index.search_order(conn, len(vector), limit)
+        return await conn.fetch(
+            "SELECT namespace, id, chunk, content, metadata, 1 - (embedding <=> $1) AS score "
             "FROM embeddings WHERE model = $2 "
             "AND ($3::text IS NULL OR namespace = $3) "
             "AND ($4::jsonb IS NULL OR metadata @> $4::jsonb) "
             "AND ($6::text IS NULL OR (namespace, id) <> ($6::text, $7::text)) "
             f"ORDER BY {order} LIMIT $5",
-            np.asarray(vector, dtype=np.float32),
+            query,
             model,
             namespace,
-            None if metadata is None else json.dumps(metadata),
-            k,
+            where,
+            limit,
             None if exclude is None else exclude[0],
             None if exclude is None else exclude[1],
         )
-    return [
-        Hit(r["namespace"], r["id"], float(r["score"]), r["content"], json.loads(r["metadata"]))
-        for r in rows
-    ]
+
+    async with conn.transaction():
+        return await per_document(fetch, k)
 
 
 class UnknownId(LookupError):
@@ -260,7 +295,9 @@ async def similar(
     """Recommendation: the k rows of the same namespace and model nearest the stored vector of
     (namespace, id), without that row itself."""
     row = await conn.fetchrow(
-        "SELECT embedding, model FROM embeddings WHERE namespace = $1 AND id = $2", namespace, id
+        "SELECT embedding, model FROM embeddings WHERE namespace = $1 AND id = $2 AND chunk = 0",
+        namespace,
+        id,
     )
     if row is None:
         raise UnknownId(f"no stored row with id {id!r} in namespace {namespace!r}")
@@ -298,7 +335,8 @@ async def cluster(
     members: int = 3,
     chunk: int = 1_000,
 ) -> Clustering:
-    """Spherical k-means over the stored vectors of (namespace, model), streamed by a cursor.
+    """Spherical k-means over the stored vectors of (namespace, model) (a chunked document
+    by its first chunk), streamed by a cursor.
 
     Pass 1 reads every row in id order into a seeded reservoir of `sample` rows and fits the
     centroids on it. If the reservoir holds every row, it is also what gets summarised;
@@ -308,7 +346,7 @@ async def cluster(
     """
     query = (
         "SELECT id, left(coalesce(content, ''), $3) AS snippet, embedding FROM embeddings "
-        "WHERE namespace = $1 AND model = $2 ORDER BY id"
+        "WHERE namespace = $1 AND model = $2 AND chunk = 0 ORDER BY id"
     )
     args = (namespace, model, SNIPPET_CHARS)
     async with conn.transaction(isolation="repeatable_read", readonly=True):

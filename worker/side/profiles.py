@@ -173,7 +173,7 @@ def add(
 
 ITEMS = """
 SELECT namespace, id, embedding FROM embeddings
-WHERE model = $1 AND namespace = ANY($2::text[]) AND id = ANY($3::text[])
+WHERE model = $1 AND namespace = ANY($2::text[]) AND id = ANY($3::text[]) AND chunk = 0
 """
 
 

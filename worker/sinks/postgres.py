@@ -38,6 +38,7 @@ UPSERT_COLUMNS = (
     "source_offset",
     "event_time",
     "sparse",
+    "chunk",
 )
 
 # Rows and offsets in one statement, so in one round trip, and in its own transaction when
@@ -48,21 +49,21 @@ UPSERT_AND_STORE_OFFSETS = f"""
 WITH s AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::vector[], $6::text[], $7::bytea[],
         $8::text[], $9::jsonb[], $10::bool[], $11::text[], $12::int[], $13::bigint[],
-        $14::timestamptz[], $19::sparsevec[])
+        $14::timestamptz[], $19::sparsevec[], $20::int[])
     AS s({", ".join(UPSERT_COLUMNS)})
 ), upserted AS (
     INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
         model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
-        event_time, sparse)
+        event_time, sparse, chunk)
     SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
         s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset,
-        s.event_time, s.sparse
+        s.event_time, s.sparse, s.chunk
     FROM s
     WHERE NOT EXISTS (
         SELECT 1 FROM embedding_tombstones d
         WHERE d.namespace = s.namespace AND d.id = s.id
           AND (d.event_time, d.source_offset) >= (s.event_time, s.source_offset))
-    ON CONFLICT (namespace, id) DO UPDATE SET
+    ON CONFLICT (namespace, id, chunk) DO UPDATE SET
         embedding = EXCLUDED.embedding, content = EXCLUDED.content,
         content_hash = EXCLUDED.content_hash, text_type = EXCLUDED.text_type,
         model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
@@ -72,6 +73,15 @@ WITH s AS (
         updated_at = now()
     WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
     RETURNING 1
+), stale AS (
+    -- A document's rows past its new last chunk (it shrank, or is no longer chunked) that
+    -- are older than the new version go in the same statement as its new chunks: never a
+    -- mix of old and new chunks. An older event (a replay) removes nothing.
+    DELETE FROM embeddings AS t
+    USING (SELECT namespace, id, max(chunk) AS last, event_time, source_offset FROM s
+           GROUP BY namespace, id, event_time, source_offset) AS d
+    WHERE t.namespace = d.namespace AND t.id = d.id AND t.chunk > d.last
+      AND (t.event_time, t.source_offset) < (d.event_time, d.source_offset)
 ), stored AS (
     -- GREATEST: a worker that lost its partition in a rebalance never moves one back.
     INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
@@ -114,7 +124,7 @@ class _Redo(Exception):
     """The direct path raced with another writer: redo the transaction fully guarded."""
 
 
-# Same content already embedded: refresh everything but the vector.
+# Same content already embedded: refresh everything but the vector (every chunk's row).
 TOUCH = """
 UPDATE embeddings AS t SET metadata = s.metadata, source_topic = s.source_topic,
     source_partition = s.source_partition, source_offset = s.source_offset,
@@ -234,7 +244,8 @@ async def connecting() -> AsyncIterator[None]:
 
 async def check_schema(conn: Conn, dimension: int) -> None:
     """Refuse to start against a missing table, one of another vector dimension, or one
-    without the sparse column (every write names it, NULL for a dense-only provider)."""
+    without the sparse column (every write names it, NULL for a dense-only provider) or
+    the chunk column (every write names it too)."""
     typmod = await conn.fetchval(
         "SELECT a.atttypmod FROM pg_attribute a "
         "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
@@ -247,14 +258,16 @@ async def check_schema(conn: Conn, dimension: int) -> None:
             f"{dimension}-d; use the matching dimension, or migrate the model into a new "
             "database (the stored vectors cannot be mixed)"
         )
-    if not await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
-        "AND attname = 'sparse' AND NOT attisdropped)"
-    ):
-        raise SchemaError(
-            "table `embeddings` has no `sparse` column (migration 0008_sparse.sql): run "
-            "`embedding-worker migrate`"
-        )
+    for column, migration in (("sparse", "0008_sparse.sql"), ("chunk", "0010_chunks.sql")):
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
+            "AND attname = $1 AND NOT attisdropped)",
+            column,
+        ):
+            raise SchemaError(
+                f"table `embeddings` has no `{column}` column (migration {migration}): run "
+                "`embedding-worker migrate`"
+            )
 
 
 def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
@@ -368,9 +381,9 @@ async def _write(
     async with contextlib.nullcontext() if alone else conn.transaction():
         guarded = split.embedded
         if direct:
-            guarded = await _copy_new(conn, split.embedded, model, dimension)
-            result.upserted += len(split.embedded) - len(guarded)
-        *columns, sparse = _columns(guarded)
+            guarded, copied = await _copy_new(conn, split.embedded, model, dimension)
+            result.upserted += copied
+        *columns, sparse, chunk = _columns(guarded)
         result.upserted += await conn.fetchval(
             UPSERT_AND_STORE_OFFSETS,
             model,
@@ -379,6 +392,7 @@ async def _write(
             group_id,
             *_offset_columns(offsets),
             sparse,
+            chunk,
         )
         if split.unchanged:
             await _touch(conn, split.unchanged)
@@ -395,24 +409,24 @@ async def _write(
     return result
 
 
-async def _copy_new(conn: Conn, embedded: list[Change], model: str, dimension: int) -> list[Change]:
-    """COPY the rows whose keys are new; return the others, to be guarded."""
+async def _copy_new(
+    conn: Conn, embedded: list[Change], model: str, dimension: int
+) -> tuple[list[Change], int]:
+    """COPY the rows whose keys are new; return the others, to be guarded, and the number
+    of rows copied."""
     ns, ids = _keys(embedded)
     existing = {(r[0], r[1]) for r in await conn.fetch(EXISTING, sorted(set(ns)), ids)}
     new = [c for c in embedded if c.key not in existing]
+    records = [(*row, model, dimension) for c in new for row in copy_records(c)]
     if new:
         try:
-            await conn.copy_records_to_table(
-                "embeddings",
-                records=[(*copy_record(c), model, dimension) for c in new],
-                columns=DIRECT_COLUMNS,
-            )
+            await conn.copy_records_to_table("embeddings", records=records, columns=DIRECT_COLUMNS)
         except asyncpg.UniqueViolationError:
             raise _Redo from None
         new_ns, new_ids = _keys(new)
         if await conn.fetchval(TOMBSTONED_SINCE, sorted(set(new_ns)), new_ids):
             raise _Redo
-    return [c for c in embedded if c.key in existing]
+    return [c for c in embedded if c.key in existing], len(records)
 
 
 async def _touch(conn: Conn, unchanged: list[Change]) -> None:
@@ -430,32 +444,38 @@ async def _touch(conn: Conn, unchanged: list[Change]) -> None:
     )
 
 
-def copy_record(c: Change) -> tuple[object, ...]:
-    """A change's values in ``UPSERT_COLUMNS`` order (the rows COPY sends; the benchmarks'
-    raw COPY sends the same)."""
-    return (
-        c.namespace,
-        c.id,
-        np.asarray(c.vector, dtype=np.float32),
-        c.text,
-        c.content_hash,
-        c.text_type.value,
-        c.metadata_json,
-        c.truncated,
-        c.topic,
-        c.partition,
-        c.offset,
-        c.event_time,
-        c.sparse,
-    )
+def copy_records(c: Change) -> list[tuple[object, ...]]:
+    """A change's rows (one, or one per chunk of a chunked document, each with the
+    document's metadata and content hash), values in ``UPSERT_COLUMNS`` order (the rows COPY
+    sends; the benchmarks' raw COPY sends the same)."""
+    return [
+        (
+            c.namespace,
+            c.id,
+            np.asarray(text.vector, dtype=np.float32),
+            text.text,
+            c.content_hash,
+            c.text_type.value,
+            c.metadata_json,
+            c.truncated,
+            c.topic,
+            c.partition,
+            c.offset,
+            c.event_time,
+            text.sparse,
+            text.chunk,
+        )
+        for text in (c.pieces or (c,))
+    ]
 
 
 def _columns(changes: list[Change]) -> list[list[object]]:
     """``UPSERT_COLUMNS`` as arrays (vectors wrapped: asyncpg would read an array as rows)."""
     columns: list[list[object]] = [[] for _ in UPSERT_COLUMNS]
     for c in changes:
-        for column, value in zip(columns, copy_record(c), strict=True):
-            column.append(value)
+        for row in copy_records(c):
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
     columns[2] = [Vector(cast(np.ndarray, v)) for v in columns[2]]
     return columns
 

@@ -275,7 +275,9 @@ async def _show_analysis(settings: Settings) -> None:
 async def _texts(settings: Settings, ids: list[str]) -> dict[str, str]:
     conn = await store.connect_unchecked(settings.postgres.dsn.get_secret_value())
     try:
-        rows = await conn.fetch("SELECT id, content FROM embeddings WHERE id = ANY($1)", ids)
+        rows = await conn.fetch(
+            "SELECT id, content FROM embeddings WHERE id = ANY($1) AND chunk = 0", ids
+        )
     finally:
         await conn.close()
     return {r["id"]: r["content"] or "" for r in rows}
