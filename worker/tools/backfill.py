@@ -213,7 +213,16 @@ class Backfill:
                     got, found = await isolate(
                         self.consumer, {tp: read_to[tp] for tp in pending}, room
                     )
-                    unreadable += [u for u in found if u.offset < ends[u.partition]]
+                    unreadable += [
+                        u
+                        for u in found
+                        if starts[u.partition] <= u.offset < ends[u.partition]
+                        and (u.partition, u.offset)
+                        not in {(x.partition, x.offset) for x in unreadable}
+                    ]
+                    for u in found:  # isolate sought past it: read on from there
+                        tp = TopicPartition(u.topic, u.partition)
+                        read_to[tp] = max(read_to[tp], u.offset + 1)
                 for tp, messages in got.items():
                     end = ends[tp.partition]
                     records += [
