@@ -36,8 +36,12 @@ from benchmarks.harness import (
 )
 from benchmarks.otlp_sink import OtlpSink
 from benchmarks.topic import shared_topic
-from worker.config import environment_for
+from worker.config import AUTO_MAX_CONCURRENCY, INITIAL_CONCURRENCY, BatchSettings, environment_for
+from worker.embedding.providers.openai import MAX_TEXTS
 from worker.sinks import postgres as store
+
+# The worker defaults the notes describe.
+BATCH = BatchSettings()
 
 SCENARIO = "1-worker-overhead"
 TARGET_EVENTS_PER_S = 5_000.0
@@ -179,7 +183,10 @@ async def run(ctx: Context) -> list[Figure]:
             cpu=median_cpu(cpus),
             notes=(
                 f"{total:,} events produced beforehand, 4 partitions, 1024-d base64, worker "
-                "defaults (10 texts/request, 16 requests in flight, ≤ 500 rows/transaction)"
+                f"defaults ({MAX_TEXTS} texts/request, lowered to the fake's 10 at its first "
+                f"refusals; adaptive concurrency from {INITIAL_CONCURRENCY} requests in flight, "
+                f"ceiling {AUTO_MAX_CONCURRENCY}; ≤ {BATCH.max_in_flight:,} events in flight; "
+                f"{BATCH.writers} writers, ≤ {BATCH.write_max_rows} rows/transaction)"
             ),
             extra=extra,
         )
