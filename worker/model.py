@@ -74,6 +74,10 @@ class Change:
     epoch: int = 0
     # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.ops.tracing).
     trace: Any = None
+    # A multimodal worker's images and video, as sent ((kind, URL or data URI), checked by
+    # worker.pipeline.media) and as stored (``media_json``: data URIs by digest, not bytes).
+    media: tuple[tuple[str, str], ...] = ()
+    media_json: str | None = None
 
     @property
     def topic(self) -> str:
@@ -106,9 +110,12 @@ Item = Change | Settled
 """What the writer receives: rows to apply, or offsets to settle."""
 
 
-def content_hash(text: str, text_type: TextType) -> bytes:
-    """What decides "unchanged": the embedded text and how it is embedded."""
-    return hashlib.sha256(f"{text_type.value}\x1f{text}".encode()).digest()
+def content_hash(text: str, text_type: TextType, media: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """What decides "unchanged": the embedded text, how it is embedded, and any media."""
+    digest = hashlib.sha256(f"{text_type.value}\x1f{text}".encode())
+    for kind, reference in media:
+        digest.update(f"\x1e{kind}\x1f{reference}".encode())
+    return digest.digest()
 
 
 def identity_problem(namespace: str, id: str) -> str | None:

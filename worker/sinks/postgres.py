@@ -38,6 +38,7 @@ UPSERT_COLUMNS = (
     "source_offset",
     "event_time",
     "sparse",
+    "media",
 )
 
 # Rows and offsets in one statement, so in one round trip, and in its own transaction when
@@ -48,15 +49,15 @@ UPSERT_AND_STORE_OFFSETS = f"""
 WITH s AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::vector[], $6::text[], $7::bytea[],
         $8::text[], $9::jsonb[], $10::bool[], $11::text[], $12::int[], $13::bigint[],
-        $14::timestamptz[], $19::sparsevec[])
+        $14::timestamptz[], $19::sparsevec[], $20::jsonb[])
     AS s({", ".join(UPSERT_COLUMNS)})
 ), upserted AS (
     INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
         model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
-        event_time, sparse)
+        event_time, sparse, media)
     SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
         s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset,
-        s.event_time, s.sparse
+        s.event_time, s.sparse, s.media
     FROM s
     WHERE NOT EXISTS (
         SELECT 1 FROM embedding_tombstones d
@@ -68,7 +69,8 @@ WITH s AS (
         model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
         truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
         source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-        event_time = EXCLUDED.event_time, sparse = EXCLUDED.sparse, version = t.version + 1,
+        event_time = EXCLUDED.event_time, sparse = EXCLUDED.sparse, media = EXCLUDED.media,
+        version = t.version + 1,
         updated_at = now()
     WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
     RETURNING 1
@@ -234,7 +236,7 @@ async def connecting() -> AsyncIterator[None]:
 
 async def check_schema(conn: Conn, dimension: int) -> None:
     """Refuse to start against a missing table, one of another vector dimension, or one
-    without the sparse column (every write names it, NULL for a dense-only provider)."""
+    without the sparse or media column (every write names them, NULL when unused)."""
     typmod = await conn.fetchval(
         "SELECT a.atttypmod FROM pg_attribute a "
         "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
@@ -247,14 +249,16 @@ async def check_schema(conn: Conn, dimension: int) -> None:
             f"{dimension}-d; use the matching dimension, or migrate the model into a new "
             "database (the stored vectors cannot be mixed)"
         )
-    if not await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
-        "AND attname = 'sparse' AND NOT attisdropped)"
-    ):
-        raise SchemaError(
-            "table `embeddings` has no `sparse` column (migration 0008_sparse.sql): run "
-            "`embedding-worker migrate`"
-        )
+    for column, migration in (("sparse", "0008_sparse.sql"), ("media", "0012_multimodal.sql")):
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
+            "AND attname = $1 AND NOT attisdropped)",
+            column,
+        ):
+            raise SchemaError(
+                f"table `embeddings` has no `{column}` column (migration {migration}): run "
+                "`embedding-worker migrate`"
+            )
 
 
 def _keys(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
@@ -370,7 +374,7 @@ async def _write(
         if direct:
             guarded = await _copy_new(conn, split.embedded, model, dimension)
             result.upserted += len(split.embedded) - len(guarded)
-        *columns, sparse = _columns(guarded)
+        *columns, sparse, media = _columns(guarded)
         result.upserted += await conn.fetchval(
             UPSERT_AND_STORE_OFFSETS,
             model,
@@ -379,6 +383,7 @@ async def _write(
             group_id,
             *_offset_columns(offsets),
             sparse,
+            media,
         )
         if split.unchanged:
             await _touch(conn, split.unchanged)
@@ -447,6 +452,7 @@ def copy_record(c: Change) -> tuple[object, ...]:
         c.offset,
         c.event_time,
         c.sparse,
+        c.media_json,
     )
 
 

@@ -1,0 +1,152 @@
+"""Multimodal events (issue 18): a worker with provider.kind = dashscope-multimodal, on its own
+schema (search_path in its DSN) beside a text worker's tables, stores image, video and text
+events through the fake's multimodal endpoint; events over the model's limits are
+dead-lettered with their own reasons and never sent; text-to-image search finds the image."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from fakeapi import FakeEmbeddingServer
+from fakeapi.vectors import fake_vector
+from tests.conftest import API_KEY, Env, migrate_db, running
+from tests.integration.test_cli import _env
+from tests.processes import cli
+from worker.sinks.migrate import migrate
+
+MODEL = "tongyi-embedding-vision-plus"
+DIMENSION = 1152
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+PNG_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+GIF_URI = "data:image/gif;base64," + base64.b64encode(b"GIF89a" + b"\x00" * 32).decode()
+
+STORED: list[dict[str, Any]] = [
+    {"id": "bike", "images": ["https://img.test/red-bicycle.jpg"]},
+    {"id": "cat", "text": "a sleeping cat", "images": [PNG_URI]},
+    {"id": "waves", "video": "https://img.test/ocean-waves.mp4"},
+    {"id": "memo", "text": "quarterly budget memo"},
+]
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "gif": ({"images": [GIF_URI]}, "media_unsupported_format"),
+    "many": (
+        {"images": [f"https://img.test/photo-{n}.jpg" for n in range(9)]},
+        "too_many_images",
+    ),
+    "video-data": ({"video": "data:video/mp4;base64,AAAA"}, "media_invalid"),
+    "ftp": ({"images": ["ftp://img.test/a.png"]}, "media_invalid"),
+    "long": ({"images": ["https://img.test/long.jpg"], "text": "word " * 1500}, "text_too_long"),
+}
+
+
+def media_dsn(env: Env) -> str:
+    return env.dsn + ("&" if "?" in env.dsn else "?") + "search_path=media,public"
+
+
+def provider(fake: FakeEmbeddingServer) -> dict[str, Any]:
+    return {
+        "kind": "dashscope-multimodal",
+        "model": MODEL,
+        "base_url": fake.url + "/api/v1",
+        "api_key": API_KEY,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.2,
+    }
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / float(np.linalg.norm(vector))
+
+
+async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, 256)  # the text worker's tables, in public
+    conn = await asyncpg.connect(media_dsn(env))
+    try:
+        await migrate(conn, DIMENSION)
+    finally:
+        await conn.close()
+    events = STORED + [{"id": id, **event} for id, (event, _) in REFUSED.items()]
+    high = await env.produce(events)
+    settings = env.settings(
+        provider(fake_api), postgres={"dsn": media_dsn(env)}, oversize_policy="reject"
+    )
+    media = copy.copy(env)  # its offsets are in its own schema too
+    media.dsn = media_dsn(env)
+    async with running(settings):
+        await media.wait_for_offsets(high)
+    letters = await env.dead_letters(len(REFUSED))
+    assert {letter["id"]: letter["reason"] for letter in letters} == {
+        id: reason for id, (_, reason) in REFUSED.items()
+    }
+
+    # Nothing of a refused event reached the provider: one request per stored event.
+    sent = fake_api.multimodal_requests()
+    assert len(sent) == len(STORED)
+    values = {value for parts in sent for _, value in parts}
+    for event, _ in REFUSED.values():
+        assert not set(event.get("images", [])) & values
+        assert event.get("video") not in values
+
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM public.embeddings") == 0
+        rows = {
+            r["id"]: r
+            for r in await conn.fetch(
+                "SELECT id, embedding::text AS v, model, dimension, media, content "
+                "FROM media.embeddings"
+            )
+        }
+    finally:
+        await conn.close()
+    assert set(rows) == {e["id"] for e in STORED}
+    digest = hashlib.sha256(base64.b64encode(PNG)).hexdigest()
+    expected = {
+        "bike": fake_vector("red bicycle", DIMENSION),
+        "cat": unit(
+            fake_vector("a sleeping cat", DIMENSION)
+            + fake_vector("image-bytes:" + digest, DIMENSION)
+        ),
+        "waves": fake_vector("ocean waves", DIMENSION),
+        "memo": fake_vector("quarterly budget memo", DIMENSION),
+    }
+    for id, vector in expected.items():
+        stored = np.array(json.loads(rows[id]["v"]), dtype=np.float32)
+        assert np.allclose(stored, vector, atol=1e-5), id
+        assert (rows[id]["model"], rows[id]["dimension"]) == (MODEL, DIMENSION)
+    assert json.loads(rows["bike"]["media"]) == [
+        {"type": "image", "url": "https://img.test/red-bicycle.jpg"}
+    ]
+    cat_media = json.loads(rows["cat"]["media"])
+    assert cat_media == [
+        {
+            "type": "image",
+            "format": "png",
+            "bytes": len(PNG),
+            "sha256": hashlib.sha256(PNG).hexdigest(),
+        }
+    ]
+    assert rows["memo"]["media"] is None and rows["cat"]["content"] == "a sleeping cat"
+
+    # Text-to-image search: the query goes through the same model's text input.
+    environment = _env(
+        env,
+        EMBEDDING_WORKER_POSTGRES__DSN=media_dsn(env),
+        EMBEDDING_WORKER_PROVIDER__KIND="dashscope-multimodal",
+        EMBEDDING_WORKER_PROVIDER__MODEL=MODEL,
+        EMBEDDING_WORKER_PROVIDER__BASE_URL=fake_api.url + "/api/v1",
+        EMBEDDING_WORKER_PROVIDER__API_KEY=API_KEY,
+    )
+    code, out, err = await cli("search", "red bicycle", "-k", "2", "--json", **environment)
+    assert code == 0, err
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert hits[0]["id"] == "bike"
+    assert hits[0]["score"] > 0.99
