@@ -16,7 +16,7 @@ import numpy as np
 
 from fakeapi import FakeEmbeddingServer
 from fakeapi.vectors import fake_vector
-from tests.conftest import API_KEY, Env, migrate_db, running
+from tests.conftest import API_KEY, Env, dashscope, migrate_db, running
 from tests.integration.test_cli import _env
 from tests.processes import cli
 from worker.sinks.migrate import migrate
@@ -67,12 +67,12 @@ def unit(vector: np.ndarray) -> np.ndarray:
 async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
     env: Env, fake_api: FakeEmbeddingServer
 ) -> None:
-    await migrate_db(env, 256)  # the text worker's tables, in public
     conn = await asyncpg.connect(media_dsn(env))
     try:
-        await migrate(conn, DIMENSION)
+        assert await migrate(conn, DIMENSION)  # creates the schema `media`
     finally:
         await conn.close()
+    await migrate_db(env, 256)  # then the text worker's tables, in public: pgvector is found
     events = STORED + [{"id": id, **event} for id, (event, _) in REFUSED.items()]
     high = await env.produce(events)
     settings = env.settings(
@@ -150,3 +150,38 @@ async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
     hits = [json.loads(line) for line in out.splitlines()]
     assert hits[0]["id"] == "bike"
     assert hits[0]["score"] > 0.99
+
+    # The text deployment on the same topic, its own group, in public: it embeds the text of
+    # an event with media, skips a media-only one, and refuses none of them.
+    text = copy.copy(env)
+    text.group = env.group + "-text"
+    text_provider = {**dashscope(fake_api, 256), "max_tokens_per_text": 8192}
+    async with running(text.settings(text_provider, kafka={"group_id": text.group})):
+        await text.wait_for_offsets(high)
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        stored_text = {
+            r["id"]: r["plain"]
+            for r in await conn.fetch("SELECT id, media IS NULL AS plain FROM public.embeddings")
+        }
+    finally:
+        await conn.close()
+    assert stored_text == {"cat": True, "memo": True, "long": True}
+    assert len(await env.dead_letters(len(REFUSED))) == len(REFUSED)
+
+
+async def test_backfill_and_reembed_refuse_a_multimodal_provider(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    environment = _env(
+        env,
+        EMBEDDING_WORKER_PROVIDER__KIND="dashscope-multimodal",
+        EMBEDDING_WORKER_PROVIDER__BASE_URL=fake_api.url + "/api/v1",
+        EMBEDDING_WORKER_PROVIDER__API_KEY=API_KEY,
+    )
+    code, _, err = await cli("backfill", **environment)
+    assert code == 2 and "embeds text only" in err
+    code, _, err = await cli("reembed", "start", "v2", **environment)
+    assert code == 2 and "a multimodal table's images" in err
+    code, out, _ = await cli("search", "--help")
+    assert code == 0 and "text-to-image" in "".join(out.split())  # wrapped at hyphens

@@ -136,13 +136,16 @@ async def migrate(
 async def _create_first_schema(conn: asyncpg.Connection) -> None:
     """A DSN may name its own schema first (``?search_path=media,public``: a multimodal
     deployment's tables, docs/multimodal.md); Postgres skips a schema that does not exist,
-    which would put its tables in the next one: create it."""
+    which would put its tables in the next one: create it. The ``vector`` extension goes to
+    ``public`` (for a text deployment there too), which the search path must name."""
     first = (await conn.fetchval("SHOW search_path")).split(",")[0].strip()
     if first and first != '"$user"':
         name = first[1:-1].replace('""', '"') if first.startswith('"') else first
         exists = await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", first)
         if not exists:
             await conn.execute(f"CREATE SCHEMA {_quoted(name)}")
+        # pgvector's types belong where every deployment finds them, not in this schema.
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
 
 
 def _quoted(name: str) -> str:
