@@ -3,7 +3,9 @@
 Each part of ``input.contents`` gets its own vector (``index`` in request order). The fake
 "sees" an image or video URL as the words of its file name (``red-bicycle.jpg`` is "red
 bicycle"), so text-to-image search can be tested with ``fake_vector``; a data URI's image
-is a vector of its bytes' digest. URLs are not fetched (the fake cannot know their size).
+is a vector of its bytes' digest. URLs are not fetched: the fake judges one by its file
+name's extension (an image ``.gif``, a video ``.txt``... is refused as the real service
+refuses what it fetched), which is how a test gets a ``provider_rejected`` URL.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ MODELS = {
 MAX_IMAGE_BYTES = 3 * 1024 * 1024
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 _DATA_URI = re.compile(r"data:[^,]*;base64,", re.I)
+# The formats the guide lists, by extension (a URL without one passes).
+_EXTENSIONS = {
+    "image": {"jpg", "jpeg", "png", "bmp"},
+    "video": {"mp4", "mpeg", "mov", "mpg", "webm", "avi", "flv", "mkv"},
+}
 
 
 class Invalid(Exception):
@@ -77,8 +84,13 @@ def check(model: Model, kind: str, value: str) -> int:
         return tokens
     match = _DATA_URI.match(value)
     if match is None:
-        if urlsplit(value).scheme not in ("http", "https"):
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https"):
             raise Invalid(f"The {kind} is neither a URL nor a base64 data URI.")
+        name = url.path.rsplit("/", 1)[-1]
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else None
+        if extension is not None and extension not in _EXTENSIONS[kind]:
+            raise Invalid(f"The {kind} format is not supported: {extension}.")
         return 0
     if kind == "video":
         raise Invalid("Video must be a URL.")

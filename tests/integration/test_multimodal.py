@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import asyncpg
+import httpx
 import numpy as np
 
 from fakeapi import FakeEmbeddingServer
@@ -60,6 +61,13 @@ def provider(fake: FakeEmbeddingServer) -> dict[str, Any]:
     }
 
 
+def _parts(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (kind, value) parts the worker sends for an event, as the fake records them."""
+    text = [("text", event["text"])] if event.get("text") else []
+    video = [("video", event["video"])] if event.get("video") else []
+    return text + [("image", i) for i in event.get("images", [])] + video
+
+
 def unit(vector: np.ndarray) -> np.ndarray:
     return vector / float(np.linalg.norm(vector))
 
@@ -73,7 +81,10 @@ async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
     finally:
         await conn.close()
     await migrate_db(env, 256)  # then the text worker's tables, in public: pgvector is found
-    events = STORED + [{"id": id, **event} for id, (event, _) in REFUSED.items()]
+    # A URL's content is the provider's to judge: the fake refuses this one, as the real
+    # service refuses what it fetched; the event is sent, then dead-lettered.
+    rejected = {"id": "anim", "images": ["https://img.test/anim.gif"]}
+    events = [*STORED, *({"id": id, **event} for id, (event, _) in REFUSED.items()), rejected]
     high = await env.produce(events)
     settings = env.settings(
         provider(fake_api), postgres={"dsn": media_dsn(env)}, oversize_policy="reject"
@@ -82,14 +93,20 @@ async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
     media.dsn = media_dsn(env)
     async with running(settings):
         await media.wait_for_offsets(high)
-    letters = await env.dead_letters(len(REFUSED))
+    letters = await env.dead_letters(len(REFUSED) + 1)
     assert {letter["id"]: letter["reason"] for letter in letters} == {
-        id: reason for id, (_, reason) in REFUSED.items()
+        **{id: reason for id, (_, reason) in REFUSED.items()},
+        "anim": "provider_rejected",
     }
+    assert next(x for x in letters if x["id"] == "anim")["provider_code"] == "InvalidParameter"
 
-    # Nothing of a refused event reached the provider: one request per stored event.
+    # Nothing of an event refused by its limits reached the provider: one request per stored
+    # event, and one for the event the provider refused.
     sent = fake_api.multimodal_requests()
-    assert len(sent) == len(STORED)
+    assert sorted(map(sorted, sent)) == sorted(
+        sorted(parts)
+        for parts in [*(_parts(e) for e in STORED), [("image", "https://img.test/anim.gif")]]
+    )
     values = {value for parts in sent for _, value in parts}
     for event, _ in REFUSED.values():
         assert not set(event.get("images", [])) & values
@@ -167,7 +184,7 @@ async def test_multimodal_events_are_stored_refused_by_limit_and_found_by_text(
     finally:
         await conn.close()
     assert stored_text == {"cat": True, "memo": True, "long": True}
-    assert len(await env.dead_letters(len(REFUSED))) == len(REFUSED)
+    assert len(await env.dead_letters(len(REFUSED) + 1)) == len(REFUSED) + 1
 
 
 async def test_backfill_and_reembed_refuse_a_multimodal_provider(
@@ -185,3 +202,35 @@ async def test_backfill_and_reembed_refuse_a_multimodal_provider(
     assert code == 2 and "a multimodal table's images" in err
     code, out, _ = await cli("search", "--help")
     assert code == 0 and "text-to-image" in "".join(out.split())  # wrapped at hyphens
+
+
+async def test_the_fake_endpoint_refuses_what_the_model_refuses(
+    fake_api: FakeEmbeddingServer,
+) -> None:
+    url = fake_api.url + "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    big = "data:image/png;base64," + base64.b64encode(PNG + b"\x00" * (3 << 20)).decode()
+    refused = {
+        "unknown model": ("text-embedding-v4", [{"text": "a"}]),
+        "nine images": (MODEL, [{"image": f"https://img.test/{n}.jpg"} for n in range(9)]),
+        "two images for v1": (
+            "multimodal-embedding-v1",
+            [{"image": "https://img.test/a.jpg"}, {"image": "https://img.test/b.jpg"}],
+        ),
+        "over 3 MB": (MODEL, [{"image": big}]),
+        "gif bytes": (MODEL, [{"image": GIF_URI}]),
+        "video as data": (MODEL, [{"video": "data:video/mp4;base64,AAAA"}]),
+        "text over 1024 tokens": (MODEL, [{"text": "word " * 1100}]),
+        "two texts": (MODEL, [{"text": "a"}, {"text": "b"}]),
+    }
+    async with httpx.AsyncClient(headers=headers) as client:
+        for what, (model, parts) in refused.items():
+            body = {"model": model, "input": {"contents": parts}}
+            answer = await client.post(url, json=body)
+            assert (answer.status_code, answer.json()["code"]) == (400, "InvalidParameter"), what
+        body = {"model": MODEL, "input": {"contents": [{"text": "a cat"}, {"image": PNG_URI}]}}
+        answer = await client.post(url, json=body)
+    assert answer.status_code == 200
+    items = sorted(answer.json()["output"]["embeddings"], key=lambda e: e["index"])
+    assert [e["type"] for e in items] == ["text", "image"]
+    assert np.allclose(items[0]["embedding"], fake_vector("a cat", DIMENSION), atol=1e-6)
