@@ -28,6 +28,7 @@ from typing import Any
 
 import h11
 
+from fakeapi import multimodal
 from fakeapi.batches import BatchService, Dropped, Refused
 from fakeapi.config import FAULT_RATES, FakeConfig
 from fakeapi.stats import FakeStats
@@ -37,7 +38,11 @@ from fakeapi.vocabulary import sparse_vector
 
 NATIVE_PATH = "/api/v1/services/embeddings/text-embedding/text-embedding"
 OPENAI_PATHS = ("/compatible-mode/v1/embeddings", "/v1/embeddings")
-_ROUTES = {NATIVE_PATH: "native", **dict.fromkeys(OPENAI_PATHS, "openai")}
+_ROUTES = {
+    NATIVE_PATH: "native",
+    multimodal.PATH: "multimodal",
+    **dict.fromkeys(OPENAI_PATHS, "openai"),
+}
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # The OpenAI dialect takes "any positive" dimension; this cap only keeps a typo from eating RAM.
@@ -145,6 +150,9 @@ class FakeApp:
         self._rpm: TokenBucket | None = None
         self._tpm: TokenBucket | None = None
         self.batches = BatchService(lambda: self.config, self.answer_offline)
+        # The parts of every multimodal request answered or refused, in order (tests check
+        # that an event the worker refuses was never sent).
+        self.multimodal_requests: list[list[tuple[str, str]]] = []
 
     async def handle(
         self, method: str, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -200,6 +208,8 @@ class FakeApp:
             self._rpm = _bucket(self._rpm, cfg.rpm)
             if self._rpm is not None:
                 _check_quota(self._rpm, 1, "Requests rate limit exceeded")
+            if dialect == "multimodal":
+                return self._multimodal(cfg, body)
             job = self._parse(dialect, cfg, body)
             total_tokens = self._validate(cfg, job)
             self._tpm = _bucket(self._tpm, cfg.tpm)
@@ -367,6 +377,46 @@ class FakeApp:
                 "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens},
                 "id": request_id,
             }
+        return Reply(200, _json(payload))
+
+    def _multimodal(self, cfg: FakeConfig, body: bytes) -> Reply:
+        """DashScope's multimodal endpoint (fakeapi/multimodal.py), one vector per part."""
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise multimodal.Invalid("The request body must be a JSON object.")
+            model, parts = multimodal.parse(data)
+            self.multimodal_requests.append(parts)
+            tokens = sum(multimodal.check(model, kind, value) for kind, value in parts)
+        except ValueError:
+            return _error(400, "InvalidParameter", "The request body is not valid JSON.", "native")
+        except multimodal.Invalid as exc:
+            return _error(400, "InvalidParameter", str(exc), "native")
+        if cfg.poison and any(p in v for _, v in parts for p in cfg.poison):
+            return _error(
+                400,
+                "DataInspectionFailed",
+                "Input data may contain inappropriate content.",
+                "native",
+            )
+        order = list(range(len(parts)))
+        if cfg.shuffle:
+            self._rng.shuffle(order)
+        items = [
+            {
+                "index": i,
+                "type": parts[i][0],
+                "embedding": multimodal.vector(*parts[i], model.dimension).tolist(),
+            }
+            for i in order
+        ]
+        images = sum(1 for kind, _ in parts if kind == "image")
+        self.stats.embedded(len(parts), tokens)
+        payload = {
+            "output": {"embeddings": items},
+            "usage": {"input_tokens": tokens, "image_count": images},
+            "request_id": str(uuid.uuid4()),
+        }
         return Reply(200, _json(payload))
 
     def _control(self, method: str, path: str, body: bytes) -> Reply:

@@ -123,6 +123,11 @@ class FakeEmbeddingServer:
         """Batches created, lines answered and the tokens they billed (fakeapi/batches.py)."""
         return self._app.batches.snapshot()
 
+    def multimodal_requests(self) -> list[list[tuple[str, str]]]:
+        """The (kind, value) parts of each multimodal request received, oldest first."""
+        return list(self._app.multimodal_requests)
+
     def reset_stats(self) -> None:
         self._app.stats.reset()
         self._app.batches.reset()
+        self._app.multimodal_requests.clear()

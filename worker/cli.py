@@ -151,7 +151,12 @@ def _parser() -> argparse.ArgumentParser:
         "or hybrid; a chunked document (oversize_policy = chunk) is one hit, its best chunk's "
         "text the snippet",
     )
-    search.add_argument("query", help="the text to search for")
+    search.add_argument(
+        "query",
+        help="the text to search for (with provider.kind dashscope-multimodal, through the "
+        "model's text input: text-to-image and text-to-video search over that deployment's "
+        "schema)",
+    )
     search.add_argument("-k", type=_positive, default=5, help="number of results")
     search.add_argument("--namespace", help="only this namespace (default: all)")
     search.add_argument(
@@ -862,10 +867,10 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
     from worker.sinks.batchjobs import JobTaken
     from worker.tools.backfill import Backfill
 
-    if settings.provider.kind is ProviderKind.LOCAL:
+    if settings.provider.kind in (ProviderKind.LOCAL, ProviderKind.DASHSCOPE_MULTIMODAL):
         print(
             "embedding-worker: backfill needs a provider with a batch interface "
-            "(provider.kind dashscope or openai)",
+            "(provider.kind dashscope or openai; the batch interface embeds text only)",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -932,6 +937,15 @@ async def _reembed(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print("\n".join(reembed.describe(found)) or "no re-embed targets")
         return 0
+    multimodal = ProviderKind.DASHSCOPE_MULTIMODAL
+    if args.action == "start" and multimodal in (settings.provider.kind, args.kind):
+        print(
+            "embedding-worker: reembed re-embeds the stored text; a multimodal table's images "
+            "are not stored (data URIs by digest only): replay the topic into a new schema "
+            "instead (docs/multimodal.md)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

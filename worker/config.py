@@ -14,6 +14,7 @@ import os
 import re
 import tomllib
 from contextvars import ContextVar
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +59,8 @@ class ProviderKind(StrEnum):
     LOCAL = "local"
     DASHSCOPE = "dashscope"
     OPENAI = "openai"
+    # DashScope's multimodal endpoint: events with images or a video (docs/multimodal.md).
+    DASHSCOPE_MULTIMODAL = "dashscope-multimodal"
 
 
 class OutputType(StrEnum):
@@ -95,7 +98,26 @@ AUTO_MAX_CONCURRENCY = 256
 DASHSCOPE_TEXTS_LIMIT = 10
 DEFAULT_URLS = {
     ProviderKind.DASHSCOPE: "https://dashscope-intl.aliyuncs.com/api/v1",
+    ProviderKind.DASHSCOPE_MULTIMODAL: "https://dashscope-intl.aliyuncs.com/api/v1",
     ProviderKind.OPENAI: "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MultimodalModel:
+    """A multimodal model's fixed dimension and per-request limits (the vendor's table)."""
+
+    dimension: int
+    max_text_tokens: int
+    max_images: int
+    max_image_bytes: int = 3 * 1024 * 1024
+    max_video_bytes: int = 10 * 1024 * 1024
+
+
+MULTIMODAL_MODELS = {
+    "tongyi-embedding-vision-plus": MultimodalModel(1152, 1024, 8),
+    "tongyi-embedding-vision-flash": MultimodalModel(768, 1024, 8),
+    "multimodal-embedding-v1": MultimodalModel(1024, 512, 1),
 }
 
 
@@ -664,6 +686,14 @@ class Settings(BaseSettings):
             if p.max_concurrency is None:
                 p.max_concurrency = LOCAL_MAX_CONCURRENCY
             return self
+        if p.kind is ProviderKind.DASHSCOPE_MULTIMODAL:
+            _resolve_multimodal(p)
+            if self.oversize_policy is OversizePolicy.CHUNK:
+                raise ValueError(
+                    "oversize_policy 'chunk' does not apply to provider.kind "
+                    "'dashscope-multimodal' (one event is one request and one vector): use "
+                    "truncate or reject"
+                )
         p.model = p.model or "text-embedding-v4"
         p.dimension = p.dimension or 1024
         p.base_url = (p.base_url or DEFAULT_URLS[p.kind]).rstrip("/")
@@ -685,6 +715,24 @@ class Settings(BaseSettings):
                     "(a larger batch is a 400 that no retry fixes)"
                 )
         return self
+
+
+def _resolve_multimodal(p: ProviderSettings) -> None:
+    """The model fixes the dimension; its text limit caps ``max_tokens_per_text``."""
+    name = p.model or "tongyi-embedding-vision-plus"
+    model = MULTIMODAL_MODELS.get(name)
+    if model is None:
+        raise ValueError(
+            f"provider.model {name!r} is not a DashScope multimodal model "
+            f"({', '.join(MULTIMODAL_MODELS)})"
+        )
+    if p.dimension is not None and p.dimension != model.dimension:
+        raise ValueError(
+            f"provider.dimension {p.dimension} does not match {name}, which produces "
+            f"{model.dimension}-d vectors"
+        )
+    p.model, p.dimension = name, model.dimension
+    p.max_tokens_per_text = min(p.max_tokens_per_text, model.max_text_tokens)
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("config_file", default=None)

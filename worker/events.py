@@ -65,6 +65,10 @@ class ContentEvent(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     text_type: TextType = TextType.DOCUMENT
     timestamp: EventTime | None = None
+    # For a multimodal worker (docs/multimodal.md): http(s) URLs or base64 data URIs of
+    # JPG/PNG/BMP images, and the URL of one video. A text worker embeds the text only.
+    images: list[str] = Field(default_factory=list)
+    video: str | None = None
 
 
 class Reason(StrEnum):
@@ -88,6 +92,14 @@ class Reason(StrEnum):
     NO_CONTENT = "no_content"
     UNKNOWN_NAMESPACE = "unknown_namespace"
     UNKNOWN_LABEL = "unknown_label"
+    # Multimodal events (worker/pipeline/media.py), refused before any request: an image
+    # (decoded data URI) over the model's size limit; not JPG/PNG/BMP; more images than the
+    # model takes in one request; a reference that is neither an http(s) URL nor a base64
+    # data URI (a video must be a URL).
+    MEDIA_TOO_LARGE = "media_too_large"
+    MEDIA_UNSUPPORTED_FORMAT = "media_unsupported_format"
+    TOO_MANY_IMAGES = "too_many_images"
+    MEDIA_INVALID = "media_invalid"
 
 
 class SourcePosition(BaseModel):

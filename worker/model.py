@@ -87,6 +87,10 @@ class Change:
     # A chunk: its number and the document it belongs to.
     chunk: int = 0
     document: Change | None = None
+    # A multimodal worker's images and video, as sent ((kind, URL or data URI), checked by
+    # worker.pipeline.media) and as stored (``media_json``: data URIs by digest, not bytes).
+    media: tuple[tuple[str, str], ...] = ()
+    media_json: str | None = None
 
     @property
     def topic(self) -> str:
@@ -145,11 +149,20 @@ Item = Change | Settled
 """What the writer receives: rows to apply, or offsets to settle."""
 
 
-def content_hash(text: str, text_type: TextType, chunking: str = "") -> bytes:
-    """What decides "unchanged": the embedded text and how it is embedded (for a chunked
-    document, the whole text and the chunk budget, so a new budget splits it anew)."""
+def content_hash(
+    text: str,
+    text_type: TextType,
+    chunking: str = "",
+    media: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """What decides "unchanged": the embedded text, how it is embedded (for a chunked
+    document, the whole text and the chunk budget, so a new budget splits it anew), and any
+    media."""
     tail = f"\x1f{chunking}" if chunking else ""
-    return hashlib.sha256(f"{text_type.value}\x1f{text}{tail}".encode()).digest()
+    digest = hashlib.sha256(f"{text_type.value}\x1f{text}{tail}".encode())
+    for kind, reference in media:
+        digest.update(f"\x1e{kind}\x1f{reference}".encode())
+    return digest.digest()
 
 
 def identity_problem(namespace: str, id: str) -> str | None:

@@ -75,6 +75,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0009_batch_jobs.sql",
             "applied 0010_chunks.sql",
             "applied 0011_reembed.sql",
+            "applied 0012_multimodal.sql",
         ],
     )
     code, out, _ = await cli("migrate", **_env(env))

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "worker"
 # that stage; ``offsets`` and ``stats`` are shared bookkeeping, ``runner`` wires them all.
 STAGES = [
     {"registry", "fetch"},
-    {"formats", "decode"},
+    {"formats", "media", "decode"},
     {"dedupe"},
     {"batch"},
     {"dispatch"},

@@ -66,6 +66,8 @@ class Embeddable(Protocol):
     tokens: int
     vector: np.ndarray | None
     sparse: SparseVector | None
+    # A change may also carry ``media`` (its images and video, for a multimodal provider);
+    # what has none (a free text, a re-embed's row) embeds its text alone.
 
 
 E = TypeVar("E", bound=Embeddable)
@@ -223,6 +225,8 @@ class EmbedStage:
 
     async def _call(self, items: list[E], outcome: BatchOutcome[E]) -> Embeddings:
         texts = [c.text for c in items]
+        parts = [getattr(c, "media", ()) for c in items]
+        media = parts if any(parts) else None
         text_type = items[0].text_type
         estimate = sum(c.tokens or estimate_tokens(c.text) for c in items)
         me = object()
@@ -231,7 +235,7 @@ class EmbedStage:
             while True:
                 await self._wait_out_fault(me)
                 try:
-                    return await self._request(texts, text_type, estimate, outcome)
+                    return await self._request(texts, text_type, estimate, outcome, media)
                 except TransientError as exc:
                     limit = self.settings.max_retries
                     if limit is not None and attempt >= limit:
@@ -269,7 +273,12 @@ class EmbedStage:
                 self._notify_fault()
 
     async def _request(
-        self, texts: list[str], text_type: TextType, estimate: int, outcome: BatchOutcome[Any]
+        self,
+        texts: list[str],
+        text_type: TextType,
+        estimate: int,
+        outcome: BatchOutcome[Any],
+        media: list[tuple[tuple[str, str], ...]] | None = None,
     ) -> Embeddings:
         """One HTTP request through the breaker, the concurrency gate and the limiter."""
         probe = await self.breaker.acquire()
@@ -280,7 +289,11 @@ class EmbedStage:
                 await self.limiter.acquire(estimate)
                 outcome.requests += 1
                 began = time.monotonic()
-                result = await self.embedder.embed(texts, text_type)
+                result = await (
+                    self.embedder.embed(texts, text_type)
+                    if media is None
+                    else self.embedder.embed_media(texts, media, text_type)
+                )
                 self._timed("ok", began)
                 self.concurrency.observe(time.monotonic() - began)
                 self._observe_success(time.monotonic() - began, estimate)

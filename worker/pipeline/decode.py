@@ -16,7 +16,14 @@ import orjson
 from pydantic import ValidationError
 
 from worker.chunking import split
-from worker.config import REGISTRY_FORMATS, InputFormat, InputSettings, OversizePolicy, Settings
+from worker.config import (
+    REGISTRY_FORMATS,
+    InputFormat,
+    InputSettings,
+    OversizePolicy,
+    ProviderKind,
+    Settings,
+)
 from worker.envelope import DEFAULT_MAX_MESSAGE_BYTES, envelope_budget, read_or_letter
 from worker.events import (
     ContentEvent,
@@ -28,6 +35,7 @@ from worker.kafka.unreadable import Unreadable
 from worker.model import NO_TIME, Change, Record, Settled, content_hash, identity_problem
 from worker.pipeline.fetch import Fetched
 from worker.pipeline.formats import Ignored, is_native, to_event, tombstone
+from worker.pipeline.media import MediaLimits, checked_media
 from worker.pipeline.offsets import TP, OffsetTracker
 from worker.pipeline.registry import Schemas, jsonable
 from worker.pipeline.stats import Stats
@@ -56,6 +64,8 @@ class Limits:
     input: InputSettings = field(default_factory=InputSettings)
     # The schemas of a schema-registry format (the pipeline fetches them before decoding).
     schemas: Schemas | None = field(default=None, compare=False)
+    # A multimodal worker's model (images and video checked against it); None: text only.
+    media: MediaLimits | None = None
     # The native contract with its own field names (no mapping): known once, not per record.
     native: bool = field(init=False, compare=False)
 
@@ -76,6 +86,9 @@ class Limits:
             dead_letter_bytes=envelope_budget(settings.kafka.dlq_max_message_bytes),
             input=settings.input,
             schemas=Schemas(settings.input) if settings.input.format in REGISTRY_FORMATS else None,
+            media=MediaLimits.of(settings.provider.model_name)
+            if settings.provider.kind is ProviderKind.DASHSCOPE_MULTIMODAL
+            else None,
         )
 
 
@@ -167,7 +180,7 @@ def _decode(record: Record, limits: Limits) -> Change | Ignored:
 
 def _checked(
     record: Record, key: str | None, namespace: str, event: ContentEvent, limits: Limits
-) -> Change:
+) -> Change | Ignored:
     _check_identity(namespace, event.id)
     if key is not None and key != event.id:
         raise Rejected(
@@ -185,7 +198,35 @@ def _checked(
     _check_time(change.event_time, record, limits)
     if event.op == "delete":
         return change
+    if event.images or event.video is not None:
+        return _with_media(change, event, limits)
     return _with_text(change, event, limits)
+
+
+def _with_media(change: Change, event: ContentEvent, limits: Limits) -> Change | Ignored:
+    """An event with images or a video. A multimodal worker checks them against its model's
+    limits and embeds them with the text, if any; a text worker embeds the text alone and
+    settles a media-only event (it is the multimodal deployment's, docs/multimodal.md)."""
+    if limits.media is None:
+        if event.text is None or not event.text.strip():
+            return Ignored()
+        return _with_text(change, event, limits)
+    media, media_json = checked_media(event.images, event.video, limits.media)
+    if event.text is None or not event.text.strip():
+        encoded = _metadata_json(event.metadata)
+        if len(encoded) > limits.max_metadata_bytes:
+            raise Rejected(
+                Reason.METADATA_TOO_LARGE,
+                f"metadata is {len(encoded)} bytes as JSON; the limit is "
+                f"{limits.max_metadata_bytes}",
+            )
+        change.metadata_json = encoded.decode("utf-8")
+        change.text_type = event.text_type
+    else:
+        change = _with_text(change, event, limits)
+    change.media, change.media_json = media, media_json
+    change.content_hash = content_hash(change.text, change.text_type, media=media)
+    return change
 
 
 def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:

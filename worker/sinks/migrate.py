@@ -83,6 +83,7 @@ async def migrate(
     migrations = discover(directory or default_directory())
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_ID)
     try:
+        await _create_first_schema(conn)
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -130,6 +131,25 @@ async def migrate(
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_ID)
+
+
+async def _create_first_schema(conn: asyncpg.Connection) -> None:
+    """A DSN may name its own schema first (``?search_path=media,public``: a multimodal
+    deployment's tables, docs/multimodal.md); Postgres skips a schema that does not exist,
+    which would put its tables in the next one: create it. The ``vector`` extension goes to
+    ``public`` (for a text deployment there too), which the search path must name."""
+    first = (await conn.fetchval("SHOW search_path")).split(",")[0].strip()
+    if first and first != '"$user"':
+        name = first[1:-1].replace('""', '"') if first.startswith('"') else first
+        exists = await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", first)
+        if not exists:
+            await conn.execute(f"CREATE SCHEMA {_quoted(name)}")
+        # pgvector's types belong where every deployment finds them, not in this schema.
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 async def _check_text_search_config(conn: asyncpg.Connection, wanted: str) -> None:

@@ -39,6 +39,7 @@ UPSERT_COLUMNS = (
     "event_time",
     "sparse",
     "chunk",
+    "media",
 )
 
 # Rows and offsets in one statement, so in one round trip, and in its own transaction when
@@ -49,15 +50,15 @@ UPSERT_AND_STORE_OFFSETS = f"""
 WITH s AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::vector[], $6::text[], $7::bytea[],
         $8::text[], $9::jsonb[], $10::bool[], $11::text[], $12::int[], $13::bigint[],
-        $14::timestamptz[], $19::sparsevec[], $20::int[])
+        $14::timestamptz[], $19::sparsevec[], $20::int[], $21::jsonb[])
     AS s({", ".join(UPSERT_COLUMNS)})
 ), upserted AS (
     INSERT INTO embeddings AS t (namespace, id, embedding, content, content_hash, text_type,
         model, dimension, metadata, truncated, source_topic, source_partition, source_offset,
-        event_time, sparse, chunk)
+        event_time, sparse, chunk, media)
     SELECT s.namespace, s.id, s.embedding, s.content, s.content_hash, s.text_type, $1, $2,
         s.metadata, s.truncated, s.source_topic, s.source_partition, s.source_offset,
-        s.event_time, s.sparse, s.chunk
+        s.event_time, s.sparse, s.chunk, s.media
     FROM s
     WHERE NOT EXISTS (
         SELECT 1 FROM embedding_tombstones d
@@ -69,7 +70,8 @@ WITH s AS (
         model = EXCLUDED.model, dimension = EXCLUDED.dimension, metadata = EXCLUDED.metadata,
         truncated = EXCLUDED.truncated, source_topic = EXCLUDED.source_topic,
         source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-        event_time = EXCLUDED.event_time, sparse = EXCLUDED.sparse, version = t.version + 1,
+        event_time = EXCLUDED.event_time, sparse = EXCLUDED.sparse, media = EXCLUDED.media,
+        version = t.version + 1,
         updated_at = now()
     WHERE (t.event_time, t.source_offset) < (EXCLUDED.event_time, EXCLUDED.source_offset)
     RETURNING 1
@@ -244,8 +246,8 @@ async def connecting() -> AsyncIterator[None]:
 
 async def check_schema(conn: Conn, dimension: int) -> None:
     """Refuse to start against a missing table, one of another vector dimension, or one
-    without the sparse column (every write names it, NULL for a dense-only provider) or
-    the chunk column (every write names it too)."""
+    without the sparse, chunk or media column (every write names them, NULL or 0 when
+    unused)."""
     typmod = await conn.fetchval(
         "SELECT a.atttypmod FROM pg_attribute a "
         "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
@@ -258,7 +260,11 @@ async def check_schema(conn: Conn, dimension: int) -> None:
             f"{dimension}-d; use the matching dimension, or migrate the model into a new "
             "database (the stored vectors cannot be mixed)"
         )
-    for column, migration in (("sparse", "0008_sparse.sql"), ("chunk", "0010_chunks.sql")):
+    for column, migration in (
+        ("sparse", "0008_sparse.sql"),
+        ("chunk", "0010_chunks.sql"),
+        ("media", "0012_multimodal.sql"),
+    ):
         if not await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
             "AND attname = $1 AND NOT attisdropped)",
@@ -383,7 +389,7 @@ async def _write(
         if direct:
             guarded, copied = await _copy_new(conn, split.embedded, model, dimension)
             result.upserted += copied
-        *columns, sparse, chunk = _columns(guarded)
+        *columns, sparse, chunk, media = _columns(guarded)
         result.upserted += await conn.fetchval(
             UPSERT_AND_STORE_OFFSETS,
             model,
@@ -393,6 +399,7 @@ async def _write(
             *_offset_columns(offsets),
             sparse,
             chunk,
+            media,
         )
         if split.unchanged:
             await _touch(conn, split.unchanged)
@@ -464,6 +471,7 @@ def copy_records(c: Change) -> list[tuple[object, ...]]:
             c.event_time,
             text.sparse,
             text.chunk,
+            c.media_json,
         )
         for text in (c.pieces or (c,))
     ]

@@ -16,6 +16,10 @@ def create_embedder(settings: ProviderSettings) -> Embedder:
         from worker.embedding.providers.dashscope import DashScopeEmbedder
 
         return DashScopeEmbedder(settings)
+    if settings.kind is ProviderKind.DASHSCOPE_MULTIMODAL:
+        from worker.embedding.providers.multimodal import MultimodalEmbedder
+
+        return MultimodalEmbedder(settings)
     from worker.embedding.providers.openai import OpenAIEmbedder
 
     return OpenAIEmbedder(settings)

@@ -17,6 +17,9 @@ from pgvector import SparseVector
 
 from worker.events import TextType
 
+# An event's images and video: (kind, URL or data URI), kind "image" or "video".
+Parts = tuple[tuple[str, str], ...]
+
 
 class EmbeddingError(Exception):
     def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
@@ -77,6 +80,13 @@ class Embedder(ABC):
 
     @abstractmethod
     async def embed(self, texts: Sequence[str], text_type: TextType) -> Embeddings: ...
+
+    async def embed_media(
+        self, texts: Sequence[str], media: Sequence[Parts], text_type: TextType
+    ) -> Embeddings:
+        """Events with images or a video ((kind, URL or data URI)), text i beside media i:
+        only a multimodal provider has this (decode gives media to no other)."""
+        raise ConfigurationFault(f"{self.model} embeds text only, not images or video")
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Get ready before the first event, so that start-up errors surface at start."""
