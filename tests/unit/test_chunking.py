@@ -101,7 +101,7 @@ def test_a_chunked_document_has_one_row_per_chunk_with_its_metadata_and_hash() -
     for p in pieces:
         p.vector = np.full(4, p.chunk, dtype=np.float32)
     rows = copy_records(change)
-    assert [r[-1] for r in rows] == list(range(len(pieces)))  # the chunk column
+    assert [r[-2] for r in rows] == list(range(len(pieces)))  # the chunk column
     assert [r[3] for r in rows] == list(change.chunks)  # each row's content is its chunk
     assert {r[4] for r in rows} == {change.content_hash}
     assert {r[6] for r in rows} == {'{"lang":"en"}'}

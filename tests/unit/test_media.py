@@ -104,7 +104,9 @@ def test_a_multimodal_worker_takes_media_with_or_without_text() -> None:
         decode(record({"id": "b", "text": "a cat", "images": [uri(PNG)]}), multimodal())
     )
     assert with_text.text == "a cat"
-    assert with_text.content_hash == content_hash("a cat", with_text.text_type, with_text.media)
+    assert with_text.content_hash == content_hash(
+        "a cat", with_text.text_type, media=with_text.media
+    )
     assert with_text.content_hash != content_hash("a cat", with_text.text_type)
 
 
