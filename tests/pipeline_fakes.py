@@ -42,8 +42,10 @@ class FakeConsumer:
         self.commit_gate = asyncio.Event()
         self.commit_gate.set()
         self.positions: dict[TopicPartition, int] = {}
+        self.timeouts: list[int] = []  # of each getmany
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
+        self.timeouts.append(timeout_ms)
         try:
             return await asyncio.wait_for(self.script.get(), timeout_ms / 1000)
         except TimeoutError:

@@ -87,3 +87,33 @@ async def test_records_fetched_before_a_rebalance_are_not_taken_into_the_new_one
     await run
     assert all((1, o) in stored for o in range(900, 1010))
     assert db_offsets[1] == 1010
+
+
+async def test_while_paused_the_pipeline_polls_often_so_it_resumes_once_drained() -> None:
+    """Backpressure pauses the partitions at max_in_flight; the resume check follows each
+    poll, so polls while paused are short (a 200 ms one idled the provider once drained)."""
+    settings = load_settings(
+        kafka={"input_topic": T},
+        provider={"kind": "dashscope", "api_key": "x", "dimension": 64},
+        batch={"linger_ms": 0, "max_in_flight": 20},
+        http={"enabled": False},
+    )
+    consumer, embedder = FakeConsumer(), GatedEmbedder()
+    p = pl.Pipeline(settings, consumer, NoDeadLetters(), FakeStore(), embedder)  # type: ignore[arg-type]
+    await p.on_partitions_assigned([P0, P1])
+    stop = asyncio.Event()
+    run = asyncio.create_task(p.run(stop))
+    await consumer.script.put({P0: [Msg(0, o) for o in range(30)]})
+    await asyncio.sleep(0.3)  # embedding is held: 30 in flight, over the 20 allowed
+    assert p._paused
+    consumer.timeouts.clear()
+    await asyncio.sleep(0.3)
+    assert consumer.timeouts and max(consumer.timeouts) <= pl.Pipeline.PAUSED_POLL_MS
+    embedder.gate.set()  # drained: resumed at the next poll, and long polls again
+    await asyncio.sleep(0.3)
+    assert not p._paused
+    consumer.timeouts.clear()
+    await asyncio.sleep(0.5)
+    assert max(consumer.timeouts) == 200
+    stop.set()
+    await run
