@@ -19,7 +19,6 @@ import base64
 import hashlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from worker.tools.devstack.broker import Broker, free_port, log_tail
+from worker.tools.devstack.maven import maven, require
 from worker.tools.devstack.tls import BrokerTls, make_broker_tls, openssl
 
 PROJECT = Path(__file__).resolve().parents[3] / "devstack" / "kafka"
@@ -42,15 +42,13 @@ START_TIMEOUT_S = 120.0
 RESOLVE_TIMEOUT_S = 900.0
 
 
+NEEDED_BY = "the Apache Kafka dev stack"
+
+
 def _require(tool: str, what: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise RuntimeError(
-            f"the Apache Kafka dev stack needs {what} (`{tool}` is not on PATH); install it "
-            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless maven) or use the default "
-            "broker, EMBEDDING_WORKER_DEVSTACK_BROKER=tansu"
-        )
-    return path
+    return require(
+        tool, what, NEEDED_BY, " or use the default broker, EMBEDDING_WORKER_DEVSTACK_BROKER=tansu"
+    )
 
 
 def _cached_classpath() -> tuple[Path, str | None]:
@@ -73,29 +71,16 @@ async def classpath() -> str:
     cached, jars = _cached_classpath()
     if jars is not None:
         return jars
-    mvn = _require("mvn", "Maven")
     partial = cached.with_suffix(f".{os.getpid()}.tmp")
-    proc = await asyncio.create_subprocess_exec(
-        mvn,
-        "-q",
-        "-B",
-        "-f",
-        str(POM),
+    await maven(
+        POM,
         "dependency:build-classpath",
         f"-Dmdep.outputFile={partial}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        doing=f"resolve the Kafka broker's jars ({POM})",
+        product=partial,
+        timeout_s=RESOLVE_TIMEOUT_S,
+        needed_by=NEEDED_BY,
     )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), RESOLVE_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"Maven did not resolve {POM} in {RESOLVE_TIMEOUT_S:.0f} s") from None
-    if proc.returncode != 0 or not partial.is_file():
-        raise RuntimeError(
-            f"Maven could not resolve the Kafka broker's jars ({POM}):\n"
-            + output.decode(errors="replace")[-3000:]
-        )
     partial.replace(cached)  # atomic: parallel first runs each write a whole file
     return cached.read_text().strip()
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import httpx
 
 from worker.tools.devstack.broker import free_port, log_tail
+from worker.tools.devstack.maven import maven, require
 
 PROJECT = Path(__file__).resolve().parents[3] / "devstack" / "registry"
 RUNNER = PROJECT / "target" / "schema-registry-1-runner.jar"
@@ -27,14 +27,7 @@ BUILD_TIMEOUT_S = 900.0
 START_TIMEOUT_S = 120.0
 
 
-def _require(tool: str, what: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise RuntimeError(
-            f"the schema registry of the dev stack needs {what} (`{tool}` is not on PATH); "
-            "install it (Debian/Ubuntu: apt-get install openjdk-17-jdk-headless maven)"
-        )
-    return path
+NEEDED_BY = "the schema registry of the dev stack"
 
 
 def _digest() -> str:
@@ -51,27 +44,15 @@ async def build() -> Path:
     stamp = PROJECT / "target" / f"built-{_digest()}"
     if stamp.is_file() and RUNNER.is_file():
         return RUNNER
-    _require("javac", "a Java 17 JDK")
-    proc = await asyncio.create_subprocess_exec(
-        _require("mvn", "Maven"),
-        "-q",
-        "-B",
-        "-f",
-        str(PROJECT / "pom.xml"),
+    require("javac", "a Java 17 JDK", NEEDED_BY)
+    await maven(
+        PROJECT / "pom.xml",
         "package",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        doing=f"build the schema registry ({PROJECT})",
+        product=RUNNER,
+        timeout_s=BUILD_TIMEOUT_S,
+        needed_by=NEEDED_BY,
     )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"Maven did not build {PROJECT} in {BUILD_TIMEOUT_S:.0f} s") from None
-    if proc.returncode != 0 or not RUNNER.is_file():
-        raise RuntimeError(
-            f"Maven could not build the schema registry ({PROJECT}):\n"
-            + output.decode(errors="replace")[-3000:]
-        )
     stamp.touch()
     return RUNNER
 
@@ -92,7 +73,7 @@ class ApicurioRegistry:
         return f"http://127.0.0.1:{self.port}/apis/ccompat/v7"
 
     async def start(self, tmp: Path) -> None:
-        java = _require("java", "Java 17 or newer")
+        java = require("java", "Java 17 or newer", NEEDED_BY)
         runner = await build()
         self.port = free_port()
         self._launch(java, runner, tmp)
