@@ -391,7 +391,7 @@ async def test_two_backfills_of_one_group_store_a_job_once_and_the_second_says_s
     assert code == 0 and json.loads(out2)["records"] == 0, err2
 
 
-async def test_a_backfill_refuses_sparse_output_the_batch_interface_cannot_give(
+async def test_a_backfill_refuses_sparse_output_and_chunking_it_cannot_give(
     env: Env, fake_api: FakeEmbeddingServer
 ) -> None:
     await migrate_db(env, DIM)
@@ -401,3 +401,7 @@ async def test_a_backfill_refuses_sparse_output_the_batch_interface_cannot_give(
     environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"] = "dense&sparse"
     code, _, err = await cli("backfill", **environ)
     assert code == 2 and "dense vectors only" in err and "provider.output_type" in err
+    del environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"]
+    environ["EMBEDDING_WORKER_OVERSIZE_POLICY"] = "chunk"
+    code, _, err = await cli("backfill", **environ)
+    assert code == 2 and "does not chunk yet" in err
