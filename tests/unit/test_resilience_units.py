@@ -301,25 +301,13 @@ async def test_aimd_throttle_restarts_the_round() -> None:
     assert gate.limit == 4
 
 
-async def test_aimd_slow_start_doubles_per_round_until_the_first_throttle() -> None:
-    clock = VirtualClock()
-    gate = AdaptiveConcurrency(1, 256, initial=16, window_s=1.0, clock=clock)
+async def test_aimd_grows_past_its_initial_limit_while_it_is_in_use() -> None:
+    gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
     assert gate.limit == 16 and gate.ceiling == 256
-    await busy_successes(gate, 16)  # one round of the initial limit: doubled
-    assert gate.limit == 32
-    await busy_successes(gate, 32)
-    assert gate.limit == 64
-    await busy_successes(gate, 500)
-    assert gate.limit == 256  # the ceiling
-    gate.on_throttle()
-    assert gate.limit == 128
-    # After a throttle: additive increase, +1 per round of successes.
-    await busy_successes(gate, 127)
-    assert gate.limit == 128
-    await busy_successes(gate, 1)
-    assert gate.limit == 129
-    await busy_successes(gate, 129 + 130)
-    assert gate.limit == 131
+    await busy_successes(gate, 16)
+    assert gate.limit == 17
+    await busy_successes(gate, 17 + 18)
+    assert gate.limit == 19
 
 
 async def test_aimd_does_not_grow_while_demand_stays_below_the_limit() -> None:

@@ -2,12 +2,14 @@
 
 Requests in flight are what a latency-bound worker's throughput is made of (Little's law:
 requests/s = in flight / latency), and no fixed number suits both a provider 20 ms away and
-one 200 ms away. As TCP does with its window, the limit starts at a guess and, until the first
-throttle, grows by one per success (slow start: it doubles per round trip, so a far provider
-is filled within a few round trips instead of one slot per round); after a throttle or a
-timeout it halves, then grows by one per round of successes (one success per slot). It grows
-only while it is in use (the gate was full): a limit that idle demand never reached proves
-nothing about the provider, and would let a later burst through all at once.
+one 200 ms away. As TCP does with its window, the limit starts at a guess, grows by one per
+round of successes (one success per slot) and halves on a throttle or a timeout. It grows only
+while it is in use (the gate was full during the round): a limit that idle demand never
+reached proves nothing about the provider, and would let a later burst through all at once.
+(A slow start, doubling per round trip until the first throttle, filled a 100-ms provider
+twice as fast but held ~200 connections at once: the worker's resident memory under a
+backlog rose from ~146 to 168-181 MB, past the bound of tests/integration/test_backlog.py;
+withdrawn.)
 
 A burst of 429s from one wave of requests halves it once: throttles are ignored for a round
 trip after a decrease (the moving average of successful requests' latency, at most
@@ -79,7 +81,6 @@ class AdaptiveConcurrency:
         self._in_flight = 0
         self._successes = 0
         self._full = False  # the gate was full since the limit last moved
-        self._slow_start = True  # until the first throttle
         self._round_trip_s: float | None = None  # moving average of successful requests
         self._decreased_at = -float("inf")
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -130,10 +131,10 @@ class AdaptiveConcurrency:
         self._wake()
 
     def on_success(self) -> None:
-        """Slow start: +1 per success while the gate is full. Then additive increase: +1
-        once ``limit`` requests in a row have succeeded while the gate was full at least once."""
+        """Additive increase: +1 once ``limit`` requests in a row have succeeded while the
+        gate was full at least once."""
         self._successes += 1
-        if not self._slow_start and self._successes < self._limit:
+        if self._successes < self._limit:
             return
         self._successes = 0
         if self._full and self._limit < self._ceiling:
@@ -159,7 +160,6 @@ class AdaptiveConcurrency:
         if sent_at is not None and sent_at < self._decreased_at:
             return
         self._decreased_at = now
-        self._slow_start = False
         new = max(self.minimum, self._limit // 2)
         if new != self._limit:
             log.info("concurrency limit lowered", limit=new, was=self._limit)
