@@ -27,7 +27,7 @@ INSERT = """
 INSERT INTO embeddings (namespace, id, embedding, content, content_hash, text_type, model,
     dimension, metadata, source_topic, source_partition, source_offset, event_time)
 VALUES ($1, $2, $3, $4, $5, 'document', $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (namespace, id) DO UPDATE SET embedding = EXCLUDED.embedding,
+ON CONFLICT (namespace, id, chunk) DO UPDATE SET embedding = EXCLUDED.embedding,
     content = EXCLUDED.content, content_hash = EXCLUDED.content_hash,
     metadata = EXCLUDED.metadata, source_offset = EXCLUDED.source_offset,
     event_time = EXCLUDED.event_time, updated_at = now()
