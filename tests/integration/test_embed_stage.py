@@ -96,6 +96,42 @@ async def test_single_poison_item_costs_one_request(fake_api: FakeEmbeddingServe
     assert outcome.requests == 1
 
 
+# 25 one-letter words: 49 bytes, estimated 19 tokens, but 25 for the fake's count (a word each).
+UNDERCOUNTED = " ".join("abcdefghijklmnopqrstuvwxy")
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+async def test_text_refused_as_too_long_is_cut_again_and_embedded(
+    fake_api: FakeEmbeddingServer, batch: int
+) -> None:
+    fake_api.configure(max_tokens=20)
+    items = [upsert(0, UNDERCOUNTED), *changes(batch)[1:]]
+    assert items[0].tokens <= 20
+    async with stage_for(fake_api, max_tokens_per_text=20) as stage:
+        with capture_logs() as logs:
+            outcome = await stage.run(items)
+    assert outcome.refused == []
+    assert sorted(c.offset for c in outcome.embedded) == list(range(batch))
+    cut = items[0]
+    assert cut.truncated and UNDERCOUNTED.startswith(cut.text) and cut.text != UNDERCOUNTED
+    assert_right_vectors(outcome.embedded)  # the vector is the cut text's
+    assert [e["event"] for e in logs].count(
+        "provider refused a text as too long; embedding a shorter prefix"
+    ) == 1
+
+
+async def test_text_refused_as_too_long_is_refused_when_recut_is_off(
+    fake_api: FakeEmbeddingServer,
+) -> None:
+    fake_api.configure(max_tokens=20)
+    async with stage_for(fake_api, max_tokens_per_text=20) as stage:
+        stage.recut = False  # oversize_policy = reject
+        outcome = await stage.run([upsert(0, UNDERCOUNTED)])
+    assert outcome.embedded == [] and len(outcome.refused) == 1
+    assert "input length" in outcome.refused[0][1].message
+    assert outcome.refused[0][0].text == UNDERCOUNTED
+
+
 async def test_too_many_inputs_lowers_the_batch_size_once_and_refuses_nothing(
     fake_api: FakeEmbeddingServer,
 ) -> None:

@@ -30,7 +30,7 @@ LONG = " ".join(SENTENCES)
 
 
 def test_chunks_fit_the_budget_overlap_and_cover_the_text() -> None:
-    chunks = split(LONG, 100, 20)
+    chunks = split(LONG, 100, 30)
     assert len(chunks) > 5
     assert all(estimate_tokens(c) <= 100 for c in chunks)
     for before, after in itertools.pairwise(chunks):

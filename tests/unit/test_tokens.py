@@ -63,10 +63,27 @@ def test_estimate_is_not_absurdly_loose_for_cjk() -> None:
 def test_estimate_basics() -> None:
     assert estimate_tokens("") == 0
     assert estimate_tokens("a") == 1
-    assert estimate_tokens("abc") == 1
-    assert estimate_tokens("abcd") == 2
-    assert estimate_tokens("猫") == 1  # 3 bytes
+    assert estimate_tokens("abc") == 2  # 3 bytes: 9/8
+    assert estimate_tokens("abcdefgh") == 3  # 0.375 per byte
+    assert estimate_tokens("猫") == 2  # 3 bytes
     assert estimate_tokens("🙂") == 2  # 4 bytes
+    assert estimate_tokens("12345678") == 9  # and 0.75 more per digit
+
+
+# Counted with the Qwen tokenizer that the dashscope SDK ships (docs/architecture.md):
+# digits are a token each, which ``bytes / 3`` (the former estimate: 46 and 20) missed.
+QWEN_COUNTED = {
+    "2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO instruction cache parity "
+    "error corrected 0x00544eb8 1117838570 2005.06.03": 82,
+    "Hey!! r u coming 2nite? call me on 07781482378 b4 9pm, ta xx": 32,
+    "The quick brown fox jumps over the lazy dog, then naps under the old oak tree until "
+    "sunset.": 21,
+}
+
+
+@pytest.mark.parametrize("text", sorted(QWEN_COUNTED))
+def test_estimate_covers_digit_heavy_text(text: str) -> None:
+    assert QWEN_COUNTED[text] <= estimate_tokens(text) <= 2 * QWEN_COUNTED[text]
 
 
 @pytest.mark.parametrize("sentence", ALL[::3])

@@ -47,13 +47,19 @@ from worker.embedding.providers.base import (
 from worker.embedding.providers.http import CONFIG_CODES
 from worker.embedding.ratelimit import RateLimiter
 from worker.events import TextType
-from worker.tokens import estimate_tokens, truncate_to_tokens
+from worker.tokens import estimate_tokens, recut_to_fit, truncate_to_tokens
 
 log = structlog.get_logger(__name__)
 
 # worker.embedding.providers.http words every HTTP error as "HTTP <status> <code>: <message>".
 _AUTH_STATUSES = {"401", "403"}
 _NUMBER = re.compile(r"\d+")
+# A refusal of one text for its length: DashScope ("Range of input length should be [1,
+# 8192]"), OpenAI and vLLM ("maximum context length is ... tokens"), TEI ("must have less
+# than 512 tokens").
+_TOO_LONG = re.compile(
+    r"input length|context length|too long|less than \d+ tokens|maximum .*tokens", re.IGNORECASE
+)
 # Weight of the newest request in the moving averages of latency and tokens per request.
 _EWMA = 0.2
 
@@ -66,6 +72,7 @@ class Embeddable(Protocol):
     tokens: int
     vector: np.ndarray | None
     sparse: SparseVector | None
+    truncated: bool
     # A change may also carry ``media`` (its images and video, for a multimodal provider);
     # what has none (a free text, a re-embed's row) embeds its text alone.
 
@@ -80,6 +87,7 @@ class Text:
     tokens: int
     vector: np.ndarray | None = None
     sparse: SparseVector | None = None
+    truncated: bool = False
 
 
 class TextRefused(Exception):
@@ -136,9 +144,14 @@ class EmbedStage:
         embedder: Embedder,
         settings: ProviderSettings,
         on_request: Callable[[str, float], None] | None = None,
+        *,
+        recut: bool = True,
     ) -> None:
         self.embedder = embedder
         self.settings = settings
+        # Cut again a text refused as too long (oversize_policy truncate or chunk), rather
+        # than refuse it: its estimate, not the data, was wrong (``_recut``).
+        self.recut = recut
         # Called with (outcome, seconds) for every request: "ok" or the failure's cause.
         self.on_request = on_request
         self.limiter = RateLimiter(settings.rpm, settings.tpm)
@@ -193,6 +206,9 @@ class EmbedStage:
             return
         except PermanentError as exc:
             if len(items) == 1:
+                if self.recut and self._recut(items[0], exc):
+                    await self._embed(items, outcome)
+                    return
                 outcome.refused.append((items[0], exc))
                 return
             middle = len(items) // 2
@@ -205,6 +221,31 @@ class EmbedStage:
             change.vector = vector
             change.sparse = lexical
         outcome.embedded.extend(items)
+
+    def _recut(self, item: E, exc: PermanentError) -> bool:
+        """Cut a text the provider refuses as too long though its estimate fit: first to half
+        the estimate's budget (the estimate is rarely under by more than 1.5x), then to what
+        cannot be over (``recut_to_fit``). False when there is nothing shorter to try."""
+        if not _TOO_LONG.search(exc.message):
+            return False
+        limit = self.settings.max_tokens_per_text
+        for cut in (
+            truncate_to_tokens(item.text, min(limit, item.tokens) // 2),
+            recut_to_fit(item.text, limit),
+        ):
+            if cut.strip() and len(cut) < len(item.text):
+                log.warning(
+                    "provider refused a text as too long; embedding a shorter prefix",
+                    tokens_estimated=item.tokens,
+                    chars=len(item.text),
+                    cut_to_chars=len(cut),
+                    error=exc.message,
+                )
+                item.text = cut
+                item.tokens = estimate_tokens(cut)
+                item.truncated = True
+                return True
+        return False
 
     def _lower_max_texts(self, sent: int, exc: TooManyInputs) -> None:
         """Once per size: the refusals of other requests of the same size change nothing."""

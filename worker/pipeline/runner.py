@@ -21,7 +21,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from worker.analysis.stage import AnalysisStage
-from worker.config import Settings
+from worker.config import OversizePolicy, Settings
 from worker.embedding.providers.base import Embedder
 from worker.embedding.stage import EmbedStage
 from worker.model import Item
@@ -81,7 +81,10 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stop = asyncio.Event()
 
         self.stage = EmbedStage(
-            embedder, settings.provider, on_request=self.metrics.request_seconds_observer
+            embedder,
+            settings.provider,
+            on_request=self.metrics.request_seconds_observer,
+            recut=settings.oversize_policy is not OversizePolicy.REJECT,
         )
         if tracing is not None:
             self.stage.on_retry = tracing.retried

@@ -105,6 +105,7 @@ class Row:
     source: tuple[str, int, int]
     vector: Any = None
     sparse: Any = None
+    truncated: bool = False  # set by the stage when it cuts a refused text again
 
 
 @dataclass
