@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from worker.config import ConfigError, OversizePolicy, ProviderKind, Settings, load_settings
+from worker.config import ConfigError, ProviderKind, Settings, load_settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import ConfigurationFault
 from worker.events import Reason
@@ -878,14 +878,6 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         print(
             "embedding-worker: backfill cannot store sparse vectors (provider.output_type "
             "dense&sparse): the batch interface returns dense vectors only; run the worker "
-            "from the offset instead (docs/backfill.md)",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    if settings.oversize_policy is OversizePolicy.CHUNK:
-        print(
-            "embedding-worker: backfill does not chunk yet (oversize_policy chunk): it would "
-            "store long documents whole where the worker stores their chunks; run the worker "
             "from the offset instead (docs/backfill.md)",
             file=sys.stderr,
         )

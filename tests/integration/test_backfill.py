@@ -391,7 +391,7 @@ async def test_two_backfills_of_one_group_store_a_job_once_and_the_second_says_s
     assert code == 0 and json.loads(out2)["records"] == 0, err2
 
 
-async def test_a_backfill_refuses_sparse_output_and_chunking_it_cannot_give(
+async def test_a_backfill_refuses_sparse_output_it_cannot_give(
     env: Env, fake_api: FakeEmbeddingServer
 ) -> None:
     await migrate_db(env, DIM)
@@ -401,7 +401,52 @@ async def test_a_backfill_refuses_sparse_output_and_chunking_it_cannot_give(
     environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"] = "dense&sparse"
     code, _, err = await cli("backfill", **environ)
     assert code == 2 and "dense vectors only" in err and "provider.output_type" in err
-    del environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"]
-    environ["EMBEDDING_WORKER_OVERSIZE_POLICY"] = "chunk"
-    code, _, err = await cli("backfill", **environ)
-    assert code == 2 and "does not chunk yet" in err
+
+
+async def test_a_backfill_stores_long_documents_as_chunks_like_the_worker(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """oversize_policy = chunk: short texts through the batch, long ones chunked in real
+    time, all chunks of a document stored together; a refused chunk dead-letters its
+    document once and stores none of it."""
+    await migrate_db(env, DIM)
+    fake_api.configure(poison=[POISON])
+    long_text = " ".join(f"Sentence {i} says something about subject {i % 5}." for i in range(12))
+    poisoned = long_text + f" Then a {POISON} sentence. " + long_text
+    high = await env.produce(
+        [event(0), event(1, long_text), event(2, poisoned), event(3), event(1, long_text + " !")]
+    )
+    settings = env.settings(
+        dashscope(fake_api, DIM),
+        oversize_policy="chunk",
+        chunking={"max_tokens": 48, "overlap_tokens": 8},
+    )
+    job = Backfill(
+        settings,
+        topic=env.topic,
+        group_id=f"{env.group}.backfill",
+        start_offset=None,
+        chunk_records=1000,
+        poll_initial_s=0.01,
+        poll_max_s=0.05,
+    )
+    report = await job.run()
+    assert report.dead_letters == 1 and report.batch_texts == 2  # doc-0 and doc-3
+    conn = await env.connect()
+    try:
+        found = await conn.fetch(
+            "SELECT id, chunk, content, embedding FROM embeddings ORDER BY id, chunk"
+        )
+    finally:
+        await conn.close()
+    by_id: dict[str, list[str]] = {}
+    for r in found:
+        by_id.setdefault(r["id"], []).append(r["content"])
+        assert np.allclose(r["embedding"].to_numpy(), fake_vector(r["content"], DIM), atol=1e-5)
+    assert sorted(by_id) == ["doc-0", "doc-1", "doc-3"]  # doc-2 dead-lettered, none of it
+    assert [r["chunk"] for r in found if r["id"] == "doc-1"] == list(range(len(by_id["doc-1"])))
+    assert len(by_id["doc-1"]) > 2 and by_id["doc-1"][-1].endswith("!")  # the newest version
+    assert report.realtime_texts >= len(by_id["doc-1"])
+    assert await stored_offsets(env) == {p: h + 1 for p, h in high.items()}
+    (letter,) = await env.dead_letters(1)
+    assert letter["reason"] == "provider_rejected" and letter["id"] == "doc-2"

@@ -11,6 +11,10 @@ process is resumed, never submitted twice. A line failed for a transient cause (
 provider, not run before the job expired) goes again in the job's next round, up to
 ``rounds``; a refused line's texts, or a line still failing then, are embedded in real time
 through the embed stage, with its retries, bisection and ``provider_rejected`` dead letters.
+A document that ``oversize_policy = chunk`` splits goes the real-time way too (its chunks
+are rows of their own, which a batch line's one-vector-per-record placing does not
+express), stored like the worker stores it: all its chunks in the transaction, or, one
+chunk refused, none of them and the document dead-lettered once.
 A round's rows are stored when the next round is recorded. Dead letters are
 acknowledged first; then the rows, the offsets (``consumer_offsets``, the backfill's own
 group) and the job's ``stored`` status are one transaction, through the writer's own
@@ -31,7 +35,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker import backoff
-from worker.config import ConfigError, Settings
+from worker.config import ConfigError, OversizePolicy, Settings
 from worker.embedding.providers import create_embedder
 from worker.embedding.providers.base import EmbeddingError, TransientError
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line, Outcome
@@ -124,7 +128,9 @@ class Backfill:
         try:
             async with started(consumer), started(make_producer(k)) as producer:
                 self.consumer, self.client, self.conn = consumer, client, conn
-                self.stage = EmbedStage(embedder, s.provider)
+                self.stage = EmbedStage(
+                    embedder, s.provider, recut=s.oversize_policy is not OversizePolicy.REJECT
+                )
                 self.sink = DeadLetterSink(producer, k.dlq_topic)
                 await self._loop()
         finally:
@@ -283,7 +289,9 @@ class Backfill:
         real-time way, which sends it (DashScope's native dialect)."""
         by_partition: dict[int, list[Change]] = defaultdict(list)
         for c in chunk.latest:
-            if c.op == "upsert" and not c.unchanged and c.text_type is TextType.DOCUMENT:
+            # A chunked document goes the real-time way (the module's docstring).
+            fresh = c.op == "upsert" and not c.unchanged and not c.chunks
+            if fresh and c.text_type is TextType.DOCUMENT:
                 by_partition[c.partition].append(c)
         size = self.client.max_texts
         lines: Lines = {}
@@ -455,17 +463,27 @@ class Backfill:
         ]
 
     async def _realtime(self, changes: Sequence[Change]) -> Letters:
-        """Embed through the real-time path; what it refuses for good is dead-lettered."""
+        """Embed through the real-time path; what it refuses for good is dead-lettered. A
+        chunked document gets its first chunk's vector once every chunk has one; a refused
+        chunk dead-letters its document once and leaves it without a vector (not stored)."""
         letters: Letters = []
         by_type: dict[Any, list[Change]] = defaultdict(list)
         for c in changes:
-            by_type[c.text_type].append(c)
+            by_type[c.text_type].extend(c.embeddables())
+        refused: set[int] = set()
         for group in by_type.values():
             outcome = await self.stage.run(group)
             self.report.realtime_texts += len(outcome.embedded)
             self.report.realtime_tokens += sum(c.tokens for c in group)
-            for change, error in outcome.refused:
-                letters.append((change.record.key, _refused(change, error, self.letter_budget)))
+            for piece, error in outcome.refused:
+                change = piece.document or piece
+                if id(change) not in refused:
+                    refused.add(id(change))
+                    letters.append((change.record.key, _refused(change, error, self.letter_budget)))
+        for c in changes:
+            if c.pieces is not None:
+                done = id(c) not in refused and all(p.vector is not None for p in c.pieces)
+                c.vector = c.pieces[0].vector if done else None
         return letters
 
 
