@@ -297,7 +297,8 @@ def test_stats_and_control_plane(server: FakeEmbeddingServer, client: httpx.Clie
 
 
 def test_concurrency_is_visible_in_stats(server: FakeEmbeddingServer) -> None:
-    server.config.latency_ms = 150
+    # Long enough that the four requests overlap even on a loaded machine (150 ms did not).
+    server.config.latency_ms = 1000
     with ThreadPoolExecutor(4) as pool:
         statuses = list(
             pool.map(
