@@ -769,6 +769,8 @@ def environment_for(values: dict[str, Any]) -> dict[str, str]:
         for key, value in node.items():
             if isinstance(value, dict):
                 flatten(f"{prefix}{key.upper()}__", value)
+            elif isinstance(value, list | tuple):  # complex values are read as JSON
+                out[f"{prefix}{key.upper()}"] = json.dumps(value)
             elif value is not None:
                 out[f"{prefix}{key.upper()}"] = str(value)
 

@@ -15,6 +15,7 @@ from worker.config import (
     OversizePolicy,
     ProviderKind,
     Settings,
+    environment_for,
     load_settings,
 )
 
@@ -142,6 +143,28 @@ def test_env_nested_override(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.kafka.input_topic == "content.events"  # siblings keep their defaults
     assert s.batch.linger_ms == 7
     assert s.oversize_policy is OversizePolicy.REJECT
+
+
+def test_environment_for_carries_lists_of_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A label set given inline (lists of tables) survives the trip through variables."""
+    labels = [
+        {"name": "spam", "description": "unwanted ads", "examples": ["WIN a prize", "cheap"]},
+        {"name": "ham", "examples": ["see you at 5", 'she said "hi"']},
+    ]
+    values = {
+        "analysis": {"namespaces": {"sms": {"classify": {"labels": labels, "top_k": 1}}}},
+        "batch": {"linger_ms": 7},
+    }
+    for name, value in environment_for(values).items():
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    got = s.analysis.spec.namespaces["sms"].classify
+    assert got is not None
+    assert [(label.name, label.examples) for label in got.labels] == [
+        ("spam", ["WIN a prize", "cheap"]),
+        ("ham", ["see you at 5", 'she said "hi"']),
+    ]
+    assert s.batch.linger_ms == 7
 
 
 def test_invalid_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
