@@ -77,15 +77,18 @@ async def analyse(
     model: str,
     changes: Sequence[Change],
 ) -> Analysed:
-    """Classify and score one namespace's events (stream order) against the committed state."""
+    """Classify and score one namespace's events (stream order) against the committed state.
+    Only anomaly scores read and grow that state (the history of points, the mean): a
+    namespace that only classifies costs no query and no write here."""
     vectors = scoring.normalise(np.vstack([c.vector for c in changes if c.vector is not None]))
-    current = await state.load(conn, namespace, model, vectors.shape[1])
-    delta = state.Delta.empty(namespace, current.seen, vectors.shape[1])
-    out = Analysed(deltas=[delta])
+    out = Analysed()
     if labels is not None:
         for change, result in zip(changes, classify.classify_batch(labels, vectors), strict=True):
             out.classifications.append(classify.build(labels, model, change, result))
     if spec.anomaly is not None:
+        current = await state.load(conn, namespace, model, vectors.shape[1])
+        delta = state.Delta.empty(namespace, current.seen, vectors.shape[1])
+        out.deltas.append(delta)
         a = spec.anomaly
         past = await anomaly.fetch_past(conn, a, namespace, model, vectors, current.seen)
         ids = [c.id for c in changes]
@@ -99,9 +102,9 @@ async def analyse(
         transitions = incidents.group(a, namespace, model, opened, events)
         out.incident_results = transitions.messages
         out.transitions[namespace] = transitions
-    delta.vector_sum += vectors.sum(axis=0)
-    delta.ids = [c.id for c in changes]
-    delta.vectors = list(vectors)
+        delta.vector_sum += vectors.sum(axis=0)
+        delta.ids = [c.id for c in changes]
+        delta.vectors = list(vectors)
     return out
 
 
