@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from worker.config import ConfigError, ProviderKind, ProviderSettings, Settings
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.base import ConfigurationFault, Embedder
+from worker.embedding.providers.base import ConfigurationFault
 from worker.embedding.stage import EmbedStage, Text
 from worker.model import Change
 from worker.pipeline.stats import Stats
@@ -104,17 +104,10 @@ class Plan:
 
 
 class DualWrite:
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        stats: Stats,
-        create: Callable[[ProviderSettings], Embedder] = create_embedder,
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, stats: Stats) -> None:
         self.settings = settings
         self.store = store
         self.stats = stats
-        self.create = create
         self.targets: dict[str, Active] = {}
         self._refused: dict[str, str] = {}  # targets not written, and why (logged once)
         self._wake = asyncio.Event()
@@ -181,7 +174,7 @@ class DualWrite:
         if target.provider.get("kind") == ProviderKind.DASHSCOPE_MULTIMODAL.value:
             raise ConfigError(f"re-embed {target.name!r} is multimodal: dual write takes text only")
         provider = target_provider(target, self.settings)
-        embedder = self.create(provider)
+        embedder = create_embedder(provider)
         try:
             await embedder.start()
             sql.guard(target, embedder.model, [])
