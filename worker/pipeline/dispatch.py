@@ -105,7 +105,7 @@ class Dispatcher:
             span = tracing.embedding([c.trace for c in batch], self.model)
         try:
             with span:
-                if self.dual is None:
+                if self.dual is None or not self.dual.targets:
                     outcome = await self.stage.run(batch)
                 else:
                     outcome = await self._run_beside(batch, self.dual)

@@ -255,8 +255,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             asyncio.create_task(w.loop(), name=f"writer-{i}") for i, w in enumerate(self.writers)
         ]
         committer = asyncio.create_task(self.commits.loop(), name="kafka-commits")
-        if self.dual is not None:
-            writers.append(asyncio.create_task(self.dual.loop(), name="dual-write-targets"))
+        # reembed.dual_write: the targets looked for now and then.
+        refresher = [] if self.dual is None else [asyncio.create_task(self.dual.loop())]
         self.running = True
         try:
             while not stop.is_set() and self.fatal is None:
@@ -276,9 +276,9 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         finally:
             self.running = False
-            for task in (*writers, committer):
+            for task in (*writers, *refresher, committer):
                 task.cancel()
-            await asyncio.gather(*writers, committer, return_exceptions=True)
+            await asyncio.gather(*writers, *refresher, committer, return_exceptions=True)
             await self.dispatcher.cancel()
             if self.dual is not None:
                 await self.dual.close()
