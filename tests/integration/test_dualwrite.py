@@ -2,7 +2,7 @@
 worker writes each event into a re-embed target too, in the transaction of its rows and
 offsets, so the switch has nothing left to embed; the target's provider refusing a text,
 or being down, never holds the worker's rows; a target dropped under the running worker is
-let go."""
+let go; with the analysis on, its state and the target's rows join one transaction."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def event(i: int, text: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"id": f"doc-{i}", "text": text or f"document {i} about topic {i % 7}", **extra}
 
 
-def dual_settings(env: Env, fake: FakeEmbeddingServer, refresh_s: float = 0.2) -> Settings:
+def dual_settings(
+    env: Env, fake: FakeEmbeddingServer, refresh_s: float = 0.2, **extra: Any
+) -> Settings:
     return env.settings(
         dashscope(fake, OLD, breaker_failures=2, breaker_cooldown_s=0.5),
         reembed={
@@ -35,6 +37,7 @@ def dual_settings(env: Env, fake: FakeEmbeddingServer, refresh_s: float = 0.2) -
             "dual_write_refresh_s": refresh_s,
             "dual_write_timeout_s": 2.0,
         },
+        **extra,
     )
 
 
@@ -170,3 +173,30 @@ async def test_a_target_dropped_under_the_running_worker_is_let_go(
         await env.wait_for_offsets(await env.produce([event(i) for i in range(30, 40)]))
         assert worker.pipeline.fatal is None
     assert set(await table(env, "embeddings")) == {f"doc-{i}" for i in range(40)}
+
+
+async def test_with_the_analysis_its_state_and_the_target_join_one_transaction(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    await migrate_db(env, OLD)
+    topics = {
+        "classifications_topic": env.dlq.replace(".dlq", ".classifications"),
+        "anomalies_topic": env.dlq.replace(".dlq", ".anomalies"),
+    }
+    await env.stack.create_topics(list(topics.values()), partitions=1)
+    anomaly = {"warm_up": 5, "horizon": 5, "emit": "all"}
+    analysis = {"namespaces": {"default": {"anomaly": anomaly}}, **topics}
+    settings = dual_settings(env, fake_api, analysis=analysis)
+    await Reembed(settings, "v3", progress=False).start(TARGET)
+    async with running(settings) as worker:
+        await writing_into(worker, "v3")
+        await env.wait_for_offsets(await env.produce([event(i) for i in range(12)]))
+        assert worker.pipeline is not None
+        assert worker.pipeline.stats.dual_written["v3"] == 12
+    conn = await env.connect()
+    try:
+        points = await conn.fetchval("SELECT count(*) FROM analysis_points")
+    finally:
+        await conn.close()
+    assert points == 12
+    assert set(await table(env, "reembed_v3")) == {f"doc-{i}" for i in range(12)}
