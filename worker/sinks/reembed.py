@@ -338,6 +338,7 @@ async def write_page(
             SELECT {select}
             FROM {_unnest(s, vectors)}
             JOIN {CURRENT} e ON {_on(s, "e", "v")} AND e.content_hash = v.content_hash
+            ORDER BY {", ".join(f"e.{k}" for k in s.key)}
             ON CONFLICT ({", ".join(s.key)}) DO UPDATE SET {update}
             """,
             *_key_columns(s, [r.key for r in embedded]),
@@ -415,7 +416,9 @@ class Dual:
 def dual_statement(s: Shape, target: Target) -> str:
     """One statement, run after the worker's own in its transaction: what a pass would
     write for these keys (the rows joined with ``embeddings`` on the content hash embedded,
-    every other column taken from there), so a pass finds nothing left to do for them."""
+    every other column taken from there), so a pass finds nothing left to do for them.
+    Rows are inserted in key order, as a pass's page is, so that the two, writing the same
+    rows at once, take their locks in one order (no deadlock)."""
     values = {
         "embedding": "v.embedding",
         "model": "$10::text",
@@ -433,6 +436,7 @@ def dual_statement(s: Shape, target: Target) -> str:
                 AS v(namespace, id, content_hash, embedding, sparse)
             JOIN {CURRENT} e ON e.namespace = v.namespace AND e.id = v.id
                 AND e.content_hash = v.content_hash
+            ORDER BY {", ".join(f"e.{k}" for k in s.key)}
             ON CONFLICT ({", ".join(s.key)}) DO UPDATE SET {update}
             RETURNING 1
         ), copied AS (
