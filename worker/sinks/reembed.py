@@ -417,8 +417,10 @@ def dual_statement(s: Shape, target: Target) -> str:
     """One statement, run after the worker's own in its transaction: what a pass would
     write for these keys (the rows joined with ``embeddings`` on the content hash embedded,
     every other column taken from there), so a pass finds nothing left to do for them.
-    Rows are inserted in key order, as a pass's page is, so that the two, writing the same
-    rows at once, take their locks in one order (no deadlock)."""
+    Rows are inserted in key order, as a pass's page is, so that the two, inserting the same
+    rows at once, take those locks in one order (a deadlock between them stays possible
+    through the pass's later statements: Postgres aborts one, the worker retries its write,
+    a pass resumes at its next start)."""
     values = {
         "embedding": "v.embedding",
         "model": "$10::text",
