@@ -469,6 +469,22 @@ class RecommendSettings(BaseModel):
     seen_max: int = Field(default=1_000, ge=0)
 
 
+class ReembedSettings(BaseModel):
+    """What the running worker does for re-embed targets (docs/reembed.md, Dual write)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Embed each stored micro-batch with every target not yet switched too, and write it
+    # into the target's table in the transaction of the rows and offsets: the switch then
+    # has (nearly) nothing left to embed under its lock. Every request is doubled while on.
+    dual_write: bool = False
+    # How often the worker looks for targets started, switched or dropped by the CLI.
+    dual_write_refresh_s: float = Field(default=10.0, gt=0)
+    # The longest a micro-batch waits for a target's embeddings (counted from the batch's
+    # start, beside its own request); past it, the target's rows are left to the catch-up.
+    dual_write_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class InputFormat(StrEnum):
     NATIVE = "native"  # the README's event contract
     CLOUDEVENTS = "cloudevents"  # structured (JSON) or binary (`ce_` headers) mode
@@ -566,6 +582,7 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     input: InputSettings = InputSettings()
     recommend: RecommendSettings = RecommendSettings()
+    reembed: ReembedSettings = ReembedSettings()
     default_namespace: str = Field(default="default", min_length=1, max_length=200)
     oversize_policy: OversizePolicy = OversizePolicy.TRUNCATE
     chunking: ChunkingSettings = ChunkingSettings()
@@ -714,6 +731,24 @@ class Settings(BaseSettings):
                     f"provider.max_texts_per_request is at most {limit} for DashScope "
                     "(a larger batch is a 400 that no retry fixes)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _dual_write_scope(self) -> Settings:
+        """Dual write embeds a row's stored text as the re-embed does, one row per event:
+        chunked documents (several rows) and media are left to the re-embed's passes."""
+        if not self.reembed.dual_write:
+            return self
+        if self.oversize_policy is OversizePolicy.CHUNK:
+            raise ValueError(
+                "reembed.dual_write does not apply to oversize_policy 'chunk' (a document's "
+                "chunks are several rows): turn it off, the re-embed's passes fill the target"
+            )
+        if self.provider.kind is ProviderKind.DASHSCOPE_MULTIMODAL:
+            raise ValueError(
+                "reembed.dual_write does not apply to provider.kind 'dashscope-multimodal': "
+                "turn it off, the re-embed's passes fill the target"
+            )
         return self
 
 

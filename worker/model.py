@@ -72,6 +72,9 @@ class Change:
     # With provider.output_type = dense&sparse, its sparse (lexical) vector; else None.
     sparse: SparseVector | None = None
     unchanged: bool = False
+    # reembed.dual_write: its vectors for re-embed targets (name -> (dense, sparse)), filled
+    # beside ``vector`` and written into the targets' tables in the same transaction.
+    dual: dict[str, tuple[np.ndarray, SparseVector | None]] | None = None
     epoch: int = 0
     # The event's span (an OpenTelemetry SpanContext) when tracing is on (worker.ops.tracing).
     trace: Any = None

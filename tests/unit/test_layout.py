@@ -20,7 +20,7 @@ STAGES = [
     {"formats", "media", "decode"},
     {"dedupe"},
     {"batch"},
-    {"dispatch"},
+    {"dualwrite", "dispatch"},
     {"write"},
     {"commit"},
 ]

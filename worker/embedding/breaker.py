@@ -50,6 +50,12 @@ class CircuitBreaker:
     def state(self) -> State:
         return self._state
 
+    @property
+    def cooling(self) -> bool:
+        """Open and still in its cool-down: a request now would wait for it (a caller that
+        must not wait, e.g. dual write's, skips instead; after it, one probe goes out)."""
+        return self._state == "open" and self._clock() < self._opened_at + self.cooldown_s
+
     async def acquire(self) -> bool:
         """Wait until a request may be sent. True: it is the half-open probe, and the caller
         must report its outcome (``record_*``) or give the turn back (``cancel_probe``)."""

@@ -195,6 +195,8 @@ class PipelineCollector(Collector):
                 st.sparse_at_cap,
             )
         yield counter("db_transactions", "Postgres transactions committed.", st.transactions)
+        if st.dual_written or st.dual_requests or st.dual_left:
+            yield from _dual_write(st)
         if p.analysis is not None:
             a = p.analysis
             classified = CounterMetricFamily(
@@ -259,3 +261,31 @@ class PipelineCollector(Collector):
         for (topic, partition), behind in sorted(p.lag.items()):
             lag.add_metric([topic, str(partition)], behind)
         yield lag
+
+
+def _dual_write(st: Stats) -> Iterator[Metric]:
+    """reembed.dual_write, per re-embed target (docs/reembed.md, Dual write)."""
+    written = CounterMetricFamily(
+        f"{PREFIX}_reembed_dual_write_rows",
+        "Rows written into a re-embed target beside embeddings (dual write).",
+        labels=["target"],
+    )
+    for target, count in sorted(st.dual_written.items()):
+        written.add_metric([target], count)
+    yield written
+    requests = CounterMetricFamily(
+        f"{PREFIX}_reembed_dual_write_requests",
+        "Embedding requests sent to a re-embed target's provider (dual write).",
+        labels=["target"],
+    )
+    for target, count in sorted(st.dual_requests.items()):
+        requests.add_metric([target], count)
+    yield requests
+    left = CounterMetricFamily(
+        f"{PREFIX}_reembed_dual_write_left",
+        "Rows left to the re-embed's catch-up instead of written into its target, by reason.",
+        labels=["target", "reason"],
+    )
+    for (target, reason), count in sorted(st.dual_left.items()):
+        left.add_metric([target, reason], count)
+    yield left

@@ -20,11 +20,12 @@ import structlog
 
 from worker.embedding.providers.base import ConfigurationFault
 from worker.embedding.providers.dashscope import SPARSE_MAX_ENTRIES
-from worker.embedding.stage import EmbedStage
+from worker.embedding.stage import BatchOutcome, EmbedStage
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason
 from worker.model import Change, Item, Settled
 from worker.ops.metrics import Metrics
+from worker.pipeline.dualwrite import DualWrite
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.stats import Stats
 
@@ -51,6 +52,7 @@ class Dispatcher:
         letter_budget: int,
         model: str,
         tracing: Tracing | None = None,
+        dual: DualWrite | None = None,
     ) -> None:
         self.stage = stage
         self.tracker = tracker
@@ -63,6 +65,7 @@ class Dispatcher:
         self.letter_budget = letter_budget
         self.model = model
         self.tracing = tracing
+        self.dual = dual
         self._queued: list[list[Change]] = []
         self._embedding = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -102,7 +105,10 @@ class Dispatcher:
             span = tracing.embedding([c.trace for c in batch], self.model)
         try:
             with span:
-                outcome = await self.stage.run(batch)
+                if self.dual is None or not self.dual.targets:
+                    outcome = await self.stage.run(batch)
+                else:
+                    outcome = await self._run_beside(batch, self.dual)
         except ConfigurationFault as exc:
             log.error("provider configuration fault; stopping", error=exc.message, code=exc.code)
             self.on_fatal(exc)
@@ -150,6 +156,18 @@ class Dispatcher:
             self.release([change])
         await self.send_letters(letters)
         self.to_writer([*_complete(outcome.embedded), *settled])
+
+    async def _run_beside(self, batch: list[Change], dual: DualWrite) -> BatchOutcome[Change]:
+        """The worker's request and the re-embed targets' at once (dual write): the batch
+        waits for the slower, the targets' bounded by their own timeout."""
+        beside = asyncio.ensure_future(dual.embed(batch))
+        try:
+            outcome = await self.stage.run(batch)
+        except BaseException:
+            beside.cancel()
+            raise
+        await beside
+        return outcome
 
 
 def _abandoned(change: Change) -> bool:

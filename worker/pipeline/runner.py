@@ -31,6 +31,7 @@ from worker.pipeline.commit import KafkaCommits
 from worker.pipeline.decode import Decoder, Limits
 from worker.pipeline.dedupe import Dedupe
 from worker.pipeline.dispatch import Dispatcher, Letters
+from worker.pipeline.dualwrite import DualWrite
 from worker.pipeline.fetch import Fetcher
 from worker.pipeline.offsets import TP, OffsetTracker
 from worker.pipeline.stats import Stats
@@ -100,6 +101,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self.decoder = Decoder(self.limits, self.tracker, self._revoking, self.stats, tracing)
         self.dedupe = Dedupe(store, embedder.model, embedder.dimension, self.stats, embedder.sparse)
         self.commits = KafkaCommits(consumer, self._revoking, self.COMMIT_EVERY_S)
+        # reembed.dual_write: the re-embed targets embedded and written beside the rows.
+        self.dual = DualWrite(settings, store, self.stats) if settings.reembed.dual_write else None
         # Partition modulo writers picks the writer (one while the analysis runs).
         count = 1 if analysis is not None else settings.batch.writers
         self.writers = [
@@ -118,6 +121,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 analysis=analysis,
                 tracing=tracing,
                 ordered=analysis is not None,
+                dual=self.dual,
             )
             for _ in range(count)
         ]
@@ -133,6 +137,7 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             letter_budget=self.limits.dead_letter_bytes,
             model=embedder.model,
             tracing=tracing,
+            dual=self.dual,
         )
         self.metrics.bind(self.snapshot)
 
@@ -253,6 +258,8 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             asyncio.create_task(w.loop(), name=f"writer-{i}") for i, w in enumerate(self.writers)
         ]
         committer = asyncio.create_task(self.commits.loop(), name="kafka-commits")
+        # reembed.dual_write: the targets looked for now and then.
+        refresher = [] if self.dual is None else [asyncio.create_task(self.dual.loop())]
         self.running = True
         try:
             while not stop.is_set() and self.fatal is None:
@@ -272,10 +279,12 @@ class Pipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         finally:
             self.running = False
-            for task in (*writers, committer):
+            for task in (*writers, *refresher, committer):
                 task.cancel()
-            await asyncio.gather(*writers, committer, return_exceptions=True)
+            await asyncio.gather(*writers, *refresher, committer, return_exceptions=True)
             await self.dispatcher.cancel()
+            if self.dual is not None:
+                await self.dual.close()
         if self.fatal is not None:
             raise self.fatal
 

@@ -26,3 +26,8 @@ class Stats:
     sparse_entries: int = 0  # their non-zero entries,
     sparse_at_cap: int = 0  # and those at the 1,000-entry cap (lightest tokens dropped)
     transactions: int = 0  # write
+    # reembed.dual_write, per target: rows written into it, requests sent to its provider,
+    # and rows left to the re-embed's catch-up, per (target, reason).
+    dual_written: Counter[str] = field(default_factory=Counter)
+    dual_requests: Counter[str] = field(default_factory=Counter)
+    dual_left: Counter[tuple[str, str]] = field(default_factory=Counter)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
@@ -21,8 +21,10 @@ import structlog
 from worker.analysis.stage import AnalysisStage
 from worker.model import NO_TIME, Change, Item
 from worker.ops.metrics import Metrics
+from worker.pipeline.dualwrite import DualWrite
 from worker.pipeline.offsets import TP, OffsetTracker
 from worker.pipeline.stats import Stats
+from worker.sinks.postgres import Conn
 from worker.sinks.store import ShuttingDown, Store
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class Writer:
         analysis: AnalysisStage | None = None,
         tracing: Tracing | None = None,
         ordered: bool = False,
+        dual: DualWrite | None = None,
     ) -> None:
         """``ordered`` (the runner sets it when the analysis runs): rows are written in each
         partition's stream order, an item waiting until every earlier event of its partition
@@ -69,6 +72,7 @@ class Writer:
         self.analysis = analysis
         self.tracing = tracing
         self.ordered = ordered
+        self.dual = dual  # reembed.dual_write: the targets' rows join the transaction
         self.ready: list[Item] = []
         self.writing = False
         self._has_work = asyncio.Event()
@@ -122,7 +126,7 @@ class Writer:
             return True
         offsets = self.tracker.plan(current)
         changes = [i for i in current if isinstance(i, Change)]
-        within = None
+        within: Callable[[Conn], Awaitable[None]] | None = None
         if self.analysis is not None:
             analysed = await self.analysis.run(self.store.run, changes)
             within = partial(
@@ -131,6 +135,9 @@ class Writer:
                 history=self.analysis.history(),
                 forgetting=self.analysis.forgetting(),
             )
+        plan = None if self.dual is None else self.dual.plan(changes)
+        if plan is not None:
+            within = plan if within is None else _both(within, plan)
         span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.tracing is not None:
             span = self.tracing.transaction([c.trace for c in changes])
@@ -146,6 +153,8 @@ class Writer:
                 self.metrics.end_to_end_seconds.observe(
                     max(0.0, (now - change.event_time).total_seconds())
                 )
+        if plan is not None:
+            plan.committed()
         self.tracker.complete(current)
         self.release(changes)
         self.stats.transactions += 1
@@ -153,3 +162,13 @@ class Writer:
         self.stats.deleted += sum(1 for c in changes if c.op == "delete")
         self.on_stored(offsets)
         return True
+
+
+def _both(
+    first: Callable[[Conn], Awaitable[None]], then: Callable[[Conn], Awaitable[None]]
+) -> Callable[[Conn], Awaitable[None]]:
+    async def both(conn: Conn) -> None:
+        await first(conn)
+        await then(conn)
+
+    return both

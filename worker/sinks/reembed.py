@@ -339,6 +339,7 @@ async def write_page(
             SELECT {select}
             FROM {_unnest(s, vectors)}
             JOIN {CURRENT} e ON {_on(s, "e", "v")} AND e.content_hash = v.content_hash
+            ORDER BY {", ".join(f"e.{k}" for k in s.key)}
             ON CONFLICT ({", ".join(s.key)}) DO UPDATE SET {update}
             """,
             *_key_columns(s, [r.key for r in embedded]),
@@ -399,6 +400,82 @@ async def write_page(
     target.copied += len(page.copy)
     target.tokens += tokens
     return written
+
+
+@dataclass
+class Dual:
+    """A transaction's rows for a target (``reembed.dual_write``): the keys embedded for it
+    (with the content hash the vector is of), the keys whose content was unchanged (a new
+    version: its columns copied), and every key the transaction touched (deleted from the
+    target when ``embeddings`` no longer has it)."""
+
+    embedded: list[tuple[str, str, bytes, Any, Any]] = field(default_factory=list)
+    unchanged: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dual_statement(s: Shape, target: Target) -> str:
+    """One statement, run after the worker's own in its transaction: what a pass would
+    write for these keys (the rows joined with ``embeddings`` on the content hash embedded,
+    every other column taken from there), so a pass finds nothing left to do for them.
+    Rows are inserted in key order, as a pass's page is, so that the two, inserting the same
+    rows at once, take those locks in one order (a deadlock between them stays possible
+    through the pass's later statements: Postgres aborts one, the worker retries its write,
+    a pass resumes at its next start)."""
+    values = {
+        "embedding": "v.embedding",
+        "model": "$10::text",
+        "dimension": "$11::int",
+        "sparse": "v.sparse",
+    }
+    select = ", ".join(values.get(c, f"e.{c}") for c in s.columns)
+    update = ", ".join(f"{c} = EXCLUDED.{c}" for c in s.columns if c not in s.key)
+    copied = ", ".join(f"{c} = e.{c}" for c in s.columns if c not in s.key and c not in OWN)
+    return f"""
+        WITH written AS (
+            INSERT INTO {target.table} AS t ({", ".join(s.columns)})
+            SELECT {select}
+            FROM unnest($1::text[], $2::text[], $3::bytea[], $4::vector[], $5::sparsevec[])
+                AS v(namespace, id, content_hash, embedding, sparse)
+            JOIN {CURRENT} e ON e.namespace = v.namespace AND e.id = v.id
+                AND e.content_hash = v.content_hash
+            ORDER BY {", ".join(f"e.{k}" for k in s.key)}
+            ON CONFLICT ({", ".join(s.key)}) DO UPDATE SET {update}
+            RETURNING 1
+        ), copied AS (
+            UPDATE {target.table} AS t SET {copied}
+            FROM unnest($6::text[], $7::text[]) AS u(namespace, id), {CURRENT} e
+            WHERE t.namespace = u.namespace AND t.id = u.id AND {_on(s, "e", "t")}
+              AND t.content_hash = e.content_hash AND t.text_type = e.text_type
+              AND {_to_copy(s)}
+        ), gone AS (
+            DELETE FROM {target.table} AS t
+            USING unnest($8::text[], $9::text[]) AS g(namespace, id)
+            WHERE t.namespace = g.namespace AND t.id = g.id
+              AND NOT EXISTS (SELECT 1 FROM {CURRENT} e WHERE {_on(s, "e", "t")})
+        )
+        SELECT count(*) FROM written
+    """
+
+
+async def write_dual(conn: Conn, statement: str, target: Target, rows: Dual) -> int:
+    """``dual_statement`` for one transaction's rows; returns the rows written."""
+    embedded = rows.embedded
+    found = await conn.fetchval(
+        statement,
+        [r[0] for r in embedded],
+        [r[1] for r in embedded],
+        [r[2] for r in embedded],
+        [_vector(r[3]) for r in embedded],
+        [r[4] for r in embedded],
+        [k[0] for k in rows.unchanged],
+        [k[1] for k in rows.unchanged],
+        [k[0] for k in rows.keys],
+        [k[1] for k in rows.keys],
+        target.model,
+        target.dimension,
+    )
+    return int(found)
 
 
 async def save_job(conn: Conn, target: Target, job: dict[str, Any] | None) -> None:

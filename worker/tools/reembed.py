@@ -3,7 +3,8 @@ instruct, ...) filled beside ``embeddings`` from the stored content, while the w
 indexing into ``embeddings`` and search answers from it; then a switch in one transaction,
 and the old table dropped when the operator says so.
 
-Catch-up, not dual write: the running worker is unchanged and knows nothing of the target.
+The catch-up is the guarantee, whether the worker also writes into the target or not
+(``reembed.dual_write``, worker/pipeline/dualwrite.py: then the passes find little to do).
 Each pass (``worker/sinks/reembed.py``) makes the target equal ``embeddings`` as it was when
 each page was read: new or changed content embedded, new versions copied, deleted keys
 deleted. ``start`` runs the fill (resuming a killed one after its last stored page) and one
