@@ -302,12 +302,44 @@ async def test_aimd_throttle_restarts_the_round() -> None:
 
 
 async def test_aimd_grows_past_its_initial_limit_while_it_is_in_use() -> None:
-    gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
+    gate = AdaptiveConcurrency(1, 256, initial=16, slow_start_limit=0, clock=VirtualClock())
     assert gate.limit == 16 and gate.ceiling == 256
     await busy_successes(gate, 16)
     assert gate.limit == 17
     await busy_successes(gate, 17 + 18)
     assert gate.limit == 19
+
+
+async def test_aimd_slow_start_doubles_per_round_up_to_its_cap_then_adds_one() -> None:
+    gate = AdaptiveConcurrency(1, 256, initial=16, slow_start_limit=64, clock=VirtualClock())
+    await busy_successes(gate, 16)  # one round trip's worth of successes at 16
+    assert gate.limit == 32
+    await busy_successes(gate, 32)
+    assert gate.limit == 64  # the cap: additive from here
+    await busy_successes(gate, 63)
+    assert gate.limit == 64
+    await busy_successes(gate, 1)
+    assert gate.limit == 65
+
+
+async def test_aimd_slow_start_ends_at_the_first_throttle() -> None:
+    clock = VirtualClock()
+    gate = AdaptiveConcurrency(1, 256, initial=32, slow_start_limit=64, clock=clock)
+    gate.on_throttle()
+    assert gate.limit == 16
+    await busy_successes(gate, 16)
+    assert gate.limit == 17  # one per round, not one per success
+
+
+async def test_aimd_slow_start_needs_the_gate_full() -> None:
+    gate = AdaptiveConcurrency(1, 256, initial=16, slow_start_limit=64, clock=VirtualClock())
+    for _ in range(100):  # 15 at a time at most: the limit proves nothing
+        for _ in range(15):
+            await gate.acquire()
+        for _ in range(15):
+            gate.release()
+            gate.on_success()
+    assert gate.limit == 16
 
 
 async def test_aimd_does_not_grow_while_demand_stays_below_the_limit() -> None:
