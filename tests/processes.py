@@ -63,20 +63,24 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-async def cli(*args: str, **env: str) -> tuple[int, str, str]:
-    """``python -m worker ARGS`` with only ``env`` as its settings; (exit code, out, err)."""
+async def command(
+    *args: str, env: dict[str, str], quiet: bool = False
+) -> asyncio.subprocess.Process:
+    """``python -m worker ARGS`` started with only ``env`` as its settings (no
+    ``EMBEDDING_WORKER_*`` or DashScope key of the test's own environment), its output piped
+    (or discarded: ``quiet``), for a test that signals it or reads it as it runs."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
     environ.pop("DASHSCOPE_API_KEY", None)
     environ.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    output = asyncio.subprocess.DEVNULL if quiet else asyncio.subprocess.PIPE
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", *args, env=environ, stdout=output, stderr=output
     )
+
+
+async def cli(*args: str, **env: str) -> tuple[int, str, str]:
+    """``python -m worker ARGS`` with only ``env`` as its settings; (exit code, out, err)."""
+    proc = await command(*args, env=env)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT_S)
     except TimeoutError:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from typing import Any
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from fakeapi import FakeEmbeddingServer, count_tokens, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, wait_until
 from tests.integration.test_unreadable import BAD, Rec, produce_batch
-from tests.processes import cli
+from tests.processes import cli, command
 from worker.config import environment_for
 from worker.sinks import batchjobs
 from worker.tools.backfill import Backfill, Report
@@ -261,21 +259,10 @@ async def test_a_killed_command_is_resumed_by_the_next_run(
 ) -> None:
     await migrate_db(env, DIM)
     high = await env.produce([event(i) for i in range(25)])
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ = environment_for(env.config(dashscope(fake_api, DIM)))
     environ["DASHSCOPE_API_KEY"] = API_KEY
     fake_api.configure(batch_delay_s=3600.0)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "backfill",
-        "--poll-initial",
-        "0.01",
-        env=environ,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await command("backfill", "--poll-initial", "0.01", quiet=True, env=environ)
     try:
 
         async def submitted() -> bool:
@@ -353,15 +340,9 @@ async def test_two_backfills_of_one_group_store_a_job_once_and_the_second_says_s
         return any(j["status"] == "submitted" for j in await jobs(env))
 
     await wait_until(submitted, 30, "the job was never submitted")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ = environment_for(env.config(dashscope(fake_api, DIM)))
     environ["DASHSCOPE_API_KEY"] = API_KEY
-    second = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "worker", "backfill", "--poll-initial", "3", "--poll-max", "3"),
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    second = await command("backfill", "--poll-initial", "3", "--poll-max", "3", env=environ)
     try:
         assert second.stdout is not None and second.stderr is not None
         seen = b""  # its log (stderr)
@@ -395,8 +376,7 @@ async def test_a_backfill_refuses_sparse_output_it_cannot_give(
     env: Env, fake_api: FakeEmbeddingServer
 ) -> None:
     await migrate_db(env, DIM)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.update(environment_for(env.config(dashscope(fake_api, DIM))))
+    environ = environment_for(env.config(dashscope(fake_api, DIM)))
     environ["DASHSCOPE_API_KEY"] = API_KEY
     environ["EMBEDDING_WORKER_PROVIDER__OUTPUT_TYPE"] = "dense&sparse"
     code, _, err = await cli("backfill", **environ)

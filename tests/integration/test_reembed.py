@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from typing import Any
 
 import asyncpg
@@ -17,7 +15,7 @@ import pytest
 
 from fakeapi import FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
-from tests.processes import cli
+from tests.processes import cli, command
 from worker.config import Settings, environment_for
 from worker.read import index
 from worker.sinks import postgres as pg
@@ -242,8 +240,7 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
     async with running(settings):
         await env.wait_for_offsets(await env.produce([event(i) for i in range(120)]))
     fake_api.configure(latency_ms=100)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.update(cli_env(env, fake_api))
+    environ = cli_env(env, fake_api)
     args = ["reembed", "start", "v3", "--model", "text-embedding-v3", "--dimension", str(NEW)]
 
     async def some_pages(rows: int) -> None:
@@ -253,17 +250,7 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
         await wait_until(stored, 60, "the re-embed stored no pages")
 
     # SIGTERM: the page under way is finished and stored, then the command exits.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        "--page",
-        "10",
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await command(*args, "--page", "10", env=environ)
     try:
         await some_pages(10)
     finally:
@@ -276,18 +263,7 @@ async def test_a_killed_start_resumes_after_its_last_page_and_embeds_nothing_twi
     stopped = await target_row(env)
     assert stopped["embedded"] == len(await table(env, "reembed_v3")) < 120
     # SIGKILL: whatever was under way is lost; what was stored stays, with its cursor.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        "--page",
-        "10",
-        "--no-progress",
-        env=environ,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await command(*args, "--page", "10", "--no-progress", quiet=True, env=environ)
     try:
         await some_pages(stopped["embedded"] + 20)
         fake_api.configure(latency_ms=60_000)  # its next request hangs: it runs still
@@ -352,20 +328,10 @@ async def test_via_batch_a_killed_start_resumes_its_job_and_never_submits_it_twi
         )
     fake_api.configure(batch_delay_s=3600.0, poison=[POISON])
     fake_api.reset_stats()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_WORKER_")}
-    environ.update(cli_env(env, fake_api))
+    environ = cli_env(env, fake_api)
     args = ["reembed", "start", "v3", "--model", "text-embedding-v3", "--dimension", str(NEW)]
     options = ["--via", "batch", "--poll-initial", "0.01", "--no-progress"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        *options,
-        env=environ,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await command(*args, *options, quiet=True, env=environ)
     try:
 
         async def submitted() -> bool:
