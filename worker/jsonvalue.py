@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+import msgspec
 from pydantic import ValidationError
 
 from worker.events import Reason
@@ -37,6 +38,33 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# msgspec parses an event about 8x faster than the standard library and, where it succeeds,
+# to the same values (integers past 64 bits included; tests/unit/test_jsonvalue.py). What it
+# refuses goes to the standard library, whose refusal and message decide the dead letter.
+_FAST = msgspec.json.Decoder()
+# Both parsers stop at Python's recursion limit, msgspec a few levels deeper (json.loads' own
+# frames count against it): a value that could nest deeper than this is left to the standard
+# library, so that it is refused as before. n levels take n `[` or `{` and 2n bytes.
+_FAST_MAX_DEPTH = 256
+
+
+def _parse(value: bytes, raw: str) -> Any:
+    """The JSON value of ``value`` (``raw``: the same, decoded)."""
+    if len(value) <= 2 * _FAST_MAX_DEPTH or (
+        value.count(b"[") + value.count(b"{") <= _FAST_MAX_DEPTH
+    ):
+        try:
+            return _FAST.decode(value)
+        except Exception:  # whatever msgspec refuses, the standard library says why
+            return _stdlib(raw)
+    return _stdlib(raw)
+
+
+def _stdlib(raw: str) -> Any:
+    # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
+    return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+
+
 def json_object(value: bytes, what: str) -> dict[str, Any]:
     """A record value as a JSON object Postgres can store, or ``Rejected`` with the reason
     (invalid UTF-8, not JSON, not an object, a NUL or lone surrogate in a string)."""
@@ -47,8 +75,7 @@ def json_object(value: bytes, what: str) -> dict[str, Any]:
             Reason.INVALID_UTF8, f"the value is not valid UTF-8 (byte {exc.start})"
         ) from None
     try:
-        # NaN, Infinity and 1e400 parse in Python but Postgres' jsonb refuses them.
-        data = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+        data = _parse(value, raw)
     except (ValueError, RecursionError) as exc:  # incl. over-deep nesting, huge integers
         raise Rejected(Reason.INVALID_JSON, f"the value is not JSON: {exc}"[:500]) from None
     if not isinstance(data, dict):
