@@ -69,7 +69,7 @@ class ApiClient:
     room for requests outside it); an idle one is kept 15 s (aiohttp's default). The
     environment's proxy for the endpoint is looked up once, here: aiohttp's ``trust_env``
     looks up ``.netrc`` and the proxy variables again for every request, in two threads
-    (2.4× the client's CPU per request, measured), and refuses a ``.netrc`` entry for the
+    (over twice the client's CPU per request, measured), and refuses a ``.netrc`` entry for the
     host beside a bearer key. The headers go with each request, not as the session's: aiohttp
     copies a session's headers into those it sends a proxy, and would send it the key. No
     cookie jar: an API with a bearer key sets none worth keeping.
