@@ -341,7 +341,9 @@ def _frame_name(frame: str) -> str:
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     short = "/".join(path.split("/")[-2:]) if "site-packages" in path else path.split("/")[-1]
-    if path.startswith(("worker/", "asyncio/", "aiokafka/", "asyncpg/", "httpx/", "httpcore/")):
+    if path.startswith(
+        ("worker/", "asyncio/", "aiokafka/", "asyncpg/", "aiohttp/", "httpx/", "httpcore/")
+    ):
         short = path
     return f"{name} ({short})"
 
@@ -352,6 +354,9 @@ def _area(frames: list[str]) -> str:
         ("asyncpg", "asyncpg (Postgres client)"),
         ("aiokafka", "aiokafka (Kafka client)"),
         ("kafka/", "aiokafka (Kafka client)"),
+        ("aiohttp", "aiohttp (HTTP client)"),
+        ("yarl", "aiohttp (HTTP client)"),
+        ("multidict", "aiohttp (HTTP client)"),
         ("httpx", "httpx/httpcore (HTTP client)"),
         ("httpcore", "httpx/httpcore (HTTP client)"),
         ("h11", "httpx/httpcore (HTTP client)"),

@@ -330,13 +330,15 @@ async def test_the_model_process_exits_when_its_worker_is_killed(tmp_path: Path)
             os.kill(pid, signal.SIGKILL)
 
 
-async def forward_proxy(seen: list[str]) -> asyncio.Server:
-    """A plain HTTP forward proxy: one request per connection, relayed to its target."""
+async def forward_proxy(seen: list[tuple[str, str | None]]) -> asyncio.Server:
+    """A plain HTTP forward proxy: one request per connection, relayed to its target; ``seen``
+    gets each request line with its Proxy-Authorization."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         line, *headers = [h for h in head.split("\r\n") if h]
-        seen.append(line)
+        auth = [h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("proxy-auth")]
+        seen.append((line, auth[0] if auth else None))
         method, target, protocol = line.split(" ")
         length = sum(
             int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")
@@ -358,18 +360,19 @@ async def forward_proxy(seen: list[str]) -> asyncio.Server:
 async def test_requests_go_through_the_proxy_the_environment_names(
     fake_api: FakeEmbeddingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[str] = []
+    seen: list[tuple[str, str | None]] = []
     proxy = await forward_proxy(seen)
     port = proxy.sockets[0].getsockname()[1]
     for name in ("NO_PROXY", "no_proxy", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:pass@127.0.0.1:{port}")
     texts = ["through the proxy", "and back"]
     try:
         async with embedder_for(openai(fake_api)) as embedder:
             result = await embedder.embed(texts, TextType.DOCUMENT)
         np.testing.assert_allclose(result.vectors, expected(texts, 256), atol=1e-6)
-        assert len(seen) == 1 and seen[0].startswith(f"POST {fake_api.openai_url}")
+        assert len(seen) == 1 and seen[0][0].startswith(f"POST {fake_api.openai_url}")
+        assert seen[0][1] == "Basic dXNlcjpwYXNz"  # user:pass, from the proxy's URL
         # NO_PROXY names the provider's host: straight there, past the proxy.
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         async with embedder_for(openai(fake_api)) as embedder:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import httpx
+import orjson
 import pytest
 
 from worker.embedding.providers.base import (
@@ -30,14 +30,15 @@ def response(
     code: str | None = None,
     message: str = "",
     openai: bool = False,
-    headers: dict[str, str] | None = None,
-) -> httpx.Response:
+    retry_after: str | None = None,
+) -> tuple[int, bytes, str | None]:
+    """``classify``'s arguments for an answer in DashScope's (or the OpenAI) error shape."""
     body: dict[str, Any] = {"message": message, "request_id": "r-1"}
     if code is not None:
         body["code"] = code
     if openai:
         body["error"] = {"code": code, "message": message, "type": "invalid_request_error"}
-    return httpx.Response(status, json=body, headers=headers)
+    return status, orjson.dumps(body), retry_after
 
 
 # --- Retry-After ---------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def test_retry_after_non_numeric_spelling_is_not_infinite(value: str) -> None:
 @pytest.mark.parametrize("openai", [False, True], ids=["native", "openai"])
 def test_400_invalid_parameter_is_permanent(openai: bool) -> None:
     exc = classify(
-        response(400, "InvalidParameter", "Range of input length should be [1, 8192]", openai)
+        *response(400, "InvalidParameter", "Range of input length should be [1, 8192]", openai)
     )
     assert type(exc) is PermanentError
     assert exc.code == "InvalidParameter"
@@ -90,7 +91,7 @@ def test_400_invalid_parameter_is_permanent(openai: bool) -> None:
 @pytest.mark.parametrize("openai", [False, True], ids=["native", "openai"])
 def test_400_data_inspection_failed_is_permanent_with_its_code(openai: bool) -> None:
     exc = classify(
-        response(
+        *response(
             400, "DataInspectionFailed", "Input data may contain inappropriate content.", openai
         )
     )
@@ -107,7 +108,7 @@ def test_400_data_inspection_failed_is_permanent_with_its_code(openai: bool) -> 
     ],
 )
 def test_a_refused_number_of_texts_is_too_many_inputs(status: int, message: str) -> None:
-    exc = classify(response(status, "InvalidParameter", message, openai=True))
+    exc = classify(*response(status, "InvalidParameter", message, openai=True))
     assert type(exc) is TooManyInputs
     assert isinstance(exc, PermanentError)  # split, never a configuration fault
 
@@ -121,13 +122,13 @@ def test_a_refused_number_of_texts_is_too_many_inputs(status: int, message: str)
     ],
 )
 def test_a_refused_text_is_not_too_many_inputs(message: str) -> None:
-    assert type(classify(response(400, "InvalidParameter", message, openai=True))) is (
+    assert type(classify(*response(400, "InvalidParameter", message, openai=True))) is (
         PermanentError
     )
 
 
 def test_400_about_the_dimension_is_a_configuration_fault() -> None:
-    exc = classify(response(400, "InvalidParameter", "parameters.dimension must be one of [...]"))
+    exc = classify(*response(400, "InvalidParameter", "parameters.dimension must be one of [...]"))
     assert type(exc) is ConfigurationFault
     assert exc.code == "InvalidParameter"
 
@@ -146,15 +147,13 @@ def test_400_about_the_dimension_is_a_configuration_fault() -> None:
     ],
 )
 def test_account_problems_are_configuration_faults(status: int, code: str | None) -> None:
-    exc = classify(response(status, code, "Access denied, please make sure your account is ok."))
+    exc = classify(*response(status, code, "Access denied, please make sure your account is ok."))
     assert type(exc) is ConfigurationFault
     assert exc.code == (code or str(status))
 
 
 def test_429_with_retry_after_is_transient_with_the_delay() -> None:
-    exc = classify(
-        response(429, "Throttling", "Requests rate limit exceeded", headers={"Retry-After": "2.5"})
-    )
+    exc = classify(*response(429, "Throttling", "Requests rate limit exceeded", retry_after="2.5"))
     assert type(exc) is TransientError
     assert exc.code == "Throttling"
     assert exc.retry_after == 2.5
@@ -162,15 +161,13 @@ def test_429_with_retry_after_is_transient_with_the_delay() -> None:
 
 def test_429_with_http_date_retry_after() -> None:
     future = datetime.now(UTC) + timedelta(seconds=120)
-    exc = classify(
-        response(429, "Throttling.RateQuota", "", headers={"retry-after": http_date(future)})
-    )
+    exc = classify(*response(429, "Throttling.RateQuota", "", retry_after=http_date(future)))
     assert isinstance(exc, TransientError)
     assert exc.retry_after is not None and 100 < exc.retry_after <= 121
 
 
 def test_429_without_retry_after() -> None:
-    exc = classify(response(429, "Throttling.AllocationQuota", "quota"))
+    exc = classify(*response(429, "Throttling.AllocationQuota", "quota"))
     assert isinstance(exc, TransientError)
     assert exc.retry_after is None
 
@@ -180,15 +177,15 @@ def test_429_without_retry_after() -> None:
     [(500, "InternalError"), (502, None), (503, "ServiceUnavailable"), (504, None), (408, None)],
 )
 def test_server_errors_are_transient(status: int, code: str | None) -> None:
-    exc = classify(response(status, code, "An internal error has occured, please retry."))
+    exc = classify(*response(status, code, "An internal error has occured, please retry."))
     assert type(exc) is TransientError
     assert exc.code == (code or str(status))
     assert exc.retry_after is None
 
 
 def test_non_json_error_body() -> None:
-    exc = classify(httpx.Response(502, text="<html>Bad Gateway</html>"))
+    exc = classify(502, b"<html>Bad Gateway</html>")
     assert isinstance(exc, TransientError)
     assert "Bad Gateway" in exc.message
-    exc = classify(httpx.Response(400, text="bad request"))
+    exc = classify(400, b"bad request")
     assert type(exc) is PermanentError and exc.code == "400"

@@ -27,15 +27,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import structlog
 
 from worker import backoff
 from worker.config import InputFormat, InputSettings
 from worker.events import Reason
 from worker.jsonvalue import Rejected, check_strings, json_object
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +122,9 @@ class Schemas:
         return True
 
     async def _fetch(self, ids: set[int]) -> None:
+        # Imported here: a few MB of the worker's memory, for a topic in a registry format.
+        import httpx
+
         s = self.settings
         auth = None
         if s.registry_user is not None:

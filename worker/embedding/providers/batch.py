@@ -232,7 +232,9 @@ class BatchClient:
         except httpx.TransportError as exc:
             raise TransientError(f"connection error: {exc!r}", code="ConnectionError") from exc
         if response.status_code != 200:
-            raise classify(response)
+            raise classify(
+                response.status_code, response.content, response.headers.get("retry-after")
+            )
         return response
 
 
@@ -247,8 +249,7 @@ def _line_error(row: Mapping[str, Any]) -> EmbeddingError:
     """A failed line as the real-time path would have seen its answer."""
     response = row.get("response")
     if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-        answer = httpx.Response(response["status_code"], json=response.get("body"))
-        error = classify(answer)
+        error = classify(response["status_code"], orjson.dumps(response.get("body")))
         return error if isinstance(error, EmbeddingError) else TransientError(str(error))
     detail = row.get("error") or {}
     code = str(detail.get("code") or "batch_error")

@@ -7,16 +7,20 @@ split / stop decisions.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import re
 import time
 import urllib.request
+from collections.abc import Mapping
 from importlib.metadata import version
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import orjson
 import structlog
+from yarl import URL
 
 from worker.config import ProviderSettings
 from worker.embedding.providers.base import (
@@ -25,7 +29,6 @@ from worker.embedding.providers.base import (
     TooManyInputs,
     TransientError,
 )
-from worker.embedding.providers.transport import LeanTransport
 
 log = structlog.get_logger(__name__)
 
@@ -49,65 +52,105 @@ _TOO_MANY_STATUSES = (400, 413, 422)
 CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
 
 
-class ApiClient:
-    """POSTs JSON to one provider's endpoint through :class:`LeanTransport` (or, when the
-    environment names a proxy for it, httpx's own transport).
+class Answer(NamedTuple):
+    """A provider's whole answer: status, headers (case-insensitive) and body."""
 
-    Why not ``httpx.AsyncClient``: per request it merged and re-parsed the URL, rebuilt the
-    headers and ran its cookie, auth and redirect machinery, none of which an API with a
-    bearer key uses: ~30 % of the worker's CPU per embedding request (benchmark scenario 1).
-    Here the URL and headers are built once; requests and responses are still httpx's
-    types and failures httpx's exceptions, so the error classification below is unchanged.
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class ApiClient:
+    """POSTs JSON to one provider's endpoint over one aiohttp session (keep-alive, TLS,
+    chunked and compressed bodies are aiohttp's), opened at the first request so that it
+    belongs to the running event loop.
+
+    At most ``2 × provider.concurrency_ceiling`` connections (the AIMD limit's ceiling, with
+    room for requests outside it); an idle one is kept 15 s (aiohttp's default). The
+    environment's proxy for the endpoint is looked up once, here: aiohttp's ``trust_env``
+    looks up ``.netrc`` and the proxy variables again for every request, in two threads
+    (over twice the client's CPU per request, measured), and refuses a ``.netrc`` entry for the
+    host beside a bearer key. The headers go with each request, not as the session's: aiohttp
+    copies a session's headers into those it sends a proxy, and would send it the key. No
+    cookie jar: an API with a bearer key sets none worth keeping.
     """
 
     def __init__(self, settings: ProviderSettings) -> None:
         assert settings.api_key is not None and settings.base_url is not None
         self._base = settings.base_url.rstrip("/")
-        self._urls: dict[str, httpx.URL] = {}
-        self._headers = httpx.Headers(
-            {
-                "Accept": "application/json",
-                "Content-Type": "application/json",
-                "User-Agent": f"embedding-worker/{version('embedding-worker')}",
-                "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
-            }
+        self._urls: dict[str, URL] = {}
+        self._headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "User-Agent": f"embedding-worker/{version('embedding-worker')}",
+            "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
+        }
+        # As before aiohttp (httpx's Timeout): the settings' timeout for waiting for a
+        # connection and between reads, at most 10 s of it to connect.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.timeout_s,
+            sock_connect=min(10.0, settings.timeout_s),
+            sock_read=settings.timeout_s,
         )
-        timeout = httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s))
-        self._extensions = {"timeout": timeout.as_dict()}
-        connections = settings.concurrency_ceiling * 2
-        proxy = proxy_for(httpx.URL(self._base))
-        self._transport: httpx.AsyncBaseTransport
-        if proxy is None:
-            self._transport = LeanTransport(max_connections=connections)
-        else:
-            # The lean transport speaks no proxy protocol; httpx's own transport does.
-            log.info("provider requests go through a proxy", proxy=httpx.URL(proxy).host)
-            self._transport = httpx.AsyncHTTPTransport(
-                proxy=proxy, limits=httpx.Limits(max_connections=connections)
-            )
+        self._connections = settings.concurrency_ceiling * 2
+        self._proxy: URL | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if (proxy := proxy_for(self._base)) is not None:
+            self._proxy = URL(proxy)
+            log.info("provider requests go through a proxy", proxy=self._proxy.host)
+            if self._proxy.user is not None:
+                self._proxy_credentials()
+        self._session: aiohttp.ClientSession | None = None
 
-    async def post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+    def _proxy_credentials(self) -> None:
+        """The proxy URL's user and password as a Proxy-Authorization header (aiohttp takes
+        them no other way but a deprecated one): in the CONNECT of an https endpoint, which
+        is all aiohttp sends the proxy's headers in, else in each request."""
+        assert self._proxy is not None and self._proxy.user is not None
+        pair = f"{self._proxy.user}:{self._proxy.password or ''}".encode()
+        credentials = {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
+        self._proxy = self._proxy.with_user(None)
+        if urlsplit(self._base).scheme == "https":
+            self._proxy_headers = credentials
+        else:
+            self._headers.update(credentials)
+
+    def _open(self) -> aiohttp.ClientSession:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connections),
+            timeout=self._timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self._session
+
+    async def post(self, path: str, payload: dict[str, Any]) -> Answer:
+        """The answer, whatever its status; aiohttp's exceptions when there is none."""
+        session = self._session or self._open()
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = httpx.URL(self._base + path)
-        body = orjson.dumps(payload)
-        request = httpx.Request(
-            "POST", url, headers=self._headers, content=body, extensions=self._extensions
-        )
-        response = await self._transport.handle_async_request(request)
-        await response.aread()
-        return response
+            url = self._urls[path] = URL(self._base + path)
+        async with session.post(
+            url,
+            data=orjson.dumps(payload),
+            headers=self._headers,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers,
+        ) as response:
+            return Answer(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-def proxy_for(url: httpx.URL) -> str | None:
+def proxy_for(url: str) -> str | None:
     """The proxy the environment names for ``url`` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, in
     either case, less NO_PROXY), as ``httpx.AsyncClient`` would have used it."""
+    parts = urlsplit(url)
     proxies = urllib.request.getproxies()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(url.host):
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
         return None
     return proxy
 
@@ -128,31 +171,45 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 async def post_json(client: ApiClient, path: str, payload: dict[str, Any]) -> Any:
-    """POST and return the decoded body, or raise the error class that says what to do."""
+    """POST and return the decoded body, or raise the error class that says what to do.
+
+    No answer is transient: a timeout (to connect, for a connection, between reads) is
+    ``Timeout``; any other failure (refused, reset, closed before or while answering, an
+    answer that is not HTTP) is ``ConnectionError``. aiohttp's timeouts are ``TimeoutError``s
+    (and some also ``ClientError``s), so they are told apart first.
+    """
     try:
-        response = await client.post(path, payload)
-    except httpx.TimeoutException as exc:
+        answer = await client.post(path, payload)
+    except TimeoutError as exc:
         raise TransientError(f"timeout: {type(exc).__name__}", code="Timeout") from exc
-    except httpx.TransportError as exc:
-        raise TransientError(f"connection error: {exc!r}", code="ConnectionError") from exc
-    if response.status_code == 200:
+    except aiohttp.ClientError as exc:
+        # A ClientResponseError here is an answer that is not HTTP, or a proxy's refusal
+        # (nothing calls raise_for_status); its repr holds the request's headers, the key
+        # among them, so the message says only what went wrong.
+        what = exc.message if isinstance(exc, aiohttp.ClientResponseError) else str(exc)
+        raise TransientError(
+            f"connection error: {type(exc).__name__}: {what}", code="ConnectionError"
+        ) from exc
+    if answer.status == 200:
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(answer.body)
         except orjson.JSONDecodeError as exc:
             raise TransientError("the provider sent a body that is not JSON") from exc
-    raise classify(response)
+    raise classify(answer.status, answer.body, answer.headers.get("retry-after"))
 
 
-def classify(response: httpx.Response) -> Exception:
-    status = response.status_code
-    code, message = _error_body(response)
+def classify(status: int, body: bytes, retry_after: str | None = None) -> Exception:
+    """The error class of an answer that is not a 200 (``retry_after``: its header)."""
+    code, message = _error_body(body)
     text = f"HTTP {status} {code or ''}: {message}".strip()
     if code in CONFIG_CODES or status in (401, 403, 404):
         return ConfigurationFault(text, code=code or str(status), status=status)
     if status == 429 or status >= 500 or status == 408:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
         return TransientError(
-            text, code=code or str(status), retry_after=retry_after, status=status
+            text,
+            code=code or str(status),
+            retry_after=parse_retry_after(retry_after),
+            status=status,
         )
     if status in _TOO_MANY_STATUSES and _TOO_MANY_INPUTS.search(message):
         return TooManyInputs(text, code=code or str(status), status=status)
@@ -163,15 +220,15 @@ def classify(response: httpx.Response) -> Exception:
     return PermanentError(text, code=code or str(status), status=status)
 
 
-def _error_body(response: httpx.Response) -> tuple[str | None, str]:
+def _error_body(body: bytes) -> tuple[str | None, str]:
     try:
-        body = response.json()
-    except ValueError:
-        return None, response.text[:300]
-    if not isinstance(body, dict):
-        return None, str(body)[:300]
-    nested = body.get("error")
-    error: dict[str, Any] = nested if isinstance(nested, dict) else body
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, body.decode("utf-8", "replace")[:300]
+    if not isinstance(decoded, dict):
+        return None, str(decoded)[:300]
+    nested = decoded.get("error")
+    error: dict[str, Any] = nested if isinstance(nested, dict) else decoded
     code = error.get("code") or error.get("type")
     message = error.get("message") or ""
     return (str(code) if code else None), str(message)[:500]
