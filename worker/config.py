@@ -89,10 +89,11 @@ LOCAL_MAX_CONCURRENCY = 4
 # Requests in flight when the AIMD limit starts (the fixed maximum before it could grow):
 # 6,000 QPM (100/s, DashScope's v3 page) at ~150 ms is 15.
 INITIAL_CONCURRENCY = 16
-# The AIMD ceiling when neither max_concurrency nor a quota is set: room for 100 ms x
-# 2,000 requests/s, past what batch.max_in_flight (2,000 events) can fill at 10 texts per
-# request, so events in flight, not this, bound memory.
-AUTO_MAX_CONCURRENCY = 256
+# The AIMD ceiling when neither max_concurrency nor a quota is set: 1,280 requests/s at 100
+# ms (12,800 texts/s at DashScope's 10 per request, 41,000 at 32), more than a quota or one
+# embedding server takes. Each request in flight holds a kept connection (~100 kB with
+# aiohttp): at 256 the backlog test's resident memory came within 2-4 MB of its 160 MB bound.
+AUTO_MAX_CONCURRENCY = 128
 # DashScope's texts per request (worker/embedding/providers/dashscope.py MAX_TEXTS), for the
 # validator that refuses more at start: not imported, as that module imports this one.
 DASHSCOPE_TEXTS_LIMIT = 10

@@ -28,7 +28,9 @@ SAMPLE_FOR_S = float(os.environ.get("EMBEDDING_WORKER_SOAK_SECONDS", "20"))
 async def test_backlog_memory_stays_flat(
     env: Env, fake_api: FakeEmbeddingServer, tmp_path: Path
 ) -> None:
-    fake_api.configure(latency_ms=250)  # ~16 texts/s per connection: the backlog stays
+    # 10 texts/s per connection, 1,280/s at the default concurrency ceiling (128): the 20 s
+    # of samples end before the backlog does (at 250 ms the AIMD limit drained it).
+    fake_api.configure(latency_ms=1000)
     await migrate_db(env, 256)
     filler = "lorem ipsum dolor sit amet " * 75  # ~2 kB texts
     await env.produce_raw(
