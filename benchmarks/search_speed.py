@@ -1,32 +1,32 @@
 """Search speed (issue 17): recall@10 of the HNSW index against exact search, and the latency
 of the project's search path beside the same SQL sent directly through asyncpg.
 
-Rows: the local model's vectors (``use-multilingual-v3``, 512-d) of the AG News test
-descriptions (``evaluation.retrieval.articles``: 7,563 distinct ones), cached outside the
-repository by ``evaluation.baselines.VectorCache``, repeated up to ``--rows``: copy c > 0 of a
-description's vector is that vector plus Gaussian noise of expected norm ``--noise``,
-renormalised (copy 0 is the vector itself); every copy's content is the description. Real
-texts for 100,000 rows are not at hand (the shared data hold AG News's 7,600-row test split,
-and the local model embeds ~90 texts/s here). Queries: the titles' vectors (query side),
-computed beforehand, so the timed path is search without the embedding (``Cached`` hands
-the vector over).
+Rows: ``--rows`` distinct real texts, tweets of TweetEval (``benchmarks.search_rows`` says
+where from: repository, commit, paths), stored with the local model's vectors
+(``use-multilingual-v3``, 512-d) as documents. Queries: ``--queries`` further tweets of the
+same pool, none among the rows, embedded as queries beforehand, so the timed path is search
+without the embedding (``Cached`` hands the vector over). Both are cached outside the
+repository (``python -m benchmarks.search_rows`` embeds them ahead, shard by shard).
 
-The HNSW index is built as ``embedding-worker index create`` builds it at its defaults
-(m 16, ef_construction 64). Recall@10: ``worker.read.search.search`` in dense mode (the index at
-the ``hnsw.ef_search`` it sets, 40 for k = 10) against the exact top 10 of the same query
+The database is migrated with ``search.text_search_config`` = ``--text-search-config``
+(``simple``, the default, or e.g. ``english``), fixed for its lexical search as the worker's
+migration fixes it. The HNSW index is built as ``embedding-worker index create`` builds it,
+at its defaults (m 16, ef_construction 64) unless ``--m`` and ``--ef-construction`` say
+otherwise. Recall@10: ``worker.read.search.search`` in dense mode (the index at the
+``hnsw.ef_search`` it sets, 40 for k = 10) against the exact top 10 of the same query
 (``SET enable_indexscan = off``); then the same SQL at higher ``hnsw.ef_search``
 (``EF_SEARCH``). ``--recall-only`` stops there.
 
 Latency, per query, alternating which side goes first: ``worker.read.search.search`` in each
 mode against the equivalent SQL of docs/retrieval.md on a connection with the same
-settings made once (``hnsw.ef_search``, iterative scan, custom plans): dense,
-lexical and hybrid, the last two without and then with the lexical GIN index, over the
-first ``--lexical-queries`` queries only (each takes of the order of a second at 100,000
-rows). Each of ``--repeat`` passes yields p50 and p99 per side; the medians over passes are
-reported.
+settings made once (``hnsw.ef_search``, iterative scan, custom plans): dense over every
+query; lexical and hybrid over the first ``--lexical-queries``, after ``index create
+--lexical`` (stored words, GIN index), and with ``--computed-words`` also before it (words
+computed per row: seconds per query at 100,000 rows). Each of ``--repeat`` passes yields
+p50 and p99 per side; the medians over passes are reported, with the load average.
 
-    python -m benchmarks.search_speed [--rows 100000] [--queries 200] [--lexical-queries 20]
-        [--repeat 3] [--dsn DSN]
+    python -m benchmarks.search_speed [--rows 100000] [--queries 200] [--lexical-queries 50]
+        [--repeat 3] [--text-search-config simple] [--computed-words] [--dsn DSN]
 
 Without ``--dsn`` an embedded Postgres is started in a temporary directory.
 """
@@ -35,20 +35,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 from pgvector.asyncpg import register_vector
 
-from evaluation.baselines import VectorCache, normalise
-from evaluation.datasets import data_dir
-from evaluation.offline import SHARED
+from benchmarks import search_rows
 from evaluation.postgres import with_postgres
-from evaluation.retrieval import DIMENSION, MODEL, NAMESPACE, Article, Cached, articles, fill
+from evaluation.retrieval import DIMENSION, MODEL, NAMESPACE, Cached, fill
 from worker.events import TextType
 from worker.read import index
 from worker.read.search import CANDIDATES, Mode, search
@@ -56,7 +57,6 @@ from worker.sinks.migrate import migrate
 
 K = 10
 EF_SEARCH = (100, 200, 400)  # recall@10 also at these hnsw.ef_search (search sets 40)
-DATABASE = "search_speed"
 
 # The SQL of docs/retrieval.md, as an application would send it (lexical: the query text is
 # $1 here, as it has no vector to pass).
@@ -87,10 +87,13 @@ WITH f AS NOT MATERIALIZED (
     FROM f ORDER BY embedding <=> $1 LIMIT 100
 ), lexical AS (
     SELECT namespace, id, 1 AS list,
-           row_number() OVER (ORDER BY ts_rank({words}, q, 1) DESC, namespace, id) AS rank
-    FROM f, embeddings_lexical_query($5) AS q
-    WHERE numnode(q) > 0 AND {words} @@ q
-    ORDER BY rank LIMIT 100
+           row_number() OVER (ORDER BY score DESC, namespace, id) AS rank
+    FROM (
+        SELECT namespace, id, ts_rank({words}, q, 1) AS score
+        FROM f, embeddings_lexical_query($5) AS q
+        WHERE numnode(q) > 0 AND {words} @@ q
+        ORDER BY score DESC, namespace, id LIMIT 100
+    ) AS best
 )
 SELECT namespace, id, sum(1.0 / (60 + rank)) AS score
 FROM (SELECT * FROM dense UNION ALL SELECT * FROM lexical) AS both_lists
@@ -98,18 +101,6 @@ GROUP BY namespace, id
 ORDER BY score DESC, min(ARRAY[list, rank])
 LIMIT 10
 """
-
-
-def rows(descriptions: np.ndarray, count: int, noise: float, seed: int) -> np.ndarray:
-    """`count` unit vectors: row i is description i % n, perturbed unless it is copy 0."""
-    rng = np.random.default_rng(seed)
-    base = np.asarray(descriptions, dtype=np.float32)
-    source = np.arange(count) % len(base)
-    out = base[source].copy()
-    perturbed = np.arange(count) >= len(base)
-    jitter = rng.normal(size=(int(perturbed.sum()), base.shape[1])).astype(np.float32)
-    out[perturbed] += jitter * (noise / np.sqrt(base.shape[1]))
-    return np.asarray(normalise(out), dtype=np.float32)
 
 
 async def session(dsn: str, ef_search: int) -> asyncpg.Connection:
@@ -153,6 +144,7 @@ async def timed(pairs: dict[str, tuple[Run, Run]], queries: int, repeat: int) ->
             }
             one["ratio_p50"] = one["project_p50"] / one["direct_p50"]
             one["ratio_p99"] = one["project_p99"] / one["direct_p99"]
+            one["load_1m"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
             passes[name].append(one)
             print(f"pass {r} {name}: " + json.dumps({k: round(v, 2) for k, v in one.items()}))
     return {
@@ -162,31 +154,31 @@ async def timed(pairs: dict[str, tuple[Run, Run]], queries: int, repeat: int) ->
 
 
 async def run(args: argparse.Namespace, admin_dsn: str) -> dict[str, Any]:
-    kept, _ = articles(SHARED / "ag_news" / "ag_news_test.jsonl", 10_000)
-    cache = VectorCache(data_dir() / "vectors", MODEL)
-    documents = await cache.embed([a.description for a in kept], TextType.DOCUMENT)
-    asked: list[Article] = kept[: args.queries]
-    queries = await cache.embed([a.title for a in asked], TextType.QUERY)
-    embedder = Cached({a.title: q for a, q in zip(asked, queries, strict=True)})
-    vectors = rows(documents, args.rows, args.noise, args.seed)
+    texts = search_rows.load(args.queries, args.rows, args.mirror)
+    asked = texts.queries
+    queries = await search_rows.embed(asked, TextType.QUERY)
+    vectors = await search_rows.embed(texts.rows, TextType.DOCUMENT)
+    embedder = Cached(dict(zip(asked, queries, strict=True)))
     lexical_queries = min(args.lexical_queries, len(asked))
+    database = f"search_speed_{args.text_search_config}"
     admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
-    await admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
+    await admin.execute(f'CREATE DATABASE "{database}"')
     await admin.close()
-    dsn = admin_dsn.replace("/postgres?", f"/{DATABASE}?", 1)
+    dsn = admin_dsn.replace("/postgres?", f"/{database}?", 1)
     conn = await asyncpg.connect(dsn)
-    await migrate(conn, DIMENSION)
+    await migrate(conn, DIMENSION, text_search_config=args.text_search_config)
     await register_vector(conn)
     began = time.perf_counter()
-    texts = [a.description for a in kept]
-    await fill(conn, [(str(i), texts[i % len(texts)]) for i in range(len(vectors))], vectors)
+    await fill(conn, [(str(i), t) for i, t in enumerate(texts.rows)], vectors)
     await conn.execute("VACUUM ANALYZE embeddings")
     print(f"{len(vectors)} rows stored in {time.perf_counter() - began:.1f} s", flush=True)
     began = time.perf_counter()
-    built, _ = await index.create(conn, DIMENSION, 16, 64, args.maintenance_work_mem)
+    built, _ = await index.create(
+        conn, DIMENSION, args.m, args.ef_construction, args.maintenance_work_mem
+    )
     build_s = time.perf_counter() - began
-    print(f"HNSW (m 16, ef_construction 64): {build_s:.1f} s, {built.size_bytes >> 20} MiB")
+    print(f"HNSW: {build_s:.1f} s, {built.size_bytes >> 20} MiB", flush=True)
     exact = await asyncpg.connect(dsn)
     await register_vector(exact)
     await exact.execute("SET enable_indexscan = off; SET plan_cache_mode = force_custom_plan")
@@ -194,77 +186,88 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> dict[str, Any]:
     dense_conn = await session(dsn, 40)  # what search_order sets for k = 10
     hybrid_conn = await session(dsn, CANDIDATES)  # ... and for the hybrid's 100 candidates
     result: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="minutes"),
+        "postgres": await conn.fetchval("SHOW server_version"),
+        "pgvector": await conn.fetchval(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+        ),
         "rows": len(vectors),
-        "descriptions": len(kept),
+        "distinct_texts": texts.pool,
         "queries": len(asked),
         "lexical_queries": lexical_queries,
-        "noise": args.noise,
+        "text_search_config": args.text_search_config,
         "repeat": args.repeat,
+        "hnsw_m": args.m,
+        "hnsw_ef_construction": args.ef_construction,
         "hnsw_build_s": round(build_s, 1),
         "hnsw_mib": built.size_bytes >> 20,
+        "load_1m_at_start": os.getloadavg()[0],
     }
     try:
-        truths, recall = [], []
-        for a, q in zip(asked, queries, strict=True):
-            truth = {r["id"] for r in await exact.fetch(DENSE, q, MODEL, NAMESPACE, None)}
-            got = await search(conn, embedder, a.title, K, NAMESPACE, mode=Mode.DENSE)
-            truths.append(truth)
-            recall.append(len(truth & {h.id for h in got}) / K)
+        truths, recall, scores = [], [], []
+        for text, q in zip(asked, queries, strict=True):
+            top = await exact.fetch(DENSE, q, MODEL, NAMESPACE, None)
+            got = await search(conn, embedder, text, K, NAMESPACE, mode=Mode.DENSE)
+            truths.append({r["id"] for r in top})
+            scores.append([r["score"] for r in top])
+            recall.append(len(truths[-1] & {h.id for h in got}) / K)
         result["recall@10"] = {"40 (search's)": round(float(np.mean(recall)), 4)}
+        result["queries_below_0.9_at_40"] = sum(r < 0.9 for r in recall)
+        # How far apart the true neighbours are: the closer, the harder for HNSW to order.
+        result["exact_similarity_1st_10th"] = np.round(np.mean(scores, axis=0)[[0, -1]], 3).tolist()
+        result["direct_p50_ms"] = {}  # what the higher settings cost (one pass, no warm-up)
         for ef_search in EF_SEARCH:  # the same SQL, higher settings
             await exact.execute(f"RESET enable_indexscan; SET hnsw.ef_search = {ef_search}")
-            found = [
-                len(t & {r["id"] for r in await exact.fetch(DENSE, q, MODEL, NAMESPACE, None)})
-                for t, q in zip(truths, queries, strict=True)
-            ]
+            found, took = [], []
+            for t, q in zip(truths, queries, strict=True):
+                began = time.perf_counter()
+                top = await exact.fetch(DENSE, q, MODEL, NAMESPACE, None)
+                took.append(1000 * (time.perf_counter() - began))
+                found.append(len(t & {r["id"] for r in top}))
             result["recall@10"][str(ef_search)] = round(float(np.mean(found)) / K, 4)
+            result["direct_p50_ms"][str(ef_search)] = round(percentile(took, 50), 2)
         print(json.dumps(result), flush=True)
         if args.recall_only:
             return result
 
         def project(mode: Mode) -> Run:
-            return lambda i: search(conn, embedder, asked[i].title, K, NAMESPACE, mode=mode)
+            return lambda i: search(conn, embedder, asked[i], K, NAMESPACE, mode=mode)
 
         def direct(c: asyncpg.Connection, sql: str, mode: Mode) -> Run:
             def args(i: int) -> tuple[Any, ...]:
                 if mode is Mode.LEXICAL:
-                    return asked[i].title, MODEL, NAMESPACE, None
-                text = (asked[i].title,) if mode is Mode.HYBRID else ()
+                    return asked[i], MODEL, NAMESPACE, None
+                text = (asked[i],) if mode is Mode.HYBRID else ()
                 return queries[i], MODEL, NAMESPACE, None, *text
 
             return lambda i: c.fetch(sql, *args(i))
 
-        def pairs(words: str) -> dict[str, tuple[Run, Run]]:
+        def pairs(words: str, label: str) -> dict[str, tuple[Run, Run]]:
             """The direct SQL in the form the project's path picks (computed or stored words)."""
             lexical_sql = LEXICAL.format(words=words)
             hybrid_sql = HYBRID.format(words=words)
             return {
-                "lexical": (project(Mode.LEXICAL), direct(dense_conn, lexical_sql, Mode.LEXICAL)),
-                "hybrid": (project(Mode.HYBRID), direct(hybrid_conn, hybrid_sql, Mode.HYBRID)),
+                f"lexical ({label})": (
+                    project(Mode.LEXICAL),
+                    direct(dense_conn, lexical_sql, Mode.LEXICAL),
+                ),
+                f"hybrid ({label})": (
+                    project(Mode.HYBRID),
+                    direct(hybrid_conn, hybrid_sql, Mode.HYBRID),
+                ),
             }
 
-        latency = await timed(
-            {
-                "dense": (project(Mode.DENSE), direct(dense_conn, DENSE, Mode.DENSE)),
-            },
-            len(asked),
-            args.repeat,
-        )
-        computed = pairs("embeddings_lexical(content)")
-        latency |= await timed(
-            {f"{n} (words computed)": p for n, p in computed.items()},
-            lexical_queries,
-            args.repeat,
-        )
+        dense = {"dense": (project(Mode.DENSE), direct(dense_conn, DENSE, Mode.DENSE))}
+        latency = await timed(dense, len(asked), args.repeat)
+        if args.computed_words:
+            computed = pairs("embeddings_lexical(content)", "words computed")
+            latency |= await timed(computed, lexical_queries, args.repeat)
         await index.create_lexical(conn)
         await conn.execute("ANALYZE embeddings")
-        stored = pairs(index.LEXICAL_COLUMN)
-        latency |= await timed(
-            {f"{n} (index create --lexical)": p for n, p in stored.items()},
-            lexical_queries,
-            args.repeat,
-        )
+        stored = pairs(index.LEXICAL_COLUMN, "index create --lexical")
+        latency |= await timed(stored, lexical_queries, args.repeat)
         result["latency_ms"] = latency
+        result["load_1m_at_end"] = os.getloadavg()[0]
     finally:
         for c in (conn, exact, dense_conn, hybrid_conn):
             await c.close()
@@ -277,13 +280,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument(
-        "--lexical-queries", type=int, default=20, help="timed in lexical and hybrid mode"
+        "--lexical-queries", type=int, default=50, help="timed in lexical and hybrid mode"
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--noise", type=float, default=0.3, help="expected norm of the jitter")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-search-config", default="simple", help="as the setting")
+    parser.add_argument(
+        "--computed-words", action="store_true", help="also time lexical before its index"
+    )
     parser.add_argument("--recall-only", action="store_true", help="skip the latencies")
+    parser.add_argument("--m", type=int, default=16, help="HNSW build (index create's default)")
+    parser.add_argument("--ef-construction", type=int, default=64, help="likewise")
     parser.add_argument("--maintenance-work-mem", default="1GB", help="for the HNSW build")
+    parser.add_argument("--mirror", type=Path, help=f"a git copy of {search_rows.REPO}")
     parser.add_argument("--dsn", help="a Postgres superuser DSN ending in /postgres?...")
     args = parser.parse_args(argv)
     with_postgres(lambda dsn: run(args, dsn), args.dsn)
