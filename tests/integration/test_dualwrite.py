@@ -14,6 +14,7 @@ import pytest
 
 from fakeapi import FakeConfig, FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
+from tests.integration.test_reembed import table
 from worker.app import Worker
 from worker.config import Settings
 from worker.tools.reembed import Reembed, status
@@ -39,15 +40,6 @@ def dual_settings(
         },
         **extra,
     )
-
-
-async def table(env: Env, name: str) -> dict[str, dict[str, Any]]:
-    conn = await env.connect()
-    try:
-        found = await conn.fetch(f"SELECT * FROM {name}")
-    finally:
-        await conn.close()
-    return {r["id"]: dict(r) for r in found}
 
 
 async def writing_into(worker: Worker, name: str | None) -> None:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from worker.config import ConfigError, ProviderKind, ProviderSettings, Settings
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.base import ConfigurationFault
+from worker.embedding.providers.base import ConfigurationFault, Embedder
 from worker.embedding.stage import EmbedStage, Text
 from worker.model import Change
 from worker.pipeline.stats import Stats
@@ -65,6 +65,24 @@ def target_provider(target: Target, settings: Settings) -> ProviderSettings:
         return ProviderSettings.model_validate(stored)
     except ValidationError as exc:
         raise ConfigError(f"re-embed {target.name!r}: its stored settings: {exc}") from None
+
+
+async def started_embedder(target: Target, provider: ProviderSettings) -> Embedder:
+    """The target's embedder, started and checked against the target's model and dimension
+    before any vector is asked for (closed again when it does not match)."""
+    embedder = create_embedder(provider)
+    try:
+        await embedder.start()
+        sql.guard(target, embedder.model, [])
+        if embedder.dimension != target.dimension:
+            raise ConfigError(
+                f"re-embed {target.name!r} is {target.dimension}-d; its provider is "
+                f"configured for {embedder.dimension}-d"
+            )
+    except BaseException:
+        await embedder.close()
+        raise
+    return embedder
 
 
 def plan_rows(name: str, changes: Sequence[Change]) -> Dual:
@@ -174,20 +192,12 @@ class DualWrite:
         if target.provider.get("kind") == ProviderKind.DASHSCOPE_MULTIMODAL.value:
             raise ConfigError(f"re-embed {target.name!r} is multimodal: dual write takes text only")
         provider = target_provider(target, self.settings)
-        embedder = create_embedder(provider)
         try:
-            await embedder.start()
-            sql.guard(target, embedder.model, [])
-            if embedder.dimension != target.dimension:
-                raise ConfigError(
-                    f"re-embed {target.name!r} is {target.dimension}-d; its provider is "
-                    f"configured for {embedder.dimension}-d"
-                )
-        except BaseException as exc:
-            await embedder.close()
-            if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
-                raise ConfigError(f"re-embed {target.name!r}: its provider: {exc}") from exc
+            embedder = await started_embedder(target, provider)
+        except ConfigError:
             raise
+        except Exception as exc:
+            raise ConfigError(f"re-embed {target.name!r}: its provider: {exc}") from exc
         return Active(target, EmbedStage(embedder, provider), sql.dual_statement(shape, target))
 
     async def close(self) -> None:

@@ -36,14 +36,13 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from worker.config import ConfigError, ProviderKind, ProviderSettings, Settings, load_settings
-from worker.embedding.providers import create_embedder
-from worker.embedding.providers.base import Embedder
 from worker.embedding.providers.batch import BatchClient, BatchFailed, Line
 from worker.embedding.stage import EmbedStage, Text
 from worker.envelope import dead_letter, envelope_budget
 from worker.events import DeadLetter, Reason, TextType
 from worker.kafka.clients import make_producer
 from worker.model import Record
+from worker.pipeline.dualwrite import started_embedder
 from worker.read import index
 from worker.sinks import postgres as pg
 from worker.sinks import reembed as sql
@@ -485,15 +484,8 @@ class Reembed:
 
     @contextlib.asynccontextmanager
     async def _stage(self, target: Target, provider: ProviderSettings) -> AsyncIterator[EmbedStage]:
-        embedder: Embedder = create_embedder(provider)
+        embedder = await started_embedder(target, provider)
         try:
-            await embedder.start()
-            sql.guard(target, embedder.model, [])
-            if embedder.dimension != target.dimension:
-                raise ConfigError(
-                    f"re-embed {target.name!r} is {target.dimension}-d; the provider is "
-                    f"configured for {embedder.dimension}-d"
-                )
             yield EmbedStage(embedder, provider)
         finally:
             await embedder.close()
