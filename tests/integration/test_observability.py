@@ -18,7 +18,7 @@ from fakeapi import FakeEmbeddingServer
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
 from tests.processes import WorkerProcess
 from worker.app import Worker
-from worker.config import HttpSettings
+from worker.config import AUTO_MAX_CONCURRENCY, HttpSettings
 from worker.ops import logs
 from worker.ops.probes import ProbeServer
 
@@ -51,7 +51,7 @@ async def test_metrics_move_as_events_flow(env: Env, fake_api: FakeEmbeddingServ
         assert before["events_consumed_total"] == 0
         assert before["circuit_state{state=closed}"] == 1
         assert before["concurrency_limit"] == 16  # where the limit starts for an API
-        assert before["concurrency_ceiling"] == 256  # no quota set: the safe high limit
+        assert before["concurrency_ceiling"] == AUTO_MAX_CONCURRENCY  # no quota: the high limit
         assert before["texts_per_request_limit"] == 10  # DashScope's
 
         high = await env.produce([*_events(100), {"id": "bad", "text": ""}])
