@@ -38,6 +38,7 @@ class SchemaRegistry:
         self.failing: int | None = None
         self.delay_s = 0.0
         self.requests = 0
+        self.under_way = 0  # requests read, not yet answered
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -89,9 +90,16 @@ class SchemaRegistry:
                 if name.strip().lower() == "content-length":
                     length = int(value)
             body = await reader.readexactly(length) if length else b""
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            status, answer = await self._route(method, path, body)
+            # A request's faults are those set when it arrived, so that a test changing them
+            # never changes a request already under way (``settled`` waits those out).
+            delay, failing = self.delay_s, self.failing
+            self.under_way += 1
+            try:
+                if delay:
+                    await asyncio.sleep(delay)
+                status, answer = await self._route(method, path, body, failing)
+            finally:
+                self.under_way -= 1
             data = json.dumps(answer).encode()
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\n"
@@ -106,10 +114,12 @@ class SchemaRegistry:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _route(self, method: str, target: str, body: bytes) -> tuple[str, dict[str, Any]]:
+    async def _route(
+        self, method: str, target: str, body: bytes, failing: int | None
+    ) -> tuple[str, dict[str, Any]]:
         path, _, query = target.partition("?")
-        if self.failing is not None:
-            return f"{self.failing} Failing", {"error_code": self.failing, "message": "injected"}
+        if failing is not None:
+            return f"{failing} Failing", {"error_code": failing, "message": "injected"}
         if self.upstream is not None:
             return await self._forward(method, target, body)
         if method == "POST" and (m := SUBJECT_VERSIONS.match(path)):

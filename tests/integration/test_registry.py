@@ -255,13 +255,16 @@ async def test_an_unknown_id_or_a_registry_down_is_waited_for(registry: SchemaRe
     fetching = asyncio.create_task(schemas.prefetch([value], stop))
 
     async def retried() -> None:
+        """Two more requests came and failed (none left under way with this phase's fault,
+        so that the next phase's fault is the one every later request meets)."""
         seen = registry.requests
         await wait_until(lambda: _true(registry.requests >= seen + 2), 30, "no retry")
+        await wait_until(lambda: _true(registry.under_way == 0), 30, "a request never ended")
         assert schemas.waiting and not fetching.done()
 
     await retried()  # 404: not registered yet
     assert registry.register(json.dumps({**ARTICLE, "doc": f"after {uuid.uuid4()}"})) == id
-    registry.delay_s = 1.5
+    registry.delay_s = 3.0  # well past the 1-s timeout
     await retried()  # timeouts
     registry.delay_s = 0
     registry.failing = 503
