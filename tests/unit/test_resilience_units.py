@@ -331,18 +331,9 @@ async def test_aimd_slow_start_ends_at_the_first_throttle() -> None:
     assert gate.limit == 17  # one per round, not one per success
 
 
-async def test_aimd_slow_start_needs_the_gate_full() -> None:
-    gate = AdaptiveConcurrency(1, 256, initial=16, slow_start_limit=64, clock=VirtualClock())
-    for _ in range(100):  # 15 at a time at most: the limit proves nothing
-        for _ in range(15):
-            await gate.acquire()
-        for _ in range(15):
-            gate.release()
-            gate.on_success()
-    assert gate.limit == 16
-
-
 async def test_aimd_does_not_grow_while_demand_stays_below_the_limit() -> None:
+    # In slow start (the default cap, 64, is above 16) as after it: a gate never full proves
+    # nothing about the provider.
     gate = AdaptiveConcurrency(1, 256, initial=16, clock=VirtualClock())
     for _ in range(1000):  # 15 requests at a time at most: the 16th slot is never used
         for _ in range(15):

@@ -10,9 +10,9 @@ and end-to-end latency.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -263,29 +263,33 @@ class PipelineCollector(Collector):
         yield lag
 
 
+def _by_labels(
+    name: str, doc: str, labels: list[str], counts: Mapping[Any, int]
+) -> CounterMetricFamily:
+    """A counter with one sample per key of ``counts`` (a label value, or a tuple of them)."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+    for key, count in sorted(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return family
+
+
 def _dual_write(st: Stats) -> Iterator[Metric]:
     """reembed.dual_write, per re-embed target (docs/reembed.md, Dual write)."""
-    written = CounterMetricFamily(
-        f"{PREFIX}_reembed_dual_write_rows",
+    yield _by_labels(
+        "reembed_dual_write_rows",
         "Rows written into a re-embed target beside embeddings (dual write).",
-        labels=["target"],
+        ["target"],
+        st.dual_written,
     )
-    for target, count in sorted(st.dual_written.items()):
-        written.add_metric([target], count)
-    yield written
-    requests = CounterMetricFamily(
-        f"{PREFIX}_reembed_dual_write_requests",
+    yield _by_labels(
+        "reembed_dual_write_requests",
         "Embedding requests sent to a re-embed target's provider (dual write).",
-        labels=["target"],
+        ["target"],
+        st.dual_requests,
     )
-    for target, count in sorted(st.dual_requests.items()):
-        requests.add_metric([target], count)
-    yield requests
-    left = CounterMetricFamily(
-        f"{PREFIX}_reembed_dual_write_left",
+    yield _by_labels(
+        "reembed_dual_write_left",
         "Rows left to the re-embed's catch-up instead of written into its target, by reason.",
-        labels=["target", "reason"],
+        ["target", "reason"],
+        st.dual_left,
     )
-    for (target, reason), count in sorted(st.dual_left.items()):
-        left.add_metric([target, reason], count)
-    yield left
