@@ -101,19 +101,20 @@ def with_vote(x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray
     return fitted, fitted.logits(t) + np.log(votes + 1e-3)
 
 
-def with_settings(repeats: int, one_se: bool) -> Variant:
+def with_settings(repeats: int, one_se: bool, platt: bool = False) -> Variant:
     """The head with its C, prior and temperature chosen on ``repeats`` repeats of the folds,
-    and by the one-standard-error rule when ``one_se`` (``head.REPEATS``, ``head.ONE_SE``)."""
+    by the one-standard-error rule when ``one_se``, and against Platt's targets when ``platt``
+    (``head.REPEATS``, ``head.ONE_SE``, ``head.PLATT``)."""
 
     def variant(
         x: np.ndarray, y: np.ndarray, n: int, d: np.ndarray, t: np.ndarray, _: int
     ) -> tuple[heads.Head, np.ndarray]:
-        before = heads.REPEATS, heads.ONE_SE
-        heads.REPEATS, heads.ONE_SE = repeats, one_se
+        before = heads.REPEATS, heads.ONE_SE, heads.PLATT
+        heads.REPEATS, heads.ONE_SE, heads.PLATT = repeats, one_se, platt
         try:
             fitted = heads.fit(x, y, n, d)
         finally:
-            heads.REPEATS, heads.ONE_SE = before
+            heads.REPEATS, heads.ONE_SE, heads.PLATT = before
         return fitted, fitted.logits(t)
 
     return variant
@@ -201,6 +202,7 @@ VARIANTS: dict[str, Variant] = {
     "head_cv3": with_settings(3, False),
     "head_1se": with_settings(1, True),
     "head_cv3_1se": with_settings(3, True),
+    "head_platt": with_settings(1, False, True),
     "self_uncal_p0.9_q0.5": self_training(0.9, 0.5, False),
     **{
         f"self_p{sure:g}_q{typical:g}": self_training(sure, typical, True)

@@ -90,6 +90,21 @@ def test_temperature_recovers_a_known_scale() -> None:
     assert abs(t - 3.0) < 0.3
 
 
+def test_platt_targets_keep_a_separable_fold_from_certainty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every held-out example right by a wide margin: plain log-loss wants T -> 0 (certainty),
+    Platt's targets ((n + 1) / (n + 2) for n = 8 examples a label) stop at about 0.9."""
+    labels = np.repeat(np.arange(2), 8)
+    logits = np.stack([np.where(labels == 0, 2.0, -2.0), np.where(labels == 1, 2.0, -2.0)], 1)
+    plain, _ = head.temperature(logits, labels)
+    monkeypatch.setattr(head, "PLATT", True)
+    smoothed, _ = head.temperature(logits, labels)
+    top = np.exp(4.0 / smoothed) / (1.0 + np.exp(4.0 / smoothed))
+    assert plain < 0.01
+    assert abs(top - 0.9) < 0.01
+
+
 def test_out_of_scope_is_a_rank_in_unit_interval_and_higher_far_from_the_examples() -> None:
     rng = np.random.default_rng(4)
     x, y = blobs(rng, 20)
