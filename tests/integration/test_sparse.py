@@ -19,7 +19,8 @@ from tests.integration.test_observability import _metrics
 from tests.integration.test_retrieval import CATALOGUE, SKU
 from tests.processes import cli
 from worker.embedding.providers import create_embedder
-from worker.embedding.providers.dashscope import SPARSE_DIMENSION, SPARSE_MAX_ENTRIES
+from worker.embedding.providers.base import SPARSE_MAX_ENTRIES
+from worker.embedding.providers.dashscope import SPARSE_DIMENSION
 from worker.events import TextType
 from worker.read import index
 from worker.read.search import Hit, Mode, rrf, search

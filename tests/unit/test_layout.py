@@ -7,6 +7,8 @@ has to come from a later stage is as much a cycle for the reader as a call).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,16 @@ def test_every_test_file_is_unit_or_integration() -> None:
     """A test file at the top of tests/ would be neither marked nor in the fast set."""
     stray = sorted(p.name for p in (PACKAGE.parent / "tests").glob("test_*.py"))
     assert not stray, f"move these into tests/unit or tests/integration: {stray}"
+
+
+def test_a_worker_loads_the_http_client_only_with_an_http_provider() -> None:
+    """The app and the whole pipeline import no HTTP client: a worker on the local model
+    never loads aiohttp (about 7 MB and 0.1 s at start); the providers import it."""
+    code = (
+        "import sys, worker.app, worker.cli, worker.pipeline.runner\n"
+        "assert 'aiohttp' not in sys.modules, 'aiohttp'\n"
+        "import worker.embedding.providers.dashscope\n"
+        "assert 'aiohttp' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.embedding.providers.base import ConfigurationFault
-from worker.embedding.providers.dashscope import (
-    SPARSE_DIMENSION,
-    SPARSE_MAX_ENTRIES,
-    sparse_vector,
-)
+from worker.embedding.providers.base import SPARSE_MAX_ENTRIES, ConfigurationFault
+from worker.embedding.providers.dashscope import SPARSE_DIMENSION, sparse_vector
 from worker.sinks.migrate import default_directory
 
 

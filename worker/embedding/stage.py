@@ -36,6 +36,7 @@ from worker.config import INITIAL_CONCURRENCY, ProviderSettings
 from worker.embedding.breaker import CircuitBreaker
 from worker.embedding.concurrency import AdaptiveConcurrency, quota_ceiling
 from worker.embedding.providers.base import (
+    CONFIG_CODES,
     ConfigurationFault,
     Embedder,
     EmbeddingError,
@@ -44,7 +45,6 @@ from worker.embedding.providers.base import (
     TooManyInputs,
     TransientError,
 )
-from worker.embedding.providers.http import CONFIG_CODES
 from worker.embedding.ratelimit import RateLimiter
 from worker.events import TextType
 from worker.tokens import estimate_tokens, recut_to_fit, truncate_to_tokens

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker.embedding.providers.base import ConfigurationFault
-from worker.embedding.providers.dashscope import SPARSE_MAX_ENTRIES
+from worker.embedding.providers.base import SPARSE_MAX_ENTRIES, ConfigurationFault
 from worker.embedding.stage import BatchOutcome, EmbedStage
 from worker.envelope import dead_letter
 from worker.events import DeadLetter, Reason

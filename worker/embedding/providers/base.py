@@ -52,6 +52,14 @@ class TooManyInputs(PermanentError):
     the data, is wrong (the embed stage lowers it and sends the texts again, split)."""
 
 
+# pgvector's HNSW index takes a sparsevec of at most 1,000 non-zeros (and refuses to insert a
+# longer one into an indexed column): a text's sparse vector keeps its 1,000 heaviest tokens
+# (docs/retrieval.md: how many texts that touches).
+SPARSE_MAX_ENTRIES = 1_000
+# Provider error codes that mean "your account or key", whatever status carries them.
+CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
+
+
 class ConfigurationFault(EmbeddingError):
     """401/403/arrears or a wrong model/dimension: the worker's setup, not the data, is wrong."""
 

@@ -11,6 +11,7 @@ from pgvector import SparseVector
 
 from worker.config import ProviderSettings
 from worker.embedding.providers.base import (
+    SPARSE_MAX_ENTRIES,
     ConfigurationFault,
     Embedder,
     Embeddings,
@@ -29,10 +30,6 @@ MAX_TEXTS = 10
 # room (Qwen3's 151,669 tokens, XLM-R's 250,002 of the fake, Gemma 3's 262,144); a sparsevec
 # stores only its non-zeros, so the bound costs nothing.
 SPARSE_DIMENSION = 1 << 20
-# pgvector's HNSW index takes a sparsevec of at most 1,000 non-zeros (and refuses to insert a
-# longer one into an indexed column): a text's sparse vector keeps its 1,000 heaviest tokens
-# (docs/retrieval.md: how many texts that touches).
-SPARSE_MAX_ENTRIES = 1_000
 
 
 def is_dashscope_url(url: str) -> bool:

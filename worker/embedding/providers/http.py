@@ -24,6 +24,7 @@ from yarl import URL
 
 from worker.config import ProviderSettings
 from worker.embedding.providers.base import (
+    CONFIG_CODES,
     ConfigurationFault,
     PermanentError,
     TooManyInputs,
@@ -47,9 +48,6 @@ _TOO_MANY_INPUTS = re.compile(
 )
 # Statuses servers use for it: 400, TEI's 413 (payload too large), 422 (validation).
 _TOO_MANY_STATUSES = (400, 413, 422)
-
-# Codes that mean "your account or key", whatever status carries them.
-CONFIG_CODES = {"InvalidApiKey", "AccessDenied", "Arrearage", "Model.AccessDenied"}
 
 
 class Answer(NamedTuple):
