@@ -76,6 +76,7 @@ async def test_migrate_command_is_idempotent(env: Env) -> None:
             "applied 0010_chunks.sql",
             "applied 0011_reembed.sql",
             "applied 0012_multimodal.sql",
+            "applied 0013_withdrawn_decisions.sql",
         ],
     )
     code, out, _ = await cli("migrate", **_env(env))

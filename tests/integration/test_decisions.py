@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
@@ -18,7 +19,9 @@ from tests.conftest import Env, migrate_db, running, wait_until
 from tests.integration.test_analysis import read_topic, single_partition, topics_for
 from worker.analysis import decisions
 from worker.config import Settings
+from worker.events import TextType
 from worker.kafka.clients import make_producer
+from worker.model import Record
 from worker.sinks import postgres as store
 
 SPORTS = "Sports: athletes, teams, matches, goals, championships and tournaments."
@@ -343,3 +346,61 @@ async def test_every_replica_learns_the_decisions_one_of_them_stored(
         await wait_until(both_learned, 30, "a replica did not rebuild its label set")
         assert sum(learner.stats.applied for learner in learners) == len(events), "stored once"
     assert await decision_rows(env) == {("news", e["id"]): "Cooking" for e in events}
+
+
+async def test_a_withdrawn_decision_stops_counting_and_a_replay_does_not_restore_it(
+    env: Env, tmp_path: Path
+) -> None:
+    """``"label": null`` withdraws an id's decision: the label set loses it, withdrawing an
+    id never decided changes nothing, a later decision counts again, and the withdrawn
+    decision read again from its old offset (a replay) stays withdrawn."""
+    settings, _, decided, dlq = await setup(env, tmp_path)
+    events = [{"id": f"a-{i}", "text": t, "namespace": "news"} for i, t in enumerate(ASTRONOMY)]
+    high = await produce(env, env.topic, events) - 1
+    async with running(settings) as worker:
+        await env.wait_for_offsets({0: high})
+        assert worker.learner is not None
+        learner = worker.learner
+        first = [{"id": f"a-{i}", "label": "Sports", "namespace": "news"} for i in range(3)]
+        await wait_for_decisions(env, settings, decided, await produce(env, decided, first))
+        withdrawals: list[bytes | dict[str, Any]] = [
+            {"id": "a-0", "label": None, "namespace": "news"},
+            {"id": "a-1", "label": None, "namespace": "news"},
+            {"id": "a-5", "label": None, "namespace": "news"},  # never decided
+            {"id": "a-1", "label": "Cooking", "namespace": "news"},
+            {"id": "a-2", "label": None, "namespace": "elsewhere"},
+        ]
+        end = await produce(env, decided, withdrawals)
+        await wait_for_decisions(env, settings, decided, end)
+
+        async def rebuilt() -> bool:
+            return learner.stage.labels["news"].examples == 3 + 2
+
+        await wait_until(rebuilt, 30, "the label set still counts the withdrawn decision")
+    conn = await env.connect()
+    try:
+        query = (
+            "SELECT decided_id, label, withdrawn, decision_offset FROM label_vectors "
+            "WHERE kind = 'decision' ORDER BY decided_id"
+        )
+        rows = [tuple(r) for r in await conn.fetch(query)]
+        assert rows == [
+            ("a-0", "Sports", True, 3),
+            ("a-1", "Cooking", False, 6),
+            ("a-2", "Sports", False, 2),
+        ]
+        # The withdrawn decision (offset 0) read again, as by a second owner in a rebalance.
+        replay = decisions.Decided(
+            Record(decided, 0, 0, b"a-0", b"{}", timestamp_ms=0), "news", "a-0", "Sports"
+        )
+        example = decisions.Example(replay, ASTRONOMY[0], TextType.DOCUMENT, np.ones(512))
+        group = f"{settings.kafka.group_id}.decisions"
+        changed = await decisions.apply(conn, [example], settings.provider.model_name, group, {})
+        assert changed == 0
+        assert tuple((await conn.fetch(query))[0]) == ("a-0", "Sports", True, 3)
+    finally:
+        await conn.close()
+    dead = Env(env.stack, env.dsn, "unused")
+    dead.dlq = dlq
+    letters = await dead.dead_letters(1)
+    assert [m["reason"] for m in letters] == ["unknown_namespace"]

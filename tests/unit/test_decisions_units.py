@@ -79,7 +79,7 @@ def test_a_letter_names_the_decision_and_keeps_the_original() -> None:
     assert letter.value_sha256 is not None and letter.value_size == len(value)
 
 
-def decided(id: str = "m-1", label: str = "spam", offset: int = 0) -> Decided:
+def decided(id: str = "m-1", label: str | None = "spam", offset: int = 0) -> Decided:
     return Decided(record(b"{}", offset), "sms", id, label)
 
 
@@ -100,12 +100,26 @@ def test_an_unknown_id_or_a_row_without_content_is_dead_lettered() -> None:
     assert isinstance(empty, DeadLetter) and empty.reason is Reason.NO_CONTENT
 
 
+def test_a_null_label_withdraws_and_needs_only_a_namespace_that_classifies() -> None:
+    out = parse(b'{"id": "m-1", "label": null}')
+    assert isinstance(out, Decided)
+    assert (out.namespace, out.id, out.label) == ("sms", "m-1", None)
+    assert reason(b'{"id": "m-1", "label": null, "namespace": "logs"}') == "unknown_namespace"
+
+
+def test_an_ids_last_change_wins_whether_a_decision_or_a_withdrawal() -> None:
+    decision = Example(decided("a", "spam", 0), "x", TextType.DOCUMENT, None)
+    withdrawal = decided("a", None, 1)
+    again = Example(decided("a", "ham", 2), "x", TextType.DOCUMENT, None)
+    assert decisions.latest([decision, withdrawal]) == [withdrawal]
+    assert decisions.latest([decision, withdrawal, again]) == [again]
+
+
 def test_the_last_decision_for_an_id_wins_within_a_batch() -> None:
     first = Example(decided("a", "spam", 0), "x", TextType.DOCUMENT, None)
     other = Example(decided("b", "ham", 1), "y", TextType.DOCUMENT, None)
     last = Example(decided("a", "ham", 2), "x", TextType.DOCUMENT, None)
-    kept = decisions.latest([first, other, last])
-    assert [(e.decided.id, e.decided.label) for e in kept] == [("b", "ham"), ("a", "ham")]
+    assert decisions.latest([first, other, last]) == [other, last]
 
 
 def test_decision_rows_count_as_examples_of_their_label() -> None:

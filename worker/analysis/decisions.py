@@ -1,5 +1,8 @@
 """Moderation decisions: ``{"id", "label", "namespace"?}`` records that add labeled examples.
 
+``"label": null`` withdraws the id's decision (a moderator's mistake undone): its row is
+marked withdrawn, not deleted, so that a replay of the withdrawn decision cannot restore it.
+
 A decision names an event the worker stored; its text and vector come from that row (the
 vector is reused when the row was embedded by the worker's model, else the text is embedded
 again). It becomes a ``label_vectors`` row of kind ``decision``, keyed by the decided id, so a
@@ -34,18 +37,19 @@ class Decision(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     id: str
-    label: str
+    label: str | None  # required; null withdraws the id's decision
     namespace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """A decision that names a configured label set and one of its labels."""
+    """A decision that names a configured label set and one of its labels, or (``label``
+    None) withdraws the id's decision."""
 
     record: Record
     namespace: str
     id: str
-    label: str
+    label: str | None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -119,7 +123,7 @@ def check(decided: Decided, namespaces: Mapping[str, NamespaceAnalysis]) -> None
         raise Rejected(
             Reason.UNKNOWN_NAMESPACE, f"namespace {decided.namespace!r} {what}: nothing to learn"
         )
-    if decided.label not in ns.classify.names:
+    if decided.label is not None and decided.label not in ns.classify.names:
         raise Rejected(
             Reason.UNKNOWN_LABEL,
             f"label {decided.label!r} is not in namespace {decided.namespace!r}'s label set "
@@ -155,12 +159,16 @@ def _letter(decided: Decided, reason: Reason, message: str, budget: int) -> Dead
     )
 
 
-def latest(examples: Sequence[Example]) -> list[Example]:
-    """One example per decided id, the last one read (one statement may change a row once)."""
-    out: dict[tuple[str, str], Example] = {}
-    for example in examples:
-        out.pop(example.decided.key, None)
-        out[example.decided.key] = example
+Change = Example | Decided  # an example to store, or a withdrawal (a ``Decided`` without label)
+
+
+def latest(changes: Sequence[Change]) -> list[Change]:
+    """One change per decided id, the last one read (one statement may change a row once)."""
+    out: dict[tuple[str, str], Change] = {}
+    for change in changes:
+        key = change.decided.key if isinstance(change, Example) else change.key
+        out.pop(key, None)
+        out[key] = change
     return list(out.values())
 
 
@@ -185,10 +193,11 @@ async def lookup(conn: Conn, keys: Sequence[tuple[str, str]]) -> dict[tuple[str,
     }
 
 
-# The examples, the namespaces' decision versions, the decided events' labels in the
-# analysis history, and the offsets, in one statement (so in one transaction). A decision
-# replaces the stored one for its id unless it is the same or an older one of the same
-# partition (a replay). Offsets never move back (GREATEST), as in worker.sinks.postgres.
+# The examples, the withdrawals, the namespaces' decision versions and the offsets, in one
+# statement (so in one transaction). A decision or a withdrawal replaces the stored one for
+# its id unless it is the same or an older one of the same partition (a replay); withdrawing
+# what is not stored (or already withdrawn) changes nothing. Offsets never move back
+# (GREATEST), as in worker.sinks.postgres.
 APPLY = """
 WITH s AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
@@ -204,13 +213,24 @@ WITH s AS (
     ON CONFLICT (namespace, model, decided_id) WHERE kind = 'decision' DO UPDATE SET
         label = EXCLUDED.label, text_hash = EXCLUDED.text_hash, content = EXCLUDED.content,
         embedding = EXCLUDED.embedding, decision_partition = EXCLUDED.decision_partition,
-        decision_offset = EXCLUDED.decision_offset, updated_at = now()
+        decision_offset = EXCLUDED.decision_offset, withdrawn = false, updated_at = now()
     WHERE l.decision_partition <> EXCLUDED.decision_partition
        OR l.decision_offset < EXCLUDED.decision_offset
-    RETURNING l.namespace, l.decided_id, l.label
+    RETURNING l.namespace
+), withdrawn AS (
+    UPDATE label_vectors AS l SET withdrawn = true, decision_partition = w.decision_partition,
+        decision_offset = w.decision_offset, updated_at = now()
+    FROM unnest($14::text[], $15::text[], $16::int[], $17::bigint[])
+        AS w(namespace, decided_id, decision_partition, decision_offset)
+    WHERE l.kind = 'decision' AND l.model = $1 AND l.namespace = w.namespace
+      AND l.decided_id = w.decided_id AND NOT l.withdrawn
+      AND (l.decision_partition <> w.decision_partition
+           OR l.decision_offset < w.decision_offset)
+    RETURNING l.namespace
 ), versions AS (
     INSERT INTO decision_state AS d (namespace, model, version)
-    SELECT namespace, $1, 1 FROM changed GROUP BY namespace
+    SELECT namespace, $1, 1 FROM (SELECT namespace FROM changed UNION ALL
+        SELECT namespace FROM withdrawn) AS c GROUP BY namespace
     ON CONFLICT (namespace, model) DO UPDATE SET version = d.version + 1, updated_at = now()
 ), stored AS (
     INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
@@ -218,19 +238,22 @@ WITH s AS (
     ON CONFLICT (group_id, topic, partition) DO UPDATE SET
         next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()
 )
-SELECT count(*) FROM changed
+SELECT (SELECT count(*) FROM changed) + (SELECT count(*) FROM withdrawn)
 """
 
 
 async def apply(
     conn: Conn,
-    examples: Sequence[Example],
+    changes: Sequence[Change],
     model: str,
     group_id: str,
     offsets: Mapping[tuple[str, int], int],
 ) -> int:
-    """Store the examples and the offsets atomically; returns the decision rows changed."""
-    rows = latest(examples)
+    """Store the examples and withdrawals (in the order read) and the offsets atomically;
+    returns the decision rows changed."""
+    kept = latest(changes)
+    rows = [c for c in kept if isinstance(c, Example)]
+    gone = [c for c in kept if not isinstance(c, Example)]
     if any(e.vector is None for e in rows):
         raise ValueError("every example needs its vector before it is stored")
     items = sorted(offsets.items())
@@ -249,6 +272,10 @@ async def apply(
         [tp[0] for tp, _ in items],
         [tp[1] for tp, _ in items],
         [o for _, o in items],
+        [d.namespace for d in gone],
+        [d.id for d in gone],
+        [d.record.partition for d in gone],
+        [d.record.offset for d in gone],
     )
     return changed
 
@@ -261,7 +288,10 @@ async def versions(conn: Conn, model: str) -> dict[str, int]:
     return {r["namespace"]: int(r["version"]) for r in await conn.fetch(VERSIONS, model)}
 
 
-LABEL_ROWS = "SELECT kind, label, embedding FROM label_vectors WHERE namespace = $1 AND model = $2"
+LABEL_ROWS = (
+    "SELECT kind, label, embedding FROM label_vectors "
+    "WHERE namespace = $1 AND model = $2 AND NOT withdrawn"
+)
 
 
 async def label_rows(conn: Conn, namespace: str, model: str) -> list[tuple[str, str, np.ndarray]]:

@@ -160,7 +160,8 @@ async def sync(
                 [h for _, _, h in stale],
             )
         rows = await conn.fetch(
-            "SELECT kind, label, embedding FROM label_vectors WHERE namespace = $1 AND model = $2",
+            "SELECT kind, label, embedding FROM label_vectors "
+            "WHERE namespace = $1 AND model = $2 AND NOT withdrawn",
             namespace,
             model,
         )

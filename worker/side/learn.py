@@ -26,7 +26,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 
 from worker.analysis import decisions
-from worker.analysis.decisions import Decided, Example, Stored
+from worker.analysis.decisions import Change, Decided, Example, Stored
 from worker.analysis.labels import Embed, LabelError, label_set
 from worker.analysis.stage import AnalysisStage
 from worker.config import Settings
@@ -90,15 +90,23 @@ class Learner(SideConsumer):
                 letters.append((record.key, out))
             else:
                 decided.append(out)
-        found = await self._lookup(decided)
+        found = await self._lookup([d for d in decided if d.label is not None])
         examples: list[Example] = []
         for d in decided:
+            if d.label is None:
+                continue  # a withdrawal needs no row
             built = decisions.build(d, found.get(d.key), self.stage.model, self.budget)
             if isinstance(built, DeadLetter):
                 letters.append((d.record.key, built))
             else:
                 examples.append(built)
-        examples = await self._embed_missing(examples, letters)
+        ready = {id(e.decided): e for e in await self._embed_missing(examples, letters)}
+        # In the order read, withdrawals among the examples: an id's last change wins.
+        changes: list[Change] = [
+            d if d.label is None else ready[id(d)]
+            for d in decided
+            if d.label is None or id(d) in ready
+        ]
         await self.send_letters(letters)
         offsets = self.offsets_after(records, unreadable)
         if self.stale(generation):
@@ -108,7 +116,7 @@ class Learner(SideConsumer):
             "store decisions",
             partial(
                 decisions.apply,
-                examples=examples,
+                changes=changes,
                 model=model,
                 group_id=self.group,
                 offsets=offsets,

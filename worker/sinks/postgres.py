@@ -245,9 +245,10 @@ async def connecting() -> AsyncIterator[None]:
 
 
 async def check_schema(conn: Conn, dimension: int) -> None:
-    """Refuse to start against a missing table, one of another vector dimension, or one
-    without the sparse, chunk or media column (every write names them, NULL or 0 when
-    unused)."""
+    """Refuse to start against a missing table, one of another vector dimension, or a
+    column a later migration added: ``embeddings``' sparse, chunk and media (every write
+    names them, NULL or 0 when unused), ``label_vectors``' withdrawn (every label set's read
+    names it)."""
     typmod = await conn.fetchval(
         "SELECT a.atttypmod FROM pg_attribute a "
         "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'embedding'"
@@ -260,18 +261,20 @@ async def check_schema(conn: Conn, dimension: int) -> None:
             f"{dimension}-d; use the matching dimension, or migrate the model into a new "
             "database (the stored vectors cannot be mixed)"
         )
-    for column, migration in (
-        ("sparse", "0008_sparse.sql"),
-        ("chunk", "0010_chunks.sql"),
-        ("media", "0012_multimodal.sql"),
+    for table, column, migration in (
+        ("embeddings", "sparse", "0008_sparse.sql"),
+        ("embeddings", "chunk", "0010_chunks.sql"),
+        ("embeddings", "media", "0012_multimodal.sql"),
+        ("label_vectors", "withdrawn", "0013_withdrawn_decisions.sql"),
     ):
         if not await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('embeddings') "
-            "AND attname = $1 AND NOT attisdropped)",
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) "
+            "AND attname = $2 AND NOT attisdropped)",
+            table,
             column,
         ):
             raise SchemaError(
-                f"table `embeddings` has no `{column}` column (migration {migration}): run "
+                f"table `{table}` has no `{column}` column (migration {migration}): run "
                 "`embedding-worker migrate`"
             )
 

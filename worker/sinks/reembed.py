@@ -617,14 +617,15 @@ class Decision:
 
 
 async def decisions_of(conn: Conn, model: str) -> list[Decision]:
-    """The decisions of ``model``, with their writers held off until the transaction ends
-    (none is learned between this read and the switch)."""
+    """The decisions of ``model`` (not the withdrawn), with their writers held off until the
+    transaction ends (none is learned between this read and the switch)."""
     if await conn.fetchval("SELECT to_regclass('decision_state')") is None:
         return []  # before migration 0004
     await conn.execute("LOCK TABLE label_vectors IN SHARE ROW EXCLUSIVE MODE")
     rows = await conn.fetch(
         "SELECT namespace, decided_id, label, text_hash, content, decision_partition, "
-        "decision_offset FROM label_vectors WHERE kind = 'decision' AND model = $1",
+        "decision_offset FROM label_vectors "
+        "WHERE kind = 'decision' AND model = $1 AND NOT withdrawn",
         model,
     )
     return [Decision(*r) for r in rows]
