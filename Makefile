@@ -36,7 +36,7 @@ test-kafka: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker fakeapi tests benchmarks evaluation scripts
+	$(BIN)/mypy worker fakeapi tests benchmarks evaluation scripts helm
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck scripts/*.sh helm/check.sh
 	$(MAKE) --no-print-directory lock-check chart-check

@@ -81,14 +81,15 @@ def one(docs: list[Doc], kind: str, component: str | None = None) -> Doc | None:
 
 def check_crd(doc: Doc) -> None:
     """Validate a custom resource against its CRD's generated model; nothing may be dropped."""
-    if doc["kind"] == "ScaledObject":
-        from cloudcoil.models.keda.v1alpha1 import ScaledObject as Model
-    elif doc["kind"] == "ServiceMonitor":
-        from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor as Model
-    else:
-        from cloudcoil.models.prometheus_operator.v1 import PrometheusRule as Model
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+
+    models: dict[str, type[ScaledObject] | type[ServiceMonitor] | type[PrometheusRule]] = {
+        "ScaledObject": ScaledObject,
+        "ServiceMonitor": ServiceMonitor,
+    }
     try:
-        model = Model.model_validate(doc)
+        model = models.get(doc["kind"], PrometheusRule).model_validate(doc)
     except Exception as exc:  # pydantic.ValidationError, with the path of each bad field
         check(False, f"{doc['kind']} does not fit its CRD: {exc}")
         return
@@ -128,6 +129,7 @@ def check_pod(kind: str, pod: Doc) -> Doc:
     )
     check(spec.get("automountServiceAccountToken") is False, f"{kind}: token mounted")
     (container,) = spec["containers"]
+    assert isinstance(container, dict)
     sc = container.get("securityContext", {})
     check(sc.get("readOnlyRootFilesystem") is True, f"{kind}: readOnlyRootFilesystem")
     check(sc.get("allowPrivilegeEscalation") is False, f"{kind}: allowPrivilegeEscalation")
