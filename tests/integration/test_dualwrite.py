@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from fakeapi import FakeConfig, FakeEmbeddingServer, fake_vector
 from tests.conftest import API_KEY, Env, dashscope, migrate_db, running, wait_until
@@ -124,6 +125,11 @@ async def test_the_targets_refusals_and_outage_never_hold_the_workers_rows(
         stats = worker.pipeline.stats
         assert stats.dual_left == {("v3", "refused"): 1}
         assert stats.dual_written["v3"] == 10
+        scraped = generate_latest(worker.metrics.registry).decode()
+        assert 'embedding_worker_reembed_dual_write_rows_total{target="v3"} 10.0' in scraped
+        left = 'embedding_worker_reembed_dual_write_left_total{reason="refused",target="v3"} 1.0'
+        assert left in scraped
+        assert 'embedding_worker_reembed_dual_write_requests_total{target="v3"}' in scraped
         # The target's provider down: the worker's rows are stored all the same.
         target_api.configure(rate_500=1.0)
         await env.wait_for_offsets(await env.produce([event(i) for i in range(11, 31)]))
