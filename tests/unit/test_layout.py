@@ -135,12 +135,16 @@ def test_every_test_file_is_unit_or_integration() -> None:
 
 def test_a_worker_loads_the_http_client_only_with_an_http_provider() -> None:
     """The app and the whole pipeline import no HTTP client: a worker on the local model
-    never loads aiohttp (about 7 MB and 0.1 s at start); the providers import it."""
+    never loads aiohttp (about 7 MB and 0.1 s at start); the providers import it, and no
+    part of the worker imports another client."""
     code = (
         "import sys, worker.app, worker.cli, worker.pipeline.runner\n"
         "assert 'aiohttp' not in sys.modules, 'aiohttp'\n"
         "import worker.embedding.providers.dashscope\n"
         "assert 'aiohttp' in sys.modules\n"
+        # One HTTP client: httpx is the tests' and the benchmarks' only.
+        "import worker.embedding.providers.batch, worker.tools.devstack.registry\n"
+        "assert 'httpx' not in sys.modules, 'httpx'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import structlog
 
@@ -37,7 +39,7 @@ from worker.events import Reason
 from worker.jsonvalue import Rejected, check_strings, json_object
 
 if TYPE_CHECKING:
-    import httpx
+    from worker.httpclient import Proxy
 
 log = structlog.get_logger(__name__)
 
@@ -83,15 +85,14 @@ def mismatch(message: str) -> Rejected:
 class Schemas:
     """The schemas of one registry, by id, fetched on demand and kept."""
 
-    def __init__(
-        self, settings: InputSettings, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, settings: InputSettings) -> None:
         if settings.registry_url is None:
             raise ValueError("input.registry_url is not set")
         self.settings = settings
         self.expected = SCHEMA_TYPES[settings.format]
         self._known: dict[int, Schema] = {}
-        self._transport = transport
+        self._base, self._headers = _endpoint(settings)
+        self._proxy: Proxy | None = None  # looked up at the first fetch
         # True while a fetch waits for the registry: the worker is not ready meanwhile.
         self.waiting = False
 
@@ -122,36 +123,36 @@ class Schemas:
         return True
 
     async def _fetch(self, ids: set[int]) -> None:
-        # Imported here: a few MB of the worker's memory, for a topic in a registry format.
-        import httpx
+        # Imported here: a worker without a registry format never loads the HTTP client.
+        import aiohttp
 
-        s = self.settings
-        auth = None
-        if s.registry_user is not None:
-            password = "" if s.registry_password is None else s.registry_password.get_secret_value()
-            auth = httpx.BasicAuth(s.registry_user, password)
-        async with httpx.AsyncClient(
-            base_url=str(s.registry_url),
-            auth=auth,
-            timeout=s.registry_timeout_s,
-            transport=self._transport,
-        ) as client:
+        from worker import httpclient
+
+        if self._proxy is None:
+            self._proxy = httpclient.proxy(self._base, "schema registry")
+        headers = {**self._headers, **self._proxy.request_headers}
+        timeout = httpclient.timeout(self.settings.registry_timeout_s)
+        async with httpclient.session(timeout) as session:
             for id in sorted(ids):
                 try:
-                    response = await client.get(
-                        f"/schemas/ids/{id}",
+                    async with session.get(
+                        f"{self._base}/schemas/ids/{id}",
                         params=SERIALIZED if self.expected == "PROTOBUF" else None,
-                    )
-                except httpx.HTTPError as exc:
-                    raise RegistryUnavailable(f"schema {id}: {exc!r}") from None
-                if response.status_code != 200:
+                        headers=headers,
+                        allow_redirects=False,
+                        **self._proxy.kwargs(),
+                    ) as response:
+                        status, content = response.status, await response.read()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    _, message = httpclient.failure(exc)
+                    raise RegistryUnavailable(f"schema {id}: {message}") from None
+                if status != 200:
                     # 404 too: a producer may have registered it in a registry not yet
                     # replicated here; a dead letter would lose every record of the id.
-                    raise RegistryUnavailable(
-                        f"schema {id}: HTTP {response.status_code} {response.text[:200]}"
-                    )
+                    said = content.decode("utf-8", "replace")[:200]
+                    raise RegistryUnavailable(f"schema {id}: HTTP {status} {said}")
                 try:
-                    body = response.json()
+                    body = json.loads(content)
                     text, type_ = body["schema"], body.get("schemaType", "AVRO")
                 except (ValueError, KeyError, TypeError):
                     raise RegistryUnavailable(f"schema {id}: not a registry's answer") from None
@@ -192,6 +193,27 @@ class Schemas:
             )
         check_strings(data)
         return data
+
+
+def _endpoint(settings: InputSettings) -> tuple[str, dict[str, str]]:
+    """The registry's base URL without credentials, and the headers of each request: basic
+    auth from ``registry_user`` and ``registry_password``, else from the URL's user and
+    password (as httpx took them), UTF-8 encoded. Sent with each request, never as a
+    session's headers, which aiohttp would send a proxy too."""
+    assert settings.registry_url is not None
+    parts = urlsplit(settings.registry_url.rstrip("/"))
+    user, password = settings.registry_user, settings.registry_password
+    pair = None
+    if user is not None:
+        pair = f"{user}:{'' if password is None else password.get_secret_value()}"
+    elif parts.username is not None or parts.password is not None:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    host = parts.netloc.rpartition("@")[2]
+    base = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    headers = {"User-Agent": f"embedding-worker/{version('embedding-worker')}"}
+    if pair is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    return base, headers
 
 
 def _refuse(problem: str) -> Reader:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import structlog
 
-from worker import backoff
+from worker import backoff, httpclient
 from worker.config import ProviderKind, ProviderSettings
 from worker.embedding.providers import dashscope
 from worker.embedding.providers.base import (
@@ -95,14 +95,18 @@ class BatchClient:
         self.send_dimensions = settings.send_dimensions
         self.poll_initial_s = poll_initial_s
         self.poll_max_s = poll_max_s
-        self._client = httpx.AsyncClient(
-            base_url=base_url(settings),
-            headers={
-                "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
-                "User-Agent": f"embedding-worker/{version('embedding-worker')}",
-            },
-            timeout=httpx.Timeout(max(settings.timeout_s, 60.0), connect=10.0),
-        )
+        # One session, opened at the first request (on the running loop); the proxy and the
+        # headers as the real-time client has them (``http.ApiClient``).
+        self._base = base_url(settings)
+        proxy = httpclient.proxy(self._base, "batch")
+        self._proxy = proxy.kwargs()
+        self._headers = {
+            "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
+            "User-Agent": f"embedding-worker/{version('embedding-worker')}",
+            **proxy.request_headers,
+        }
+        self._timeout = httpclient.timeout(max(settings.timeout_s, 60.0), 10.0)
+        self._session: aiohttp.ClientSession | None = None
 
     def jsonl(self, lines: Sequence[Line]) -> bytes:
         """The job's input file; a line over ``max_texts`` is the caller's bug, caught here."""
@@ -123,8 +127,12 @@ class BatchClient:
 
     async def upload(self, lines: Sequence[Line]) -> str:
         """The input file's id."""
-        files = {"file": ("batch.jsonl", self.jsonl(lines), "application/jsonl")}
-        body = await self._call("POST", "/files", data={"purpose": "batch"}, files=files)
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field(
+            "file", self.jsonl(lines), filename="batch.jsonl", content_type="application/jsonl"
+        )
+        body = await self._call("POST", "/files", data=form)
         return str(body["id"])
 
     async def create(self, file_id: str, metadata: Mapping[str, str] | None = None) -> str:
@@ -137,7 +145,7 @@ class BatchClient:
         }
         if metadata:
             payload["metadata"] = dict(metadata)
-        body = await self._call("POST", "/batches", json=payload)
+        body = await self._call("POST", "/batches", payload=payload)
         return str(body["id"])
 
     async def find(self, file_id: str) -> str | None:
@@ -198,7 +206,8 @@ class BatchClient:
         return out
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _embeddings(self, body: Any, count: int) -> Embeddings:
         try:
@@ -211,31 +220,54 @@ class BatchClient:
     async def _rows(self, file_id: object) -> list[dict[str, Any]]:
         if not file_id:
             return []
-        response = await self._send("GET", f"/files/{file_id}/content")
+        content = await self._send("GET", f"/files/{file_id}/content")
         try:
-            return [orjson.loads(x) for x in response.content.splitlines() if x.strip()]
+            return [orjson.loads(x) for x in content.splitlines() if x.strip()]
         except orjson.JSONDecodeError as exc:
             raise TransientError(f"file {file_id} is not JSONL") from exc
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._send(method, path, **kwargs)
+        content = await self._send(method, path, **kwargs)
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(content)
         except orjson.JSONDecodeError as exc:
             raise TransientError("the provider sent a body that is not JSON") from exc
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        data: aiohttp.FormData | bytes | None = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> bytes:
+        """The body of a 200; any other answer as ``http.classify`` has it, no answer as
+        ``httpclient.failure`` has it. Redirects are not followed (as before, with httpx)."""
+        headers, body = self._headers, data
+        if payload is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+            body = orjson.dumps(payload)
+        if self._session is None:
+            self._session = httpclient.session(self._timeout)
         try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"timeout: {type(exc).__name__}", code="Timeout") from exc
-        except httpx.TransportError as exc:
-            raise TransientError(f"connection error: {exc!r}", code="ConnectionError") from exc
-        if response.status_code != 200:
-            raise classify(
-                response.status_code, response.content, response.headers.get("retry-after")
-            )
-        return response
+            async with self._session.request(
+                method,
+                self._base + path,
+                params=params,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                **self._proxy,
+            ) as response:
+                status, content = response.status, await response.read()
+                retry_after = response.headers.get("retry-after")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            code, message = httpclient.failure(exc)
+            raise TransientError(message, code=code) from exc
+        if status != 200:
+            raise classify(status, content, retry_after)
+        return content
 
 
 def _counts(batch: Mapping[str, Any]) -> dict[str, int]:

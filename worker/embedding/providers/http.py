@@ -7,21 +7,19 @@ split / stop decisions.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import re
 import time
-import urllib.request
 from collections.abc import Mapping
 from importlib.metadata import version
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import structlog
 from yarl import URL
 
+from worker import httpclient
 from worker.config import ProviderSettings
 from worker.embedding.providers.base import (
     CONFIG_CODES,
@@ -65,12 +63,12 @@ class ApiClient:
 
     At most ``2 × provider.concurrency_ceiling`` connections (the AIMD limit's ceiling, with
     room for requests outside it); an idle one is kept 15 s (aiohttp's default). The
-    environment's proxy for the endpoint is looked up once, here: aiohttp's ``trust_env``
-    looks up ``.netrc`` and the proxy variables again for every request, in two threads
-    (over twice the client's CPU per request, measured), and refuses a ``.netrc`` entry for the
-    host beside a bearer key. The headers go with each request, not as the session's: aiohttp
-    copies a session's headers into those it sends a proxy, and would send it the key. No
-    cookie jar: an API with a bearer key sets none worth keeping.
+    environment's proxy for the endpoint is looked up once (``httpclient.proxy``): aiohttp's
+    ``trust_env`` looks up ``.netrc`` and the proxy variables again for every request, in two
+    threads (over twice the client's CPU per request, measured), and refuses a ``.netrc``
+    entry for the host beside a bearer key. The headers go with each request, not as the
+    session's: aiohttp copies a session's headers into those it sends a proxy, and would send
+    it the key. No cookie jar: an API with a bearer key sets none worth keeping.
     """
 
     def __init__(self, settings: ProviderSettings) -> None:
@@ -85,41 +83,15 @@ class ApiClient:
         }
         # As before aiohttp (httpx's Timeout): the settings' timeout for waiting for a
         # connection and between reads, at most 10 s of it to connect.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.timeout_s,
-            sock_connect=min(10.0, settings.timeout_s),
-            sock_read=settings.timeout_s,
-        )
+        self._timeout = httpclient.timeout(settings.timeout_s, min(10.0, settings.timeout_s))
         self._connections = settings.concurrency_ceiling * 2
-        self._proxy: URL | None = None
-        self._proxy_headers: dict[str, str] | None = None
-        if (proxy := proxy_for(self._base)) is not None:
-            self._proxy = URL(proxy)
-            log.info("provider requests go through a proxy", proxy=self._proxy.host)
-            if self._proxy.user is not None:
-                self._proxy_credentials()
+        proxy = httpclient.proxy(self._base, "provider")
+        self._headers.update(proxy.request_headers)
+        self._proxy = proxy.kwargs()
         self._session: aiohttp.ClientSession | None = None
 
-    def _proxy_credentials(self) -> None:
-        """The proxy URL's user and password as a Proxy-Authorization header (aiohttp takes
-        them no other way but a deprecated one): in the CONNECT of an https endpoint, which
-        is all aiohttp sends the proxy's headers in, else in each request."""
-        assert self._proxy is not None and self._proxy.user is not None
-        pair = f"{self._proxy.user}:{self._proxy.password or ''}".encode()
-        credentials = {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
-        self._proxy = self._proxy.with_user(None)
-        if urlsplit(self._base).scheme == "https":
-            self._proxy_headers = credentials
-        else:
-            self._headers.update(credentials)
-
     def _open(self) -> aiohttp.ClientSession:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connections),
-            timeout=self._timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._session = httpclient.session(self._timeout, self._connections)
         return self._session
 
     async def post(self, path: str, payload: dict[str, Any]) -> Answer:
@@ -132,25 +104,13 @@ class ApiClient:
             url,
             data=orjson.dumps(payload),
             headers=self._headers,
-            proxy=self._proxy,
-            proxy_headers=self._proxy_headers,
+            **self._proxy,
         ) as response:
             return Answer(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-def proxy_for(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, in
-    either case, less NO_PROXY), as ``httpx.AsyncClient`` would have used it."""
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
-        return None
-    return proxy
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -173,21 +133,13 @@ async def post_json(client: ApiClient, path: str, payload: dict[str, Any]) -> An
 
     No answer is transient: a timeout (to connect, for a connection, between reads) is
     ``Timeout``; any other failure (refused, reset, closed before or while answering, an
-    answer that is not HTTP) is ``ConnectionError``. aiohttp's timeouts are ``TimeoutError``s
-    (and some also ``ClientError``s), so they are told apart first.
+    answer that is not HTTP) is ``ConnectionError`` (``httpclient.failure``).
     """
     try:
         answer = await client.post(path, payload)
-    except TimeoutError as exc:
-        raise TransientError(f"timeout: {type(exc).__name__}", code="Timeout") from exc
-    except aiohttp.ClientError as exc:
-        # A ClientResponseError here is an answer that is not HTTP, or a proxy's refusal
-        # (nothing calls raise_for_status); its repr holds the request's headers, the key
-        # among them, so the message says only what went wrong.
-        what = exc.message if isinstance(exc, aiohttp.ClientResponseError) else str(exc)
-        raise TransientError(
-            f"connection error: {type(exc).__name__}: {what}", code="ConnectionError"
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        code, message = httpclient.failure(exc)
+        raise TransientError(message, code=code) from exc
     if answer.status == 200:
         try:
             return orjson.loads(answer.body)

@@ -15,8 +15,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import httpx
+import aiohttp
 
+from worker import httpclient
 from worker.tools.devstack.broker import free_port, log_tail
 from worker.tools.devstack.maven import maven, require
 
@@ -103,14 +104,15 @@ class ApicurioRegistry:
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpclient.session(httpclient.timeout(2.0)) as session:
             while loop.time() < deadline:
                 if self.process is None or self.process.poll() is not None:
                     break
                 try:
-                    if (await client.get(f"{self.url}/subjects")).status_code == 200:
-                        return
-                except httpx.HTTPError:
+                    async with session.get(f"{self.url}/subjects") as response:
+                        if response.status == 200:
+                            return
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(0.2)
         await self.stop()
