@@ -140,6 +140,9 @@ class KafkaSettings(BaseModel):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    # The longest the main loop may go without a poll before the group takes its partitions
+    # (a Postgres or schema-registry outage holds the loop); it rejoins at its next poll.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     max_poll_records: int = Field(default=500, ge=1)
     # How long the broker may hold a fetch that has no data yet; part of every event's
     # latency on brokers that hold it whole (the embedded stack sets less), see kafka.py.

@@ -203,6 +203,38 @@ async def test_postgres_restart_mid_stream_loses_nothing(
     await check_store(env, texts)
 
 
+async def test_a_postgres_outage_longer_than_the_poll_interval_rejoins_and_loses_nothing(
+    env: Env, fake_api: FakeEmbeddingServer
+) -> None:
+    """Events that arrive during an outage hold the main loop (their stored hashes cannot be
+    read) past ``max_poll_interval_ms``: the group takes the partitions, the worker rejoins
+    at its next poll, and every event is stored once."""
+    await migrate_db(env, DIM)
+    records, texts = corpus(1_000)
+    settings = env.settings(provider(fake_api), kafka={"max_poll_interval_ms": 2_000})
+    async with running(settings) as worker:
+        await env.wait_for_offsets(await env.produce_raw(records[:500]))
+        pipeline = worker.pipeline
+        assert pipeline is not None
+        assigned = pipeline.on_partitions_assigned
+        assignments = 0
+
+        async def counted(partitions: list[Any]) -> None:
+            nonlocal assignments
+            assignments += 1
+            await assigned(partitions)
+
+        pipeline.on_partitions_assigned = counted  # type: ignore[assignment]
+        outage = asyncio.create_task(env.stack.restart_postgres(down_s=8))
+        await asyncio.sleep(1)
+        high = await env.produce_raw(records[500:])
+        await outage
+        await env.wait_for_offsets(high, seconds=120)
+        assert pipeline.fatal is None and pipeline.ready
+    assert assignments >= 1, "the outage did not outlast the poll interval"
+    await check_store(env, texts)
+
+
 async def test_worker_started_while_postgres_is_down_waits_then_works(
     env: Env, fake_api: FakeEmbeddingServer
 ) -> None:

@@ -81,6 +81,7 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
         auto_offset_reset=k.auto_offset_reset,
         session_timeout_ms=k.session_timeout_ms,
         heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_interval_ms=k.max_poll_interval_ms,
         max_poll_records=k.max_poll_records,
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         fetch_max_bytes=k.fetch_max_bytes,
