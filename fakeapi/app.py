@@ -47,6 +47,8 @@ _ROUTES = {
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # The OpenAI dialect takes "any positive" dimension; this cap only keeps a typo from eating RAM.
 MAX_OPENAI_DIMENSION = 65_536
+# DashScope's own wording, misspelling included.
+INTERNAL_ERROR = "An internal error has occured, please retry."
 _TEXT_TYPES = ("document", "query")
 _OUTPUT_TYPES = {"dense": (True, False), "sparse": (False, True), "dense&sparse": (True, True)}
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -208,7 +210,10 @@ class FakeApp:
             self._rpm = _bucket(self._rpm, cfg.rpm)
             if self._rpm is not None:
                 _check_quota(self._rpm, 1, "Requests rate limit exceeded")
-            if dialect == "multimodal":
+            if dialect == "multimodal":  # the same latency and 500s, its own answer
+                await self._latency(cfg)
+                if fault == "rate_500":
+                    raise ApiError(500, "InternalError", INTERNAL_ERROR)
                 return self._multimodal(cfg, body)
             job = self._parse(dialect, cfg, body)
             total_tokens = self._validate(cfg, job)
@@ -216,18 +221,21 @@ class FakeApp:
             if self._tpm is not None:
                 _check_quota(self._tpm, total_tokens, "Tokens rate limit exceeded")
             _inspect(cfg, job)
-            delay_ms = cfg.latency_ms
-            if cfg.latency_jitter_ms:
-                delay_ms += self._rng.uniform(0.0, cfg.latency_jitter_ms)
-            if delay_ms > 0:
-                await asyncio.sleep(delay_ms / 1000.0)
+            await self._latency(cfg)
             if fault == "rate_500":
-                raise ApiError(500, "InternalError", "An internal error has occured, please retry.")
+                raise ApiError(500, "InternalError", INTERNAL_ERROR)
             reply = self._embed(cfg, job, total_tokens)
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message, dialect, exc.headers)
         self.stats.embedded(len(job.texts), total_tokens)
         return reply
+
+    async def _latency(self, cfg: FakeConfig) -> None:
+        delay_ms = cfg.latency_ms
+        if cfg.latency_jitter_ms:
+            delay_ms += self._rng.uniform(0.0, cfg.latency_jitter_ms)
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000.0)
 
     def _batch_api(
         self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], body: bytes

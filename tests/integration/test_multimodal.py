@@ -229,6 +229,10 @@ async def test_the_fake_endpoint_refuses_what_the_model_refuses(
             answer = await client.post(url, json=body)
             assert (answer.status_code, answer.json()["code"]) == (400, "InvalidParameter"), what
         body = {"model": MODEL, "input": {"contents": [{"text": "a cat"}, {"image": PNG_URI}]}}
+        fake_api.configure(rate_500=1.0)  # the fault injection covers this endpoint too
+        failed = await client.post(url, json=body)
+        assert (failed.status_code, failed.json()["code"]) == (500, "InternalError")
+        fake_api.configure(rate_500=0.0)
         answer = await client.post(url, json=body)
     assert answer.status_code == 200
     items = sorted(answer.json()["output"]["embeddings"], key=lambda e: e["index"])
