@@ -153,9 +153,8 @@ def _well_within_skew(version_time: datetime, record: Record, limits: Limits, ow
     """``_check_time``'s test in float seconds, without building datetimes per event (the
     clock's, the record's): True only where the exact test passes too (a millisecond on the
     safe side of float rounding); near or past the limit, the exact test decides and words
-    the letter. A record time of 0 or less is none (as in
-    ``_record_time``); one past datetime's range is later than the clock, so the reference is
-    the clock either way."""
+    the letter. A record time of 0 or less is none (as in ``_record_time``); one past
+    datetime's range is later than the clock, so the reference is the clock either way."""
     ms = record.timestamp_ms
     now = time.time()
     margin = limits.max_clock_skew_s - 0.001
