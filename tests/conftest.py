@@ -26,7 +26,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pgvector.asyncpg import register_vector
 
 from fakeapi import FakeConfig, FakeEmbeddingServer
 from worker.app import Worker
@@ -34,6 +33,7 @@ from worker.config import Settings, environment_for, load_settings
 from worker.kafka.clients import make_producer
 from worker.sinks import postgres as store
 from worker.sinks.migrate import migrate
+from worker.sinks.vectors import register_vector
 from worker.tools.devstack import BROKER_ENV, DevStack
 from worker.tools.produce import produce_values
 

@@ -10,6 +10,7 @@ import asyncpg
 import numpy as np
 import pytest
 from pgvector import SparseVector
+from pgvector.asyncpg import register_vector as register_pgvector
 
 from tests.conftest import Env, migrate_db
 from tests.factories import upsert
@@ -99,6 +100,34 @@ async def test_new_and_existing_keys_in_one_batch(conn: asyncpg.Connection, path
     )
     assert again.upserted == 0
     assert await rows(conn) == {"a": (2, 2.0, 2), "b": (1, 1.0, 1), "c": (1, 1.0, 3)}
+
+
+async def test_vectors_are_stored_bit_for_bit(env: Env, path: str) -> None:
+    """The worker's connection (its own vector encoder) stores each float32 exactly, read
+    back by pgvector-python's plain codec; a NaN is refused by pgvector, as it always was."""
+    await migrate_db(env, DIM)
+    values = np.random.default_rng(3).standard_normal((3, DIM)).astype(np.float32)
+    values[0, :4] = [-0.0, 1e-45, 3.4e38, -3.4e38]
+    t0 = datetime.now(UTC)
+    changes = [embedded(i, f"v{i}", t0) for i in range(3)]
+    for change, value in zip(changes, values, strict=True):
+        change.vector = value
+    conn = await store.connect(env.dsn, DIM)
+    plain = await asyncpg.connect(env.dsn)
+    try:
+        assert (await write(conn, changes)).upserted == 3
+        await register_pgvector(plain)
+        found = await plain.fetch("SELECT id, embedding FROM embeddings ORDER BY id")
+        stored = np.stack([r["embedding"].to_numpy() for r in found])
+        assert stored.tobytes() == values.tobytes()
+        nan = embedded(3, "nan", t0)
+        assert nan.vector is not None
+        nan.vector[1] = np.nan
+        with pytest.raises(asyncpg.DataError, match="NaN not allowed in vector"):
+            await write(conn, [nan])
+    finally:
+        await conn.close()
+        await plain.close()
 
 
 async def test_a_newer_tombstone_keeps_an_older_upsert_out(

@@ -7,7 +7,9 @@ never costs a request and never reaches Postgres (which cannot store NUL charact
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -102,11 +104,19 @@ def decode(record: Record, limits: Limits) -> Change | DeadLetter | Ignored:
 
 def _record_time(record: Record) -> datetime:
     if record.timestamp_ms is not None and record.timestamp_ms >= 0:
-        try:
-            return datetime.fromtimestamp(record.timestamp_ms / 1000, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            pass
+        return _time_of(record.timestamp_ms)
     return NO_TIME
+
+
+@functools.lru_cache(maxsize=1024)
+def _time_of(ms: int) -> datetime:
+    """A record time as a datetime, made once per millisecond: a fetch's records share a few
+    (a producer stamps a whole batch within a millisecond or so). Building them, twice per
+    event then, was 3.4 % of py-spy's samples of the worker in benchmark scenario 1."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return NO_TIME
 
 
 def _check_identity(namespace: str, id: str) -> None:
@@ -115,12 +125,15 @@ def _check_identity(namespace: str, id: str) -> None:
         raise Rejected(Reason.SCHEMA_VIOLATION, problem)
 
 
-def _check_time(version_time: datetime, record: Record, limits: Limits) -> None:
+def _check_time(
+    version_time: datetime, record: Record, limits: Limits, *, own: bool = False
+) -> None:
     """A version stamped far ahead would make every later upsert and delete of its id a
     no-op (versions order by time): refuse it. The reference is the record's own time, so
     that the answer does not change when the record is read again later, but never later
-    than the worker's clock (a producer's clock can be wrong too)."""
-    if version_time == NO_TIME:
+    than the worker's clock (a producer's clock can be wrong too). ``own``: the version time
+    is the record's own time (the event carries none)."""
+    if version_time == NO_TIME or _well_within_skew(version_time, record, limits, own):
         return
     now = datetime.now(UTC)
     record_time = _record_time(record)
@@ -134,6 +147,22 @@ def _check_time(version_time: datetime, record: Record, limits: Limits) -> None:
             f"({reference.isoformat()}); at most {limits.max_clock_skew_s:g} s "
             "(max_clock_skew_s) is accepted, or it would hide every later version of this id",
         )
+
+
+def _well_within_skew(version_time: datetime, record: Record, limits: Limits, own: bool) -> bool:
+    """``_check_time``'s test in float seconds, without building datetimes per event (the
+    clock's, the record's): True only where the exact test passes too (a millisecond on the
+    safe side of float rounding); near or past the limit, the exact test decides and words
+    the letter. A record time of 0 or less is none (as in ``_record_time``); one past
+    datetime's range is later than the clock, so the reference is the clock either way."""
+    ms = record.timestamp_ms
+    now = time.time()
+    margin = limits.max_clock_skew_s - 0.001
+    if ms is None or ms <= 0:
+        return version_time.timestamp() - now <= margin
+    if own:  # ahead of the reference min(own, now) only by how far it is ahead of the clock
+        return ms / 1000 - now <= margin
+    return version_time.timestamp() - min(ms / 1000, now) <= margin
 
 
 def _short(text: str, width: int = 80) -> str:
@@ -195,7 +224,7 @@ def _checked(
         op=event.op,
         event_time=event.timestamp or _record_time(record),
     )
-    _check_time(change.event_time, record, limits)
+    _check_time(change.event_time, record, limits, own=event.timestamp is None)
     if event.op == "delete":
         return change
     if event.images or event.video is not None:
@@ -248,7 +277,7 @@ def _tombstone(record: Record, key: str | None, limits: Limits) -> Change:
         record=record, namespace=namespace, id=key, op="delete", event_time=_record_time(record)
     )
     try:
-        _check_time(change.event_time, record, limits)
+        _check_time(change.event_time, record, limits, own=True)
     except Rejected as exc:
         exc.namespace, exc.id = namespace, key
         raise

@@ -81,8 +81,14 @@ class Dispatcher:
     def _dispatch(self) -> None:
         while self._queued and self._embedding < self.stage.concurrency.maximum:
             queued = self._queued.pop(0)
-            batch = [c for c in queued if self.tracker.is_current(c) and not _abandoned(c)]
-            self.release(_give_up([c for c in queued if not self.tracker.is_current(c)]))
+            batch: list[Change] = []
+            stale: list[Change] = []
+            for c in queued:  # one epoch check per change
+                if not self.tracker.is_current(c):
+                    stale.append(c)
+                elif not _abandoned(c):
+                    batch.append(c)
+            self.release(_give_up(stale))
             if not batch:
                 continue
             self._embedding += 1

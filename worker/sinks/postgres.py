@@ -16,10 +16,10 @@ import asyncpg
 import numpy as np
 from asyncpg.pool import PoolConnectionProxy
 from pgvector import Vector
-from pgvector.asyncpg import register_vector
 
 from worker.config import ConfigError
 from worker.model import Change
+from worker.sinks.vectors import register_vector
 
 # A plain connection or one borrowed from a pool.
 Conn = asyncpg.Connection | PoolConnectionProxy
