@@ -21,6 +21,7 @@ from fakeapi import FakeEmbeddingServer
 from tests.conftest import Env, dashscope, migrate_db, wait_until
 from tests.processes import WorkerProcess, cli
 from worker.app import Worker
+from worker.tools.devstack.tansu import TansuBroker
 
 PASSWORD = "pw-Zq7xK93secret"
 DSN_VARIABLE = "postgres.dsn (EMBEDDING_WORKER_POSTGRES__DSN)"
@@ -443,6 +444,36 @@ async def test_kafka_unreachable_for_a_one_shot_command_exits_5(
         "embedding-worker: kafka.bootstrap_servers (EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS): "
         "no broker answers" in err
     ), err
+
+
+@pytest.mark.parametrize("command", ["produce", "run"])
+async def test_a_broker_refusing_the_idempotent_producer_exits_2_naming_the_setting(
+    command: str, env: Env, tmp_path: Path
+) -> None:
+    """Tansu answers InitProducerId with an error (whichever broker the suite runs on, this
+    test starts one): the worker and a one-shot command say which setting to change."""
+    await migrate_db(env, 512)  # the local model's
+    broker = TansuBroker()
+    await broker.start(tmp_path)
+    try:
+        events = tmp_path / "events.jsonl"
+        events.write_text('{"id": "a", "text": "hello"}\n')
+        code, out, err = await cli(
+            *([command, str(events)] if command == "produce" else [command]),
+            EMBEDDING_WORKER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap,
+            EMBEDDING_WORKER_KAFKA__IDEMPOTENT_PRODUCER="true",
+            EMBEDDING_WORKER_POSTGRES__DSN=env.dsn,
+            EMBEDDING_WORKER_PROVIDER__KIND="local",
+        )
+    finally:
+        await broker.stop()
+    assert_one_clear_line(
+        code,
+        out,
+        err,
+        "refuses the idempotent producer",
+        "EMBEDDING_WORKER_KAFKA__IDEMPOTENT_PRODUCER",
+    )
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -15,6 +15,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaConnectionError,
+    KafkaError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
@@ -89,14 +90,42 @@ def make_consumer(k: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
+IDEMPOTENCE_VAR = "kafka.idempotent_producer (EMBEDDING_WORKER_KAFKA__IDEMPOTENT_PRODUCER)"
+
+
+class Producer(AIOKafkaProducer):  # type: ignore[misc]
+    """aiokafka's producer, whose ``start()`` names the setting when the broker refuses the
+    idempotent producer: its ``InitProducerId`` answered with an error comes out of
+    ``start()`` as a bare ``UnknownError`` (Tansu) or an authorization error (a user
+    without the ``IdempotentWrite`` ACL on an older Kafka), which says nothing of the fix."""
+
+    def __init__(self, *, idempotent: bool, **options: Any) -> None:
+        super().__init__(enable_idempotence=idempotent, **options)
+        self._idempotent = idempotent
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except KafkaConnectionError:
+            raise  # no broker answers: waited out or reported by the caller
+        except KafkaError as exc:
+            if not self._idempotent:
+                raise
+            raise ConfigError(
+                f"the broker refuses the idempotent producer ({type(exc).__name__}: {exc}); "
+                f"set {IDEMPOTENCE_VAR} to false for a broker without it (Tansu, some "
+                "Kafka-compatible brokers), or grant the IdempotentWrite ACL"
+            ) from exc
+
+
 def make_producer(k: KafkaSettings, max_request_size: int = 0) -> AIOKafkaProducer:
     """``acks=all`` and, by default, the idempotent producer: a retry after a lost answer
     (a leader failover mid-request) is not written twice. Results and dead letters are
     still at-least-once across a worker crash. Requests may be as large as a dead letter
     (``dlq_max_message_bytes``) or ``max_request_size``, never less than aiokafka's 1 MiB."""
-    return AIOKafkaProducer(
+    return Producer(
+        idempotent=k.idempotent_producer,
         acks="all",
-        enable_idempotence=k.idempotent_producer,
         linger_ms=5,
         max_request_size=max(AIOKAFKA_MAX_REQUEST_SIZE, k.dlq_max_message_bytes, max_request_size),
         **common_options(k),
