@@ -674,6 +674,15 @@ def test_a_version_far_ahead_is_dead_lettered(rec: Record) -> None:
             record({"id": "a", "text": "x", "timestamp": _now_ms()}, timestamp_ms=None),
             id="no-record-time",
         ),
+        # No record time: -1 (aiokafka's "none"), and 0, the epoch, which is NO_TIME.
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": _now_ms()}, timestamp_ms=-1),
+            id="record-time-minus-one",
+        ),
+        pytest.param(
+            record({"id": "a", "text": "x", "timestamp": _now_ms()}, timestamp_ms=0),
+            id="record-time-zero",
+        ),
         pytest.param(record(None, key=b"a", timestamp_ms=_now_ms() + 60_000), id="tombstone-60s"),
         # Ordered by the event's own time: the record's bad clock freezes nothing.
         pytest.param(
